@@ -1,0 +1,14 @@
+"""Django app configuration: registers the system checks."""
+
+from django.apps import AppConfig
+
+
+class SafetynetConfig(AppConfig):
+    """The ``safetynet`` Django app."""
+
+    name = "safetynet"
+    verbose_name = "safetynet"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from safetynet import checks  # noqa: F401  (registers the system checks)

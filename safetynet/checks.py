@@ -1,0 +1,130 @@
+"""Django system checks for risky task configuration (``manage.py check``, every startup).
+
+========  =====================================================================
+id        what it catches
+========  =====================================================================
+E001      settings.SAFETYNET is invalid
+E002      a task's retry options are invalid (a Celery task safetynet did not decorate)
+W001      a task retries on every exception (``Exception``) with no bound on attempts or time
+W002      a task retries without limit (``max_retries=None``) and has no deadline
+W003      a retry delay can outlast the broker's ``visibility_timeout`` (Redis, SQS):
+          the message is delivered again and the task runs twice
+W004      the pickle serializer is accepted: a message can run arbitrary code
+========  =====================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.core import checks
+
+from safetynet import conf
+from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
+from safetynet.exceptions import ConfigurationError
+from safetynet.runtime import options
+from safetynet.runtime.registry import user_tasks
+from safetynet.runtime.task import SafetyTask
+
+__all__ = ["check_settings", "check_tasks", "longest_delay"]
+
+_VISIBILITY_TRANSPORTS = ("redis", "rediss", "sentinel", "sqs")
+_PICKLE = {"pickle", "application/x-python-serialize"}
+
+
+@checks.register("safetynet")
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E001: the SAFETYNET settings dict is valid."""
+    try:
+        conf.build(conf._user_settings())
+    except (ConfigurationError, ImportError) as error:
+        return [checks.Error(str(error), hint="Fix settings.SAFETYNET; docs/settings.md lists every key.",
+                             id="safetynet.E001")]
+    return []
+
+
+def longest_delay(policy: RetryPolicy) -> float:
+    """The longest single wait ``policy`` can ask for (inf when it grows without bound)."""
+    if policy.max_delay is not None:
+        return float(policy.max_delay)
+    backoff = policy.backoff
+    if isinstance(backoff, Fixed):
+        return float(backoff.delay)
+    if isinstance(backoff, (Exponential, CeleryBackoff)) and policy.max_attempts is not None:
+        return backoff.base_delay(max(policy.max_attempts - 1, 1))
+    return math.inf
+
+
+def _policy_and_catch_all(task: Any) -> tuple[RetryPolicy | None, bool]:
+    """The task's retry policy (None if it never retries on its own) and whether it retries everything."""
+    if isinstance(task, SafetyTask):
+        resolved = task._resolved()
+        matchers = resolved.rules.retry_on + resolved.rules.default_retry_on
+        catch_all = resolved.rules.unclassified == "retry" or any(m in (Exception, BaseException) for m in matchers)
+        return resolved.policy, catch_all
+    autoretry = tuple(getattr(task, "autoretry_for", ()) or ())
+    declared = {name: getattr(task, name) for name in options.CELERY_RETRY_OPTIONS if hasattr(task, name)}
+    policy = options.celery_policy(declared, f"task {task.name}")
+    return policy, any(klass in (Exception, BaseException) for klass in autoretry)
+
+
+def _broker_visibility_timeout(app: Any) -> float | None:
+    url = str(app.conf.broker_url or "")
+    if not url.split("://", 1)[0].split("+")[0] in _VISIBILITY_TRANSPORTS:
+        return None
+    return float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+
+
+@checks.register("safetynet")
+def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E002, W001–W004 over every registered task and the Celery configuration."""
+    messages: list[checks.CheckMessage] = []
+    try:
+        conf.get()
+    except (ConfigurationError, ImportError):
+        return messages  # E001 says it; resolving tasks would only repeat it
+    tasks = user_tasks()
+    app = next(iter(tasks.values())).app if tasks else None
+    visibility = _broker_visibility_timeout(app) if app is not None else None
+    for name, task in tasks.items():
+        try:
+            policy, catch_all = _policy_and_catch_all(task)
+        except ConfigurationError as error:
+            messages.append(checks.Error(str(error), obj=name, id="safetynet.E002",
+                                         hint="Fix the task's retry options."))
+            continue
+        if policy is None:
+            continue
+        unbounded = policy.max_attempts is None and policy.deadline is None
+        if catch_all and unbounded:
+            messages.append(checks.Warning(
+                f"Task {name} retries on every exception, forever.", obj=name, id="safetynet.W001",
+                hint="Retry only what is transient (retry_on=[ConnectionError, http_status(503)]) "
+                     "and bound it with max_retries or RetryPolicy(deadline=...).",
+            ))
+        elif unbounded:
+            messages.append(checks.Warning(
+                f"Task {name} retries without limit and has no deadline.", obj=name, id="safetynet.W002",
+                hint="Set max_retries, or RetryPolicy(max_attempts=None, deadline=<seconds>).",
+            ))
+        longest = longest_delay(policy)
+        if visibility is not None and longest > visibility:
+            messages.append(checks.Warning(
+                f"Task {name} can wait {longest:g}s before a retry, longer than the broker's "
+                f"visibility_timeout of {visibility:g}s: the retry would be delivered twice.",
+                obj=name, id="safetynet.W003",
+                hint="Lower the retry delay (max_delay / retry_backoff_max / countdown) or raise "
+                     "broker_transport_options['visibility_timeout'].",
+            ))
+    if app is not None:
+        accepted = {str(item) for item in (app.conf.accept_content or [])}
+        serializers = {app.conf.task_serializer, app.conf.result_serializer} | {
+            getattr(task, "serializer", None) for task in tasks.values()
+        }
+        if accepted & _PICKLE or serializers & _PICKLE:
+            messages.append(checks.Warning(
+                "The pickle serializer is accepted: anyone who can write to the broker can run code in the worker.",
+                id="safetynet.W004", hint="Use accept_content=['json'] and task_serializer='json'.",
+            ))
+    return messages

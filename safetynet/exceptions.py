@@ -1,0 +1,78 @@
+"""Every exception safetynet defines.
+
+The hierarchy::
+
+    SafetynetError
+     ├── ConfigurationError          a setting, task option or policy value is wrong
+     └── TaskSignal                  raised by task code to tell safetynet what to do next
+          ├── Transient              try again (optionally not before ``retry_after`` seconds)
+          ├── Permanent              do not try again: dead-letter now
+          └── Snooze                 try again after ``delay`` without using up an attempt
+
+This module imports nothing, so the pure decision core can depend on it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "Permanent",
+    "SafetynetError",
+    "Snooze",
+    "TaskSignal",
+    "Transient",
+]
+
+
+class SafetynetError(Exception):
+    """Base class of every exception safetynet defines."""
+
+
+class ConfigurationError(SafetynetError, ValueError):
+    """A setting, task option or policy value is invalid; the message says what to change."""
+
+
+class TaskSignal(SafetynetError):
+    """Raised by task code to classify its own failure."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Transient(TaskSignal):
+    """A failure worth retrying; ``retry_after`` (seconds) is a lower bound on the wait."""
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after is not None and (not isinstance(retry_after, (int, float)) or retry_after < 0):
+            raise ConfigurationError(
+                f"Transient.retry_after must be a number of seconds >= 0 or None, got {retry_after!r}"
+            )
+        self.retry_after = None if retry_after is None else float(retry_after)
+
+    def __reduce__(self):  # keep retry_after across pickling (prefork pool, result backends)
+        return (type(self), (self.message, self.retry_after))
+
+
+class Permanent(TaskSignal):
+    """A failure that no retry can fix (bad data, a deleted row): the task is dead at once."""
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+
+class Snooze(TaskSignal):
+    """Not a failure: try again after ``delay`` seconds without using up an attempt."""
+
+    def __init__(self, delay: float, message: str = "") -> None:
+        super().__init__(message or f"snoozed for {delay}s")
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+            raise ConfigurationError(f"Snooze.delay must be a number of seconds >= 0, got {delay!r}")
+        self.delay = float(delay)
+
+    def __reduce__(self):
+        return (type(self), (self.delay, self.message))

@@ -1,0 +1,35 @@
+"""The runtime's sense of time and chance, swappable so the simulator can run on a virtual clock."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+__all__ = ["now", "rng", "using"]
+
+_now: Callable[[], float] = time.time
+_rng: random.Random = random.Random()
+
+
+def now() -> float:
+    """Seconds since the epoch, from the clock in use."""
+    return _now()
+
+
+def rng() -> random.Random:
+    """The random source jitter is drawn from."""
+    return _rng
+
+
+@contextmanager
+def using(now_function: Callable[[], float], random_source: random.Random) -> Iterator[None]:
+    """Run the block with another clock and random source (the simulator's virtual ones)."""
+    global _now, _rng
+    saved = _now, _rng
+    _now, _rng = now_function, random_source
+    try:
+        yield
+    finally:
+        _now, _rng = saved

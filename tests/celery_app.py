@@ -1,0 +1,21 @@
+"""The Celery app the tests and their worker processes use; broker chosen by environment."""
+
+import os
+
+import django
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+django.setup()
+
+app = Celery("safetynet_tests")
+app.conf.update(
+    broker_url=os.environ.get("SAFETYNET_TEST_BROKER", "redis://127.0.0.1:6379/15"),
+    result_backend=os.environ.get("SAFETYNET_TEST_BACKEND", "redis://127.0.0.1:6379/14"),
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+app.set_default()

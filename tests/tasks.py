@@ -1,0 +1,63 @@
+"""The classic Celery retry examples, unchanged but for the decorator, and friends."""
+
+import smtplib
+
+from celery import shared_task
+
+import safetynet
+from safetynet import Permanent, RetryPolicy, Snooze, http_status
+
+
+def send_mail(to):
+    raise smtplib.SMTPException("421 service not available")
+
+
+# (a) bind=True, max_retries=3, raise self.retry(exc=exc, countdown=5)
+@safetynet.task(bind=True, max_retries=3)
+def send_welcome_email(self, to):
+    try:
+        send_mail(to)
+    except smtplib.SMTPException as exc:
+        raise self.retry(exc=exc, countdown=5)
+
+
+# (b) autoretry_for + retry_backoff
+@safetynet.task(autoretry_for=(smtplib.SMTPException,), retry_backoff=True, retry_backoff_max=600, max_retries=5)
+def send_digest(to):
+    send_mail(to)
+
+
+# (c) succeeds on its second attempt
+@safetynet.task(bind=True, max_retries=3)
+def flaky_once(self, key):
+    if self.request.retries == 0:
+        raise self.retry(exc=ConnectionError("first try fails"), countdown=1)
+    return {"attempt": self.attempt, "retries": self.request.retries}
+
+
+@safetynet.task(bind=True, retry_policy=RetryPolicy(max_attempts=4, backoff=2, jitter="none"),
+                retry_on=[http_status(429, 503)], fail_on=[KeyError])
+def call_api(self, fail_times):
+    if self.attempt <= fail_times:
+        raise ConnectionError("upstream down")
+    return self.attempt
+
+
+@safetynet.task(bind=True)
+def permanent(self):
+    raise Permanent("order 42 was deleted")
+
+
+@safetynet.task(bind=True, retry_policy=RetryPolicy(max_attempts=2, backoff=1, jitter="none"))
+def snoozer(self, snoozes):
+    if self.request.retries < snoozes:
+        raise Snooze(10)
+    return self.attempt
+
+
+@shared_task(bind=True, max_retries=3)
+def plain_send_welcome_email(self, to):
+    try:
+        send_mail(to)
+    except smtplib.SMTPException as exc:
+        raise self.retry(exc=exc, countdown=5)
