@@ -17,5 +17,11 @@ app.conf.update(
     result_serializer="json",
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    include=["tests.tasks"],
 )
 app.set_default()
+
+if os.environ.get("SAFETYNET_TEST_RECORD"):
+    from tests import recording
+
+    recording.connect()

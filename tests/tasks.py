@@ -61,3 +61,25 @@ def plain_send_welcome_email(self, to):
         send_mail(to)
     except smtplib.SMTPException as exc:
         raise self.retry(exc=exc, countdown=5)
+
+
+@safetynet.task
+def ping():
+    return "pong"
+
+
+class AlertingTask(safetynet.SafetyTask):
+    """The classic on_failure alert: records what on_failure saw."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        from tests.recording import record
+
+        record("on_failure", task_id, {"type": type(exc).__name__, "message": str(exc)})
+
+
+@safetynet.task(bind=True, base=AlertingTask, max_retries=1)
+def alerting_send(self, to):
+    try:
+        send_mail(to)
+    except smtplib.SMTPException as exc:
+        raise self.retry(exc=exc, countdown=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import threading
 from typing import Any
 
 from celery import current_app
@@ -19,12 +20,21 @@ class UnknownTask(ConfigurationError, LookupError):
     """No registered task has that name."""
 
 
+_importing = threading.local()
+
+
 def _app() -> Any:
     app = current_app._get_current_object()
-    try:
-        app.loader.import_default_modules()  # the imports and autodiscovery a worker would do
-    except Exception as error:  # a broken task module is reported by the caller, not hidden
-        logger.warning("safetynet: importing the task modules failed: %r", error)
+    # Celery's Django fixup runs the system checks while it imports the task modules, and
+    # our checks come back here: import once, not recursively.
+    if not getattr(_importing, "active", False):
+        _importing.active = True
+        try:
+            app.loader.import_default_modules()  # the imports and autodiscovery a worker would do
+        except Exception as error:  # a broken task module is reported, not hidden
+            logger.warning("safetynet: importing the task modules failed: %r", error)
+        finally:
+            _importing.active = False
     return app
 
 

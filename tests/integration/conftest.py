@@ -1,0 +1,107 @@
+"""Real Celery worker processes against the real Redis, RabbitMQ and PostgreSQL of the machine."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BROKERS = {
+    # broker, result backend
+    "redis": ("redis://127.0.0.1:6379/15", "redis://127.0.0.1:6379/14"),
+    "rabbitmq+postgresql": (
+        "amqp://guest:guest@127.0.0.1:5672//",
+        "db+postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    ),
+}
+
+
+class Worker:
+    """A `celery worker` subprocess consuming one queue of its own."""
+
+    def __init__(self, name, broker, backend, tmp_path, pool="prefork", concurrency=4):
+        self.name = name
+        self.queue = f"safetynet-test-{uuid.uuid4().hex[:8]}"
+        self.broker, self.backend = broker, backend
+        self.log = tmp_path / f"worker-{name}.log"
+        self.env = {
+            **os.environ,
+            "SAFETYNET_TEST_BROKER": broker,
+            "SAFETYNET_TEST_BACKEND": backend,
+            "SAFETYNET_TEST_RECORD": "1",
+            "PYTHONPATH": str(ROOT),
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+        }
+        self.command = [
+            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-Q", self.queue,
+            f"--pool={pool}", f"--concurrency={concurrency}", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-l", "info", "-n", f"{name}-{self.queue}@%h",
+        ]
+        self.process = None
+
+    def start(self, app):
+        self.process = subprocess.Popen(
+            self.command, env=self.env, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        from tests import tasks
+
+        result = tasks.ping.apply_async(queue=self.queue)
+        try:
+            assert result.get(timeout=60) == "pong"
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"worker did not start; log:\n{self.log.read_text()[-3000:]}") from None
+        return self
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def configure_app(broker, backend):
+    """Point the test process's Celery app at ``broker``/``backend``."""
+    from tests.celery_app import app
+
+    app.conf.broker_url = broker
+    app.conf.result_backend = backend
+    for name in ("backend", "amqp", "pool", "producer_pool", "_pool"):
+        app.__dict__.pop(name, None)
+    if hasattr(app, "_local"):
+        app._local.__dict__.pop("backend", None)
+    return app
+
+
+@pytest.fixture(scope="module", params=sorted(BROKERS))
+def worker(request, tmp_path_factory):
+    broker, backend = BROKERS[request.param]
+    app = configure_app(broker, backend)
+    running = Worker(request.param, broker, backend, tmp_path_factory.mktemp(request.param)).start(app)
+    yield running
+    running.stop()
+    app.close()
+
+
+def wait_for(result, timeout):
+    """Poll ``result`` until it is ready; return the states seen on the way."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = result.state
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if result.ready():
+            return seen
+        time.sleep(0.2)
+    raise AssertionError(f"{result.id} not ready after {timeout}s; states seen {seen}")

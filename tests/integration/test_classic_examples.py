@@ -1,0 +1,100 @@
+"""The classic Celery retry examples, unchanged, on a real worker, compared with the simulator."""
+
+import smtplib
+
+import pytest
+from celery import states
+
+from safetynet.testing import simulate
+from tests import recording, tasks
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def comparable(history):
+    return [(e["attempt"], e["action"], e["delay"], e["exception"]) for e in history]
+
+
+@pytest.fixture(scope="module")
+def sent(worker):
+    """Send every case at once so their retries overlap in time."""
+    q = {"queue": worker.queue}
+    return {
+        "a": tasks.send_welcome_email.apply_async(("ann@example.com",), **q),
+        "b": tasks.send_digest.apply_async(("bob@example.com",), **q),
+        "c": tasks.flaky_once.apply_async(("k",), **q),
+        "alert": tasks.alerting_send.apply_async(("cy@example.com",), **q),
+        "plain_a": tasks.plain_send_welcome_email.apply_async(("ann@example.com",), **q),
+    }
+
+
+def test_a_bind_and_self_retry_countdown(sent):
+    result = sent["a"]
+    seen = wait_for(result, timeout=60)
+    assert result.state == states.FAILURE
+    assert isinstance(result.result, smtplib.SMTPException)
+    assert states.RETRY in seen
+    [dead] = recording.read("dead", result.id)
+    assert dead["reason"] == "retries_exhausted"
+    assert comparable(dead["history"]) == [
+        (1, "retry", 5.0, "smtplib.SMTPException"),
+        (2, "retry", 5.0, "smtplib.SMTPException"),
+        (3, "retry", 5.0, "smtplib.SMTPException"),
+        (4, "dead", None, "smtplib.SMTPException"),
+    ]
+    # the attempts really were ~5 s apart
+    starts = [e["started"] for e in dead["history"]]
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert all(4.5 <= gap <= 15 for gap in gaps), gaps
+
+
+def test_a_simulator_trace_equals_worker_history(sent):
+    result = sent["a"]
+    wait_for(result, timeout=60)
+    [dead] = recording.read("dead", result.id)
+    trace = simulate(tasks.send_welcome_email, "ann@example.com")
+    assert comparable(trace.history) == comparable(dead["history"])
+    assert trace.delays == [5.0, 5.0, 5.0]
+    assert trace.state == result.state == states.FAILURE
+    assert type(trace.exception) is type(result.result)
+
+
+def test_a_plain_celery_task_behaves_the_same(sent):
+    result = sent["plain_a"]
+    wait_for(result, timeout=60)
+    assert result.state == states.FAILURE
+    assert type(result.result) is type(sent["a"].get(propagate=False)) is smtplib.SMTPException
+
+
+def test_b_autoretry_for_with_retry_backoff(sent):
+    result = sent["b"]
+    wait_for(result, timeout=90)
+    assert result.state == states.FAILURE
+    assert isinstance(result.result, smtplib.SMTPException)
+    [dead] = recording.read("dead", result.id)
+    history = dead["history"]
+    assert [e["attempt"] for e in history] == [1, 2, 3, 4, 5, 6]
+    assert [e["action"] for e in history] == ["retry"] * 5 + ["dead"]
+    for entry in history[:-1]:
+        # Celery's formula: min(retry_backoff_max, 2 ** retries), full jitter in whole seconds
+        allowed = range(0, min(600, 2 ** (entry["attempt"] - 1)) + 1)
+        assert entry["delay"] == int(entry["delay"]) and int(entry["delay"]) in allowed, entry
+
+
+def test_c_succeeds_on_second_attempt(sent):
+    result = sent["c"]
+    wait_for(result, timeout=60)
+    assert result.state == states.SUCCESS
+    assert result.result == {"attempt": 2, "retries": 1}
+    assert len(recording.read("retrying", result.id)) == 1
+    assert recording.read("dead", result.id) == []
+
+
+def test_on_failure_sees_the_original_exception(sent):
+    result = sent["alert"]
+    wait_for(result, timeout=60)
+    assert result.state == states.FAILURE
+    assert recording.read("on_failure", result.id) == [
+        {"type": "SMTPException", "message": "421 service not available"}
+    ]
