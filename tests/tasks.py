@@ -83,3 +83,20 @@ def alerting_send(self, to):
         send_mail(to)
     except smtplib.SMTPException as exc:
         raise self.retry(exc=exc, countdown=1)
+
+
+@safetynet.task(bind=True, retry_policy=RetryPolicy(max_attempts=6, backoff=1, jitter="none", max_delay=60),
+                retry_on=[http_status(429)])
+def rate_limited_call(self):
+    return self.attempt
+
+
+@safetynet.task(retry_policy=RetryPolicy(max_attempts=None, backoff=10, jitter="none", deadline=35),
+                retry_on=[ConnectionError])
+def until_deadline():
+    raise ConnectionError("still down")
+
+
+@safetynet.task(retry_policy=RetryPolicy(max_attempts=60, backoff=0, jitter="none"), retry_on=[ConnectionError])
+def many_retries():
+    raise ConnectionError("x" * 400)

@@ -85,8 +85,10 @@ class Trace:
         """Virtual seconds from the first attempt's start to the last one's."""
         return self.attempts[-1].at if self.attempts else 0.0
 
-    def table(self, file: IO[str] | None = sys.stdout) -> str:
-        """Print (to ``file``; None prints nothing) and return the attempt table."""
+    def table(self, file: IO[str] | None | object = ...) -> str:
+        """Print (to ``file``, standard output by default; None prints nothing) and return the attempt table."""
+        if file is ...:
+            file = sys.stdout
         header = ("attempt", "at", "action", "exception raised", "retries", "next step", "delay", "state")
         rows = [header]
         for attempt in self.attempts:
@@ -98,7 +100,7 @@ class Trace:
         lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         text = "\n".join(lines) + "\n"
         if file is not None:
-            file.write(text)
+            file.write(text)  # type: ignore[union-attr]
         return text
 
     def __str__(self) -> str:

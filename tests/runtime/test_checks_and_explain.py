@@ -1,0 +1,103 @@
+"""System checks and `manage.py safetynet explain`."""
+
+import io
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+
+from safetynet import checks
+from tests import risky_tasks  # noqa: F401  (registers the risky tasks)
+from tests.celery_app import app
+
+
+def messages_for(name):
+    return {m.id for m in checks.check_tasks() if m.obj == f"tests.risky_tasks.{name}"}
+
+
+def test_catch_all_without_bound_warns():
+    assert messages_for("retries_everything_forever") == {"safetynet.W001"}
+
+
+def test_unbounded_retries_without_deadline_warn():
+    assert messages_for("retries_forever") == {"safetynet.W002"}
+
+
+def test_a_bounded_catch_all_is_fine():
+    assert messages_for("bounded_catch_all") == set()
+
+
+def test_delay_longer_than_visibility_timeout_warns():
+    assert "safetynet.W003" in messages_for("waits_two_hours")  # the test broker is Redis, 3600 s
+    app.conf.broker_transport_options = {"visibility_timeout": 10 * 3600}
+    try:
+        assert "safetynet.W003" not in messages_for("waits_two_hours")
+    finally:
+        app.conf.broker_transport_options = {}
+
+
+def test_pickle_accepted_warns():
+    assert "safetynet.W004" not in {m.id for m in checks.check_tasks()}
+    app.conf.accept_content = ["json", "pickle"]
+    try:
+        assert "safetynet.W004" in {m.id for m in checks.check_tasks()}
+    finally:
+        app.conf.accept_content = ["json"]
+
+
+def test_invalid_settings_are_an_error_at_startup():
+    with override_settings(SAFETYNET={"DEFAULT_POLICY": {"jitter": "sometimes"}}):
+        [message] = checks.check_settings()
+    assert message.id == "safetynet.E001" and "jitter must be one of" in message.msg
+
+
+def test_invalid_celery_retry_options_on_a_plain_task_are_an_error():
+    from celery import shared_task
+
+    @shared_task(name="tests.risky_tasks.negative_retries", autoretry_for=(OSError,), max_retries=-2)
+    def negative_retries():
+        pass
+
+    negative_retries._get_current_object()  # register it
+    try:
+        assert messages_for("negative_retries") == {"safetynet.E002"}
+    finally:
+        app.tasks.pop("tests.risky_tasks.negative_retries", None)
+
+
+def explain(name, *extra):
+    out = io.StringIO()
+    call_command("safetynet", "explain", name, *extra, stdout=out)
+    return out.getvalue()
+
+
+def test_explain_prints_the_schedule():
+    text = explain("tests.tasks.send_digest")
+    assert "6 attempts, celery retry_backoff factor 1, full jitter, cap 600s" in text
+    assert "5        +0s–15s                      0s–16s      retry" in text
+    assert "Gives up after attempt 6, 0s–31s after the first attempt started." in text
+
+
+def test_explain_shows_a_deadline():
+    text = explain("tests.tasks.until_deadline")
+    assert "gives up: deadline" in text and "deadline 35s" in text
+
+
+def test_explain_unbounded_policy_stops_at_the_limit():
+    text = explain("tests.risky_tasks.retries_forever", "--limit", "4")
+    assert "listed 4 attempts" in text
+
+
+def test_explain_unknown_task_lists_close_matches():
+    with pytest.raises(CommandError, match=r"No task named 'tests.tasks.send_welcom'.*tests.tasks.send_welcome_email"):
+        explain("tests.tasks.send_welcom")
+
+
+def test_explain_plain_celery_task_says_so():
+    with pytest.raises(CommandError, match="plain Celery task"):
+        explain("tests.tasks.plain_send_welcome_email")
+
+
+def test_explain_bad_limit():
+    with pytest.raises(CommandError, match="--limit must be at least 1"):
+        explain("tests.tasks.send_digest", "--limit", "0")

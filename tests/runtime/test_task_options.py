@@ -1,0 +1,113 @@
+"""Decoration-time validation and option resolution."""
+
+import pytest
+from django.test import override_settings
+
+import safetynet
+from safetynet import ConfigurationError, Exponential, Fixed, RetryPolicy
+from safetynet.testing import simulate
+from tests import tasks
+
+
+def test_unknown_option_suggests_the_closest():
+    with pytest.raises(ConfigurationError, match=r"unknown task option 'retry_polcy'.*'retry_policy'"):
+        @safetynet.task(retry_polcy=RetryPolicy())
+        def f():
+            pass
+
+
+def test_unknown_celery_option_suggests_the_closest():
+    with pytest.raises(ConfigurationError, match=r"'max_retry'.*'max_retries'"):
+        @safetynet.task(max_retry=3)
+        def f():
+            pass
+
+
+def test_reserved_name_is_refused():
+    with pytest.raises(ConfigurationError, match="'policy' is not an option"):
+        @safetynet.task(policy=RetryPolicy())
+        def f():
+            pass
+
+
+def test_retry_policy_and_celery_options_together_are_refused():
+    with pytest.raises(ConfigurationError, match="either retry_policy or Celery's max_retries"):
+        @safetynet.task(retry_policy=RetryPolicy(), max_retries=3)
+        def f():
+            pass
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"retry_policy": {"max_attempts": 3}}, "retry_policy must be a safetynet.RetryPolicy"),
+        ({"retry_on": "ConnectionError"}, "retry_on takes exception classes"),
+        ({"autoretry_for": ConnectionError}, "autoretry_for must be a tuple of exception classes"),
+        ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
+        ({"default_retry_delay": -5}, "Fixed.delay must be a number of seconds >= 0"),
+        ({"retry_kwargs": [1]}, "retry_kwargs must be a dict"),
+    ],
+)
+def test_invalid_values_name_the_field(options, message):
+    with pytest.raises(ConfigurationError, match=message):
+        safetynet.task(**options)(lambda: None)
+
+
+def test_base_must_be_a_safety_task():
+    import celery
+
+    with pytest.raises(ConfigurationError, match="base must be SafetyTask"):
+        safetynet.task(base=celery.Task)
+
+
+def test_class_based_task_validates_and_is_wrapped():
+    with pytest.raises(ConfigurationError, match="retry_policy must be"):
+        class Broken(safetynet.SafetyTask):
+            retry_policy = 3
+
+    from tests.celery_app import app
+
+    class Charge(safetynet.SafetyTask):
+        name = "tests.runtime.charge"
+        retry_policy = RetryPolicy(max_attempts=3, backoff=Fixed(7), jitter="none")
+        retry_on = [ConnectionError]
+
+        def run(self, amount):
+            raise ConnectionError("gateway timeout")
+
+    charge = app.register_task(Charge())
+    trace = simulate(charge, 10)
+    assert trace.state == "FAILURE" and trace.delays == [7.0, 7.0]
+    assert isinstance(trace.exception, ConnectionError)
+
+
+def test_policy_resolution_precedence():
+    assert tasks.call_api.policy == RetryPolicy(max_attempts=4, backoff=2, jitter="none")  # declared retry_policy
+    assert tasks.send_digest.policy == RetryPolicy.from_celery(max_retries=5, retry_backoff=True)  # Celery options
+    from safetynet import conf
+
+    assert tasks.permanent.policy is conf.get().default_policy  # neither: the project default
+
+
+def test_project_default_policy_comes_from_settings():
+    with override_settings(SAFETYNET={"DEFAULT_POLICY": {"max_attempts": 2, "backoff": 3, "jitter": "none"}}):
+        assert tasks.permanent.policy == RetryPolicy(max_attempts=2, backoff=Fixed(3), jitter="none")
+    assert tasks.permanent.policy.max_attempts == 5  # the cache follows setting_changed
+
+
+def test_unknown_setting_key_suggests_the_closest():
+    from safetynet import conf
+
+    with override_settings(SAFETYNET={"DEFAULT_POLICI": {}}):
+        with pytest.raises(ConfigurationError, match="Unknown SAFETYNET setting 'DEFAULT_POLICI'.*'DEFAULT_POLICY'"):
+            conf.get()
+
+
+def test_unclassified_setting_changes_what_unknown_errors_do(inject_fault):
+    inject_fault(tasks.ping, times=2, exception=ValueError("odd"))
+    assert simulate(tasks.ping).state == "FAILURE"  # default: fail at once
+    with override_settings(SAFETYNET={"UNCLASSIFIED": "retry",
+                                      "DEFAULT_POLICY": safetynet.RetryPolicy(backoff=Exponential(1, 2), jitter="none")}):
+        trace = simulate(tasks.ping)
+    assert trace.state == "SUCCESS" and trace.result == "pong"
+    assert len(trace.attempts) == 2  # the plan had one failure left; the first simulate used one
