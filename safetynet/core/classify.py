@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import urllib.error
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -162,9 +163,12 @@ _NETWORK_ERROR_NAMES = {
 
 
 def is_network_error(exception: BaseException) -> bool:
-    """A connection or timeout failure (builtin, requests or httpx): worth retrying."""
+    """A connection or timeout failure (builtin, urllib, requests or httpx): worth retrying."""
     if isinstance(exception, (ConnectionError, TimeoutError)):
         return True
+    if isinstance(exception, urllib.error.URLError) and not isinstance(exception, urllib.error.HTTPError):
+        # urllib wraps a refused connection, a DNS failure or a timeout in URLError(reason)
+        return isinstance(exception.reason, OSError)
     for klass in type(exception).__mro__:
         if (klass.__module__, klass.__name__) in _NETWORK_ERROR_NAMES:
             return True

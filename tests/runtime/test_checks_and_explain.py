@@ -52,13 +52,17 @@ def test_invalid_settings_are_an_error_at_startup():
 
 
 def test_invalid_celery_retry_options_on_a_plain_task_are_an_error():
-    from celery import shared_task
+    import celery
 
-    @shared_task(name="tests.risky_tasks.negative_retries", autoretry_for=(OSError,), max_retries=-2)
-    def negative_retries():
-        pass
+    class NegativeRetries(celery.Task):
+        name = "tests.risky_tasks.negative_retries"
+        autoretry_for = (OSError,)
+        max_retries = -2
 
-    negative_retries._get_current_object()  # register it
+        def run(self):
+            pass
+
+    app.register_task(NegativeRetries())
     try:
         assert messages_for("negative_retries") == {"safetynet.E002"}
     finally:

@@ -130,3 +130,14 @@ def test_a_failing_task_dead_receiver_does_not_change_the_outcome(caplog):
         signals.task_dead.disconnect(broken)
     assert trace.state == "FAILURE"
     assert "receiver bug" in caplog.text
+
+
+def test_urllib_connection_failures_are_network_errors():
+    import socket
+    import urllib.error
+
+    from safetynet import is_network_error
+
+    assert is_network_error(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
+    assert is_network_error(urllib.error.URLError(socket.timeout("timed out")))
+    assert not is_network_error(urllib.error.URLError("unknown url type: foo"))

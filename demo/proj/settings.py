@@ -1,0 +1,73 @@
+"""Settings of the safetynet demo: everything embedded (SQLite), or Redis if asked for.
+
+Paths are absolute, derived from this file, so the demo runs from any working directory.
+``SAFETYNET_DEMO_REDIS_URL`` (e.g. ``redis://127.0.0.1:6379/3``) switches the Celery broker
+and result backend to that Redis; without it nothing but local SQLite files is used.
+"""
+
+import os
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = DEMO_DIR / "var"
+
+SECRET_KEY = "safetynet-demo-not-secret"
+DEBUG = False
+ALLOWED_HOSTS: list[str] = []
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "safetynet",
+    "shop",
+]
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": VAR_DIR / "demo.sqlite3",
+        # The worker writes events from several threads while run.py reads them.
+        "OPTIONS": {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL;",
+        },
+    }
+}
+
+# safetynet's own settings: the defaults are what the demo shows.
+SAFETYNET: dict = {}
+
+# -- Celery (read by proj/celery.py with namespace="CELERY") ------------------------------
+REDIS_URL = os.environ.get("SAFETYNET_DEMO_REDIS_URL", "").strip()
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_RESULT_BACKEND = REDIS_URL
+else:
+    CELERY_BROKER_URL = f"sqla+sqlite:///{VAR_DIR / 'broker.sqlite3'}"
+    CELERY_RESULT_BACKEND = f"db+sqlite:///{VAR_DIR / 'results.sqlite3'}"
+    # SQLite busy timeout: the worker's threads and run.py share these files.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"connect_args": {"timeout": 30}}
+    CELERY_DATABASE_ENGINE_OPTIONS = {"connect_args": {"timeout": 30}}
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# -- Where the demo tasks find their services (run.py starts the stubs and sets these) ----
+DEMO_SMTP_HOST = "127.0.0.1"
+DEMO_SMTP_PORT = int(os.environ.get("DEMO_SMTP_PORT", "2525"))
+DEMO_API_URL = os.environ.get("DEMO_API_URL", "http://127.0.0.1:8025")
+DEMO_INVENTORY_ADDRESS = os.environ.get("DEMO_INVENTORY_ADDRESS", "127.0.0.1:9")
+DEMO_WORKER_READY_FILE = VAR_DIR / "worker.ready"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    # One line per decision (retry at INFO, give-up at WARNING) lands in demo/var/worker.log.
+    "loggers": {"safetynet": {"handlers": ["console"], "level": "INFO", "propagate": False}},
+}

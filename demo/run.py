@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""The safetynet demo: four classic failing tasks on a real Celery worker, then a report.
+
+Run it with ``make demo`` or ``python demo/run.py`` from anywhere. It needs no server:
+Django's database, the Celery broker and the result backend are SQLite files in demo/var/
+(set ``SAFETYNET_DEMO_REDIS_URL=redis://127.0.0.1:6379/3`` to use Redis instead).
+
+What it does, top to bottom: start from an empty demo/var/, migrate, start a local SMTP
+server and HTTP API that fail at first, start a worker process, send the tasks, wait until
+each one has finished, stop the worker, and print what the worker recorded, attempt by attempt.
+Exit status: 0 when every task ended as expected, 1 otherwise, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEMO_DIR = Path(__file__).resolve().parent
+VAR_DIR = DEMO_DIR / "var"
+WORKER_LOG = VAR_DIR / "worker.log"
+READY_FILE = VAR_DIR / "worker.ready"
+
+#: Everything, from start to the last task's end, must happen within this many seconds.
+RUN_TIMEOUT = 90.0
+#: How long the worker gets to stop after SIGTERM before it is killed.
+STOP_GRACE = 10.0
+
+sys.path.insert(0, str(DEMO_DIR))
+os.environ["DJANGO_SETTINGS_MODULE"] = "proj.settings"
+
+
+class DemoError(Exception):
+    """The demo could not run to the end; the message says why."""
+
+
+@dataclass
+class Case:
+    """One task the demo sends, and what is known about it once it has run."""
+
+    key: str
+    title: str
+    task_name: str
+    args: tuple
+    note: str = ""
+    result: Any = None  # the AsyncResult
+    sent_at: float = 0.0
+    state: str = "PENDING"
+    events: list = field(default_factory=list)
+
+    @property
+    def call(self) -> str:
+        return f"{self.task_name.rsplit('.', 1)[-1]}({', '.join(map(repr, self.args))})"
+
+
+CASES = [
+    Case("a", "Welcome email: the SMTP server answers 421 twice, then accepts",
+         "shop.tasks.send_welcome_email", ("ada@example.com",),
+         note="from Celery's max_retries=3; each self.retry(countdown=2) sets its own delay"),
+    Case("b", "API call: 429 with Retry-After: 2, then 200",
+         "shop.tasks.fetch_exchange_rate", ("EUR",),
+         note="as declared: retry_policy=RetryPolicy(...), retry_on=[http_status(429, 503)]"),
+    Case("c", "Permanent error: the order does not exist",
+         "shop.tasks.charge_order", (999,),
+         note="no retry options: the project's SAFETYNET['DEFAULT_POLICY']"),
+    Case("d", "Celery autoretry: the inventory service is down for good",
+         "shop.tasks.sync_inventory", ("warehouse-7",),
+         note="from Celery's retry_backoff=True, retry_backoff_max=4, max_retries=3 (autoretry_for=(ConnectionError,))"),
+]
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no worker log)"
+    return "\n".join("    | " + line for line in content[-lines:]) or "    | (empty)"
+
+
+def unused_port() -> int:
+    """A local port nothing listens on (the inventory service that is down)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def fresh_var_dir() -> None:
+    shutil.rmtree(VAR_DIR, ignore_errors=True)
+    VAR_DIR.mkdir(parents=True)
+
+
+def set_up_django() -> None:
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def start_worker(app: Any) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DEMO_DIR), str(DEMO_DIR.parent), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["DEMO_PARENT_PID"] = str(os.getpid())  # the worker stops itself if this process dies
+    command = [
+        sys.executable, "-m", "celery", "-A", "proj", "worker", "--pool=threads", "--concurrency=4",
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning",
+        "-n", f"demo-{os.getpid()}@%h",
+    ]
+    log = WORKER_LOG.open("wb")
+    try:
+        return subprocess.Popen(command, cwd=DEMO_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        log.close()  # the child has its own copy
+
+
+def wait_until_ready(worker: subprocess.Popen, deadline: float) -> float:
+    started = time.monotonic()
+    while not READY_FILE.exists():
+        code = worker.poll()
+        if code is not None:
+            raise DemoError(f"the Celery worker exited (status {code}) before it was ready. "
+                            f"The end of {WORKER_LOG}:\n{tail(WORKER_LOG)}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"the Celery worker was not ready after {time.monotonic() - started:.0f}s. "
+                            f"The end of {WORKER_LOG}:\n{tail(WORKER_LOG)}")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def stop_worker(worker: subprocess.Popen) -> str:
+    if worker.poll() is not None:
+        return f"the worker had already exited (status {worker.returncode})"
+    began = time.monotonic()
+    worker.send_signal(signal.SIGTERM)  # warm shutdown: finish what runs, give the rest back
+    try:
+        worker.wait(timeout=STOP_GRACE)
+        return f"stopped with SIGTERM in {time.monotonic() - began:.1f}s"
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+        return f"did not stop within {STOP_GRACE:g}s of SIGTERM: killed"
+
+
+def check_broker(app: Any) -> None:
+    """Fail fast with a clear message when the broker cannot be reached (a Redis that is not running)."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5, timeout=3)
+    except Exception as error:
+        raise DemoError(f"cannot reach the Celery broker {app.conf.broker_url}: {error}") from None
+
+
+def send_tasks(app: Any) -> None:
+    for case in CASES:
+        case.sent_at = time.time()
+        case.result = app.tasks[case.task_name].delay(*case.args)
+
+
+def wait_for_outcomes(deadline: float, started: float) -> None:
+    from celery import states
+
+    while True:
+        for case in CASES:
+            state = case.result.state
+            if state != case.state:
+                case.state = state
+                say(f"  {time.time() - started:5.1f}s  ({case.key}) {case.call:<40} {state}")
+        if all(case.state in states.READY_STATES for case in CASES):
+            return
+        if time.monotonic() > deadline:
+            pending = ", ".join(f"({case.key}) {case.state}" for case in CASES if case.state not in states.READY_STATES)
+            raise DemoError(f"timed out after {RUN_TIMEOUT:g}s waiting for the tasks to finish: {pending}. "
+                            f"The end of {WORKER_LOG}:\n{tail(WORKER_LOG)}")
+        time.sleep(0.25)
+
+
+def collect_events(deadline: float) -> None:
+    """Read what the worker recorded; the success event is written just after the result, so wait for it."""
+    from shop.models import TaskEvent
+
+    while True:
+        for case in CASES:
+            case.events = list(TaskEvent.objects.filter(task_id=case.result.id))
+        missing = [case for case in CASES if not any(event.kind in ("success", "dead") for event in case.events)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise DemoError("the worker did not record a final event (task_success or task_dead) for: "
+                            + ", ".join(f"({case.key}) {case.call}" for case in missing))
+        time.sleep(0.2)
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def short(text: Any, width: int = 110) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def outcome_of(case: Case) -> str:
+    if case.state == "SUCCESS":
+        return f"SUCCESS  returned {short(repr(case.result.result), 90)}"
+    error = case.result.result
+    return f"{case.state}  {type(error).__name__}: {short(error, 90)}"
+
+
+def attempts_of(case: Case) -> list[dict]:
+    """One row per attempt, from the events the worker recorded."""
+    rows: dict[int, dict] = {}
+    for event in case.events:
+        if event.kind == "retrying":
+            rows[event.payload["entry"]["attempt"]] = dict(event.payload["entry"])
+        elif event.kind == "dead":
+            for entry in event.payload["history"]:
+                rows.setdefault(entry["attempt"], dict(entry))
+        elif event.kind == "success":
+            rows[event.attempt] = {
+                "attempt": event.attempt, "started": event.payload["started"], "exception": None,
+                "message": "", "action": "success", "delay": None, "reason": "", "result": event.payload["result"],
+            }
+    return [rows[number] for number in sorted(rows)]
+
+
+def print_attempts(case: Case) -> None:
+    for row in attempts_of(case):
+        at = f"+{row['started'] - case.sent_at:.2f}s" if row.get("started") else ""
+        head = f"      attempt {row['attempt']}  {at:>7}  "
+        pad = " " * len(head)
+        if row["action"] == "success":
+            say(f"{head}returned {short(row['result'], 80)}")
+            say(f"{pad}decision: success")
+            continue
+        say(f"{head}raised {row['exception']}: {short(row['message'], 80)}")
+        if row["action"] in ("retry", "snooze"):
+            say(f"{pad}decision: {row['action']}, next attempt in {row['delay']:.2f}s  (rule: {row['reason']})")
+        else:
+            say(f"{pad}decision: dead ({row['reason']})")
+
+
+def print_server_side(case: Case, smtp: Any, api: Any, inventory: str) -> None:
+    if case.key == "a":
+        seen = [(when, what) for when, recipient, what in smtp.events if recipient == case.args[0]]
+    elif case.key == "b":
+        seen = [(when, f"{request} -> {what}") for when, request, what in api.events]
+    elif case.key == "d":
+        say(f"      server side: nothing listens on {inventory} (connection refused)")
+        return
+    else:
+        return
+    say("      server side: " + "; ".join(f"+{when - case.sent_at:.2f}s {what}" for when, what in seen))
+
+
+def check(case: Case) -> list[str]:
+    """What should have happened; a failed expectation is a problem with safetynet or the demo."""
+    rows = attempts_of(case)
+    actions = [row["action"] for row in rows]
+    dead = next((event for event in case.events if event.kind == "dead"), None)
+    retrying = [event.payload["entry"]["attempt"] for event in case.events if event.kind == "retrying"]
+    problems = []
+
+    def expect(condition: bool, text: str) -> None:
+        if not condition:
+            problems.append(text)
+
+    if case.key == "a":
+        expect(case.state == "SUCCESS", f"expected SUCCESS, got {case.state}")
+        expect(actions == ["retry", "retry", "success"], f"expected retry, retry, success; got {actions}")
+        expect(all(row["delay"] == 2 for row in rows[:2]), "expected the countdown=2 of self.retry as each delay")
+    elif case.key == "b":
+        expect(case.state == "SUCCESS", f"expected SUCCESS, got {case.state}")
+        expect(actions == ["retry", "success"], f"expected retry, success; got {actions}")
+        expect(bool(rows) and (rows[0]["delay"] or 0) >= 2, "expected a delay of at least Retry-After: 2")
+    elif case.key == "c":
+        expect(case.state == "FAILURE", f"expected FAILURE, got {case.state}")
+        expect(actions == ["dead"], f"expected one attempt, given up; got {actions}")
+        expect(dead is not None and dead.payload["reason"] == "permanent_error", "expected reason permanent_error")
+        expect(type(case.result.result).__name__ == "Permanent", "expected the task to fail with Permanent")
+    elif case.key == "d":
+        expect(case.state == "FAILURE", f"expected FAILURE, got {case.state}")
+        expect(actions == ["retry", "retry", "retry", "dead"], f"expected 3 retries then dead; got {actions}")
+        expect(dead is not None and dead.payload["reason"] == "retries_exhausted", "expected reason retries_exhausted")
+        expect(all(0 <= row["delay"] <= 4 for row in rows[:3]), "expected delays within retry_backoff_max=4")
+        expect(isinstance(case.result.result, ConnectionError),
+               f"expected the original ConnectionError to fail the task, got {type(case.result.result).__name__}")
+    if dead is not None:
+        history = [entry["attempt"] for entry in dead.payload["history"]]
+        expect(history == [*retrying, history[-1]] if history else False,
+               f"task_dead history {history} does not match the task_retrying events {retrying}")
+    return problems
+
+
+def report(app: Any, smtp: Any, api: Any, inventory: str, timings: dict[str, str]) -> list[str]:
+    from celery import __version__ as celery_version
+
+    import safetynet
+
+    broker = app.conf.broker_url
+    say()
+    say("=" * 100)
+    say(f"safetynet {safetynet.__version__} demo report   (celery {celery_version}, one worker process, "
+        "pool=threads, concurrency=4)")
+    say(f"  broker:  {broker}")
+    say(f"  results: {app.conf.result_backend}")
+    say(f"  worker:  ready in {timings['ready']}, {timings['stop']}; its log is {WORKER_LOG}")
+    say()
+    say("Policies  (task.policy.describe())")
+    for case in CASES:
+        task = app.tasks[case.task_name]
+        say(f"  ({case.key}) {case.task_name:<31} {task.policy.describe()}")
+        say(f"        {case.note}")
+    problems: list[str] = []
+    for case in CASES:
+        say()
+        say(f"({case.key}) {case.title}")
+        say(f"      {case.call}   task id {case.result.id}")
+        print_attempts(case)
+        dead = next((event for event in case.events if event.kind == "dead"), None)
+        outcome = outcome_of(case)
+        if dead is not None:
+            outcome += f"\n      given up: {dead.payload['reason']} ({dead.payload['detail']})"
+        say(f"      outcome: {outcome}")
+        print_server_side(case, smtp, api, inventory)
+        problems += [f"({case.key}) {problem}" for problem in check(case)]
+    say()
+    say("Times are seconds after the task was sent; attempts, raised exceptions, decisions and delays were recorded")
+    say("in the worker by receivers of safetynet.signals.task_retrying / task_dead and celery's task_success.")
+    say("=" * 100)
+    return problems
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    started_wall = time.time()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    redis_url = os.environ.get("SAFETYNET_DEMO_REDIS_URL", "").strip()
+    say(f"safetynet demo: broker and results on {'Redis ' + redis_url if redis_url else 'SQLite files in demo/var/'}")
+
+    fresh_var_dir()
+    from stubs import RateLimitedAPI, SMTPStub
+
+    smtp = SMTPStub(refusals=2).start()
+    api = RateLimitedAPI(retry_after=2).start()
+    inventory = f"127.0.0.1:{unused_port()}"
+    os.environ["DEMO_SMTP_PORT"] = str(smtp.port)
+    os.environ["DEMO_API_URL"] = api.url
+    os.environ["DEMO_INVENTORY_ADDRESS"] = inventory
+    say(f"  SMTP stub on 127.0.0.1:{smtp.port}, API stub on {api.url}, inventory service (down) at {inventory}")
+
+    set_up_django()
+    from django.core import checks
+
+    from proj.celery import app
+
+    app.loader.import_default_modules()
+    issues = checks.run_checks(tags=["safetynet"])
+    say(f"  migrated demo/var/demo.sqlite3; safetynet system checks: {len(issues) or 'no'} issue(s)")
+    for issue in issues:
+        say(f"    {issue}")
+    check_broker(app)
+    purged = app.control.purge()  # a Redis database may hold messages of an interrupted run
+    if purged:
+        say(f"  purged {purged} message(s) left in the queue by an earlier run")
+
+    worker = start_worker(app)
+    timings: dict[str, str] = {}
+    try:
+        say(f"  started a Celery worker (pid {worker.pid}), waiting until it is ready…")
+        timings["ready"] = f"{wait_until_ready(worker, deadline):.1f}s"
+        say("  sending 4 tasks; their states as the result backend reports them (seconds since start):")
+        send_tasks(app)
+        wait_for_outcomes(deadline, started_wall)
+        collect_events(deadline + 10)
+    finally:
+        timings["stop"] = stop_worker(worker)
+        smtp.stop()
+        api.stop()
+    problems = report(app, smtp, api, inventory, timings)
+    total = time.time() - started_wall
+    if problems:
+        say(f"\nUNEXPECTED ({len(problems)}), the demo failed after {total:.1f}s:")
+        for problem in problems:
+            say(f"  - {problem}")
+        return 1
+    say(f"All 4 tasks ended as expected in {total:.1f}s.")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DemoError as error:
+        print(f"\ndemo FAILED: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ndemo interrupted; the worker was stopped.", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"\ndemo FAILED with an unexpected error (above); the worker log is {WORKER_LOG}",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
