@@ -29,7 +29,8 @@ from safetynet.runtime.task import SafetyTask
 
 __all__ = ["check_settings", "check_tasks", "longest_delay"]
 
-_VISIBILITY_TRANSPORTS = ("redis", "rediss", "sentinel", "sqs")
+# kombu's default visibility_timeout per transport
+_VISIBILITY_DEFAULTS = {"redis": 3600.0, "rediss": 3600.0, "sentinel": 3600.0, "sqs": 1800.0}
 _PICKLE = {"pickle", "application/x-python-serialize"}
 
 
@@ -70,10 +71,10 @@ def _policy_and_catch_all(task: Any) -> tuple[RetryPolicy | None, bool]:
 
 
 def _broker_visibility_timeout(app: Any) -> float | None:
-    url = str(app.conf.broker_url or "")
-    if not url.split("://", 1)[0].split("+")[0] in _VISIBILITY_TRANSPORTS:
+    scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+")[0]
+    if scheme not in _VISIBILITY_DEFAULTS:
         return None
-    return float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+    return float((app.conf.broker_transport_options or {}).get("visibility_timeout", _VISIBILITY_DEFAULTS[scheme]))
 
 
 @checks.register("safetynet")

@@ -24,6 +24,13 @@ __all__ = [
 ]
 
 
+def _seconds(owner: str, value: object) -> float:
+    """``value`` as seconds, or ConfigurationError: booleans, NaN and negatives are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigurationError(f"{owner} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 class SafetynetError(Exception):
     """Base class of every exception safetynet defines."""
 
@@ -48,11 +55,7 @@ class Transient(TaskSignal):
 
     def __init__(self, message: str = "", retry_after: float | None = None) -> None:
         super().__init__(message)
-        if retry_after is not None and (not isinstance(retry_after, (int, float)) or retry_after < 0):
-            raise ConfigurationError(
-                f"Transient.retry_after must be a number of seconds >= 0 or None, got {retry_after!r}"
-            )
-        self.retry_after = None if retry_after is None else float(retry_after)
+        self.retry_after = None if retry_after is None else _seconds("Transient.retry_after", retry_after)
 
     def __reduce__(self):  # keep retry_after across pickling (prefork pool, result backends)
         return (type(self), (self.message, self.retry_after))
@@ -69,10 +72,8 @@ class Snooze(TaskSignal):
     """Not a failure: try again after ``delay`` seconds without using up an attempt."""
 
     def __init__(self, delay: float, message: str = "") -> None:
-        super().__init__(message or f"snoozed for {delay}s")
-        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-            raise ConfigurationError(f"Snooze.delay must be a number of seconds >= 0, got {delay!r}")
-        self.delay = float(delay)
+        self.delay = _seconds("Snooze.delay", delay)
+        super().__init__(message or f"snoozed for {self.delay:g}s")
 
     def __reduce__(self):
         return (type(self), (self.delay, self.message))

@@ -122,7 +122,7 @@ def parse_retry_after(value: object, now: float) -> float | None:
     if value is None:
         return None
     text = str(value).strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # str.isdigit() alone accepts '²', which float() refuses
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)

@@ -5,6 +5,7 @@ Pure: the worker runtime, the simulator, ``explain`` and the docs all call ``dec
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ def decide(
         if verdict.retry_after is not None:
             delay = policy.capped(max(delay, verdict.retry_after))
         decision = Retry(delay, verdict.rule)
+    if not math.isfinite(decision.delay):
+        return Dead(RETRIES_EXHAUSTED, f"the delay after attempt {attempt} has no bound ({verdict.rule})")
     if policy.deadline is not None and (now + decision.delay) - started_at > policy.deadline:
         return Dead(
             DEADLINE_EXCEEDED,

@@ -72,6 +72,8 @@ class Exponential:
 
     def base_delay(self, attempt: int) -> float:
         """The delay after attempt ``attempt`` failed."""
+        if self.base == 0:
+            return 0.0
         try:
             return self.base * self.factor ** (attempt - 1)
         except OverflowError:
@@ -90,8 +92,14 @@ class CeleryBackoff:
 
     def base_delay(self, attempt: int) -> float:
         """The delay after attempt ``attempt`` failed (Celery's ``retries`` is ``attempt - 1``)."""
-        # Past 2**1100 the float would overflow; every cap is far below that anyway.
-        return float(self.factor * 2 ** min(attempt - 1, 1100)) if attempt <= 1100 else math.inf
+        # The integer is exact, but past about 2**1024 it no longer fits a float: that is
+        # infinity, which max_delay then caps as Celery's min(retry_backoff_max, ...) does.
+        if attempt > 1100:
+            return math.inf
+        try:
+            return float(self.factor * 2 ** (attempt - 1))
+        except OverflowError:
+            return math.inf
 
 
 def _as_backoff(value: object) -> Backoff:
@@ -186,7 +194,7 @@ class RetryPolicy:
 
     def _capped_base(self, attempt: int) -> float:
         delay = self.capped(self.backoff.base_delay(attempt))
-        return float(math.floor(delay)) if self.whole_seconds else delay
+        return float(math.floor(delay)) if self.whole_seconds and math.isfinite(delay) else delay
 
     def delay_for(self, attempt: int, *, previous: float | None = None, rng: random.Random | None = None) -> float:
         """The wait in seconds after attempt ``attempt`` failed; jitter drawn from ``rng``."""
@@ -195,18 +203,18 @@ class RetryPolicy:
         if self.jitter == "none":
             return delay
         if self.jitter == "full":
-            if self.whole_seconds:
+            if self.whole_seconds and math.isfinite(delay):
                 return float(rng.randrange(int(delay) + 1))
             return rng.uniform(0, delay)
         if self.jitter == "equal":
             half = delay / 2
             value = half + rng.uniform(0, half)
-            return float(math.floor(value)) if self.whole_seconds else value
+            return float(math.floor(value)) if self.whole_seconds and math.isfinite(value) else value
         # decorrelated (AWS): min(cap, uniform(base, previous * 3)), starting from the base delay.
         base = self._capped_base(1)
         upper = max(base, (previous if previous is not None else base) * 3)
         value = self.capped(rng.uniform(base, upper))
-        return float(math.floor(value)) if self.whole_seconds else value
+        return float(math.floor(value)) if self.whole_seconds and math.isfinite(value) else value
 
     def delay_range(self, attempt: int) -> tuple[float, float]:
         """The least and the most ``delay_for(attempt)`` can return, jitter included."""

@@ -56,21 +56,20 @@ def _bounded(entries: list[dict[str, Any]], max_entries: int, max_bytes: int) ->
     """Keep the first and the latest entries within both bounds; return them and how many were dropped."""
     dropped = 0
     if len(entries) > max_entries:
-        keep_latest = max(max_entries - 1, 0)
         dropped = len(entries) - max_entries
-        entries = entries[:1] + (entries[-keep_latest:] if keep_latest else [])
-    size = len(json.dumps(entries, default=str))
+        entries = entries[-1:] if max_entries == 1 else entries[:1] + entries[-(max_entries - 1):]
+
+    def size() -> int:
+        return len(json.dumps(entries, default=str))
+
     # Tracebacks are the bulk: drop them oldest first, then drop whole middle entries.
     for entry in entries[:-1]:
-        if size <= max_bytes:
+        if size() <= max_bytes:
             break
-        if entry.get("traceback"):
-            size -= len(json.dumps(entry["traceback"]))
-            entry["traceback"] = ""
-    while size > max_bytes and len(entries) > 2:
+        entry["traceback"] = ""
+    while size() > max_bytes and len(entries) > 2:
         entries.pop(1)
         dropped += 1
-        size = len(json.dumps(entries, default=str))
     return entries, dropped
 
 

@@ -75,8 +75,8 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise ConfigurationError(f"{where}: retry_policy must be a safetynet.RetryPolicy, got {policy!r}")
     if policy is not None:
-        clash = sorted(CELERY_RETRY_OPTIONS & {"max_retries", "retry_backoff", "retry_backoff_max", "retry_jitter",
-                                               "default_retry_delay"} & set(options))
+        clash = sorted({"max_retries", "retry_backoff", "retry_backoff_max", "retry_jitter", "default_retry_delay",
+                        "retry_kwargs"} & set(options))
         if clash:
             raise ConfigurationError(
                 f"{where}: give either retry_policy or Celery's {', '.join(clash)}, not both: "

@@ -190,9 +190,11 @@ class SafetyTask(celery.Task):
         )
         entry = self._entry(state, started, now, exc, decision)
         if isinstance(decision, Retry):
+            # An explicit eta is published as given, unless the failure's Retry-After asked for longer.
+            keep_eta = bool(eta) and decision.delay <= policy.backoff.base_delay(state.attempt)
             return self._publish_retry(
                 state, entry, decision, args=args, kwargs=kwargs, exc=exc, throw=throw,
-                eta=eta, countdown=None if eta else decision.delay, **retry_options,
+                eta=eta if keep_eta else None, countdown=None if keep_eta else decision.delay, **retry_options,
             )
         self._give_up(state, entry, decision, exc)  # type: ignore[arg-type]
         # Let Celery raise what it raises when retries are exhausted: ``exc`` itself, or
@@ -291,7 +293,8 @@ def task(*args: Any, **task_options: Any) -> Any:
     base = task_options.setdefault("base", SafetyTask)
     if not (isinstance(base, type) and issubclass(base, SafetyTask)):
         raise ConfigurationError(f"safetynet.task: base must be SafetyTask or a subclass of it, got {base!r}")
-    where = f"task {task_options.get('name') or (args[0].__qualname__ if args and callable(args[0]) else '?')}"
+    named = task_options.get("name") or (args[0].__qualname__ if args and callable(args[0]) else None)
+    where = f"task {named}" if named else "@safetynet.task(...)"
     options.check_known(task_options, where)
     options.validate(task_options, where)
     return celery.shared_task(*args, **task_options)

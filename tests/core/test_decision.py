@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from safetynet.core.classify import Rules, http_status
 from safetynet.core.decision import DONE, Dead, Done, Retry, decide
 from safetynet.core.policy import Fixed, RetryPolicy
+from safetynet.exceptions import ConfigurationError
 from safetynet.exceptions import Permanent, Snooze, Transient
 from tests.core.test_policy import policies, seconds, seeds
 
@@ -309,12 +310,10 @@ def test_every_exception_gets_exactly_one_outcome(exception, strict, lenient):
     assert decide(NO_JITTER, RETRY_ALL, 1, exception, START, START) == lenient
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG exceptions.py:73 + decision.py:79: Snooze(nan) is accepted and decide() returns Retry(nan) "
-    "even with a deadline, because (now + nan) - started_at > deadline is False",
-)
 def test_nan_snooze_cannot_slip_past_the_deadline():
+    with pytest.raises(ConfigurationError, match="Snooze.delay"):
+        Snooze(float("nan"))
+    snooze = Snooze(1)
+    snooze.delay = float("nan")  # forced past the constructor: decide must still not retry
     policy = NO_JITTER.replace(deadline=100)
-    decision = decide(policy, Rules(), 1, Snooze(float("nan")), START, START)
-    assert not isinstance(decision, Retry)
+    assert not isinstance(decide(policy, Rules(), 1, snooze, START, START), Retry)

@@ -141,3 +141,11 @@ def test_urllib_connection_failures_are_network_errors():
     assert is_network_error(urllib.error.URLError(ConnectionRefusedError(111, "refused")))
     assert is_network_error(urllib.error.URLError(socket.timeout("timed out")))
     assert not is_network_error(urllib.error.URLError("unknown url type: foo"))
+
+
+def test_history_bound_of_one_keeps_the_latest_entry():
+    from safetynet.runtime.history import _bounded
+
+    entries = [{"attempt": n, "traceback": "t" * 50} for n in range(1, 6)]
+    kept, dropped = _bounded(entries, 1, 10_000)
+    assert [e["attempt"] for e in kept] == [5] and dropped == 4

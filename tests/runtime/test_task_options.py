@@ -46,6 +46,7 @@ def test_retry_policy_and_celery_options_together_are_refused():
         ({"max_retries": -1}, "max_retries must be a whole number >= 0"),
         ({"default_retry_delay": -5}, "Fixed.delay must be a number of seconds >= 0"),
         ({"retry_kwargs": [1]}, "retry_kwargs must be a dict"),
+        ({"retry_policy": RetryPolicy(), "retry_kwargs": {"countdown": 5}}, "either retry_policy or Celery's retry_kwargs"),
     ],
 )
 def test_invalid_values_name_the_field(options, message):

@@ -76,7 +76,8 @@ class Command(BaseCommand):
         fail_on = [describe_matcher(m) for m in rules.fail_on]
         write("Retries on: " + (", ".join(retry_on) or "-") + "; then the project's DEFAULT_RETRY_ON: "
               + (", ".join(describe_matcher(m) for m in rules.default_retry_on) or "-"))
-        write("Fails at once on: " + ", ".join(["Permanent", *fail_on])
+        write("Fails at once on: " + ", ".join(["Permanent", *fail_on]) + "; then the project's DEFAULT_FAIL_ON: "
+              + (", ".join(describe_matcher(m) for m in rules.default_fail_on) or "-")
               + "; any other exception: " + rules.unclassified)
         if not resolved.explicit_policy:
             write(f"An explicit self.retry() without countdown waits default_retry_delay={task.default_retry_delay}s "
