@@ -76,7 +76,10 @@ def _user_settings() -> dict[str, Any]:
 def _matchers(key: str, value: Any) -> tuple[Matcher, ...]:
     items = [value] if isinstance(value, str) else value
     if isinstance(items, (list, tuple)):
-        items = [import_string(item) if isinstance(item, str) else item for item in items]
+        try:
+            items = [import_string(item) if isinstance(item, str) else item for item in items]
+        except ImportError as error:
+            raise ConfigurationError(f"SAFETYNET[{key!r}]: cannot import {error}") from None
     return as_matchers(items, name=f"SAFETYNET[{key!r}]")
 
 

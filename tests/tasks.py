@@ -100,3 +100,15 @@ def until_deadline():
 @safetynet.task(retry_policy=RetryPolicy(max_attempts=60, backoff=0, jitter="none"), retry_on=[ConnectionError])
 def many_retries():
     raise ConnectionError("x" * 400)
+
+
+@safetynet.task(bind=True)
+def ignored(self):
+    from celery.exceptions import Ignore
+
+    raise Ignore()
+
+
+@safetynet.task(dont_autoretry_for=(KeyError,))
+def only_dont_autoretry():
+    raise KeyError("k")

@@ -32,6 +32,10 @@ CELERY_RETRY_OPTIONS = frozenset(
      "retry_backoff", "retry_backoff_max", "retry_jitter"}
 )
 
+# The Celery options that say how many attempts and how long to wait; dont_autoretry_for
+# only classifies, so declaring it alone keeps the project's default policy.
+_CELERY_POLICY_OPTIONS = CELERY_RETRY_OPTIONS - {"dont_autoretry_for"}
+
 # Everything Celery's task decorator accepts: the public attributes of its Task class (they
 # vary a little between Celery versions, so they are read, not listed), the options
 # apply_async reads from the task, and the decorator's own arguments.
@@ -159,7 +163,7 @@ def resolve(task: celery.Task, stop: type) -> Resolved:
     )
     if options.get("retry_policy") is not None:
         policy, explicit = options["retry_policy"], True
-    elif CELERY_RETRY_OPTIONS & set(options):
+    elif _CELERY_POLICY_OPTIONS & set(options):
         policy, explicit = celery_policy(options, task.name), False
     else:
         policy, explicit = settings.default_policy, False

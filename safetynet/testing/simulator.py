@@ -175,7 +175,12 @@ class Simulator:
                     number = AttemptState.from_headers(headers, 0.0).attempt
                     if state == states.SUCCESS:
                         trace.attempts.append(SimulatedAttempt(number, "success", None, retries, "done", None, state, at))
-                        trace.state, trace.result = state, retval
+                        trace.result = retval
+                    elif state in (states.IGNORED, states.REJECTED):  # Celery's Ignore / Reject: no decision
+                        trace.attempts.append(SimulatedAttempt(
+                            number, state.lower(), retval, retries, f"stop ({type(retval).__name__})", None, state, at,
+                        ))
+                        trace.exception = retval
                     else:
                         entry = dead_history[-1][-1] if dead_history else {}
                         reason = entry.get("reason", "failed") if entry else "failed (not decided by safetynet)"
@@ -184,7 +189,8 @@ class Simulator:
                         trace.attempts.append(SimulatedAttempt(
                             number, "dead", retval, retries, f"give up: {reason}", None, state, at,
                         ))
-                        trace.state, trace.exception = state, retval
+                        trace.exception = retval
+                    trace.state = state
                     return trace
             raise RuntimeError(f"simulation of {task.name} stopped after {self.limit} attempts without an end")
         finally:

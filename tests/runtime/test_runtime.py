@@ -149,3 +149,24 @@ def test_history_bound_of_one_keeps_the_latest_entry():
     entries = [{"attempt": n, "traceback": "t" * 50} for n in range(1, 6)]
     kept, dropped = _bounded(entries, 1, 10_000)
     assert [e["attempt"] for e in kept] == [5] and dropped == 4
+
+
+def test_ignore_is_shown_as_such_not_as_a_death():
+    trace = simulate(tasks.ignored)
+    assert trace.state == "IGNORED" and trace.attempts[-1].action == "ignored"
+    assert trace.attempts[-1].next_step == "stop (Ignore)"
+
+
+def test_dont_autoretry_for_alone_keeps_the_default_policy():
+    from safetynet import conf
+
+    assert tasks.only_dont_autoretry.policy is conf.get().default_policy
+    assert simulate(tasks.only_dont_autoretry).attempts[-1].next_step == "give up: permanent_error"
+
+
+def test_a_dotted_matcher_that_does_not_import_names_the_key():
+    from safetynet import ConfigurationError, conf
+
+    with override_settings(SAFETYNET={"DEFAULT_RETRY_ON": ["nope.missing"]}):
+        with pytest.raises(ConfigurationError, match="SAFETYNET\\['DEFAULT_RETRY_ON'\\]: cannot import"):
+            conf.get()
