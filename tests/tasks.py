@@ -112,3 +112,13 @@ def ignored(self):
 @safetynet.task(dont_autoretry_for=(KeyError,))
 def only_dont_autoretry():
     raise KeyError("k")
+
+
+@safetynet.task(bind=True, track_started=True, max_retries=2)
+def tracked(self):
+    import time
+
+    time.sleep(0.8)
+    if self.request.retries == 0:
+        raise self.retry(exc=ConnectionError("once"), countdown=1)
+    return self.attempt

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from celery.states import READY_STATES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +102,7 @@ def wait_for(result, timeout):
         state = result.state
         if not seen or seen[-1] != state:
             seen.append(state)
-        if result.ready():
+        if state in READY_STATES:
             return seen
         time.sleep(0.2)
     raise AssertionError(f"{result.id} not ready after {timeout}s; states seen {seen}")

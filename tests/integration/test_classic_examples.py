@@ -98,3 +98,14 @@ def test_on_failure_sees_the_original_exception(sent):
     assert recording.read("on_failure", result.id) == [
         {"type": "SMTPException", "message": "421 service not available"}
     ]
+
+
+def test_celery_states_stay_right(worker):
+    result = tasks.tracked.apply_async(queue=worker.queue)
+    seen = wait_for(result, timeout=60)
+    assert result.result == 2
+    # PENDING before a worker takes it, STARTED while it runs (track_started), RETRY between, SUCCESS at the end
+    assert seen[0] in (states.PENDING, states.STARTED)
+    assert [s for s in seen if s != states.PENDING][:1] == [states.STARTED]
+    assert states.RETRY in seen and seen[-1] == states.SUCCESS
+    assert seen.index(states.RETRY) < len(seen) - 1
