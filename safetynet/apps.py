@@ -1,4 +1,4 @@
-"""Django app configuration: registers the system checks."""
+"""Django app configuration: registers the system checks and the worker-side receivers."""
 
 from django.apps import AppConfig
 
@@ -12,3 +12,6 @@ class SafetynetConfig(AppConfig):
 
     def ready(self) -> None:
         from safetynet import checks  # noqa: F401  (registers the system checks)
+        from safetynet.runtime import worker
+
+        worker.connect()

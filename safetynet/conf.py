@@ -12,11 +12,22 @@ Every key, its default and its meaning::
     HISTORY_MAX_ENTRIES   attempts kept in the message headers (the first and the latest)
     HISTORY_MAX_BYTES     size bound of the attempt history in the headers
     TRACEBACK_MAX_CHARS   each traceback in the history is trimmed to its last N characters
+    REDACT_KEYS           argument and dict keys whose values are never stored (case-insensitive)
+    REDACT_PATTERNS       regular expressions; a key that matches one is redacted too
+    DEAD_LETTER_MAX_ROWS  cap on the dead-letter store; the oldest rows beyond it are evicted, loudly
+                          (None: no cap)
+    SPOOL_DIR             where dead letters wait when the database is down (None: <tmp>/safetynet-spool;
+                          set a persistent path in production)
+    ALERT_MAIL_ADMINS     mail the ADMINS about a new dead letter
+    ALERT_RATE_LIMIT      at most one alert per fingerprint in this many seconds (through Django's cache)
+    ALERT_HOOKS           callables (or dotted paths) called with each new DeadLetter, e.g. a webhook
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +48,16 @@ DEFAULTS: dict[str, Any] = {
     "HISTORY_MAX_ENTRIES": 20,
     "HISTORY_MAX_BYTES": 16_384,
     "TRACEBACK_MAX_CHARS": 2_000,
+    "REDACT_KEYS": (
+        "password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "card_token",
+        "card_number", "cvv", "cvc", "ssn",
+    ),
+    "REDACT_PATTERNS": (r"(^|_)(password|secret|token)$",),
+    "DEAD_LETTER_MAX_ROWS": 100_000,
+    "SPOOL_DIR": None,
+    "ALERT_MAIL_ADMINS": True,
+    "ALERT_RATE_LIMIT": 3600,
+    "ALERT_HOOKS": (),
 }
 
 
@@ -51,6 +72,13 @@ class Settings:
     history_max_entries: int
     history_max_bytes: int
     traceback_max_chars: int
+    redact_keys: frozenset[str]
+    redact_patterns: tuple[re.Pattern[str], ...]
+    dead_letter_max_rows: int | None
+    spool_dir: str | None
+    alert_mail_admins: bool
+    alert_rate_limit: int
+    alert_hooks: tuple[Callable[..., Any], ...]
 
 
 _cached: Settings | None = None
@@ -81,6 +109,39 @@ def _matchers(key: str, value: Any) -> tuple[Matcher, ...]:
         except ImportError as error:
             raise ConfigurationError(f"SAFETYNET[{key!r}]: cannot import {error}") from None
     return as_matchers(items, name=f"SAFETYNET[{key!r}]")
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(
+        isinstance(item, str) for item in value
+    ):
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _patterns(value: Any) -> tuple[re.Pattern[str], ...]:
+    compiled = []
+    for pattern in _strings("REDACT_PATTERNS", value):
+        try:
+            compiled.append(re.compile(pattern, re.IGNORECASE))
+        except re.error as error:
+            raise ConfigurationError(f"SAFETYNET['REDACT_PATTERNS']: {pattern!r} is not a valid regex: {error}") from None
+    return tuple(compiled)
+
+
+def _callables(key: str, value: Any) -> tuple[Callable[..., Any], ...]:
+    items = [value] if isinstance(value, str) or callable(value) else list(value or ())
+    result = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                item = import_string(item)
+            except ImportError as error:
+                raise ConfigurationError(f"SAFETYNET[{key!r}]: cannot import {error}") from None
+        if not callable(item):
+            raise ConfigurationError(f"SAFETYNET[{key!r}] takes callables or dotted paths to them, got {item!r}")
+        result.append(item)
+    return tuple(result)
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -118,6 +179,14 @@ def build(user: dict[str, Any]) -> Settings:
         history_max_entries=_positive_int("HISTORY_MAX_ENTRIES", merged["HISTORY_MAX_ENTRIES"]),
         history_max_bytes=_positive_int("HISTORY_MAX_BYTES", merged["HISTORY_MAX_BYTES"]),
         traceback_max_chars=_positive_int("TRACEBACK_MAX_CHARS", merged["TRACEBACK_MAX_CHARS"]),
+        redact_keys=frozenset(str(key).lower() for key in _strings("REDACT_KEYS", merged["REDACT_KEYS"])),
+        redact_patterns=_patterns(merged["REDACT_PATTERNS"]),
+        dead_letter_max_rows=(None if merged["DEAD_LETTER_MAX_ROWS"] is None
+                              else _positive_int("DEAD_LETTER_MAX_ROWS", merged["DEAD_LETTER_MAX_ROWS"])),
+        spool_dir=None if merged["SPOOL_DIR"] is None else str(merged["SPOOL_DIR"]),
+        alert_mail_admins=bool(merged["ALERT_MAIL_ADMINS"]),
+        alert_rate_limit=_positive_int("ALERT_RATE_LIMIT", merged["ALERT_RATE_LIMIT"]),
+        alert_hooks=_callables("ALERT_HOOKS", merged["ALERT_HOOKS"]),
     )
 
 

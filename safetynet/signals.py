@@ -7,12 +7,20 @@
     exception, history (every attempt kept, the last one included), omitted (attempts dropped
     from the bounded history), args, kwargs
 
-Receivers run in the worker; one that raises is logged and does not change the outcome.
+``dead_letter_recorded``: a new DeadLetter row was stored. kwargs: dead_letter
+``task_replayed``: a dead letter was sent again. kwargs: dead_letter, new_task_id, by
+``dead_letters_evicted``: the store's cap deleted the oldest rows. kwargs: count, cap, oldest
+
+Receivers run where the event happens (mostly the worker); one that raises is logged and
+does not change the outcome.
 """
 
 from django.dispatch import Signal
 
-__all__ = ["task_dead", "task_retrying"]
+__all__ = ["dead_letter_recorded", "dead_letters_evicted", "task_dead", "task_replayed", "task_retrying"]
 
 task_retrying = Signal()
 task_dead = Signal()
+dead_letter_recorded = Signal()
+task_replayed = Signal()
+dead_letters_evicted = Signal()

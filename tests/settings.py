@@ -6,9 +6,32 @@ SECRET_KEY = "safetynet-tests"
 DEBUG = False
 USE_TZ = True
 INSTALLED_APPS = [
+    "django.contrib.admin",
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
     "safetynet",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
 ]
 DATABASES = {
     "default": {
@@ -19,5 +42,11 @@ DATABASES = {
         "USER": os.environ.get("SAFETYNET_TEST_DB_USER", "postgres"),
     }
 }
-SAFETYNET = {}
+SAFETYNET = {
+    "SPOOL_DIR": os.environ.get("SAFETYNET_TEST_SPOOL") or None,
+    "ALERT_MAIL_ADMINS": True,
+}
+ADMINS = [("Ops", "ops@example.com")]
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+ROOT_URLCONF = "tests.urls"
 LOGGING_CONFIG = None

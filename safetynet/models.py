@@ -1,0 +1,119 @@
+"""Durable records: the dead-letter store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import models
+from django.db.models import Q
+
+__all__ = ["DeadLetter", "DeadLetterQuerySet"]
+
+
+class DeadLetterQuerySet(models.QuerySet):
+    """Dead letters, filtered with intent-revealing methods."""
+
+    def dead(self) -> DeadLetterQuerySet:
+        """Rows still waiting for a decision (not replayed, not discarded)."""
+        return self.filter(status=DeadLetter.Status.DEAD)
+
+    def matching(
+        self,
+        *,
+        task: str | None = None,
+        reason: str | None = None,
+        fingerprint: str | None = None,
+        status: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> DeadLetterQuerySet:
+        """Rows matching every filter given (task names may end in ``*`` for a prefix)."""
+        rows = self
+        if task:
+            rows = rows.filter(task_name__startswith=task[:-1]) if task.endswith("*") else rows.filter(task_name=task)
+        if reason:
+            rows = rows.filter(reason=reason)
+        if fingerprint:
+            rows = rows.filter(fingerprint=fingerprint)
+        if status:
+            rows = rows.filter(status=status)
+        if since:
+            rows = rows.filter(last_failed_at__gte=since)
+        if until:
+            rows = rows.filter(last_failed_at__lt=until)
+        return rows
+
+    def older_than(self, moment: datetime) -> DeadLetterQuerySet:
+        """Rows whose last failure is before ``moment``."""
+        return self.filter(last_failed_at__lt=moment)
+
+
+class DeadLetter(models.Model):
+    """A task that finally failed: everything needed to understand it and to run it again."""
+
+    class Reason(models.TextChoices):
+        RETRIES_EXHAUSTED = "retries_exhausted", "retries exhausted"
+        PERMANENT_ERROR = "permanent_error", "permanent error"
+        DEADLINE_EXCEEDED = "deadline_exceeded", "deadline exceeded"
+        TIME_LIMIT = "time_limit", "hard time limit"
+        CRASH_LOOP = "crash_loop", "crash loop"
+        UNKNOWN_TASK = "unknown_task", "unknown task"
+        UNDECODABLE = "undecodable", "undecodable message"
+        REJECTED = "rejected", "rejected"
+
+    class Status(models.TextChoices):
+        DEAD = "dead", "dead"
+        REPLAYED = "replayed", "replayed"
+        DISCARDED = "discarded", "discarded"
+
+    task_name = models.CharField(max_length=255)
+    task_id = models.CharField(max_length=255, unique=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    #: Where a value was replaced by "[redacted]" before storing (e.g. ``["kwargs.card_token"]``).
+    redacted = models.JSONField(default=list, blank=True)
+    #: The message headers replay keeps (custom headers, without the attempt history).
+    headers = models.JSONField(default=dict, blank=True)
+    queue = models.CharField(max_length=255, blank=True)
+    exchange = models.CharField(max_length=255, blank=True)
+    routing_key = models.CharField(max_length=255, blank=True)
+    reason = models.CharField(max_length=32, choices=Reason.choices)
+    detail = models.TextField(blank=True)
+    exception_type = models.CharField(max_length=255, blank=True)
+    exception_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    history = models.JSONField(default=list, blank=True)
+    omitted_attempts = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=1)
+    first_failed_at = models.DateTimeField()
+    last_failed_at = models.DateTimeField()
+    worker = models.CharField(max_length=255, blank=True)
+    #: sha1 of task + exception type + normalised message (or top frame): groups alike failures.
+    fingerprint = models.CharField(max_length=40)
+    #: The raw body (base64) of a message that could not be decoded.
+    raw_body = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DEAD)
+    replay_count = models.PositiveIntegerField(default=0)
+    replayed_task_id = models.CharField(max_length=255, blank=True)
+    replayed_at = models.DateTimeField(null=True, blank=True)
+    replayed_by = models.CharField(max_length=255, blank=True)
+    #: The dead letter this task was a replay of, if it was one.
+    replay_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays")
+    #: Who did what to the row and when: replays (with any argument edits or queue override), discards.
+    audit = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = DeadLetterQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-last_failed_at", "-id"]
+        indexes = [
+            models.Index(fields=["status", "task_name"], name="safetynet_dl_status_task"),
+            models.Index(fields=["status", "reason"], name="safetynet_dl_status_reason"),
+            models.Index(fields=["status", "fingerprint"], name="safetynet_dl_status_fp"),
+            models.Index(fields=["last_failed_at"], name="safetynet_dl_last_failed"),
+            models.Index(fields=["created_at"], name="safetynet_dl_dead_created", condition=Q(status="dead")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.reason}"
