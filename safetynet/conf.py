@@ -16,6 +16,7 @@ Every key, its default and its meaning::
     REDACT_PATTERNS       regular expressions; a key that matches one is redacted too
     DEAD_LETTER_MAX_ROWS  cap on the dead-letter store; the oldest rows beyond it are evicted, loudly
                           (None: no cap)
+    SPOOL_FLUSH_SECONDS   how often each worker moves spooled dead letters into the database
     SPOOL_DIR             where dead letters wait when the database is down (None: <tmp>/safetynet-spool;
                           set a persistent path in production)
     ALERT_MAIL_ADMINS     mail the ADMINS about a new dead letter
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "REDACT_PATTERNS": (r"(^|_)(password|secret|token)$",),
     "DEAD_LETTER_MAX_ROWS": 100_000,
     "SPOOL_DIR": None,
+    "SPOOL_FLUSH_SECONDS": 30,
     "ALERT_MAIL_ADMINS": True,
     "ALERT_RATE_LIMIT": 3600,
     "ALERT_HOOKS": (),
@@ -76,6 +78,7 @@ class Settings:
     redact_patterns: tuple[re.Pattern[str], ...]
     dead_letter_max_rows: int | None
     spool_dir: str | None
+    spool_flush_seconds: int
     alert_mail_admins: bool
     alert_rate_limit: int
     alert_hooks: tuple[Callable[..., Any], ...]
@@ -184,6 +187,7 @@ def build(user: dict[str, Any]) -> Settings:
         dead_letter_max_rows=(None if merged["DEAD_LETTER_MAX_ROWS"] is None
                               else _positive_int("DEAD_LETTER_MAX_ROWS", merged["DEAD_LETTER_MAX_ROWS"])),
         spool_dir=None if merged["SPOOL_DIR"] is None else str(merged["SPOOL_DIR"]),
+        spool_flush_seconds=_positive_int("SPOOL_FLUSH_SECONDS", merged["SPOOL_FLUSH_SECONDS"]),
         alert_mail_admins=bool(merged["ALERT_MAIL_ADMINS"]),
         alert_rate_limit=_positive_int("ALERT_RATE_LIMIT", merged["ALERT_RATE_LIMIT"]),
         alert_hooks=_callables("ALERT_HOOKS", merged["ALERT_HOOKS"]),

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,6 +201,7 @@ def record(
     omitted: int = 0,
     worker: str = "",
     raw_body: bytes | None = None,
+    body_unknown: bool = False,
     failed_at: float | None = None,
 ) -> bool:
     """Store one final failure (exactly once per task id); spool it if the database is down.
@@ -217,6 +218,8 @@ def record(
     if history and not traceback:
         traceback = history[-1].get("traceback") or ""
     safe_args, safe_kwargs, redacted = redact(args, kwargs, parameters)
+    if body_unknown:
+        redacted.append("body")  # the arguments could not be read: replay needs them given by hand
     exception_message = redact_text(exception_message)
     traceback = redact_text(traceback)
     for entry in history:
@@ -370,23 +373,37 @@ class ReplayOutcome:
     error: str | None = None
 
 
-def _rows(rows: Any) -> list[Any]:
+def _rows(rows: Any) -> Iterator[Any]:
+    """DeadLetter rows from a row, an id, ids or a queryset (a queryset is streamed, not loaded whole)."""
     from safetynet.models import DeadLetter
 
     if isinstance(rows, DeadLetter):
-        return [rows]
+        yield rows
+        return
     if isinstance(rows, int):
         rows = [rows]
     if hasattr(rows, "model") and hasattr(rows, "iterator"):
-        return list(rows)
-    ids = list(rows)
-    if ids and not isinstance(ids[0], DeadLetter):
-        found = {row.id: row for row in DeadLetter.objects.filter(id__in=ids)}
-        missing = [pk for pk in ids if pk not in found]
+        yield from rows.order_by("id").iterator(chunk_size=2000)
+        return
+    items = list(rows)
+    if items and not isinstance(items[0], DeadLetter):
+        found = {row.id: row for row in DeadLetter.objects.filter(id__in=items)}
+        missing = [pk for pk in items if pk not in found]
         if missing:
             raise LookupError(f"no dead letter with id {', '.join(map(str, missing))}")
-        return [found[pk] for pk in ids]
-    return ids
+        items = [found[pk] for pk in items]
+    yield from items
+
+
+def _batches(rows: Any, size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for row in _rows(rows):
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _now() -> datetime:
@@ -418,9 +435,7 @@ def replay(
     app.loader.import_default_modules()
     settings_queue = queue
     outcomes: list[ReplayOutcome] = []
-    pending = _rows(rows)
-    for start in range(0, len(pending), batch_size):
-        batch = pending[start:start + batch_size]
+    for batch in _batches(rows, batch_size):
         sendable = []
         for row in batch:
             task = app.tasks.get(row.task_name)
@@ -429,6 +444,10 @@ def replay(
             elif task is None:
                 outcomes.append(ReplayOutcome(row.id, row.task_name, error=str(UnknownTask(
                     f"task {row.task_name!r} is not registered any more; the row is left as it was"))))
+            elif "body" in row.redacted and args is None and kwargs is None:
+                outcomes.append(ReplayOutcome(row.id, row.task_name, error=(
+                    "the message body could not be decoded, so its arguments are unknown; "
+                    "replay it with args/kwargs given by hand")))
             elif row.redacted and args is None and kwargs is None:
                 outcomes.append(ReplayOutcome(row.id, row.task_name, error=(
                     f"arguments {', '.join(row.redacted)} were redacted when stored; "
@@ -481,12 +500,15 @@ def discard(rows: Any, *, by: str = "") -> int:
     from safetynet.models import DeadLetter
 
     at = _now().isoformat()
-    changed = [row for row in _rows(rows) if row.status == DeadLetter.Status.DEAD]
-    for row in changed:
-        row.status = DeadLetter.Status.DISCARDED
-        row.audit = [*row.audit, {"action": "discard", "by": by, "at": at}]
-    DeadLetter.objects.bulk_update(changed, ["status", "audit"], batch_size=500)
-    return len(changed)
+    changed = 0
+    for batch in _batches(rows, 500):
+        dead = [row for row in batch if row.status == DeadLetter.Status.DEAD]
+        for row in dead:
+            row.status = DeadLetter.Status.DISCARDED
+            row.audit = [*row.audit, {"action": "discard", "by": by, "at": at}]
+        DeadLetter.objects.bulk_update(dead, ["status", "audit"])
+        changed += len(dead)
+    return changed
 
 
 def purge(older_than: datetime, *, status: str | None = None) -> int:

@@ -45,6 +45,7 @@ DATABASES = {
 SAFETYNET = {
     "SPOOL_DIR": os.environ.get("SAFETYNET_TEST_SPOOL") or None,
     "ALERT_MAIL_ADMINS": True,
+    "SPOOL_FLUSH_SECONDS": 2,
 }
 ADMINS = [("Ops", "ops@example.com")]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -11,6 +11,7 @@ Each of these only acts on a failure; nothing here runs for a task that succeeds
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -27,8 +28,6 @@ from safetynet.runtime.history import AttemptState, entry_for
 __all__ = ["SafetyRequest", "connect"]
 
 logger = logging.getLogger("safetynet")
-
-SPOOL_FLUSH_INTERVAL = 30.0
 
 
 def _record(**fields: Any) -> None:
@@ -80,11 +79,19 @@ def _message_fields(message: Any) -> dict[str, Any]:
     }
     try:
         body = message.decode()
-        if isinstance(body, (list, tuple)) and len(body) >= 2:
-            fields["args"], fields["kwargs"] = list(body[0] or []), dict(body[1] or {})
     except Exception:
         raw = getattr(message, "body", b"")
-        fields["raw_body"] = raw.encode() if isinstance(raw, str) else bytes(raw or b"")
+        raw = raw.encode() if isinstance(raw, str) else bytes(raw or b"")
+        fields["raw_body"] = raw
+        # A body in a content type this worker refuses may still be a plain JSON task body.
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+    if isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], list) and isinstance(body[1], dict):
+        fields["args"], fields["kwargs"] = list(body[0]), dict(body[1])
+    else:
+        fields["body_unknown"] = True  # replay needs arguments given by hand
     return fields
 
 
@@ -132,10 +139,10 @@ def _start_spool_flusher() -> None:
     def loop() -> None:
         from django.db import close_old_connections
 
-        from safetynet import deadletter
+        from safetynet import conf, deadletter
 
         while True:
-            time.sleep(SPOOL_FLUSH_INTERVAL)
+            time.sleep(conf.get().spool_flush_seconds)
             try:
                 deadletter.flush_spool()
             except Exception as error:  # the database may still be down: try again later
