@@ -457,7 +457,8 @@ def replay(
         if not sendable:
             continue
         at = _now()
-        with transaction.atomic(), app.producer_or_acquire() as producer:
+        done = []
+        with app.producer_or_acquire() as producer:
             for row, task in sendable:
                 new_id = str(uuid.uuid4())
                 headers = {key: value for key, value in (row.headers or {}).items() if key != HEADER}
@@ -466,11 +467,15 @@ def replay(
                 target_queue = settings_queue or row.queue
                 if target_queue:
                     options["queue"] = target_queue
-                task.apply_async(
-                    list(args) if args is not None else row.args,
-                    dict(kwargs) if kwargs is not None else row.kwargs,
-                    **options,
-                )
+                try:
+                    task.apply_async(
+                        list(args) if args is not None else row.args,
+                        dict(kwargs) if kwargs is not None else row.kwargs,
+                        **options,
+                    )
+                except Exception as error:  # bad arguments, broker down: this row stays dead, the rest go on
+                    outcomes.append(ReplayOutcome(row.id, row.task_name, error=f"not sent: {error!r}"))
+                    continue
                 event: dict[str, Any] = {"action": "replay", "by": by, "at": at.isoformat(), "new_task_id": new_id}
                 if settings_queue:
                     event["queue"] = settings_queue
@@ -484,12 +489,20 @@ def replay(
                 row.replayed_at = at
                 row.replayed_by = by
                 row.audit = [*row.audit, event]
+                done.append(row)
                 outcomes.append(ReplayOutcome(row.id, row.task_name, new_task_id=new_id))
+        # Published is past the point of no return: if this update fails, say which tasks were sent.
+        try:
             DeadLetter.objects.bulk_update(
-                [row for row, _ in sendable],
-                ["status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit"],
+                done, ["status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit"],
             )
-        for row, _ in sendable:
+        except (DatabaseError, InterfaceError):
+            logger.critical(
+                "safetynet: replayed %s dead letters but could not mark them (ids %s); do not replay them again",
+                len(done), [row.id for row in done],
+            )
+            raise
+        for row in done:
             signals.task_replayed.send_robust(sender=DeadLetter, dead_letter=row, new_task_id=row.replayed_task_id,
                                               by=by)
     return outcomes

@@ -1,20 +1,40 @@
-"""``python manage.py safetynet <command>``: see what safetynet will do.
+"""``python manage.py safetynet <command>``: see what safetynet will do, and handle dead letters.
 
 Commands:
     explain <dotted.task.name>   the retry schedule of a task's policy, attempt by attempt
+    dead list                    dead letters, one line each (filters: --task --reason --fingerprint
+                                 --status --since --until --id; --limit, --json)
+    dead show <id>               everything about one dead letter: attempt timeline, traceback, audit
+    dead replay                  run them again with a fresh attempt count (--id, filters or --all;
+                                 --queue, --by, --dry-run, --json); exits non-zero if any was refused
+    dead discard                 mark them handled without running them (--id, filters or --all; --dry-run)
+    dead purge --older-than 30d  delete old rows (--status, --dry-run)
+    dead flush                   move records spooled while the database was down into it
 """
 
 from __future__ import annotations
 
+import argparse
+import getpass
+import json
 import math
+import os
+import re
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, InterfaceError
+from django.db.models import QuerySet
+from django.utils import timezone
+from kombu.exceptions import OperationalError
 
-from safetynet import conf
+from safetynet import conf, deadletter
 from safetynet.core.classify import describe_matcher
 from safetynet.core.schedule import schedule
 from safetynet.exceptions import ConfigurationError
+from safetynet.models import DeadLetter
 from safetynet.runtime.registry import UnknownTask, find_task
 from safetynet.runtime.task import SafetyTask
 
@@ -33,8 +53,143 @@ def _span(low: float, high: float) -> str:
     return _seconds(low) if low == high else f"{_seconds(low)}–{_seconds(high)}"
 
 
+# -- dead letters: parsing the options -----------------------------------------------------
+
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_FILTERS = ("task", "reason", "fingerprint", "status", "since", "until")
+
+
+def moment(text: str) -> datetime:
+    """An argparse type: an ISO 8601 date or datetime (naive: the current time zone) or an age ago (2h, 7d)."""
+    value = text.strip()
+    match = _AGE.match(value.lower())
+    if match:
+        try:
+            return timezone.now() - timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"the age {text!r} is too large") from None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 date or datetime (2024-05-01, 2024-05-01T14:30, "
+            "2024-05-01T14:30:00+02:00) nor an age (90s, 30m, 2h, 7d, 2w)"
+        ) from None
+    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_filters(parser: CommandParser, *, selects: str) -> None:
+    reasons, statuses = DeadLetter.Reason.values, DeadLetter.Status.values
+    group = parser.add_argument_group("filters (every one given must match)")
+    group.add_argument("--task", metavar="NAME", help="task name, exact, or a prefix ending in * (shop.tasks.*)")
+    group.add_argument("--reason", choices=reasons, metavar="REASON", help="one of " + ", ".join(reasons))
+    group.add_argument("--fingerprint", metavar="SHA1", help="rows failing alike (see `dead show`)")
+    group.add_argument("--status", choices=[*statuses, "all"], metavar="STATUS",
+                       help=f"one of {', '.join(statuses)} or all (default: dead, or all with --id)")
+    group.add_argument("--since", type=moment, metavar="WHEN",
+                       help="last failure at or after: 2024-05-01, 2024-05-01T14:30, or an age ago: 30m, 2h, 7d")
+    group.add_argument("--until", type=moment, metavar="WHEN", help="last failure before (same forms as --since)")
+    group.add_argument("--id", type=int, action="append", metavar="ID", help=f"{selects} this row (repeatable)")
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    line = " ".join((text or "").split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _local(value: datetime | None) -> str:
+    return timezone.localtime(value).isoformat(sep=" ", timespec="seconds") if value else "-"
+
+
+def _from_epoch(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return timezone.localtime(datetime.fromtimestamp(value, tz=dt_timezone.utc)).isoformat(
+                sep=" ", timespec="milliseconds")
+        except (OverflowError, OSError, ValueError):
+            pass
+    return str(value) if value is not None else "-"
+
+
+def _masked_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """Headers with the values of sensitive keys replaced, by the same rules as the arguments."""
+    _, masked, _ = deadletter.redact((), headers or {})
+    return masked
+
+
+def _exception(row: DeadLetter) -> str:
+    if row.exception_type and row.exception_message:
+        return f"{row.exception_type}: {row.exception_message}"
+    return row.exception_type or row.exception_message or "-"
+
+
+def _summary(row: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": row.id, "task_name": row.task_name, "task_id": row.task_id, "reason": row.reason,
+        "status": row.status, "attempts": row.attempts, "last_failed_at": row.last_failed_at.isoformat(),
+        "exception_type": row.exception_type, "exception_message": row.exception_message,
+        "fingerprint": row.fingerprint, "replay_count": row.replay_count,
+    }
+
+
+def _everything(row: DeadLetter) -> dict[str, Any]:
+    """Every stored field of a row, for `dead show --json` (the raw body by size only)."""
+    return {
+        **_summary(row),
+        "args": row.args, "kwargs": row.kwargs, "redacted": row.redacted, "headers": _masked_headers(row.headers),
+        "queue": row.queue, "exchange": row.exchange, "routing_key": row.routing_key,
+        "detail": deadletter.redact_text(row.detail), "traceback": row.traceback, "history": row.history,
+        "omitted_attempts": row.omitted_attempts, "first_failed_at": row.first_failed_at.isoformat(),
+        "worker": row.worker, "raw_body_bytes": len(row.raw_body) * 3 // 4 if row.raw_body else 0,
+        "replayed_task_id": row.replayed_task_id,
+        "replayed_at": row.replayed_at.isoformat() if row.replayed_at else None,
+        "replayed_by": row.replayed_by, "replay_of": row.replay_of_id, "audit": row.audit,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns; the last one is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip() for row in rows]
+
+
+def _refusal(row: DeadLetter, app: Any) -> str | None:
+    """Why replay() would refuse ``row``, for --dry-run (the same checks, in the same order, as replay)."""
+    if row.status != DeadLetter.Status.DEAD:
+        return f"status is {row.status}, not dead"
+    if app.tasks.get(row.task_name) is None:
+        return f"task {row.task_name!r} is not registered any more; the row is left as it was"
+    if "body" in (row.redacted or []):
+        return ("the message body could not be decoded, so its arguments are unknown; "
+                "replay it with args/kwargs given by hand")
+    if row.redacted:
+        return (f"arguments {', '.join(row.redacted)} were redacted when stored; "
+                "replay it with replacement args/kwargs")
+    return None
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
 class Command(BaseCommand):
-    help = "See what safetynet will do: `safetynet explain <dotted.task.name>`."
+    help = ("See what safetynet will do: `safetynet explain <dotted.task.name>`; "
+            "handle dead letters: `safetynet dead list|show|replay|discard|purge|flush`.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -42,10 +197,64 @@ class Command(BaseCommand):
                                       description="Print a task's retry schedule, attempt by attempt.")
         explain.add_argument("task_name", help="the registered task name, e.g. shop.tasks.send_receipt")
         explain.add_argument("--limit", type=int, default=30, help="most attempts to list (default 30)")
+        self.add_dead_arguments(commands)
+
+    def add_dead_arguments(self, commands: Any) -> None:
+        """``dead list|show|replay|discard|purge|flush``."""
+        dead = commands.add_parser("dead", help="inspect, replay, discard and purge dead letters",
+                                   description="Inspect, replay, discard and purge dead letters.")
+        actions = dead.add_subparsers(dest="dead_command", metavar="action", required=True)
+
+        listing = actions.add_parser("list", help="dead letters, one line each",
+                                     description="List dead letters, newest failure first, one line each.")
+        _add_filters(listing, selects="list")
+        listing.add_argument("--limit", type=_positive, default=50, help="most rows to list (default 50)")
+        listing.add_argument("--json", action="store_true", help="print a JSON list instead")
+
+        show = actions.add_parser("show", help="everything about one dead letter",
+                                  description="Print one dead letter: fields, arguments, attempt timeline, "
+                                              "traceback and audit trail.")
+        show.add_argument("dead_letter_id", type=int, metavar="id")
+        show.add_argument("--json", action="store_true", help="print a JSON object instead")
+
+        replay = actions.add_parser(
+            "replay", help="run dead letters again, with a fresh attempt count",
+            description="Send the selected dead letters' tasks again, with their arguments and headers and a "
+                        "fresh attempt count. Rows that cannot be replayed (task gone, arguments redacted, not "
+                        "dead) are left as they were, and the command exits non-zero.")
+        _add_filters(replay, selects="replay")
+        replay.add_argument("--all", action="store_true", help="every row the filters select (needed without "
+                                                               "--id or a filter)")
+        replay.add_argument("--queue", help="send to this queue instead of the one each task died on")
+        replay.add_argument("--by", default=None, help="who replays, for the audit trail (default: the OS user)")
+        replay.add_argument("--dry-run", action="store_true", help="print what would be replayed; send nothing")
+        replay.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
+
+        discard = actions.add_parser("discard", help="mark dead letters handled without running them",
+                                     description="Mark the selected dead letters discarded (kept, audited, "
+                                                 "not run).")
+        _add_filters(discard, selects="discard")
+        discard.add_argument("--all", action="store_true", help="every row the filters select (needed without "
+                                                                "--id or a filter)")
+        discard.add_argument("--by", default=None, help="who discards, for the audit trail (default: the OS user)")
+        discard.add_argument("--dry-run", action="store_true", help="print what would be discarded; change nothing")
+
+        purge = actions.add_parser("purge", help="delete old dead letters",
+                                   description="Delete dead letters whose last failure is older than --older-than.")
+        purge.add_argument("--older-than", type=moment, required=True, metavar="AGE",
+                           help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
+        purge.add_argument("--status", choices=DeadLetter.Status.values, metavar="STATUS",
+                           help=f"only rows of this status: {', '.join(DeadLetter.Status.values)} (default: any)")
+        purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
+
+        actions.add_parser("flush", help="move spooled dead letters into the database",
+                           description="Move the dead letters spooled while the database was down into it.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["command"] == "explain":
             self.explain(options["task_name"], options["limit"])
+        elif options["command"] == "dead":
+            getattr(self, f"dead_{options['dead_command']}")(options)
 
     def explain(self, name: str, limit: int) -> None:
         """Print the schedule of ``name``'s policy."""
@@ -96,3 +305,240 @@ class Command(BaseCommand):
             write(f"\nGives up after attempt {last.attempt}, {_span(*last.starts)} after the first attempt started.")
         else:
             write(f"\n… and on (listed {limit} attempts; raise --limit to see more).")
+
+    # -- dead letters -------------------------------------------------------------------
+
+    def _write_json(self, value: Any) -> None:
+        self.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+
+    def _selected(self, options: dict[str, Any], *, verb: str) -> QuerySet:
+        """The rows the options select; CommandError (and nothing changed) when they do not make sense."""
+        ids = sorted(set(options.get("id") or []))
+        explicit = [name for name in _FILTERS if options.get(name)]
+        if verb in ("replay", "discard") and not (ids or explicit or options.get("all")):
+            raise CommandError(
+                f"Say which dead letters to {verb}: --id ID, a filter (--task, --reason, --fingerprint, --status, "
+                f"--since, --until), or --all for every dead letter still dead. Nothing was changed."
+            )
+        since, until = options.get("since"), options.get("until")
+        if since and until and since >= until:
+            raise CommandError(f"--since ({_local(since)}) must be before --until ({_local(until)}).")
+        status = options.get("status") or (None if ids else DeadLetter.Status.DEAD)
+        rows = DeadLetter.objects.matching(
+            task=options.get("task"), reason=options.get("reason"), fingerprint=options.get("fingerprint"),
+            status=None if status == "all" else status, since=since, until=until,
+        )
+        if ids:
+            found = set(DeadLetter.objects.filter(id__in=ids).values_list("id", flat=True))
+            missing = [pk for pk in ids if pk not in found]
+            if missing:
+                raise CommandError(f"No dead letter with id {', '.join(map(str, missing))}. Nothing was changed.")
+            rows = rows.filter(id__in=ids)
+            if explicit:
+                matched = set(rows.values_list("id", flat=True))
+                excluded = [pk for pk in ids if pk not in matched]
+                if excluded and verb != "list":
+                    raise CommandError(
+                        f"Dead letter {', '.join(map(str, excluded))} does not match the filters given "
+                        f"({', '.join('--' + name for name in explicit)}). Nothing was changed."
+                    )
+        return rows
+
+    def dead_list(self, options: dict[str, Any]) -> None:
+        """One line per dead letter, newest failure first."""
+        rows = self._selected(options, verb="list")
+        limit = options["limit"]
+        page = list(rows[:limit])
+        if options["json"]:
+            self._write_json([_summary(row) for row in page])
+            return
+        if not page:
+            self.stdout.write("No dead letters match.")
+            return
+        lines = [("id", "task", "reason", "status", "attempts", "last failure", "exception")]
+        lines += [(str(row.id), row.task_name, row.reason, row.status, str(row.attempts), _local(row.last_failed_at),
+                   _one_line(_exception(row))) for row in page]
+        for line in _table(lines):
+            self.stdout.write(line)
+        total = len(page) if len(page) < limit else rows.count()
+        if total > len(page):
+            self.stdout.write(f"\n{len(page)} of {total} shown; raise --limit or narrow the filters to see more.")
+
+    def dead_show(self, options: dict[str, Any]) -> None:
+        """Everything about one dead letter."""
+        row = DeadLetter.objects.filter(id=options["dead_letter_id"]).first()
+        if row is None:
+            raise CommandError(f"No dead letter with id {options['dead_letter_id']}.")
+        if options["json"]:
+            self._write_json(_everything(row))
+            return
+        write = self.stdout.write
+        alike = DeadLetter.objects.filter(fingerprint=row.fingerprint).count()
+        delivery = ", ".join(part for part in (
+            f"queue {row.queue}" if row.queue else "", f"exchange {row.exchange}" if row.exchange else "",
+            f"routing key {row.routing_key}" if row.routing_key and row.routing_key != row.queue else "",
+        ) if part) or "-"
+        fields = [
+            ("task", f"{row.task_name}  (task id {row.task_id})"),
+            ("status", row.status),
+            ("reason", row.reason + (f": {deadletter.redact_text(row.detail)}" if row.detail else "")),
+            ("attempts", str(row.attempts) + (f" ({row.omitted_attempts} not kept in the history)"
+                                              if row.omitted_attempts else "")),
+            ("first failure", _local(row.first_failed_at)),
+            ("last failure", _local(row.last_failed_at)),
+            ("worker", row.worker or "-"),
+            ("delivery", delivery),
+            ("fingerprint", f"{row.fingerprint}  ({alike} alike failure{'' if alike == 1 else 's'}: "
+                            f"dead list --fingerprint {row.fingerprint} --status all)"),
+            ("replays", f"{row.replay_count}" + (f", last as {row.replayed_task_id} at {_local(row.replayed_at)} "
+                                                  f"by {row.replayed_by or '?'}" if row.replayed_task_id else "")),
+        ]
+        if row.replay_of_id:
+            fields.append(("replay of", f"dead letter {row.replay_of_id}"))
+        if row.raw_body:
+            fields.append(("raw body", f"{len(row.raw_body) * 3 // 4} bytes kept (not shown: it is not redacted)"))
+        write(f"Dead letter {row.id}")
+        for line in _table([(f"  {name}", value) for name, value in fields]):
+            write(line)
+        write("")
+        write(f"Exception: {_exception(row)}")
+        write("")
+        write("Arguments" + (f" (redacted when stored: {', '.join(row.redacted)})" if row.redacted else "") + ":")
+        write("  args   " + json.dumps(row.args, ensure_ascii=False, default=str))
+        write("  kwargs " + json.dumps(row.kwargs, ensure_ascii=False, default=str))
+        if row.headers:
+            write("Headers: " + json.dumps(_masked_headers(row.headers), ensure_ascii=False, default=str))
+        write("")
+        write("Attempts:")
+        entries = [entry for entry in row.history or [] if isinstance(entry, dict)]
+        if entries:
+            table = [("  attempt", "started", "duration", "exception", "action", "delay", "reason", "worker")]
+            for entry in entries:
+                delay, duration = entry.get("delay"), entry.get("duration")
+                table.append((
+                    f"  {entry.get('attempt', '?')}", _from_epoch(entry.get("started")),
+                    f"{duration:.3f}s" if isinstance(duration, (int, float)) else "-",
+                    entry.get("exception") or "-", entry.get("action") or "-",
+                    f"{delay:g}s" if isinstance(delay, (int, float)) else "-",
+                    entry.get("reason") or "-", entry.get("worker") or "-",
+                ))
+            for line in _table(table):
+                write(line)
+            if row.omitted_attempts:
+                write(f"  ({row.omitted_attempts} attempts between the first and the latest were not kept)")
+            for entry in entries:
+                if entry.get("message") or entry.get("traceback"):
+                    write(f"\n  attempt {entry.get('attempt', '?')}: {entry.get('message') or ''}".rstrip())
+                    if entry.get("traceback") and entry.get("traceback") != row.traceback:
+                        for text in entry["traceback"].rstrip().splitlines():
+                            write(f"    {text}")
+        else:
+            write("  (no attempt history was recorded)")
+        write("")
+        write("Traceback:" if row.traceback else "Traceback: -")
+        for text in (row.traceback or "").rstrip().splitlines():
+            write(f"  {text}")
+        write("")
+        write("Audit trail:")
+        for event in row.audit or []:
+            if not isinstance(event, dict):
+                continue
+            extra = {key: value for key, value in event.items() if key not in ("action", "at", "by", "nonce")}
+            by = f" by {event['by']}" if event.get("by") else ""
+            details = ("  " + json.dumps(extra, ensure_ascii=False, default=str)) if extra else ""
+            write(f"  {event.get('at', '?')}  {event.get('action', '?')}{by}{details}")
+
+    def dead_replay(self, options: dict[str, Any]) -> None:
+        """Replay the selected rows; exit non-zero when any was refused."""
+        rows = list(self._selected(options, verb="replay").order_by("id"))
+        if not rows:
+            if options["json"]:
+                self._write_json([])
+            else:
+                self.stdout.write("No dead letters match; nothing to replay.")
+            return
+        if options["dry_run"]:
+            from celery import current_app
+
+            app = current_app._get_current_object()
+            app.loader.import_default_modules()
+            predicted = [(row, _refusal(row, app)) for row in rows]
+            if options["json"]:
+                self._write_json([{"id": row.id, "task_name": row.task_name, "would_replay": error is None,
+                                   "queue": (options["queue"] or row.queue or None) if error is None else None,
+                                   "error": error} for row, error in predicted])
+                return
+            self.stdout.write("Dry run: nothing is sent or changed.")
+            for row, error in predicted:
+                target = options["queue"] or row.queue or "its default queue"
+                self.stdout.write(f"{row.id} {row.task_name}: " + (f"would be refused: {error}" if error
+                                                                   else f"would be replayed to {target}"))
+            refused = sum(1 for _, error in predicted if error)
+            self.stdout.write(f"Would replay {len(rows) - refused} of {len(rows)}; {refused} would be refused.")
+            return
+        try:
+            outcomes = deadletter.replay(rows, queue=options["queue"] or None, by=options["by"] or _os_user())
+        except (OperationalError, DatabaseError, InterfaceError) as error:  # the broker or the database
+            raise CommandError(
+                f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they were; "
+                "`dead list --status replayed` shows any sent before the error."
+            ) from error
+        refused = [outcome for outcome in outcomes if outcome.error]
+        if options["json"]:
+            self._write_json([{"id": o.dead_letter_id, "task_name": o.task_name, "new_task_id": o.new_task_id,
+                               "error": o.error} for o in outcomes])
+        else:
+            for outcome in outcomes:
+                self.stdout.write(f"{outcome.dead_letter_id} {outcome.task_name}: "
+                                  + (f"refused: {outcome.error}" if outcome.error
+                                     else f"replayed as {outcome.new_task_id}"))
+            self.stdout.write(f"Replayed {len(outcomes) - len(refused)} of {len(outcomes)}; "
+                              f"{len(refused)} refused (left as they were).")
+        if refused:
+            raise CommandError(f"{len(refused)} of {len(outcomes)} dead letters were refused; they are left as they "
+                               "were: " + "; ".join(f"{o.dead_letter_id}: {o.error}" for o in refused[:5])
+                               + (" …" if len(refused) > 5 else ""))
+
+    def dead_discard(self, options: dict[str, Any]) -> None:
+        """Discard the selected rows."""
+        rows = list(self._selected(options, verb="discard").order_by("id"))
+        if not rows:
+            self.stdout.write("No dead letters match; nothing to discard.")
+            return
+        dead = [row for row in rows if row.status == DeadLetter.Status.DEAD]
+        if options["dry_run"]:
+            self.stdout.write("Dry run: nothing is changed.")
+        for row in rows:
+            if row.status != DeadLetter.Status.DEAD:
+                outcome = f"left as it was (status {row.status})"
+            else:
+                outcome = "would be discarded" if options["dry_run"] else "discarded"
+            self.stdout.write(f"{row.id} {row.task_name}: {outcome}")
+        if options["dry_run"]:
+            self.stdout.write(f"Would discard {len(dead)} of {len(rows)}.")
+            return
+        changed = deadletter.discard(dead, by=options["by"] or _os_user())
+        self.stdout.write(f"Discarded {changed} of {len(rows)}.")
+
+    def dead_purge(self, options: dict[str, Any]) -> None:
+        """Delete rows whose last failure is older than --older-than."""
+        before, status = options["older_than"], options["status"]
+        which = f"{status} dead letters" if status else "dead letters (any status)"
+        if options["dry_run"]:
+            rows = DeadLetter.objects.older_than(before)
+            count = (rows.filter(status=status) if status else rows).count()
+            self.stdout.write(f"Dry run: would delete {count} {which} last failed before {_local(before)}.")
+            return
+        count = deadletter.purge(before, status=status)
+        self.stdout.write(f"Deleted {count} {which} last failed before {_local(before)}.")
+
+    def dead_flush(self, options: dict[str, Any]) -> None:
+        """Move spooled records into the database."""
+        try:
+            moved = deadletter.flush_spool()
+        except (DatabaseError, InterfaceError) as error:
+            raise CommandError(f"The database did not answer ({error}); the spooled records stay for the next "
+                               "flush.") from error
+        where = conf.get().spool_dir or "the default spool directory"
+        self.stdout.write(f"Moved {moved} spooled dead letter{'' if moved == 1 else 's'} into the database "
+                          f"(from {where}).")

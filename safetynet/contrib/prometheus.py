@@ -1,0 +1,314 @@
+"""Prometheus metrics for safetynet tasks; needs ``prometheus_client`` (the ``prometheus`` extra).
+
+Metrics (``task`` is the task name; no other per-task label)::
+
+    safetynet_task_attempts_total{task, outcome}   attempts by how they ended: success, retry, snooze, dead
+    safetynet_task_dead_total{task, reason}        tasks given up, by dead-letter reason
+    safetynet_task_runtime_seconds{task}           histogram: how long an attempt ran in the worker
+    safetynet_task_retry_delay_seconds{task}       histogram: the wait scheduled before the next attempt
+    safetynet_dead_letters_evicted_total           dead-letter rows deleted by DEAD_LETTER_MAX_ROWS
+    safetynet_dead_letters{task}                   dead letters waiting for a decision (status "dead"),
+                                                   read from the database at scrape time
+
+Where each number comes from:
+
+- ``task_prerun``/``task_postrun`` (Celery, safetynet tasks only): the run time, and a
+  ``success`` when the attempt ended in state SUCCESS;
+- ``safetynet.signals.task_retrying``: a ``retry`` or ``snooze`` and the delay;
+- ``safetynet.signals.task_dead``: a ``dead`` (reasons retries_exhausted, permanent_error,
+  deadline_exceeded); ``dead_letter_recorded`` adds the reasons no task_dead is sent for
+  (time_limit, rejected, unknown_task, undecodable, crash_loop), so every task given up is
+  counted once;
+- ``safetynet.signals.dead_letters_evicted``: the evictions;
+- the ``DeadLetterCollector``: one GROUP BY query per scrape.
+
+Under Celery's prefork pool the counting happens in the child processes: start the worker
+with ``PROMETHEUS_MULTIPROC_DIR`` set to an empty directory (before anything imports
+``prometheus_client``) and every exposition here reads all processes' files through
+``prometheus_client.multiprocess.MultiProcessCollector``.
+
+Exposed by ``metrics_view`` (a Django view, counters plus the dead-letter gauge) and, when
+``SAFETYNET_PROMETHEUS_WORKER_PORT`` (environment) or ``SAFETYNET["PROMETHEUS_WORKER_PORT"]``
+asks for it, by an HTTP server in the worker's main process (counters only, so that the
+database gauge is exposed once, by the web side). See docs/prometheus.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from celery import signals as celery_signals
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_safe
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
+from prometheus_client import values as prometheus_values
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder, start_http_server
+
+from safetynet import conf, signals
+from safetynet.exceptions import ConfigurationError
+from safetynet.runtime.task import SafetyTask
+
+__all__ = [
+    "ATTEMPTS",
+    "DEAD",
+    "DEAD_LETTERS_EVICTED",
+    "RETRY_DELAY",
+    "RUNTIME",
+    "DeadLetterCollector",
+    "collector_registry",
+    "install",
+    "metrics_view",
+    "multiprocess_dir",
+    "start_worker_http_server",
+    "uninstall",
+    "worker_http_address",
+]
+
+logger = logging.getLogger("safetynet")
+
+#: Environment variable that starts the worker's metrics server on this port (overrides the setting).
+PORT_ENVIRONMENT_VARIABLE = "SAFETYNET_PROMETHEUS_WORKER_PORT"
+
+#: The reasons ``task_dead`` is sent for; other reasons are counted from ``dead_letter_recorded``.
+TASK_DEAD_REASONS = frozenset({"retries_exhausted", "permanent_error", "deadline_exceeded"})
+
+RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                   600.0, 1800.0, float("inf"))
+RETRY_DELAY_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0,
+                       86400.0, float("inf"))
+
+ATTEMPTS = Counter(
+    "safetynet_task_attempts", "Attempts of safetynet tasks by how they ended (success, retry, snooze, dead).",
+    ["task", "outcome"],
+)
+DEAD = Counter(
+    "safetynet_task_dead", "Tasks given up (one dead letter each), by dead-letter reason.", ["task", "reason"],
+)
+RUNTIME = Histogram(
+    "safetynet_task_runtime_seconds", "How long an attempt of a safetynet task ran in the worker, in seconds.",
+    ["task"], buckets=RUNTIME_BUCKETS,
+)
+RETRY_DELAY = Histogram(
+    "safetynet_task_retry_delay_seconds", "Seconds scheduled before the next attempt, for each retry or snooze.",
+    ["task"], buckets=RETRY_DELAY_BUCKETS,
+)
+DEAD_LETTERS_EVICTED = Counter(
+    "safetynet_dead_letters_evicted", "Dead-letter rows deleted because the store was over DEAD_LETTER_MAX_ROWS.",
+)
+
+# Set on the Celery request in task_prerun; the request is per attempt, so nesting (an eager
+# retry runs inside the attempt that retried) and thread or green pools keep their own start.
+_STARTED = "_safetynet_prometheus_started"
+
+
+# -- receivers: each is a label lookup and an increment or observe ---------------------
+
+def on_task_prerun(sender: Any = None, **_: Any) -> None:
+    """Celery ``task_prerun``: note when a safetynet task's attempt started."""
+    if isinstance(sender, SafetyTask):
+        setattr(sender.request, _STARTED, time.perf_counter())
+
+
+def on_task_postrun(sender: Any = None, state: str | None = None, **_: Any) -> None:
+    """Celery ``task_postrun``: observe the run time; count a success."""
+    if not isinstance(sender, SafetyTask):
+        return
+    started = getattr(sender.request, _STARTED, None)
+    if started is not None:
+        RUNTIME.labels(sender.name).observe(time.perf_counter() - started)
+    if state == "SUCCESS":
+        ATTEMPTS.labels(sender.name, "success").inc()
+
+
+def on_task_retrying(sender: Any = None, delay: float | None = None, entry: dict[str, Any] | None = None,
+                     **_: Any) -> None:
+    """``task_retrying``: count a retry (or a snooze) and observe its delay."""
+    outcome = "snooze" if entry is not None and entry.get("action") == "snooze" else "retry"
+    ATTEMPTS.labels(sender.name, outcome).inc()
+    if delay is not None:
+        RETRY_DELAY.labels(sender.name).observe(delay)
+
+
+def _count_dead(task_name: str, reason: str) -> None:
+    ATTEMPTS.labels(task_name, "dead").inc()
+    DEAD.labels(task_name, reason).inc()
+
+
+def on_task_dead(sender: Any = None, reason: str | None = None, **_: Any) -> None:
+    """``task_dead``: count a task given up by the decision core."""
+    _count_dead(sender.name, reason or "unknown")
+
+
+def on_dead_letter_recorded(sender: Any = None, dead_letter: Any = None, **_: Any) -> None:
+    """``dead_letter_recorded``: count the dead letters no ``task_dead`` was sent for (time limit, ...)."""
+    if dead_letter is not None and dead_letter.reason not in TASK_DEAD_REASONS:
+        _count_dead(dead_letter.task_name, dead_letter.reason)
+
+
+def on_dead_letters_evicted(sender: Any = None, count: int = 0, **_: Any) -> None:
+    """``dead_letters_evicted``: count the rows the store's cap deleted."""
+    if count:
+        DEAD_LETTERS_EVICTED.inc(count)
+
+
+# -- the dead-letter gauge, read at scrape time -----------------------------------------
+
+class DeadLetterCollector:
+    """``safetynet_dead_letters{task}``: dead letters with status "dead", one GROUP BY per scrape."""
+
+    name = "safetynet_dead_letters"
+    documentation = "Dead letters waiting for a decision (status dead), by task, read from the database."
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.documentation, labels=["task"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from django.db import DatabaseError
+        from django.db.models import Count
+
+        from safetynet.models import DeadLetter
+
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["task"])
+        try:
+            # order_by(): no ORDER BY, so the (status, task_name) index answers the GROUP BY alone
+            rows = list(DeadLetter.objects.dead().order_by().values("task_name").annotate(count=Count("id")))
+        except DatabaseError as error:  # the counters are still worth a scrape; the gauge goes absent
+            logger.warning("safetynet: dead-letter gauge left out of the scrape: %r", error)
+            return
+        for row in rows:
+            family.add_metric([row["task_name"]], row["count"])
+        yield family
+
+
+# -- exposition ------------------------------------------------------------------------
+
+def multiprocess_dir() -> str | None:
+    """The ``PROMETHEUS_MULTIPROC_DIR`` of this process, or None (single-process mode)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+def collector_registry(*, dead_letters: bool = True) -> CollectorRegistry:
+    """What to expose: every process's metrics (multiprocess mode) or this one's, and the gauge."""
+    registry = CollectorRegistry(auto_describe=False)
+    path = multiprocess_dir()
+    if path:
+        multiprocess.MultiProcessCollector(registry, path=path)
+    else:
+        registry.register(REGISTRY)  # the default registry: the project's own metrics are exposed too
+    if dead_letters:
+        registry.register(DeadLetterCollector())
+    return registry
+
+
+@never_cache
+@require_safe
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """The Prometheus exposition: task metrics and the dead-letter gauge. No authentication: route it privately."""
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return HttpResponse(encoder(collector_registry()), content_type=content_type)
+
+
+# -- the worker's own HTTP port ----------------------------------------------------------
+
+def worker_http_address() -> tuple[str, int] | None:
+    """Where the worker serves its metrics: the environment variable, else the settings; None: nowhere."""
+    raw = os.environ.get(PORT_ENVIRONMENT_VARIABLE, "").strip()
+    settings = conf.get()
+    address = getattr(settings, "prometheus_worker_address", None) or "0.0.0.0"
+    if raw:
+        try:
+            port = int(raw)
+        except ValueError:
+            raise ConfigurationError(f"{PORT_ENVIRONMENT_VARIABLE} must be a port number, got {raw!r}") from None
+    else:
+        port = getattr(settings, "prometheus_worker_port", None)
+        if port is None:
+            return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"the Prometheus worker port must be a number from 0 to 65535, got {port!r}")
+    return address, port
+
+
+def start_worker_http_server(port: int, address: str = "0.0.0.0") -> Any:
+    """Serve ``/metrics`` from this process (all processes' metrics in multiprocess mode); return the server."""
+    server, _thread = start_http_server(port, addr=address, registry=collector_registry(dead_letters=False))
+    return server
+
+
+_worker_server: Any = None
+
+
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Celery ``worker_ready`` (the worker's main process): start the metrics server when asked."""
+    global _worker_server
+    try:
+        where = worker_http_address()
+    except ConfigurationError as error:
+        logger.error("safetynet: Prometheus worker server not started: %s", error)
+        return
+    if where is None or _worker_server is not None:
+        return
+    address, port = where
+    pool = type(getattr(sender, "pool", None)).__module__
+    if multiprocess_dir() is None and "prefork" in pool:
+        logger.warning(
+            "safetynet: the Prometheus worker server runs without PROMETHEUS_MULTIPROC_DIR under the prefork pool: "
+            "it sees only the main process, not the tasks its children run. Start the worker with "
+            "PROMETHEUS_MULTIPROC_DIR set to an empty directory."
+        )
+    try:
+        _worker_server = start_worker_http_server(port, address)
+    except OSError as error:
+        logger.error("safetynet: Prometheus worker server not started on %s:%s: %r", address, port, error)
+        return
+    logger.info("safetynet: Prometheus metrics served on http://%s:%s/metrics", address, _worker_server.server_port,
+                extra={"prometheus_port": _worker_server.server_port})
+
+
+# -- wiring ------------------------------------------------------------------------------
+
+_CELERY_RECEIVERS = (
+    (celery_signals.task_prerun, on_task_prerun),
+    (celery_signals.task_postrun, on_task_postrun),
+    (celery_signals.worker_ready, on_worker_ready),
+)
+_SAFETYNET_RECEIVERS = (
+    (signals.task_retrying, on_task_retrying),
+    (signals.task_dead, on_task_dead),
+    (signals.dead_letter_recorded, on_dead_letter_recorded),
+    (signals.dead_letters_evicted, on_dead_letters_evicted),
+)
+
+
+def _uid(receiver: Any) -> str:
+    return f"safetynet.contrib.prometheus.{receiver.__name__}"
+
+
+def install() -> None:
+    """Connect the metric receivers (idempotent); the AppConfig calls it when prometheus_client is installed."""
+    path = multiprocess_dir()
+    if path and not os.path.isdir(path):
+        logger.error("safetynet: PROMETHEUS_MULTIPROC_DIR=%s is not a directory: metrics will fail to record", path)
+    elif path and not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+        logger.warning(
+            "safetynet: PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported: this process "
+            "counts in memory and other processes will not see its metrics. Set it before the process starts."
+        )
+    for signal, receiver in _CELERY_RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=_uid(receiver))
+    for signal, receiver in _SAFETYNET_RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=_uid(receiver))
+
+
+def uninstall() -> None:
+    """Disconnect the metric receivers (the metrics keep their values)."""
+    for signal, receiver in _CELERY_RECEIVERS:
+        signal.disconnect(receiver, dispatch_uid=_uid(receiver))
+    for signal, receiver in _SAFETYNET_RECEIVERS:
+        signal.disconnect(receiver, dispatch_uid=_uid(receiver))

@@ -1,0 +1,188 @@
+"""The dead-letter Python API on the real PostgreSQL: recording, redaction, cap, alerts, replay."""
+
+import logging
+import time
+import uuid
+
+import pytest
+import redis
+from django.core import mail
+from django.core.cache import cache
+from django.test import override_settings
+
+from safetynet import deadletter, signals
+from safetynet.models import DeadLetter
+from tests.celery_app import app
+
+pytestmark = pytest.mark.django_db
+
+
+def record(**overrides):
+    fields = {
+        "task_name": "tests.tasks.ping", "task_id": str(uuid.uuid4()), "reason": "retries_exhausted",
+        "args": [], "kwargs": {}, "exception": ConnectionError("gateway 10.0.0.7 timed out after 30s"),
+        "history": [{"attempt": 1, "started": time.time() - 5, "action": "retry", "message": "x", "traceback": ""},
+                    {"attempt": 2, "started": time.time() - 1, "action": "dead", "message": "x", "traceback": ""}],
+        "failed_at": time.time(),
+    }
+    fields.update(overrides)
+    assert deadletter.record(**fields) is True
+    return DeadLetter.objects.get(task_id=fields["task_id"])
+
+
+@pytest.fixture(autouse=True)
+def fresh_alert_window():
+    cache.clear()
+    mail.outbox.clear()
+
+
+def test_a_failure_is_stored_once_per_task_id():
+    row = record(task_id="once")
+    record(task_id="once", reason="permanent_error")  # a redelivered message, a flushed spool file
+    assert DeadLetter.objects.filter(task_id="once").count() == 1
+    assert row.reason == "retries_exhausted" and row.attempts == 2
+    assert row.first_failed_at < row.last_failed_at
+
+
+def test_alike_failures_share_a_fingerprint():
+    first = record(exception=ConnectionError("gateway 10.0.0.7 timed out after 30s"))
+    second = record(exception=ConnectionError("gateway 10.0.0.9 timed out after 31s"))
+    other = record(exception=ValueError("gateway 10.0.0.9 timed out after 31s"))
+    assert first.fingerprint == second.fingerprint != other.fingerprint
+
+
+def test_sensitive_values_are_redacted_everywhere_they_are_stored():
+    row = record(
+        args=[10, "tok_live_SECRET123"], parameters=["amount", "card_token"],
+        kwargs={"customer": {"password": "hunter2", "name": "Ann"}, "api_key": "k-123"},
+        exception=ValueError("charge failed for card_token='tok_live_SECRET123'"),
+    )
+    assert row.args == [10, "[redacted]"]
+    assert row.kwargs == {"customer": {"password": "[redacted]", "name": "Ann"}, "api_key": "[redacted]"}
+    assert set(row.redacted) == {"args[1]", "kwargs.customer.password", "kwargs.api_key"}
+    stored = repr(DeadLetter.objects.filter(pk=row.pk).values().get())
+    assert "tok_live_SECRET123" not in stored and "hunter2" not in stored and "k-123" not in stored
+
+
+def test_redaction_patterns_come_from_settings():
+    with override_settings(SAFETYNET={"REDACT_KEYS": [], "REDACT_PATTERNS": [r"^iban$"]}):
+        row = record(kwargs={"iban": "DE89 3704", "password": "visible-now"})
+    assert row.kwargs == {"iban": "[redacted]", "password": "visible-now"}
+
+
+def test_new_dead_letter_mails_admins_once_per_fingerprint_window():
+    record(exception=ConnectionError("db 1 down"))
+    record(exception=ConnectionError("db 2 down"))  # same fingerprint: inside the window, no second mail
+    record(exception=KeyError("order"))
+    assert len(mail.outbox) == 2
+    assert "[safetynet] tests.tasks.ping died: retries_exhausted" in mail.outbox[0].subject
+
+
+def test_alert_hooks_are_called_and_a_failing_hook_changes_nothing(caplog):
+    seen = []
+
+    def broken(row):
+        raise RuntimeError("webhook down")
+
+    with override_settings(SAFETYNET={"ALERT_HOOKS": [seen.append, broken], "ALERT_MAIL_ADMINS": False}):
+        row = record()
+    assert seen == [row] and "webhook down" in caplog.text and not mail.outbox
+
+
+def test_the_cap_evicts_the_oldest_loudly(caplog):
+    evicted = []
+    signals.dead_letters_evicted.connect(lambda sender, **kw: evicted.append(kw), weak=False, dispatch_uid="t-ev")
+    try:
+        rows = [record() for _ in range(5)]
+        with override_settings(SAFETYNET={"DEAD_LETTER_MAX_ROWS": 3}), caplog.at_level(logging.WARNING):
+            assert deadletter.enforce_cap() == 2
+    finally:
+        signals.dead_letters_evicted.disconnect(dispatch_uid="t-ev")
+    assert list(DeadLetter.objects.order_by("id").values_list("id", flat=True)) == [row.id for row in rows[2:]]
+    assert "over its cap of 3 rows: evicted the 2 oldest" in caplog.text
+    assert evicted and evicted[0]["count"] == 2
+    assert any("dead letters evicted" in message.subject for message in mail.outbox)
+
+
+def test_purge_deletes_by_age():
+    old = record(failed_at=time.time() - 40 * 86400, history=[])
+    new = record()
+    from datetime import datetime, timedelta, timezone
+
+    assert deadletter.purge(datetime.now(tz=timezone.utc) - timedelta(days=30)) == 1
+    assert list(DeadLetter.objects.values_list("id", flat=True)) == [new.id]
+    assert not DeadLetter.objects.filter(pk=old.pk).exists()
+
+
+@pytest.fixture
+def queue():
+    name = f"safetynet-replay-{uuid.uuid4().hex[:8]}"
+    yield name
+    redis.Redis.from_url(app.conf.broker_url).delete(name)
+
+
+def test_replay_keeps_arguments_and_headers_starts_afresh_and_is_audited(queue):
+    replayed = []
+    signals.task_replayed.connect(lambda sender, **kw: replayed.append(kw), weak=False, dispatch_uid="t-rp")
+    try:
+        row = record(task_name="tests.dl_tasks.ok", args=[1],
+                     headers={"safetynet": {"attempt": 3}, "idempotency_key": "order-1"})
+        [outcome] = deadletter.replay(row, by="ann", queue=queue)
+    finally:
+        signals.task_replayed.disconnect(dispatch_uid="t-rp")
+    row.refresh_from_db()
+    assert outcome.new_task_id and outcome.error is None
+    assert (row.status, row.replay_count, row.replayed_task_id, row.replayed_by) == (
+        "replayed", 1, outcome.new_task_id, "ann")
+    assert row.audit[-1]["action"] == "replay" and row.audit[-1]["queue"] == queue
+    assert replayed[0]["new_task_id"] == outcome.new_task_id
+    import json
+
+    [raw] = redis.Redis.from_url(app.conf.broker_url).lrange(queue, 0, -1)
+    message = json.loads(raw)
+    headers = message["headers"]
+    assert headers["id"] == outcome.new_task_id and headers["retries"] == 0
+    assert headers["idempotency_key"] == "order-1" and "safetynet" not in headers  # a fresh attempt count
+    assert headers[deadletter.REPLAY_OF_HEADER] == str(row.id)
+
+
+def test_replay_with_edited_arguments_is_audited_redacted(queue):
+    row = record(task_name="tests.dl_tasks.charge", args=[1], kwargs={"card_token": "old"})
+    [outcome] = deadletter.replay(row, kwargs={"card_token": "tok_new_SECRET"}, args=[2], queue=queue, by="ann")
+    row.refresh_from_db()
+    assert outcome.new_task_id
+    assert row.audit[-1]["edited"] == {"args": [2], "kwargs": {"card_token": "[redacted]"}}
+    assert "tok_new_SECRET" not in repr(DeadLetter.objects.filter(pk=row.pk).values().get())
+
+
+def test_replay_with_arguments_the_task_does_not_take_leaves_the_row(queue):
+    row = record(task_name="tests.dl_tasks.ok", args=[1])
+    [outcome] = deadletter.replay(row, args=[1, 2, 3], queue=queue)
+    assert outcome.new_task_id is None and "not sent" in outcome.error
+    row.refresh_from_db()
+    assert row.status == "dead" and row.replay_count == 0
+
+
+def test_replay_refuses_unknown_tasks_and_redacted_rows_and_leaves_them(queue):
+    unknown = record(task_name="tests.gone.away")
+    secret = record(kwargs={"card_token": "x"})
+    outcomes = {o.dead_letter_id: o for o in deadletter.replay([unknown.id, secret.id], queue=queue)}
+    assert "not registered any more" in outcomes[unknown.id].error
+    assert "redacted when stored" in outcomes[secret.id].error
+    for row in (unknown, secret):
+        before = row.audit
+        row.refresh_from_db()
+        assert row.status == "dead" and row.replay_count == 0 and row.audit == before
+
+
+def test_replay_of_unknown_ids_says_so():
+    with pytest.raises(LookupError, match="no dead letter with id 999999"):
+        deadletter.replay([999999])
+
+
+def test_discard_marks_handled_and_is_idempotent():
+    row = record()
+    assert deadletter.discard(DeadLetter.objects.filter(pk=row.pk), by="ann") == 1
+    assert deadletter.discard(row.pk, by="ann") == 0
+    row.refresh_from_db()
+    assert row.status == "discarded" and row.audit[-1]["by"] == "ann"
