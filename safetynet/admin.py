@@ -18,6 +18,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError
 from django.db.models import Count, Max, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.template.loader import render_to_string
@@ -237,9 +238,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
         rows = list(rows)
         try:
             outcomes = deadletter.replay(rows, by=request.user.get_username())
-        except OperationalError as error:
-            self.message_user(request, f"The broker did not answer ({error}); the rows not sent are left as they "
-                                       "were.", messages.ERROR)
+        except (OperationalError, DatabaseError) as error:
+            self.message_user(request, f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as "
+                                       "they were; see the log for any sent but not marked.", messages.ERROR)
             return
         replayed = [outcome for outcome in outcomes if outcome.new_task_id]
         by_id = {row.id: row for row in rows}

@@ -182,6 +182,17 @@ def _spool(fields: dict[str, Any], error: BaseException) -> None:
     )
 
 
+def _safe_raw_body(raw: bytes | None, detail: str) -> tuple[str, str]:
+    """A body that could not be decoded, as redacted text; a binary body is not kept (only its size and hash)."""
+    if not raw:
+        return "", detail
+    try:
+        return redact_text(raw.decode("utf-8")), detail
+    except UnicodeDecodeError:
+        note = f"binary body of {len(raw)} bytes not kept (sha256 {hashlib.sha256(raw).hexdigest()})"
+        return "", f"{detail}; {note}" if detail else note
+
+
 def record(
     *,
     task_name: str,
@@ -226,8 +237,11 @@ def record(
         entry["message"] = redact_text(entry.get("message") or "")
         entry["traceback"] = redact_text(entry.get("traceback") or "")
     delivery = dict(delivery_info or {})
+    settings = conf.get()
     kept_headers = {key: value for key, value in (headers or {}).items() if key != HEADER}
     replay_of = kept_headers.get(REPLAY_OF_HEADER)
+    kept_headers = _redact_value(kept_headers, "headers", settings, redacted)
+    raw_text, detail = _safe_raw_body(raw_body, detail)
     first = history[0].get("started") if history else None
     fields = {
         "task_name": task_name,
@@ -240,7 +254,7 @@ def record(
         "exchange": str(delivery.get("exchange") or ""),
         "routing_key": str(delivery.get("routing_key") or ""),
         "reason": reason,
-        "detail": detail,
+        "detail": redact_text(detail),
         "exception_type": exception_type[:255],
         "exception_message": exception_message,
         "traceback": traceback,
@@ -251,7 +265,7 @@ def record(
         "last_failed_at": _as_datetime(failed_at).isoformat(),
         "worker": str(worker or "")[:255],
         "fingerprint": fingerprint(task_name, exception_type, exception_message, traceback),
-        "raw_body": base64.b64encode(raw_body).decode() if raw_body else "",
+        "raw_body": base64.b64encode(raw_text.encode()).decode() if raw_text else "",
         "replay_of_id": int(replay_of) if str(replay_of or "").isdigit() else None,
         "audit": [{"action": "dead", "at": _as_datetime(failed_at).isoformat(), "nonce": uuid.uuid4().hex}],
     }
@@ -363,6 +377,30 @@ def enforce_cap() -> int:
 
 # -- replay, discard, purge --------------------------------------------------------------
 
+def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None) -> str | None:
+    """Why ``row`` cannot be replayed with these arguments (None: it can). Used by replay and --dry-run."""
+    from safetynet.models import DeadLetter
+
+    if row.status != DeadLetter.Status.DEAD:
+        return f"status is {row.status}, not dead"
+    if task is None:
+        return str(UnknownTask(f"task {row.task_name!r} is not registered any more; the row is left as it was"))
+    given = args is not None or kwargs is not None
+    argument_paths = [path for path in (row.redacted or []) if not path.startswith("headers.")]
+    if "body" in argument_paths and not given:
+        return ("the message body could not be decoded, so its arguments are unknown; "
+                "replay it with args/kwargs given by hand")
+    if argument_paths and not given:
+        return f"arguments {', '.join(argument_paths)} were redacted when stored; replay it with replacement args/kwargs"
+    check = getattr(task, "__header__", None) if getattr(task, "typing", False) else None
+    if check is not None:  # what apply_async checks before it sends
+        try:
+            check(*(args if args is not None else row.args or []), **(kwargs if kwargs is not None else row.kwargs or {}))
+        except TypeError as error:
+            return f"not sent: {error!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ReplayOutcome:
     """What happened to one row: the new task id, or why it was left as it was."""
@@ -433,78 +471,81 @@ def replay(
 
     app = app or current_app._get_current_object()
     app.loader.import_default_modules()
-    settings_queue = queue
     outcomes: list[ReplayOutcome] = []
     for batch in _batches(rows, batch_size):
-        sendable = []
-        for row in batch:
-            task = app.tasks.get(row.task_name)
-            if row.status != DeadLetter.Status.DEAD:
-                outcomes.append(ReplayOutcome(row.id, row.task_name, error=f"status is {row.status}, not dead"))
-            elif task is None:
-                outcomes.append(ReplayOutcome(row.id, row.task_name, error=str(UnknownTask(
-                    f"task {row.task_name!r} is not registered any more; the row is left as it was"))))
-            elif "body" in row.redacted and args is None and kwargs is None:
-                outcomes.append(ReplayOutcome(row.id, row.task_name, error=(
-                    "the message body could not be decoded, so its arguments are unknown; "
-                    "replay it with args/kwargs given by hand")))
-            elif row.redacted and args is None and kwargs is None:
-                outcomes.append(ReplayOutcome(row.id, row.task_name, error=(
-                    f"arguments {', '.join(row.redacted)} were redacted when stored; "
-                    "replay it with replacement args/kwargs")))
-            else:
-                sendable.append((row, task))
-        if not sendable:
-            continue
-        at = _now()
-        done = []
-        with app.producer_or_acquire() as producer:
-            for row, task in sendable:
-                new_id = str(uuid.uuid4())
-                headers = {key: value for key, value in (row.headers or {}).items() if key != HEADER}
-                headers[REPLAY_OF_HEADER] = str(row.id)
-                options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
-                target_queue = settings_queue or row.queue
-                if target_queue:
-                    options["queue"] = target_queue
-                try:
-                    task.apply_async(
-                        list(args) if args is not None else row.args,
-                        dict(kwargs) if kwargs is not None else row.kwargs,
-                        **options,
-                    )
-                except Exception as error:  # bad arguments, broker down: this row stays dead, the rest go on
-                    outcomes.append(ReplayOutcome(row.id, row.task_name, error=f"not sent: {error!r}"))
-                    continue
-                event: dict[str, Any] = {"action": "replay", "by": by, "at": at.isoformat(), "new_task_id": new_id}
-                if settings_queue:
-                    event["queue"] = settings_queue
-                if args is not None or kwargs is not None:
-                    edited_args, edited_kwargs, _ = redact(args or [], kwargs or {}, parameter_names(task))
-                    event["edited"] = {"args": edited_args if args is not None else None,
-                                       "kwargs": edited_kwargs if kwargs is not None else None}
-                row.status = DeadLetter.Status.REPLAYED
-                row.replay_count += 1
-                row.replayed_task_id = new_id
-                row.replayed_at = at
-                row.replayed_by = by
-                row.audit = [*row.audit, event]
-                done.append(row)
-                outcomes.append(ReplayOutcome(row.id, row.task_name, new_task_id=new_id))
-        # Published is past the point of no return: if this update fails, say which tasks were sent.
-        try:
-            DeadLetter.objects.bulk_update(
-                done, ["status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit"],
-            )
-        except (DatabaseError, InterfaceError):
-            logger.critical(
-                "safetynet: replayed %s dead letters but could not mark them (ids %s); do not replay them again",
-                len(done), [row.id for row in done],
-            )
-            raise
+        with transaction.atomic():
+            # Claim the rows: a second replay running at the same time skips them instead of sending twice.
+            claimed = set(DeadLetter.objects.select_for_update(skip_locked=True)
+                          .filter(id__in=[row.id for row in batch], status=DeadLetter.Status.DEAD)
+                          .values_list("id", flat=True))
+            sendable = []
+            for row in batch:
+                task = app.tasks.get(row.task_name)
+                refusal = replay_refusal(row, task, args, kwargs)
+                if refusal is None and row.id not in claimed:
+                    refusal = "being replayed or changed by someone else right now"
+                if refusal is not None:
+                    outcomes.append(ReplayOutcome(row.id, row.task_name, error=refusal))
+                else:
+                    sendable.append((row, task))
+            outcomes.extend(_send(app, sendable, queue=queue, args=args, kwargs=kwargs, by=by))
+    return outcomes
+
+
+def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args: Any, kwargs: Any, by: str
+          ) -> list[ReplayOutcome]:
+    """Publish claimed rows and mark them replayed (inside the caller's transaction, which holds the claim)."""
+    from safetynet.models import DeadLetter
+
+    outcomes: list[ReplayOutcome] = []
+    done = []
+    at = _now()
+    with app.producer_or_acquire() as producer:
+        for row, task in sendable:
+            new_id = str(uuid.uuid4())
+            headers = {key: value for key, value in (row.headers or {}).items()
+                       if key != HEADER and value != REDACTED}
+            headers[REPLAY_OF_HEADER] = str(row.id)
+            options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
+            if queue or row.queue:
+                options["queue"] = queue or row.queue
+            try:
+                task.apply_async(list(args) if args is not None else row.args,
+                                 dict(kwargs) if kwargs is not None else row.kwargs, **options)
+            except Exception as error:  # the broker refused it: this row stays dead, the rest go on
+                outcomes.append(ReplayOutcome(row.id, row.task_name, error=f"not sent: {error!r}"))
+                continue
+            event: dict[str, Any] = {"action": "replay", "by": by, "at": at.isoformat(), "new_task_id": new_id}
+            if queue:
+                event["queue"] = queue
+            if args is not None or kwargs is not None:
+                edited_args, edited_kwargs, _ = redact(args or [], kwargs or {}, parameter_names(task))
+                event["edited"] = {"args": edited_args if args is not None else None,
+                                   "kwargs": edited_kwargs if kwargs is not None else None}
+            row.status = DeadLetter.Status.REPLAYED
+            row.replay_count += 1
+            row.replayed_task_id = new_id
+            row.replayed_at = at
+            row.replayed_by = by
+            row.audit = [*row.audit, event]
+            done.append(row)
+            outcomes.append(ReplayOutcome(row.id, row.task_name, new_task_id=new_id))
+    # Sent is past the point of no return: if marking fails, say loudly which rows went out.
+    try:
+        DeadLetter.objects.bulk_update(
+            done, ["status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit"],
+        )
+    except (DatabaseError, InterfaceError):
+        logger.critical("safetynet: replayed dead letters %s but could not mark them; do not replay them again",
+                        [row.id for row in done])
+        raise
+
+    def announce() -> None:
         for row in done:
-            signals.task_replayed.send_robust(sender=DeadLetter, dead_letter=row, new_task_id=row.replayed_task_id,
-                                              by=by)
+            signals.task_replayed.send_robust(sender=DeadLetter, dead_letter=row,
+                                              new_task_id=row.replayed_task_id, by=by)
+
+    transaction.on_commit(announce)
     return outcomes
 
 

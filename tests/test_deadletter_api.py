@@ -121,13 +121,15 @@ def queue():
     redis.Redis.from_url(app.conf.broker_url).delete(name)
 
 
-def test_replay_keeps_arguments_and_headers_starts_afresh_and_is_audited(queue):
+def test_replay_keeps_arguments_and_headers_starts_afresh_and_is_audited(queue, django_capture_on_commit_callbacks):
     replayed = []
     signals.task_replayed.connect(lambda sender, **kw: replayed.append(kw), weak=False, dispatch_uid="t-rp")
     try:
         row = record(task_name="tests.dl_tasks.ok", args=[1],
-                     headers={"safetynet": {"attempt": 3}, "idempotency_key": "order-1"})
-        [outcome] = deadletter.replay(row, by="ann", queue=queue)
+                     headers={"safetynet": {"attempt": 3}, "idempotency_key": "order-1", "authorization": "Bearer s3"})
+        assert row.headers["authorization"] == "[redacted]" and "headers.authorization" in row.redacted
+        with django_capture_on_commit_callbacks(execute=True):
+            [outcome] = deadletter.replay(row, by="ann", queue=queue)
     finally:
         signals.task_replayed.disconnect(dispatch_uid="t-rp")
     row.refresh_from_db()
@@ -143,6 +145,7 @@ def test_replay_keeps_arguments_and_headers_starts_afresh_and_is_audited(queue):
     headers = message["headers"]
     assert headers["id"] == outcome.new_task_id and headers["retries"] == 0
     assert headers["idempotency_key"] == "order-1" and "safetynet" not in headers  # a fresh attempt count
+    assert "authorization" not in headers  # a redacted header is not sent as "[redacted]"
     assert headers[deadletter.REPLAY_OF_HEADER] == str(row.id)
 
 
@@ -186,3 +189,48 @@ def test_discard_marks_handled_and_is_idempotent():
     assert deadletter.discard(row.pk, by="ann") == 0
     row.refresh_from_db()
     assert row.status == "discarded" and row.audit[-1]["by"] == "ann"
+
+
+def test_an_undecodable_body_is_kept_redacted_and_a_binary_one_only_by_hash():
+    text = record(reason="undecodable", raw_body=b'{"card_token": "tok_live_SECRET123", "n": 1}', body_unknown=True)
+    import base64
+
+    kept = base64.b64decode(text.raw_body).decode()
+    assert "tok_live_SECRET123" not in kept and '"n": 1' in kept
+    binary = record(reason="undecodable", raw_body=b"\x80\x04\x95 pickled", body_unknown=True)
+    assert binary.raw_body == "" and "binary body of 11 bytes not kept (sha256" in binary.detail
+
+
+def test_the_detail_is_redacted_too():
+    row = record(reason="rejected", detail="Reject(requeue=False): 'password=hunter2 refused'")
+    assert "hunter2" not in row.detail
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_claimed_by_another_replay_is_skipped_not_sent_twice(queue):
+    import threading
+
+    from django.db import connections, transaction
+
+    row = record(task_name="tests.dl_tasks.ok", args=[1])
+    locked, release = threading.Event(), threading.Event()
+
+    def other_operator():
+        try:
+            with transaction.atomic():
+                DeadLetter.objects.select_for_update().get(pk=row.pk)
+                locked.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=other_operator)
+    thread.start()
+    try:
+        assert locked.wait(10)
+        [outcome] = deadletter.replay(row, queue=queue)
+    finally:
+        release.set()
+        thread.join()
+    assert outcome.new_task_id is None and "someone else" in outcome.error
+    assert redis.Redis.from_url(app.conf.broker_url).llen(queue) == 0

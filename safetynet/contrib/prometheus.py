@@ -51,6 +51,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, start_http_server
 
 from safetynet import conf, signals
+from safetynet.core.decision import DEADLINE_EXCEEDED, PERMANENT_ERROR, RETRIES_EXHAUSTED
 from safetynet.exceptions import ConfigurationError
 from safetynet.runtime.task import SafetyTask
 
@@ -76,7 +77,7 @@ logger = logging.getLogger("safetynet")
 PORT_ENVIRONMENT_VARIABLE = "SAFETYNET_PROMETHEUS_WORKER_PORT"
 
 #: The reasons ``task_dead`` is sent for; other reasons are counted from ``dead_letter_recorded``.
-TASK_DEAD_REASONS = frozenset({"retries_exhausted", "permanent_error", "deadline_exceeded"})
+TASK_DEAD_REASONS = frozenset({RETRIES_EXHAUSTED, PERMANENT_ERROR, DEADLINE_EXCEEDED})
 
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    600.0, 1800.0, float("inf"))
@@ -115,15 +116,27 @@ def on_task_prerun(sender: Any = None, **_: Any) -> None:
         setattr(sender.request, _STARTED, time.perf_counter())
 
 
+# The labelled children the happy path touches, per task name: a dict lookup, not labels() (~3 us each).
+_HAPPY_PATH: dict[str, tuple[Any, Any]] = {}
+
+
+def _happy_path(task_name: str) -> tuple[Any, Any]:
+    children = _HAPPY_PATH.get(task_name)
+    if children is None:  # a race here is harmless: labels() returns the same children
+        children = _HAPPY_PATH[task_name] = (RUNTIME.labels(task_name), ATTEMPTS.labels(task_name, "success"))
+    return children
+
+
 def on_task_postrun(sender: Any = None, state: str | None = None, **_: Any) -> None:
     """Celery ``task_postrun``: observe the run time; count a success."""
     if not isinstance(sender, SafetyTask):
         return
+    runtime, success = _happy_path(sender.name)
     started = getattr(sender.request, _STARTED, None)
     if started is not None:
-        RUNTIME.labels(sender.name).observe(time.perf_counter() - started)
+        runtime.observe(time.perf_counter() - started)
     if state == "SUCCESS":
-        ATTEMPTS.labels(sender.name, "success").inc()
+        success.inc()
 
 
 def on_task_retrying(sender: Any = None, delay: float | None = None, entry: dict[str, Any] | None = None,

@@ -112,14 +112,19 @@ def _local(value: datetime | None) -> str:
     return timezone.localtime(value).isoformat(sep=" ", timespec="seconds") if value else "-"
 
 
-def _from_epoch(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return timezone.localtime(datetime.fromtimestamp(value, tz=dt_timezone.utc)).isoformat(
-                sep=" ", timespec="milliseconds")
-        except (OverflowError, OSError, ValueError):
-            pass
-    return str(value) if value is not None else "-"
+def _when(value: Any, timespec: str = "seconds") -> str:
+    """An epoch (history entries) or an ISO 8601 string (audit events), in the current time zone."""
+    try:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            moment = datetime.fromtimestamp(value, tz=dt_timezone.utc)
+        elif isinstance(value, str):
+            moment = datetime.fromisoformat(value)
+            moment = moment if timezone.is_aware(moment) else moment.replace(tzinfo=dt_timezone.utc)
+        else:
+            return "-" if value is None else str(value)
+    except (OverflowError, OSError, ValueError):
+        return str(value)
+    return timezone.localtime(moment).isoformat(sep=" ", timespec=timespec)
 
 
 def _masked_headers(headers: dict[str, Any]) -> dict[str, Any]:
@@ -166,18 +171,8 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def _refusal(row: DeadLetter, app: Any) -> str | None:
-    """Why replay() would refuse ``row``, for --dry-run (the same checks, in the same order, as replay)."""
-    if row.status != DeadLetter.Status.DEAD:
-        return f"status is {row.status}, not dead"
-    if app.tasks.get(row.task_name) is None:
-        return f"task {row.task_name!r} is not registered any more; the row is left as it was"
-    if "body" in (row.redacted or []):
-        return ("the message body could not be decoded, so its arguments are unknown; "
-                "replay it with args/kwargs given by hand")
-    if row.redacted:
-        return (f"arguments {', '.join(row.redacted)} were redacted when stored; "
-                "replay it with replacement args/kwargs")
-    return None
+    """Why replay() would refuse ``row``, for --dry-run: the very check replay() makes."""
+    return deadletter.replay_refusal(row, app.tasks.get(row.task_name))
 
 
 def _os_user() -> str:
@@ -416,7 +411,7 @@ class Command(BaseCommand):
             for entry in entries:
                 delay, duration = entry.get("delay"), entry.get("duration")
                 table.append((
-                    f"  {entry.get('attempt', '?')}", _from_epoch(entry.get("started")),
+                    f"  {entry.get('attempt', '?')}", _when(entry.get("started"), "milliseconds"),
                     f"{duration:.3f}s" if isinstance(duration, (int, float)) else "-",
                     entry.get("exception") or "-", entry.get("action") or "-",
                     f"{delay:g}s" if isinstance(delay, (int, float)) else "-",
@@ -426,12 +421,24 @@ class Command(BaseCommand):
                 write(line)
             if row.omitted_attempts:
                 write(f"  ({row.omitted_attempts} attempts between the first and the latest were not kept)")
+            # Messages and tracebacks, alike consecutive attempts together.
+            runs: list[tuple[list[Any], str, str]] = []
             for entry in entries:
-                if entry.get("message") or entry.get("traceback"):
-                    write(f"\n  attempt {entry.get('attempt', '?')}: {entry.get('message') or ''}".rstrip())
-                    if entry.get("traceback") and entry.get("traceback") != row.traceback:
-                        for text in entry["traceback"].rstrip().splitlines():
-                            write(f"    {text}")
+                message, trace = entry.get("message") or "", entry.get("traceback") or ""
+                if runs and runs[-1][1:] == (message, trace):
+                    runs[-1][0].append(entry.get("attempt", "?"))
+                else:
+                    runs.append(([entry.get("attempt", "?")], message, trace))
+            for attempts, message, trace in runs:
+                if not (message or trace):
+                    continue
+                which = f"attempt {attempts[0]}" if len(attempts) == 1 else f"attempts {attempts[0]}–{attempts[-1]}"
+                write(f"\n  {which}: {message}".rstrip())
+                if trace and trace == row.traceback:
+                    write("    (traceback: the final one, below)")
+                elif trace:
+                    for text in trace.rstrip().splitlines():
+                        write(f"    {text}")
         else:
             write("  (no attempt history was recorded)")
         write("")
@@ -446,7 +453,7 @@ class Command(BaseCommand):
             extra = {key: value for key, value in event.items() if key not in ("action", "at", "by", "nonce")}
             by = f" by {event['by']}" if event.get("by") else ""
             details = ("  " + json.dumps(extra, ensure_ascii=False, default=str)) if extra else ""
-            write(f"  {event.get('at', '?')}  {event.get('action', '?')}{by}{details}")
+            write(f"  {_when(event.get('at'))}  {event.get('action', '?')}{by}{details}")
 
     def dead_replay(self, options: dict[str, Any]) -> None:
         """Replay the selected rows; exit non-zero when any was refused."""

@@ -1,0 +1,577 @@
+"""Sentry: every final failure reported once, tagged and grouped by safetynet; nothing sensitive sent.
+
+Imported only when ``sentry-sdk`` is installed; does nothing until the project has called
+``sentry_sdk.init(...)``. ``install()`` (idempotent) connects it::
+
+    task_dead             ──▶ one error event for a death the core decided (retries_exhausted,
+                              permanent_error, deadline_exceeded), sent from the worker child
+                              with the original exception, its stack and the task's scope
+    dead_letter_recorded  ──▶ one error event for every other dead letter (time_limit,
+                              unknown_task, undecodable, rejected, ...), built from the stored row
+    final pass            ──▶ wrapped around the client's ``before_send`` (and
+                              ``before_send_transaction``/``before_send_log``): drops the
+                              duplicates Sentry's own integrations send for a failure safetynet
+                              reported, then redacts the event by REDACT_KEYS / REDACT_PATTERNS
+
+Retries are never reported: a retry raises Celery's ``Retry``, which Sentry's
+``CeleryIntegration`` ignores, and safetynet logs retries below ERROR (breadcrumbs only).
+
+Each event carries the tags ``task``, ``attempts``, ``reason`` and ``fingerprint`` (the
+DeadLetter fingerprint) and Sentry's grouping fingerprint
+``["safetynet", task, reason, fingerprint]``.
+
+The final pass runs after every event processor (the Celery and Django integrations add
+``celery-job`` arguments and request data in scope processors, which run after global ones)
+and after serialisation, so it sees the event as it will be sent. The user's own
+``before_send`` still runs, before the redaction.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import sentry_sdk
+from sentry_sdk.integrations import Integration
+from sentry_sdk.scope import add_global_event_processor
+from sentry_sdk.utils import event_from_exception
+
+from safetynet import conf, deadletter, signals
+
+__all__ = ["SafetynetIntegration", "install", "redact_event"]
+
+logger = logging.getLogger("safetynet")
+
+#: The reasons of the deaths the decision core makes: each comes with ``task_dead``, which reports it.
+#: Every other dead letter (time limit, unknown task, ...) is reported from ``dead_letter_recorded``.
+DECIDED_REASONS = frozenset({"retries_exhausted", "permanent_error", "deadline_exceeded"})
+
+#: Where safetynet's own events keep what the final pass needs (tags, grouping, exact secrets).
+_HINT_KEY = "safetynet"
+#: Marks an exception whose final failure was reported, so later events for it are dropped.
+_REPORTED_ATTRIBUTE = "_safetynet_sentry_reported"
+#: Marks a hook wrapped by ``_final_pass``.
+_WRAPPED_ATTRIBUTE = "_safetynet_final_pass"
+#: Values shorter than this are not scrubbed as free text (they would blank out unrelated digits).
+MIN_SECRET_LENGTH = 4
+
+# Parts of an event that hold no user data (and that redaction must not change).
+_STRUCTURAL = frozenset({
+    "event_id", "timestamp", "start_timestamp", "platform", "type", "level", "sdk", "modules", "debug_meta",
+    "fingerprint", "release", "dist", "environment", "server_name",
+})
+# Source lines of stack frames: only exact secrets are scrubbed there, ``key=value`` text is code.
+_SOURCE_CONTEXT = frozenset({"pre_context", "context_line", "post_context"})
+_MAX_DEPTH = 64
+
+_install_lock = threading.Lock()
+_installed = False
+_wrap_lock = threading.Lock()
+
+# Task ids whose failure was reported in this process (bounded): later Celery events for them are dropped.
+_REPORTED_TASKS_MAX = 10_000
+_reported_tasks: OrderedDict[str, None] = OrderedDict()
+_reported_lock = threading.Lock()
+
+
+# -- install ------------------------------------------------------------------------------
+
+def install() -> None:
+    """Report final failures to Sentry and redact every Sentry event (idempotent; no-op until sentry_sdk.init)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        signals.task_dead.connect(_on_task_dead, dispatch_uid="safetynet.contrib.sentry.task_dead", weak=False)
+        signals.task_retrying.connect(
+            _on_task_retrying, dispatch_uid="safetynet.contrib.sentry.task_retrying", weak=False
+        )
+        signals.dead_letter_recorded.connect(
+            _on_dead_letter_recorded, dispatch_uid="safetynet.contrib.sentry.dead_letter_recorded", weak=False
+        )
+        add_global_event_processor(_global_processor)
+        _installed = True
+    _ensure_final_pass()
+
+
+class SafetynetIntegration(Integration):
+    """``sentry_sdk.init(integrations=[SafetynetIntegration()])``: the same as ``install()``."""
+
+    identifier = "safetynet"
+
+    @staticmethod
+    def setup_once() -> None:
+        install()
+
+
+def _global_processor(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any]:
+    # Global processors run first, for every event of every client: the place to make sure the
+    # active client (perhaps made by sentry_sdk.init after install()) has the final pass.
+    # before_send is read after the processors, so this very event goes through it.
+    _ensure_final_pass()
+    return event
+
+
+def _ensure_final_pass() -> None:
+    """Wrap the active client's before_send hooks with the final pass, once per client."""
+    client = sentry_sdk.get_client()
+    if not client.is_active():
+        return
+    options = client.options
+    with _wrap_lock:
+        for option, wrap in (("before_send", _wrap_event_hook), ("before_send_transaction", _wrap_event_hook),
+                             ("before_send_log", _wrap_log_hook)):
+            if option not in options:
+                continue
+            current = options[option]
+            if not getattr(current, _WRAPPED_ATTRIBUTE, False):
+                options[option] = wrap(current)
+
+
+def _wrap_event_hook(user_hook: Callable[..., Any] | None) -> Callable[..., Any]:
+    def final_pass(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
+        hint = hint or {}
+        ours = hint.get(_HINT_KEY)
+        if ours is None and _is_duplicate(event, hint):
+            return None
+        if user_hook is not None:
+            event = user_hook(event, hint)
+            if event is None:
+                return None
+        if ours is not None:
+            # Scope tags and the Celery integration's processor (SoftTimeLimitExceeded) may have
+            # overwritten these: ours win.
+            event.setdefault("tags", {}).update(ours["tags"])
+            event["fingerprint"] = list(ours["fingerprint"])
+        return redact_event(event, (*(ours["secrets"] if ours is not None else ()), *_recent_secrets))
+
+    setattr(final_pass, _WRAPPED_ATTRIBUTE, True)
+    final_pass.user_hook = user_hook  # type: ignore[attr-defined]
+    return final_pass
+
+
+def _wrap_log_hook(user_hook: Callable[..., Any] | None) -> Callable[..., Any]:
+    def final_pass(log: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
+        if user_hook is not None:
+            log = user_hook(log, hint)
+            if log is None:
+                return None
+        return redact_event(log)
+
+    setattr(final_pass, _WRAPPED_ATTRIBUTE, True)
+    final_pass.user_hook = user_hook  # type: ignore[attr-defined]
+    return final_pass
+
+
+# -- reporting ----------------------------------------------------------------------------
+
+def _qualified_name(exception: BaseException) -> str:
+    klass = type(exception)
+    return klass.__qualname__ if klass.__module__ == "builtins" else f"{klass.__module__}.{klass.__qualname__}"
+
+
+def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
+                            history: list[dict[str, Any]] | None) -> str:
+    """The fingerprint ``deadletter.record`` stores for this failure (same inputs, same redaction)."""
+    exception_type = _qualified_name(exception) if exception is not None else ""
+    message = str(exception) if exception is not None else ""
+    traceback = (history[-1].get("traceback") or "") if history else ""
+    return deadletter.fingerprint(
+        task_name, exception_type, deadletter.redact_text(message), deadletter.redact_text(traceback)
+    )
+
+
+def _on_task_dead(sender: Any, task_id: str | None = None, reason: str = "", detail: str = "",
+                  exception: BaseException | None = None, history: list[dict[str, Any]] | None = None,
+                  omitted: int = 0, args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    if not sentry_sdk.get_client().is_active():
+        return
+    try:
+        _report_task_dead(sender, task_id, reason, detail, exception, list(history or []), omitted, args, kwargs)
+    except Exception:  # reporting must never change the task's outcome
+        logger.exception("safetynet: could not report the dead task %s[%s] to Sentry",
+                         getattr(sender, "name", sender), task_id)
+
+
+def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, exception: BaseException | None,
+                      history: list[dict[str, Any]], omitted: int, args: Any, kwargs: Any) -> None:
+    client = sentry_sdk.get_client()
+    task_name = task.name
+    attempts = int(history[-1].get("attempt") or 1) if history else 1
+    fingerprint = dead_letter_fingerprint(task_name, exception, history)
+    if exception is not None:
+        event, hint = event_from_exception(
+            (type(exception), exception, exception.__traceback__), client_options=client.options,
+            mechanism={"type": "safetynet", "handled": False},
+        )
+    else:  # self.retry() without exc: Celery raises MaxRetriesExceededError after this
+        event, hint = {"level": "error", "message": f"{task_name} gave up: {reason} ({detail})"}, {}
+    event["contexts"] = {"safetynet": {
+        "task": task_name, "task_id": task_id, "reason": reason, "detail": detail, "attempts": attempts,
+        "omitted_attempts": omitted, "fingerprint": fingerprint,
+        "history": [{key: entry.get(key) for key in ("attempt", "action", "delay", "reason", "exception", "message")}
+                    for entry in history],
+    }}
+    secrets = _sensitive_values(args, kwargs, parameter_names(task))
+    _remember_secrets(secrets)
+    _mark_reported(exception, task_id)
+    _capture(event, hint, task_name, attempts, reason, fingerprint, secrets)
+
+
+def _on_task_retrying(sender: Any, **_: Any) -> None:
+    # A retried attempt leaves breadcrumbs (Celery's "retry: <exception>" line) in the worker's
+    # scope: remember the task's secrets so a later event of this process cannot carry them.
+    if not sentry_sdk.get_client().is_active():
+        return
+    try:
+        request = sender.request
+        _remember_secrets(_sensitive_values(request.args, request.kwargs, parameter_names(sender)))
+    except Exception:
+        logger.exception("safetynet: could not note the sensitive arguments of %s", getattr(sender, "name", sender))
+
+
+def _on_dead_letter_recorded(sender: Any, dead_letter: Any = None, **_: Any) -> None:
+    if dead_letter is None or dead_letter.reason in DECIDED_REASONS:
+        return  # task_dead reported it, from the worker child, with the live exception
+    if not sentry_sdk.get_client().is_active():
+        return
+    try:
+        _report_dead_letter(dead_letter)
+    except Exception:
+        logger.exception("safetynet: could not report dead letter %s to Sentry", getattr(dead_letter, "pk", None))
+
+
+def _report_dead_letter(row: Any) -> None:
+    """An event made from the stored (already redacted) row: no frames, no local variables."""
+    event: dict[str, Any] = {"level": "error"}
+    if row.exception_type:
+        module, _, name = row.exception_type.rpartition(".")
+        value: dict[str, Any] = {"type": name, "value": row.exception_message,
+                                 "mechanism": {"type": "safetynet", "handled": False}}
+        if module:
+            value["module"] = module
+        event["exception"] = {"values": [value]}
+    else:
+        event["message"] = f"{row.task_name}: {row.reason} ({row.detail})"
+    event["contexts"] = {"safetynet": {
+        "task": row.task_name, "task_id": row.task_id, "reason": row.reason, "detail": row.detail,
+        "attempts": row.attempts, "fingerprint": row.fingerprint, "dead_letter_id": row.pk, "queue": row.queue,
+        "worker": row.worker, "redacted_arguments": list(row.redacted or []), "traceback": row.traceback,
+    }}
+    _mark_reported(None, row.task_id)
+    _capture(event, {}, row.task_name, row.attempts, row.reason, row.fingerprint, ())
+
+
+def _capture(event: dict[str, Any], hint: dict[str, Any], task_name: str, attempts: int, reason: str,
+             fingerprint: str, secrets: Iterable[str]) -> None:
+    tags = {"task": task_name, "attempts": str(attempts), "reason": reason, "fingerprint": fingerprint}
+    grouping = ["safetynet", task_name, reason, fingerprint]
+    event.setdefault("tags", {}).update(tags)
+    event["fingerprint"] = grouping
+    hint[_HINT_KEY] = {"tags": tags, "fingerprint": grouping, "secrets": tuple(secrets)}
+    _ensure_final_pass()
+    sentry_sdk.capture_event(event, hint=hint)
+
+
+# Values of sensitive arguments of tasks that failed in this process (bounded), scrubbed from
+# every event: breadcrumbs outlive the task whose failure wrote them.
+_RECENT_SECRETS_MAX = 1_000
+_recent_secrets: OrderedDict[str, None] = OrderedDict()
+
+
+def _remember_secrets(secrets: Iterable[str]) -> None:
+    with _reported_lock:
+        for secret in secrets:
+            _recent_secrets[secret] = None
+            _recent_secrets.move_to_end(secret)
+        while len(_recent_secrets) > _RECENT_SECRETS_MAX:
+            _recent_secrets.popitem(last=False)
+
+
+# -- exactly once -------------------------------------------------------------------------
+
+def _mark_reported(exception: BaseException | None, task_id: str | None) -> None:
+    if exception is not None:
+        try:
+            setattr(exception, _REPORTED_ATTRIBUTE, True)
+        except Exception:  # an exception type that takes no attributes: the task id still marks it
+            pass
+    if task_id:
+        with _reported_lock:
+            _reported_tasks[str(task_id)] = None
+            _reported_tasks.move_to_end(str(task_id))
+            while len(_reported_tasks) > _REPORTED_TASKS_MAX:
+                _reported_tasks.popitem(last=False)
+
+
+def _task_id_of(event: dict[str, Any]) -> str | None:
+    """The Celery task an event is about, as Sentry's Celery and logging integrations record it."""
+    tags = event.get("tags") or {}
+    if isinstance(tags, Mapping) and tags.get("celery_task_id"):
+        return str(tags["celery_task_id"])
+    data = (event.get("extra") or {}).get("data")  # celery.app.trace logs its context as extra={"data": ...}
+    if isinstance(data, Mapping) and data.get("id"):
+        return str(data["id"])
+    return None
+
+
+def _is_celery_failure(event: dict[str, Any]) -> bool:
+    """An event Sentry's integrations send when a task fails (not one the user captured)."""
+    if event.get("logger") == "celery.app.trace":
+        return True
+    values = (event.get("exception") or {}).get("values") or []
+    return any(((value.get("mechanism") or {}).get("type") == "celery") for value in values if isinstance(value, dict))
+
+
+def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
+    """Another report of a failure safetynet reports (Sentry's Celery/logging integrations)."""
+    exc_info = hint.get("exc_info")
+    exception = exc_info[1] if exc_info else None
+    if exception is not None and getattr(exception, _REPORTED_ATTRIBUTE, False):
+        return True
+    task_id = _task_id_of(event)
+    if task_id is not None and task_id in _reported_tasks and _is_celery_failure(event):
+        return True
+    return _is_hard_time_limit_line(event, exception)
+
+
+# A hard time limit makes the worker's main process log three errors, none of them through the
+# task: billiard's pool fails the job ("Task handler raised error: TimeLimitExceeded"), Celery's
+# Request.on_timeout says "Hard time limit (Ns) exceeded for task[id]", and the pool reports the
+# killed child ("Process 'ForkPoolWorker-N' pid:P exited with 'signal 9 (SIGKILL)'"). For a
+# safetynet task, SafetyRequest.on_timeout records the dead letter, reported with the tags.
+_killed_pids: OrderedDict[int, None] = OrderedDict()
+
+
+def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | None) -> bool:
+    """One of those three lines, about a safetynet task."""
+    name = event.get("logger")
+    logentry = event.get("logentry") or {}
+    message = str(logentry.get("message") or "")
+    params = list(logentry.get("params") or ())
+    if name == "celery.worker.request" and message.startswith("Hard time limit") and len(params) >= 2:
+        from celery import current_app
+
+        from safetynet.runtime.task import SafetyTask
+
+        return isinstance(current_app.tasks.get(str(params[1]).strip("'\"")), SafetyTask)
+    if name == "celery.worker.request" and message.startswith("Task handler raised error"):
+        request = _timed_out_request(exception)
+        if request is None:
+            return False
+        pid = getattr(request, "worker_pid", None)
+        if isinstance(pid, int):
+            with _reported_lock:
+                _killed_pids[pid] = None
+                while len(_killed_pids) > 1_000:
+                    _killed_pids.popitem(last=False)
+        return True
+    if name == "multiprocessing" and message.startswith("Process ") and len(params) >= 2:
+        with _reported_lock:
+            if params[1] in _killed_pids:
+                del _killed_pids[params[1]]
+                return True
+    return False
+
+
+def _timed_out_request(exception: BaseException | None) -> Any:
+    """The SafetyRequest failing with a hard TimeLimitExceeded, found on the live call stack, or None.
+
+    billiard fails the job through ``Request.on_failure``, which logs the line: the event is
+    captured inside that call, so ``self`` of a frame up the stack is the request. (The
+    exception's own frames are cleared by then.) Anything unexpected means: not ours, keep it.
+    """
+    exception = getattr(exception, "exc", exception)  # billiard wraps it in an ExceptionWithTraceback
+    if exception is None or type(exception).__name__ != "TimeLimitExceeded":
+        return None
+    from safetynet.runtime.worker import SafetyRequest
+
+    frame = sys._getframe(1)
+    for _ in range(80):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self") if frame.f_code.co_name == "on_failure" else None
+        if isinstance(candidate, SafetyRequest):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+# -- redaction ----------------------------------------------------------------------------
+
+def _is_sensitive(name: str, settings: conf.Settings) -> bool:
+    lowered = name.lower()
+    return lowered in settings.redact_keys or any(pattern.search(lowered) for pattern in settings.redact_patterns)
+
+
+def parameter_names(task: Any) -> list[str]:
+    """The names of a task's positional parameters, read from the class, not from ``task.run``.
+
+    Sentry's CeleryIntegration replaces ``task.run`` on the instance with a wrapper whose
+    signature (through ``__wrapped__``) still has ``self``: reading it would shift every
+    positional argument by one.
+    """
+    raw = inspect.getattr_static(type(task), "run", None)
+    raw = getattr(raw, "_safetynet_body", raw)
+    if isinstance(raw, staticmethod):
+        function, skip = raw.__func__, 0
+    elif inspect.isfunction(raw):
+        function, skip = raw, 1  # a method: its first parameter is the task
+    else:
+        return deadletter.parameter_names(task)
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []
+    names = [parameter.name for parameter in signature.parameters.values()
+             if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return names[skip:]
+
+
+def _sensitive_values(args: Any, kwargs: Any, parameter_names: list[str]) -> list[str]:
+    """The values of the task's sensitive arguments, as text, to scrub wherever they appear."""
+    settings = conf.get()
+    found: list[str] = []
+
+    def leaves(value: Any, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for item in value.values():
+                leaves(item, depth + 1)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                leaves(item, depth + 1)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            found.append(str(value))
+        elif isinstance(value, bytes):
+            found.append(value.decode("utf-8", "replace"))
+
+    def search(value: Any, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and _is_sensitive(key, settings):
+                    leaves(item)
+                else:
+                    search(item, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                search(item, depth + 1)
+
+    for index, value in enumerate(list(args or [])):
+        if index < len(parameter_names) and _is_sensitive(parameter_names[index], settings):
+            leaves(value)
+        else:
+            search(value)
+    search(dict(kwargs or {}))
+    unique = {value for value in found if len(value) >= MIN_SECRET_LENGTH}
+    return sorted(unique, key=len, reverse=True)  # longest first: a secret containing another goes whole
+
+
+def redact_event(event: dict[str, Any], secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """Redact a (serialized) Sentry event in place and return it.
+
+    Values under a key named in REDACT_KEYS or matching REDACT_PATTERNS become "[redacted]"
+    anywhere (extra, contexts, tags, request data and headers, breadcrumbs, frame variables);
+    ``key=value`` pairs in text are blanked like dead-letter messages; ``secrets`` (exact
+    values) are replaced in every string; a task's positional arguments (``celery-job``,
+    Celery's log lines) are redacted by the task's parameter names.
+    """
+    settings = conf.get()
+    secrets = tuple(secret for secret in secrets if secret)
+
+    def scrub(text: str) -> str:
+        for secret in secrets:
+            if secret in text:
+                text = text.replace(secret, deadletter.REDACTED)
+        return text
+
+    def walk(value: Any, depth: int) -> Any:
+        if isinstance(value, str):
+            return deadletter.redact_text(scrub(value))
+        if depth > _MAX_DEPTH:
+            return deadletter.REDACTED if isinstance(value, (Mapping, list, tuple)) else value
+        if isinstance(value, Mapping):
+            if "args" in value:
+                value = _redact_task_arguments(value, settings)
+            result = {}
+            for key, item in value.items():
+                if isinstance(key, str) and _is_sensitive(key, settings):
+                    result[key] = deadletter.REDACTED
+                elif key in _SOURCE_CONTEXT:
+                    result[key] = source(item)
+                else:
+                    result[key] = walk(item, depth + 1)
+            return result
+        if isinstance(value, (list, tuple)):
+            return [walk(item, depth + 1) for item in value]
+        return value
+
+    def source(value: Any) -> Any:
+        if isinstance(value, str):
+            return scrub(value)
+        if isinstance(value, list):
+            return [source(item) for item in value]
+        return value
+
+    for key in list(event):
+        if key not in _STRUCTURAL:
+            event[key] = walk(event[key], 0)
+    return event
+
+
+_TASK_NAME_KEYS = ("task_name", "name", "task")
+
+
+def _redact_task_arguments(mapping: Mapping[str, Any], settings: conf.Settings) -> Mapping[str, Any]:
+    """A task's positional arguments, redacted by its parameter names.
+
+    Celery's log lines ("Task x[id] received", their ``data``: name, args as a repr) and the
+    Celery integration's ``celery-job`` extra (task_name, args) carry them; a repr that cannot
+    be read back is redacted whole when the task has a sensitive positional parameter.
+    """
+    args = mapping.get("args")
+    name = next((mapping[key] for key in _TASK_NAME_KEYS if isinstance(mapping.get(key), str)), None)
+    if name is None or not isinstance(args, (list, tuple, str)):
+        return mapping
+    task = _registered_task(name)
+    if task is None:
+        return mapping
+    sensitive = {index for index, parameter in enumerate(parameter_names(task)) if _is_sensitive(parameter, settings)}
+    if not sensitive:
+        return mapping
+
+    def redacted(values: Any) -> list[Any]:
+        return [deadletter.REDACTED if index in sensitive else value for index, value in enumerate(values)]
+
+    if isinstance(args, str):
+        try:
+            parsed = ast.literal_eval(args)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            parsed = None
+        if isinstance(parsed, tuple):
+            safe: Any = repr(tuple(redacted(parsed)))
+        elif isinstance(parsed, list):
+            safe = repr(redacted(parsed))
+        else:
+            safe = deadletter.REDACTED
+    else:
+        safe = redacted(args)
+    return {**mapping, "args": safe}
+
+
+def _registered_task(name: str) -> Any:
+    try:
+        from celery import current_app
+
+        return current_app.tasks.get(name)
+    except Exception:
+        return None

@@ -1,0 +1,331 @@
+"""The dead-letter admin: read-only rows; replay and discard for staff with the change permission."""
+
+import re
+import time
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.urls import reverse
+
+from safetynet import deadletter
+from safetynet.models import DeadLetter
+from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "admin:safetynet_deadletter_changelist"
+
+
+def url(name, row=None):
+    return reverse(f"admin:safetynet_deadletter_{name}", args=[row.pk] if row is not None else [])
+
+
+def user(name, *permissions, staff=True):
+    person = User.objects.create_user(name, is_staff=staff)
+    person.user_permissions.set(Permission.objects.filter(content_type__app_label="safetynet",
+                                                          codename__in=[f"{p}_deadletter" for p in permissions]))
+    return person
+
+
+def client_for(person, **options):
+    client = Client(**options)
+    client.force_login(person)
+    return client
+
+
+@pytest.fixture
+def operator():
+    """Staff with view and change permissions: may look, replay and discard."""
+    return client_for(user("operator", "view", "change"))
+
+
+@pytest.fixture
+def row(throwaway_queue):
+    """A dead ping that died on the throwaway queue, so a replay is published there."""
+    return make_dead_letter("tests.tasks.ping", delivery_info={"routing_key": throwaway_queue},
+                            headers={"tenant": "acme"})
+
+
+def state(row):
+    fresh = DeadLetter.objects.get(pk=row.pk)
+    return fresh.status, fresh.replay_count, fresh.replayed_task_id, fresh.audit
+
+
+def messages_of(response):
+    return [str(message) for message in response.context["messages"]]
+
+
+def act(client, action, *rows):
+    return client.post(reverse(CHANGELIST), {"action": action, "_selected_action": [r.pk for r in rows],
+                                             "index": "0", "select_across": "0"}, follow=True)
+
+
+# -- who may do what -------------------------------------------------------------------
+
+def test_anonymous_is_sent_to_the_login_page(row):
+    client = Client()
+    before = state(row)
+    for response in (client.get(reverse(CHANGELIST)), client.get(url("change", row)),
+                     client.post(url("replay", row)), client.post(url("discard", row))):
+        assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
+    assert state(row) == before
+
+
+def test_a_user_who_is_not_staff_is_refused_even_with_the_permissions(row):
+    client = client_for(user("customer", "view", "change", "delete", staff=False))
+    before = state(row)
+    for response in (client.get(reverse(CHANGELIST)), client.post(url("replay", row)),
+                     client.post(url("discard", row)), act(client, "replay_selected", row)):
+        assert response.status_code == 302 or response.redirect_chain[-1][0].startswith(reverse("admin:login"))
+    assert state(row) == before
+
+
+def test_staff_without_the_model_permissions_is_refused(row):
+    client = client_for(user("intern"))
+    before = state(row)
+    assert client.get(reverse(CHANGELIST)).status_code == 403
+    assert client.get(url("change", row)).status_code == 403
+    assert client.post(url("replay", row)).status_code == 403
+    assert client.post(url("discard", row)).status_code == 403
+    assert act(client, "replay_selected", row).status_code == 403
+    assert state(row) == before
+
+
+def test_view_permission_shows_rows_but_cannot_replay_or_discard(row, throwaway_queue):
+    client = client_for(user("auditor", "view"))
+    before = state(row)
+    listing = client.get(reverse(CHANGELIST))
+    assert listing.status_code == 200 and "tests.tasks.ping" in listing.text
+    assert "replay_selected" not in listing.text and "discard_selected" not in listing.text
+    detail = client.get(url("change", row))
+    assert detail.status_code == 200 and url("replay", row) not in detail.text
+    assert client.post(url("replay", row)).status_code == 403
+    assert client.post(url("discard", row)).status_code == 403
+    response = act(client, "replay_selected", row)  # not offered to them: the post does nothing
+    assert response.status_code == 200 and messages_of(response) == []
+    assert state(row) == before and queued_messages(throwaway_queue) == []
+
+
+def test_rows_are_read_only(row, operator):
+    assert operator.get(url("add")).status_code == 403
+    detail = operator.get(url("change", row))
+    assert 'name="_save"' not in detail.text and 'name="task_name"' not in detail.text
+    before = state(row)
+    assert operator.post(url("change", row), {"status": "discarded", "task_name": "x"}).status_code == 403
+    assert state(row) == before
+
+
+def test_delete_needs_the_delete_permission(row, operator):
+    assert operator.get(url("delete", row)).status_code == 403
+    deleter = client_for(user("janitor", "view", "delete"))
+    assert deleter.post(url("delete", row), {"post": "yes"}).status_code == 302
+    assert not DeadLetter.objects.filter(pk=row.pk).exists()
+
+
+def test_the_buttons_only_take_post(row, operator):
+    before = state(row)
+    assert operator.get(url("replay", row)).status_code == 405
+    assert operator.get(url("discard", row)).status_code == 405
+    assert state(row) == before
+
+
+def test_a_post_without_the_csrf_token_is_rejected(row, throwaway_queue):
+    client = client_for(user("operator", "view", "change"), enforce_csrf_checks=True)
+    before = state(row)
+    assert client.post(url("replay", row)).status_code == 403
+    assert client.post(url("discard", row)).status_code == 403
+    assert state(row) == before and queued_messages(throwaway_queue) == []
+    # With the token from the detail page's form, the same button works.
+    page = client.get(url("change", row)).text
+    replay_form = page[page.index(f'action="{url("replay", row)}"'):]
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', replay_form)[1]
+    assert client.post(url("replay", row), {"csrfmiddlewaretoken": token}).status_code == 302
+    assert state(row)[0] == "replayed"
+
+
+# -- the list --------------------------------------------------------------------------
+
+def test_the_list_shows_the_columns(row, operator):
+    deadletter.discard(make_dead_letter("shop.tasks.charge", exception=ValueError("declined")), by="x")
+    response = operator.get(reverse(CHANGELIST))
+    assert response.status_code == 200
+    headers = re.findall(r'<th scope="col" class="[^"]*column-(\w+)', response.text)
+    assert headers == ["id", "task_name", "reason", "status", "attempts", "exception_type", "last_failed_at",
+                       "replay_count"]
+    assert "tests.tasks.ping" in response.text and "shop.tasks.charge" in response.text
+    assert "retries exhausted" in response.text and "ConnectionError" in response.text
+    assert '<nav class="toplinks">' in response.text  # the date hierarchy on last_failed_at
+    assert all(f"By {name}" in response.text for name in ("task name", "reason", "status", "fingerprint"))
+
+
+def ids_listed(client, **query):
+    response = client.get(reverse(CHANGELIST), query)
+    assert response.status_code == 200
+    return sorted(obj.pk for obj in response.context["cl"].result_list)
+
+
+def test_filters_and_search(operator, throwaway_queue):
+    ping = make_dead_letter("tests.tasks.ping", failed_at=time.time() - 40 * 86400)
+    charge = make_dead_letter("shop.tasks.charge", reason="permanent_error", exception=ValueError("card declined"))
+    charge_again = make_dead_letter("shop.tasks.charge", reason="permanent_error",
+                                    exception=ValueError("card declined"))
+    deadletter.discard(charge_again, by="x")
+    assert ids_listed(operator) == sorted([ping.pk, charge.pk, charge_again.pk])
+    assert ids_listed(operator, task_name="shop.tasks.charge") == sorted([charge.pk, charge_again.pk])
+    assert ids_listed(operator, reason="retries_exhausted") == [ping.pk]
+    assert ids_listed(operator, status__exact="discarded") == [charge_again.pk]
+    assert ids_listed(operator, fingerprint=charge.fingerprint) == sorted([charge.pk, charge_again.pk])
+    assert ids_listed(operator, q="declined") == sorted([charge.pk, charge_again.pk])
+    assert ids_listed(operator, q=ping.task_id) == [ping.pk]
+    assert ids_listed(operator, q="ValueError") == sorted([charge.pk, charge_again.pk])
+    assert ids_listed(operator, q=charge.fingerprint) == sorted([charge.pk, charge_again.pk])
+    failed = charge.last_failed_at
+    assert ping.pk not in ids_listed(operator, last_failed_at__year=failed.year, last_failed_at__month=failed.month,
+                                     last_failed_at__day=failed.day)
+
+
+def test_the_fingerprint_filter_lists_the_top_fingerprints_with_counts(operator):
+    charge = [make_dead_letter("shop.tasks.charge", exception=ValueError(f"card {n} declined")) for n in range(3)]
+    make_dead_letter("tests.tasks.ping")
+    response = operator.get(reverse(CHANGELIST))
+    [spec] = [spec for spec in response.context["cl"].filter_specs if getattr(spec, "parameter_name", "") == "fingerprint"]
+    choices = {value: label for value, label in spec.lookup_choices}
+    assert choices[charge[0].fingerprint] == f"ValueError in charge (3) · {charge[0].fingerprint[:8]}"
+    assert list(choices)[0] == charge[0].fingerprint  # the most frequent first
+    assert "ValueError in charge (3)" in response.text
+
+
+# -- the detail page -------------------------------------------------------------------
+
+def test_the_detail_page_shows_the_timeline_traceback_arguments_and_audit(operator, throwaway_queue):
+    row = make_dead_letter("tests.tasks.send_digest", args=["ops@example.com"], kwargs={"batch": 7, "password": "pw"},
+                           attempts=3, headers={"tenant": "acme"}, delivery_info={"routing_key": throwaway_queue})
+    deadletter.discard(row, by="carol")
+    page = operator.get(url("change", row)).text
+    timeline = page[page.index('class="safetynet-timeline"'):]
+    timeline = timeline[:timeline.index("</table>")]
+    for header in ("attempt", "started", "duration", "exception", "message", "action", "delay", "reason", "worker"):
+        assert f"<th>{header}</th>" in timeline
+    assert timeline.count("<details><summary>traceback of attempt") == 3
+    assert "line 41, in charge" in timeline and "line 43, in charge" in timeline
+    assert "0.250&nbsp;s" in timeline and "2.000&nbsp;s" in timeline and "DEFAULT_RETRY_ON is_network_error" in timeline
+    started = row.history[0]["started"]
+    from datetime import datetime, timezone as tz
+    from django.utils import timezone
+
+    local = timezone.localtime(datetime.fromtimestamp(started, tz=tz.utc))
+    assert local.strftime("%Y-%m-%d %H:%M:%S") in timeline
+    assert '<pre class="safetynet-traceback">Traceback (most recent call last):' in page
+    assert "ConnectionError: connection refused (attempt 3)" in page
+    assert "&quot;ops@example.com&quot;" in page and "&quot;batch&quot;: 7" in page  # pretty JSON, escaped
+    assert "Redacted when stored" in page and "<code>kwargs.password</code>" in page
+    assert "&quot;tenant&quot;: &quot;acme&quot;" in page
+    audit = page[page.index('class="safetynet-audit"'):]
+    assert "<td>dead</td>" in audit and "<td>discard</td>" in audit and "<td>carol</td>" in audit
+    assert f"?fingerprint={row.fingerprint}" in page and "1 alike failure<" in page
+
+
+def test_the_detail_page_of_a_replay_links_to_its_origin(operator, row):
+    copy = make_dead_letter("tests.tasks.ping", headers={deadletter.REPLAY_OF_HEADER: str(row.pk)})
+    page = operator.get(url("change", copy)).text
+    assert f'this task was a replay of <a href="{url("change", row)}">#{row.pk}</a>' in page
+
+
+# -- replay and discard ----------------------------------------------------------------
+
+def test_replay_selected(operator, row, throwaway_queue):
+    second = make_dead_letter("tests.tasks.ping", delivery_info={"routing_key": throwaway_queue})
+    response = act(operator, "replay_selected", row, second)
+    [message] = messages_of(response)
+    assert message.startswith("Replayed 2 dead letters: ")
+    for item in (row, second):
+        item.refresh_from_db()
+        assert item.status == "replayed" and item.replay_count == 1 and item.replayed_task_id
+        assert item.audit[-1]["action"] == "replay" and item.audit[-1]["by"] == "operator"
+        assert item.replayed_by == "operator" and f"#{item.pk} as {item.replayed_task_id}" in message
+    sent = {m["headers"]["id"]: m["headers"] for m in queued_messages(throwaway_queue)}
+    assert set(sent) == {row.replayed_task_id, second.replayed_task_id}
+    assert sent[row.replayed_task_id]["tenant"] == "acme"
+    assert LogEntry.objects.filter(object_id=str(row.pk), change_message__startswith="Replayed as task").exists()
+
+
+def test_replay_selected_reports_each_refusal_and_leaves_those_rows(operator, row, throwaway_queue):
+    gone = make_dead_letter("tests.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
+    secret = make_dead_letter("tests.tasks.ping", kwargs={"card_token": SECRET},
+                              delivery_info={"routing_key": throwaway_queue})
+    before = {item.pk: state(item) for item in (gone, secret)}
+    messages = messages_of(act(operator, "replay_selected", row, gone, secret))
+    assert messages[0].startswith("Replayed 1 dead letter: ")
+    assert (f"Not replayed, left as it was: #{gone.pk}: task 'tests.tasks.renamed_long_ago' is not registered any "
+            "more; the row is left as it was") in messages
+    assert (f"Not replayed, left as it was: #{secret.pk}: arguments kwargs.card_token were redacted when stored; "
+            "replay it with replacement args/kwargs") in messages
+    assert {item.pk: state(item) for item in (gone, secret)} == before
+    assert len(queued_messages(throwaway_queue)) == 1
+
+
+def test_replay_button(operator, row, throwaway_queue):
+    page = operator.get(url("change", row)).text
+    assert f'action="{url("replay", row)}"' in page and f'action="{url("discard", row)}"' in page
+    response = operator.post(url("replay", row), follow=True)
+    assert response.redirect_chain == [(url("change", row), 302)]
+    row.refresh_from_db()
+    assert row.status == "replayed" and row.replay_count == 1 and row.audit[-1]["by"] == "operator"
+    assert messages_of(response) == [f"Replayed 1 dead letter: #{row.pk} as {row.replayed_task_id}."]
+    assert url("replay", row) not in response.text  # only dead rows have the buttons
+    [message] = queued_messages(throwaway_queue)
+    assert message["headers"]["id"] == row.replayed_task_id
+    # Pressing it again (an old tab): refused, and said so.
+    again = operator.post(url("replay", row), follow=True)
+    assert messages_of(again) == [f"Not replayed, left as it was: #{row.pk}: status is replayed, not dead"]
+    assert DeadLetter.objects.get(pk=row.pk).replay_count == 1
+
+
+def test_replay_button_of_an_unregistered_task(operator, throwaway_queue):
+    gone = make_dead_letter("tests.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
+    before = state(gone)
+    response = operator.post(url("replay", gone), follow=True)
+    assert messages_of(response) == [
+        f"Not replayed, left as it was: #{gone.pk}: task 'tests.tasks.renamed_long_ago' is not registered any more; "
+        "the row is left as it was"]
+    assert state(gone) == before
+
+
+def test_discard_selected_and_button(operator, row, throwaway_queue):
+    second = make_dead_letter("tests.tasks.ping")
+    messages = messages_of(act(operator, "discard_selected", second))
+    assert messages == ["Discarded 1 dead letter."]
+    second.refresh_from_db()
+    assert second.status == "discarded" and second.audit[-1] == {**second.audit[-1], "action": "discard",
+                                                                 "by": "operator"}
+    response = operator.post(url("discard", row), follow=True)
+    assert messages_of(response) == ["Discarded 1 dead letter."]
+    row.refresh_from_db()
+    assert row.status == "discarded" and row.replay_count == 0
+    assert queued_messages(throwaway_queue) == []
+    messages = messages_of(act(operator, "discard_selected", row))
+    assert messages == [f"Not discarded, already handled: #{row.pk}."]
+
+
+def test_unknown_id_on_a_button(operator):
+    response = operator.post(reverse("admin:safetynet_deadletter_replay", args=[987654]), follow=True)
+    assert response.status_code == 200 and "doesn’t exist" in " ".join(messages_of(response))
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+def test_a_redacted_kwarg_is_never_shown(operator, throwaway_queue):
+    row = make_dead_letter("tests.tasks.ping", kwargs={"card_token": SECRET},
+                           exception=ValueError(f"declined: card_token={SECRET}"),
+                           headers={"authorization": f"Bearer {SECRET}", "tenant": "acme"},
+                           delivery_info={"routing_key": throwaway_queue})
+    assert DeadLetter.objects.filter(kwargs__card_token=SECRET).count() == 0
+    listing = operator.get(reverse(CHANGELIST))
+    detail = operator.get(url("change", row))
+    assert "tests.tasks.ping" in listing.text and "acme" in detail.text
+    for response in (listing, detail):
+        assert response.status_code == 200 and SECRET not in response.text
+    assert ids_listed(operator, q=SECRET) == []  # not even searchable: the value is not stored
+    assert "<code>kwargs.card_token</code>" in detail.text
