@@ -1,4 +1,6 @@
-"""Django app configuration: registers the system checks and the worker-side receivers."""
+"""Django app configuration: registers the system checks, the worker-side receivers and the installed integrations."""
+
+import importlib.util
 
 from django.apps import AppConfig
 
@@ -15,3 +17,12 @@ class SafetynetConfig(AppConfig):
         from safetynet.runtime import worker
 
         worker.connect()
+        self.install_integrations()
+
+    @staticmethod
+    def install_integrations() -> None:
+        """Connect the optional integrations whose package is installed."""
+        if importlib.util.find_spec("prometheus_client") is not None:
+            from safetynet.contrib import prometheus
+
+            prometheus.install()

@@ -22,6 +22,9 @@ Every key, its default and its meaning::
     ALERT_MAIL_ADMINS     mail the ADMINS about a new dead letter
     ALERT_RATE_LIMIT      at most one alert per fingerprint in this many seconds (through Django's cache)
     ALERT_HOOKS           callables (or dotted paths) called with each new DeadLetter, e.g. a webhook
+    PROMETHEUS_WORKER_PORT  serve the metrics from each worker's main process on this port (None: no server,
+                          0: any free port); the environment variable SAFETYNET_PROMETHEUS_WORKER_PORT wins
+    PROMETHEUS_WORKER_ADDRESS  the address that server listens on
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "ALERT_MAIL_ADMINS": True,
     "ALERT_RATE_LIMIT": 3600,
     "ALERT_HOOKS": (),
+    "PROMETHEUS_WORKER_PORT": None,
+    "PROMETHEUS_WORKER_ADDRESS": "0.0.0.0",
 }
 
 
@@ -82,6 +87,8 @@ class Settings:
     alert_mail_admins: bool
     alert_rate_limit: int
     alert_hooks: tuple[Callable[..., Any], ...]
+    prometheus_worker_port: int | None
+    prometheus_worker_address: str
 
 
 _cached: Settings | None = None
@@ -153,6 +160,14 @@ def _positive_int(key: str, value: Any) -> int:
     return value
 
 
+def _port(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be None or a port number from 0 to 65535, got {value!r}")
+    return value
+
+
 def build(user: dict[str, Any]) -> Settings:
     """Validate ``user`` (a SAFETYNET dict) over the defaults; raise ConfigurationError if wrong."""
     unknown = sorted(set(user) - set(DEFAULTS))
@@ -191,6 +206,8 @@ def build(user: dict[str, Any]) -> Settings:
         alert_mail_admins=bool(merged["ALERT_MAIL_ADMINS"]),
         alert_rate_limit=_positive_int("ALERT_RATE_LIMIT", merged["ALERT_RATE_LIMIT"]),
         alert_hooks=_callables("ALERT_HOOKS", merged["ALERT_HOOKS"]),
+        prometheus_worker_port=_port("PROMETHEUS_WORKER_PORT", merged["PROMETHEUS_WORKER_PORT"]),
+        prometheus_worker_address=str(merged["PROMETHEUS_WORKER_ADDRESS"]),
     )
 
 
