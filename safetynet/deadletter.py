@@ -219,7 +219,7 @@ def record(
 
     Returns True when it reached the database (or was already there), False when spooled.
     """
-    history = list(history or [])
+    history = [dict(entry) for entry in history or []]  # redacted below: the caller's copy stays as it was
     if exception is not None:
         klass = type(exception)
         exception_type = exception_type or (
@@ -288,13 +288,12 @@ def store(fields: dict[str, Any]) -> Any:
     values = dict(fields)
     for name in ("first_failed_at", "last_failed_at"):
         values[name] = datetime.fromisoformat(values[name])
-    with transaction.atomic():
-        created = DeadLetter.objects.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
+    # INSERT … ON CONFLICT DO NOTHING: the task id is unique, so a second record of the same
+    # failure is dropped by the database itself. Whether this insert won is told by the nonce.
+    DeadLetter.objects.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
     row = DeadLetter.objects.filter(task_id=values["task_id"]).first()
-    if row is None or not created:
-        return None
     nonce = values["audit"][0]["nonce"]
-    return row if row.audit and row.audit[0].get("nonce") == nonce else None
+    return row if row is not None and row.audit and row.audit[0].get("nonce") == nonce else None
 
 
 def _announce(row: Any) -> None:
