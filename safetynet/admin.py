@@ -37,12 +37,6 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def _masked_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """Headers with the values of sensitive keys replaced, by the same rules as the arguments."""
-    _, masked, _ = deadletter.redact((), headers or {})
-    return masked
-
-
 def _as_datetime(value: Any) -> datetime | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
@@ -204,7 +198,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="headers")
     def headers_display(self, row: DeadLetter) -> SafeString:
-        return format_html("<pre>{}</pre>", _pretty(_masked_headers(row.headers))) if row.headers else "-"
+        return format_html("<pre>{}</pre>", _pretty(deadletter.masked_headers(row.headers))) if row.headers else "-"
 
     @admin.display(description="raw body")
     def raw_body_display(self, row: DeadLetter) -> str:

@@ -101,6 +101,12 @@ def redact(args: Any, kwargs: Any, parameter_names: list[str] | None = None) -> 
     return safe_args, safe_kwargs, found
 
 
+def masked_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Headers with the values of sensitive keys replaced, for display (stored headers are redacted already)."""
+    _, masked, _ = redact((), headers or {})
+    return masked
+
+
 def redact_text(text: str) -> str:
     """Blank out ``key=value`` / ``'key': value`` pairs of sensitive keys in free text (messages, tracebacks)."""
     settings = conf.get()

@@ -29,8 +29,10 @@ and after serialisation, so it sees the event as it will be sent. The user's own
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import logging
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -39,12 +41,12 @@ from typing import Any
 
 import sentry_sdk
 from sentry_sdk.integrations import Integration
-from sentry_sdk.scope import add_global_event_processor
+from sentry_sdk.scope import add_global_event_processor, global_event_processors
 from sentry_sdk.utils import event_from_exception
 
 from safetynet import conf, deadletter, signals
 
-__all__ = ["SafetynetIntegration", "install", "redact_event"]
+__all__ = ["SafetynetIntegration", "install", "redact_event", "uninstall"]
 
 logger = logging.getLogger("safetynet")
 
@@ -64,7 +66,7 @@ MIN_SECRET_LENGTH = 4
 # Parts of an event that hold no user data (and that redaction must not change).
 _STRUCTURAL = frozenset({
     "event_id", "timestamp", "start_timestamp", "platform", "type", "level", "sdk", "modules", "debug_meta",
-    "fingerprint", "release", "dist", "environment", "server_name",
+    "fingerprint", "release", "dist", "environment", "server_name", "_meta",
 })
 # Source lines of stack frames: only exact secrets are scrubbed there, ``key=value`` text is code.
 _SOURCE_CONTEXT = frozenset({"pre_context", "context_line", "post_context"})
@@ -98,6 +100,25 @@ def install() -> None:
         add_global_event_processor(_global_processor)
         _installed = True
     _ensure_final_pass()
+
+
+def uninstall() -> None:
+    """Undo ``install()``: no reports, no redaction, the active client's own hooks put back."""
+    global _installed
+    with _install_lock:
+        signals.task_dead.disconnect(dispatch_uid="safetynet.contrib.sentry.task_dead")
+        signals.task_retrying.disconnect(dispatch_uid="safetynet.contrib.sentry.task_retrying")
+        signals.dead_letter_recorded.disconnect(dispatch_uid="safetynet.contrib.sentry.dead_letter_recorded")
+        while _global_processor in global_event_processors:
+            global_event_processors.remove(_global_processor)
+        _installed = False
+    client = sentry_sdk.get_client()
+    if client.is_active():
+        with _wrap_lock:
+            for option in ("before_send", "before_send_transaction", "before_send_log"):
+                hook = client.options.get(option)
+                if getattr(hook, _WRAPPED_ATTRIBUTE, False):
+                    client.options[option] = hook.user_hook
 
 
 class SafetynetIntegration(Integration):
@@ -149,7 +170,7 @@ def _wrap_event_hook(user_hook: Callable[..., Any] | None) -> Callable[..., Any]
             # overwritten these: ours win.
             event.setdefault("tags", {}).update(ours["tags"])
             event["fingerprint"] = list(ours["fingerprint"])
-        return redact_event(event, (*(ours["secrets"] if ours is not None else ()), *_recent_secrets))
+        return redact_event(event, (*(ours["secrets"] if ours is not None else ()), *_remembered_secrets()))
 
     setattr(final_pass, _WRAPPED_ATTRIBUTE, True)
     final_pass.user_hook = user_hook  # type: ignore[attr-defined]
@@ -281,8 +302,13 @@ def _capture(event: dict[str, Any], hint: dict[str, Any], task_name: str, attemp
 
 # Values of sensitive arguments of tasks that failed in this process (bounded), scrubbed from
 # every event: breadcrumbs outlive the task whose failure wrote them.
-_RECENT_SECRETS_MAX = 1_000
+_RECENT_SECRETS_MAX = 256
 _recent_secrets: OrderedDict[str, None] = OrderedDict()
+
+
+def _remembered_secrets() -> tuple[str, ...]:
+    with _reported_lock:
+        return tuple(_recent_secrets)
 
 
 def _remember_secrets(secrets: Iterable[str]) -> None:
@@ -486,13 +512,10 @@ def redact_event(event: dict[str, Any], secrets: Iterable[str] = ()) -> dict[str
     Celery's log lines) are redacted by the task's parameter names.
     """
     settings = conf.get()
-    secrets = tuple(secret for secret in secrets if secret)
+    pattern = _secrets_pattern(tuple(dict.fromkeys(secret for secret in secrets if secret)))
 
     def scrub(text: str) -> str:
-        for secret in secrets:
-            if secret in text:
-                text = text.replace(secret, deadletter.REDACTED)
-        return text
+        return pattern.sub(deadletter.REDACTED, text) if pattern is not None else text
 
     def walk(value: Any, depth: int) -> Any:
         if isinstance(value, str):
@@ -529,6 +552,14 @@ def redact_event(event: dict[str, Any], secrets: Iterable[str] = ()) -> dict[str
 
 
 _TASK_NAME_KEYS = ("task_name", "name", "task")
+
+
+@functools.lru_cache(maxsize=32)
+def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One regex for all exact values, longest first (a secret that contains another goes whole)."""
+    if not secrets:
+        return None
+    return re.compile("|".join(re.escape(secret) for secret in sorted(secrets, key=len, reverse=True)))
 
 
 def _redact_task_arguments(mapping: Mapping[str, Any], settings: conf.Settings) -> Mapping[str, Any]:

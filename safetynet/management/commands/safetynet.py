@@ -127,12 +127,6 @@ def _when(value: Any, timespec: str = "seconds") -> str:
     return timezone.localtime(moment).isoformat(sep=" ", timespec=timespec)
 
 
-def _masked_headers(headers: dict[str, Any]) -> dict[str, Any]:
-    """Headers with the values of sensitive keys replaced, by the same rules as the arguments."""
-    _, masked, _ = deadletter.redact((), headers or {})
-    return masked
-
-
 def _exception(row: DeadLetter) -> str:
     if row.exception_type and row.exception_message:
         return f"{row.exception_type}: {row.exception_message}"
@@ -152,7 +146,7 @@ def _everything(row: DeadLetter) -> dict[str, Any]:
     """Every stored field of a row, for `dead show --json` (the raw body by size only)."""
     return {
         **_summary(row),
-        "args": row.args, "kwargs": row.kwargs, "redacted": row.redacted, "headers": _masked_headers(row.headers),
+        "args": row.args, "kwargs": row.kwargs, "redacted": row.redacted, "headers": deadletter.masked_headers(row.headers),
         "queue": row.queue, "exchange": row.exchange, "routing_key": row.routing_key,
         "detail": deadletter.redact_text(row.detail), "traceback": row.traceback, "history": row.history,
         "omitted_attempts": row.omitted_attempts, "first_failed_at": row.first_failed_at.isoformat(),
@@ -402,7 +396,7 @@ class Command(BaseCommand):
         write("  args   " + json.dumps(row.args, ensure_ascii=False, default=str))
         write("  kwargs " + json.dumps(row.kwargs, ensure_ascii=False, default=str))
         if row.headers:
-            write("Headers: " + json.dumps(_masked_headers(row.headers), ensure_ascii=False, default=str))
+            write("Headers: " + json.dumps(deadletter.masked_headers(row.headers), ensure_ascii=False, default=str))
         write("")
         write("Attempts:")
         entries = [entry for entry in row.history or [] if isinstance(entry, dict)]
