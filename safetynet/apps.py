@@ -26,3 +26,7 @@ class SafetynetConfig(AppConfig):
             from safetynet.contrib import prometheus
 
             prometheus.install()
+        if importlib.util.find_spec("sentry_sdk") is not None:
+            from safetynet.contrib import sentry
+
+            sentry.install()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -54,23 +55,26 @@ __all__ = [
 logger = logging.getLogger("safetynet")
 
 REDACTED = "[redacted]"
+#: Shorter sensitive values are not searched for in free text: they would blank unrelated text.
+MIN_SECRET_LENGTH = 4
+_MAX_DEPTH = 64
 #: Header that links a replayed task to the dead letter it came from.
 REPLAY_OF_HEADER = "safetynet_replay_of"
 
 
 # -- redaction ---------------------------------------------------------------------------
 
-def _is_sensitive(name: str, settings: conf.Settings) -> bool:
+def is_sensitive(name: str, settings: conf.Settings) -> bool:
+    """Whether a key or parameter name is one whose value is never stored (REDACT_KEYS, REDACT_PATTERNS)."""
     lowered = name.lower()
     return lowered in settings.redact_keys or any(pattern.search(lowered) for pattern in settings.redact_patterns)
-
 
 def _redact_value(value: Any, path: str, settings: conf.Settings, found: list[str]) -> Any:
     if isinstance(value, Mapping):
         result = {}
         for key, item in value.items():
             child = f"{path}.{key}"
-            if isinstance(key, str) and _is_sensitive(key, settings):
+            if isinstance(key, str) and is_sensitive(key, settings):
                 result[key] = REDACTED
                 found.append(child)
             else:
@@ -92,7 +96,7 @@ def redact(args: Any, kwargs: Any, parameter_names: list[str] | None = None) -> 
     names = parameter_names or []
     safe_args = []
     for index, value in enumerate(args):
-        if index < len(names) and _is_sensitive(names[index], settings):
+        if index < len(names) and is_sensitive(names[index], settings):
             safe_args.append(REDACTED)
             found.append(f"args[{index}]")
         else:
@@ -121,15 +125,78 @@ def redact_text(text: str) -> str:
 
 
 def parameter_names(task: Any) -> list[str]:
-    """The names of a task's positional parameters, for redacting positional arguments."""
-    import inspect
+    """The names of a task's positional parameters, read from the class, not from ``task.run``.
 
+    Sentry's CeleryIntegration replaces ``task.run`` on the instance with a wrapper whose
+    signature (through ``__wrapped__``) still has ``self``: reading it would shift every
+    positional argument by one.
+    """
+    raw = inspect.getattr_static(type(task), "run", None)
+    raw = getattr(raw, "_safetynet_body", raw)
+    if isinstance(raw, staticmethod):
+        function, skip = raw.__func__, 0
+    elif inspect.isfunction(raw):
+        function, skip = raw, 1  # a method: its first parameter is the task
+    else:
+        function, skip = getattr(task, "run", None), 0
+        if function is None:
+            return []
     try:
-        signature = inspect.signature(task.run)
-    except (TypeError, ValueError, AttributeError):
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
         return []
-    return [p.name for p in signature.parameters.values()
-            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    names = [parameter.name for parameter in signature.parameters.values()
+             if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return names[skip:]
+
+
+def sensitive_values(args: Any, kwargs: Any, names: list[str]) -> list[str]:
+    """The values of the task's sensitive arguments, as text, to scrub wherever they appear."""
+    settings = conf.get()
+    found: list[str] = []
+
+    def leaves(value: Any, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for item in value.values():
+                leaves(item, depth + 1)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                leaves(item, depth + 1)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            found.append(str(value))
+        elif isinstance(value, bytes):
+            found.append(value.decode("utf-8", "replace"))
+
+    def search(value: Any, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and is_sensitive(key, settings):
+                    leaves(item)
+                else:
+                    search(item, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                search(item, depth + 1)
+
+    for index, value in enumerate(list(args or [])):
+        if index < len(names) and is_sensitive(names[index], settings):
+            leaves(value)
+        else:
+            search(value)
+    search(dict(kwargs or {}))
+    unique = {value for value in found if len(value) >= MIN_SECRET_LENGTH}
+    return sorted(unique, key=len, reverse=True)  # longest first: a secret containing another goes whole
+
+
+def scrub_values(text: str, secrets: list[str]) -> str:
+    """``text`` with every exact secret value replaced by "[redacted]"."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 # -- fingerprint -------------------------------------------------------------------------
@@ -237,11 +304,14 @@ def record(
     safe_args, safe_kwargs, redacted = redact(args, kwargs, parameters)
     if body_unknown:
         redacted.append("body")  # the arguments could not be read: replay needs them given by hand
-    exception_message = redact_text(exception_message)
-    traceback = redact_text(traceback)
+    # A message may repeat a secret argument's value ("declined: tok_live_…"): blank the values too.
+    secrets = sensitive_values(args, kwargs, parameters or [])
+    exception_message = redact_text(scrub_values(exception_message, secrets))
+    traceback = redact_text(scrub_values(traceback, secrets))
+    detail = scrub_values(detail, secrets)
     for entry in history:
-        entry["message"] = redact_text(entry.get("message") or "")
-        entry["traceback"] = redact_text(entry.get("traceback") or "")
+        entry["message"] = redact_text(scrub_values(entry.get("message") or "", secrets))
+        entry["traceback"] = redact_text(scrub_values(entry.get("traceback") or "", secrets))
     delivery = dict(delivery_info or {})
     settings = conf.get()
     kept_headers = {key: value for key, value in (headers or {}).items() if key != HEADER}

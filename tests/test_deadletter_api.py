@@ -234,3 +234,12 @@ def test_a_row_claimed_by_another_replay_is_skipped_not_sent_twice(queue):
         thread.join()
     assert outcome.new_task_id is None and "someone else" in outcome.error
     assert redis.Redis.from_url(app.conf.broker_url).llen(queue) == 0
+
+
+def test_a_message_that_repeats_a_secret_argument_is_blanked():
+    row = record(task_name="tests.dl_tasks.charge", args=[10, "tok_live_SECRET123"],
+                 parameters=["amount", "card_token"], exception=ValueError("declined: tok_live_SECRET123"),
+                 history=[{"attempt": 1, "started": time.time(), "message": "declined: tok_live_SECRET123",
+                           "traceback": 'ValueError: declined: tok_live_SECRET123'}])
+    assert "tok_live_SECRET123" not in repr(DeadLetter.objects.filter(pk=row.pk).values().get())
+    assert row.exception_message == "declined: [redacted]"

@@ -11,7 +11,9 @@ Imported only when ``sentry-sdk`` is installed; does nothing until the project h
     final pass            ──▶ wrapped around the client's ``before_send`` (and
                               ``before_send_transaction``/``before_send_log``): drops the
                               duplicates Sentry's own integrations send for a failure safetynet
-                              reported, then redacts the event by REDACT_KEYS / REDACT_PATTERNS
+                              reports (Celery's report of the exception, Celery's error log
+                              lines, the three lines of a hard time limit), then redacts the
+                              event by REDACT_KEYS / REDACT_PATTERNS
 
 Retries are never reported: a retry raises Celery's ``Retry``, which Sentry's
 ``CeleryIntegration`` ignores, and safetynet logs retries below ERROR (breadcrumbs only).
@@ -46,7 +48,10 @@ from sentry_sdk.utils import event_from_exception
 
 from safetynet import conf, deadletter, signals
 
-__all__ = ["SafetynetIntegration", "install", "redact_event", "uninstall"]
+__all__ = [
+    "DECIDED_REASONS", "SafetynetIntegration", "dead_letter_fingerprint", "install", "redact_event",
+    "uninstall",
+]
 
 logger = logging.getLogger("safetynet")
 
@@ -61,7 +66,7 @@ _REPORTED_ATTRIBUTE = "_safetynet_sentry_reported"
 #: Marks a hook wrapped by ``_final_pass``.
 _WRAPPED_ATTRIBUTE = "_safetynet_final_pass"
 #: Values shorter than this are not scrubbed as free text (they would blank out unrelated digits).
-MIN_SECRET_LENGTH = 4
+MIN_SECRET_LENGTH = deadletter.MIN_SECRET_LENGTH
 
 # Parts of an event that hold no user data (and that redaction must not change).
 _STRUCTURAL = frozenset({
@@ -198,14 +203,16 @@ def _qualified_name(exception: BaseException) -> str:
 
 
 def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
-                            history: list[dict[str, Any]] | None) -> str:
+                            history: list[dict[str, Any]] | None, secrets: list[str] = ()) -> str:  # type: ignore[assignment]
     """The fingerprint ``deadletter.record`` stores for this failure (same inputs, same redaction)."""
     exception_type = _qualified_name(exception) if exception is not None else ""
     message = str(exception) if exception is not None else ""
     traceback = (history[-1].get("traceback") or "") if history else ""
-    return deadletter.fingerprint(
-        task_name, exception_type, deadletter.redact_text(message), deadletter.redact_text(traceback)
-    )
+
+    def clean(text: str) -> str:
+        return deadletter.redact_text(deadletter.scrub_values(text, list(secrets)))
+
+    return deadletter.fingerprint(task_name, exception_type, clean(message), clean(traceback))
 
 
 def _on_task_dead(sender: Any, task_id: str | None = None, reason: str = "", detail: str = "",
@@ -225,7 +232,8 @@ def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, 
     client = sentry_sdk.get_client()
     task_name = task.name
     attempts = int(history[-1].get("attempt") or 1) if history else 1
-    fingerprint = dead_letter_fingerprint(task_name, exception, history)
+    secrets = deadletter.sensitive_values(args, kwargs, deadletter.parameter_names(task))
+    fingerprint = dead_letter_fingerprint(task_name, exception, history, secrets)
     if exception is not None:
         event, hint = event_from_exception(
             (type(exception), exception, exception.__traceback__), client_options=client.options,
@@ -239,7 +247,6 @@ def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, 
         "history": [{key: entry.get(key) for key in ("attempt", "action", "delay", "reason", "exception", "message")}
                     for entry in history],
     }}
-    secrets = _sensitive_values(args, kwargs, parameter_names(task))
     _remember_secrets(secrets)
     _mark_reported(exception, task_id)
     _capture(event, hint, task_name, attempts, reason, fingerprint, secrets)
@@ -252,7 +259,7 @@ def _on_task_retrying(sender: Any, **_: Any) -> None:
         return
     try:
         request = sender.request
-        _remember_secrets(_sensitive_values(request.args, request.kwargs, parameter_names(sender)))
+        _remember_secrets(deadletter.sensitive_values(request.args, request.kwargs, deadletter.parameter_names(sender)))
     except Exception:
         logger.exception("safetynet: could not note the sensitive arguments of %s", getattr(sender, "name", sender))
 
@@ -431,75 +438,6 @@ def _timed_out_request(exception: BaseException | None) -> Any:
 
 # -- redaction ----------------------------------------------------------------------------
 
-def _is_sensitive(name: str, settings: conf.Settings) -> bool:
-    lowered = name.lower()
-    return lowered in settings.redact_keys or any(pattern.search(lowered) for pattern in settings.redact_patterns)
-
-
-def parameter_names(task: Any) -> list[str]:
-    """The names of a task's positional parameters, read from the class, not from ``task.run``.
-
-    Sentry's CeleryIntegration replaces ``task.run`` on the instance with a wrapper whose
-    signature (through ``__wrapped__``) still has ``self``: reading it would shift every
-    positional argument by one.
-    """
-    raw = inspect.getattr_static(type(task), "run", None)
-    raw = getattr(raw, "_safetynet_body", raw)
-    if isinstance(raw, staticmethod):
-        function, skip = raw.__func__, 0
-    elif inspect.isfunction(raw):
-        function, skip = raw, 1  # a method: its first parameter is the task
-    else:
-        return deadletter.parameter_names(task)
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):
-        return []
-    names = [parameter.name for parameter in signature.parameters.values()
-             if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    return names[skip:]
-
-
-def _sensitive_values(args: Any, kwargs: Any, parameter_names: list[str]) -> list[str]:
-    """The values of the task's sensitive arguments, as text, to scrub wherever they appear."""
-    settings = conf.get()
-    found: list[str] = []
-
-    def leaves(value: Any, depth: int = 0) -> None:
-        if depth > _MAX_DEPTH:
-            return
-        if isinstance(value, Mapping):
-            for item in value.values():
-                leaves(item, depth + 1)
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            for item in value:
-                leaves(item, depth + 1)
-        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            found.append(str(value))
-        elif isinstance(value, bytes):
-            found.append(value.decode("utf-8", "replace"))
-
-    def search(value: Any, depth: int = 0) -> None:
-        if depth > _MAX_DEPTH:
-            return
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                if isinstance(key, str) and _is_sensitive(key, settings):
-                    leaves(item)
-                else:
-                    search(item, depth + 1)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                search(item, depth + 1)
-
-    for index, value in enumerate(list(args or [])):
-        if index < len(parameter_names) and _is_sensitive(parameter_names[index], settings):
-            leaves(value)
-        else:
-            search(value)
-    search(dict(kwargs or {}))
-    unique = {value for value in found if len(value) >= MIN_SECRET_LENGTH}
-    return sorted(unique, key=len, reverse=True)  # longest first: a secret containing another goes whole
 
 
 def redact_event(event: dict[str, Any], secrets: Iterable[str] = ()) -> dict[str, Any]:
@@ -527,7 +465,7 @@ def redact_event(event: dict[str, Any], secrets: Iterable[str] = ()) -> dict[str
                 value = _redact_task_arguments(value, settings)
             result = {}
             for key, item in value.items():
-                if isinstance(key, str) and _is_sensitive(key, settings):
+                if isinstance(key, str) and deadletter.is_sensitive(key, settings):
                     result[key] = deadletter.REDACTED
                 elif key in _SOURCE_CONTEXT:
                     result[key] = source(item)
@@ -576,7 +514,7 @@ def _redact_task_arguments(mapping: Mapping[str, Any], settings: conf.Settings) 
     task = _registered_task(name)
     if task is None:
         return mapping
-    sensitive = {index for index, parameter in enumerate(parameter_names(task)) if _is_sensitive(parameter, settings)}
+    sensitive = {index for index, parameter in enumerate(deadletter.parameter_names(task)) if deadletter.is_sensitive(parameter, settings)}
     if not sensitive:
         return mapping
 

@@ -101,8 +101,13 @@ def inject(
             return original(self, *args, **kwargs)
 
         replacement = faulty
+    # An instrumentation that wrapped run on the instance (Sentry's Celery integration does)
+    # would hide the class attribute: step it aside for the block.
+    shadow = task.__dict__.pop("run", None)
     klass.run = _wrap_run(replacement)
     try:
         yield plan
     finally:
         klass.run = wrapped
+        if shadow is not None:
+            task.__dict__["run"] = shadow
