@@ -486,6 +486,9 @@ class ReplayOutcome:
     error: str | None = None
 
 
+NOT_READ_BY_REPLAY = ("history", "traceback", "exception_message", "detail", "raw_body")
+
+
 def _rows(rows: Any) -> Iterator[Any]:
     """DeadLetter rows from a row, an id, ids or a queryset (a queryset is streamed, not loaded whole)."""
     from safetynet.models import DeadLetter
@@ -496,7 +499,8 @@ def _rows(rows: Any) -> Iterator[Any]:
     if isinstance(rows, int):
         rows = [rows]
     if hasattr(rows, "model") and hasattr(rows, "iterator"):
-        yield from rows.order_by("id").iterator(chunk_size=2000)
+        # replay and discard never read these, and they are most of a row
+        yield from rows.order_by("id").defer(*NOT_READ_BY_REPLAY).iterator(chunk_size=2000)
         return
     items = list(rows)
     if items and not isinstance(items[0], DeadLetter):
@@ -607,9 +611,7 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
             outcomes.append(ReplayOutcome(row.id, row.task_name, new_task_id=new_id))
     # Sent is past the point of no return: if marking fails, say loudly which rows went out.
     try:
-        DeadLetter.objects.bulk_update(
-            done, ["status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit"],
-        )
+        _mark_replayed(done, at, by)
     except (DatabaseError, InterfaceError):
         logger.critical("safetynet: replayed dead letters %s but could not mark them; do not replay them again",
                         [row.id for row in done])
@@ -622,6 +624,55 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
 
     transaction.on_commit(announce)
     return outcomes
+
+
+def _mark_replayed(rows: list[Any], at: datetime, by: str) -> None:
+    """Write what replay did to ``rows``: one UPDATE per batch on PostgreSQL, one statement per row elsewhere.
+
+    Not ``bulk_update``: its CASE WHEN per field and row costs about 1-2 ms of Python per row,
+    more than publishing the message. Status, time and author are the same for the whole
+    batch; the new task id, the audit trail and the replay count differ from row to row.
+    """
+    from django.db import connections, router
+
+    from safetynet.models import DeadLetter
+
+    if not rows:
+        return
+    alias = router.db_for_write(DeadLetter)
+    connection = connections[alias]
+    meta = DeadLetter._meta
+    quote = connection.ops.quote_name
+    column = {name: quote(meta.get_field(name).column)
+              for name in ("status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit")}
+    table, pk = quote(meta.db_table), quote(meta.pk.column)
+    audit = meta.get_field("audit")
+    status = DeadLetter.Status.REPLAYED.value
+    replayed_at = meta.get_field("replayed_at").get_db_prep_save(at, connection)
+    if connection.vendor == "postgresql":
+        params: list[Any] = [status, replayed_at, by]
+        for row in rows:
+            params += [row.pk, row.replayed_task_id, audit.get_db_prep_save(row.audit, connection), row.replay_count]
+        values = ", ".join(["(%s, %s, %s::jsonb, %s)"] * len(rows))
+        sql = (
+            f"UPDATE {table} AS d SET {column['status']} = %s, {column['replayed_at']} = %s,"
+            f" {column['replayed_by']} = %s, {column['replayed_task_id']} = v.new_id, {column['audit']} = v.audit,"
+            f" {column['replay_count']} = v.replay_count"
+            f" FROM (VALUES {values}) AS v(id, new_id, audit, replay_count) WHERE d.{pk} = v.id"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+        return
+    sql = (
+        f"UPDATE {table} SET {column['status']} = %s, {column['replayed_at']} = %s, {column['replayed_by']} = %s,"
+        f" {column['replayed_task_id']} = %s, {column['audit']} = %s, {column['replay_count']} = %s WHERE {pk} = %s"
+    )
+    with transaction.atomic(using=alias, savepoint=False), connection.cursor() as cursor:
+        cursor.executemany(sql, [
+            [status, replayed_at, by, row.replayed_task_id, audit.get_db_prep_save(row.audit, connection),
+             row.replay_count, row.pk]
+            for row in rows
+        ])
 
 
 def discard(rows: Any, *, by: str = "") -> int:

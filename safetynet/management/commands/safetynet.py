@@ -451,8 +451,8 @@ class Command(BaseCommand):
 
     def dead_replay(self, options: dict[str, Any]) -> None:
         """Replay the selected rows; exit non-zero when any was refused."""
-        rows = list(self._selected(options, verb="replay").order_by("id"))
-        if not rows:
+        selected = self._selected(options, verb="replay").order_by("id")
+        if not selected.exists():
             if options["json"]:
                 self._write_json([])
             else:
@@ -463,7 +463,7 @@ class Command(BaseCommand):
 
             app = current_app._get_current_object()
             app.loader.import_default_modules()
-            predicted = [(row, _refusal(row, app)) for row in rows]
+            predicted = [(row, _refusal(row, app)) for row in selected.defer(*deadletter.NOT_READ_BY_REPLAY)]
             if options["json"]:
                 self._write_json([{"id": row.id, "task_name": row.task_name, "would_replay": error is None,
                                    "queue": (options["queue"] or row.queue or None) if error is None else None,
@@ -475,10 +475,12 @@ class Command(BaseCommand):
                 self.stdout.write(f"{row.id} {row.task_name}: " + (f"would be refused: {error}" if error
                                                                    else f"would be replayed to {target}"))
             refused = sum(1 for _, error in predicted if error)
-            self.stdout.write(f"Would replay {len(rows) - refused} of {len(rows)}; {refused} would be refused.")
+            self.stdout.write(f"Would replay {len(predicted) - refused} of {len(predicted)}; "
+                              f"{refused} would be refused.")
             return
         try:
-            outcomes = deadletter.replay(rows, queue=options["queue"] or None, by=options["by"] or _os_user())
+            # the queryset itself: replay streams it in batches instead of loading every row
+            outcomes = deadletter.replay(selected, queue=options["queue"] or None, by=options["by"] or _os_user())
         except (OperationalError, DatabaseError, InterfaceError) as error:  # the broker or the database
             raise CommandError(
                 f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they were; "
