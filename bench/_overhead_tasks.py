@@ -15,15 +15,36 @@ from celery import Celery, shared_task
 from django.conf import settings
 
 if not settings.configured:
+    from safetynet import conf as safetynet_conf
+
+    safetynet_settings = {}
+    # The worker's dead-letter spool flusher gets a directory of the benchmark's own (a no-op
+    # never fails, so it stays empty) rather than the machine's shared default.
+    if os.environ.get("SAFETYNET_BENCH_SPOOL") and "SPOOL_DIR" in safetynet_conf.DEFAULTS:
+        safetynet_settings["SPOOL_DIR"] = os.environ["SAFETYNET_BENCH_SPOOL"]
     settings.configure(
         INSTALLED_APPS=["safetynet"],
-        DATABASES={},
-        SAFETYNET={},
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        SAFETYNET=safetynet_settings,
         USE_TZ=True,
     )
     django.setup()
 
 import safetynet  # noqa: E402  (needs the settings above)
+
+
+def disable_prometheus() -> bool:
+    """Disconnect safetynet's Prometheus receivers (the app connects them when prometheus_client is installed)."""
+    try:
+        from safetynet.contrib import prometheus
+    except ImportError:  # prometheus_client is not installed: nothing was connected
+        return False
+    prometheus.uninstall()
+    return True
+
+
+if os.environ.get("SAFETYNET_BENCH_NO_PROMETHEUS"):
+    disable_prometheus()
 
 BROKER_URL = os.environ.get("SAFETYNET_BENCH_REDIS", "redis://127.0.0.1:6379/9")
 
@@ -37,6 +58,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_send_task_events=False,
+    worker_enable_remote_control=False,
     task_send_sent_event=False,
     task_store_errors_even_if_ignored=False,
 )
