@@ -121,6 +121,12 @@ def _matchers(key: str, value: Any) -> tuple[Matcher, ...]:
     return as_matchers(items, name=f"SAFETYNET[{key!r}]")
 
 
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be True or False, got {value!r}")
+    return value
+
+
 def _strings(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(
         isinstance(item, str) for item in value
@@ -203,7 +209,7 @@ def build(user: dict[str, Any]) -> Settings:
                               else _positive_int("DEAD_LETTER_MAX_ROWS", merged["DEAD_LETTER_MAX_ROWS"])),
         spool_dir=None if merged["SPOOL_DIR"] is None else str(merged["SPOOL_DIR"]),
         spool_flush_seconds=_positive_int("SPOOL_FLUSH_SECONDS", merged["SPOOL_FLUSH_SECONDS"]),
-        alert_mail_admins=bool(merged["ALERT_MAIL_ADMINS"]),
+        alert_mail_admins=_boolean("ALERT_MAIL_ADMINS", merged["ALERT_MAIL_ADMINS"]),
         alert_rate_limit=_positive_int("ALERT_RATE_LIMIT", merged["ALERT_RATE_LIMIT"]),
         alert_hooks=_callables("ALERT_HOOKS", merged["ALERT_HOOKS"]),
         prometheus_worker_port=_port("PROMETHEUS_WORKER_PORT", merged["PROMETHEUS_WORKER_PORT"]),

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from django.db import DatabaseError, InterfaceError, close_old_connections, transaction
+from django.db.models import Min
 
 from safetynet import conf, signals
 from safetynet.runtime.history import HEADER
@@ -436,9 +437,9 @@ def enforce_cap() -> int:
     boundary_id = next(iter(boundary), None)
     if boundary_id is None:
         return 0
-    evicted_rows = DeadLetter.objects.filter(id__lte=boundary_id).order_by("created_at")
-    oldest = evicted_rows.values_list("last_failed_at", flat=True).first()
-    count, _ = DeadLetter.objects.filter(id__lte=boundary_id).delete()
+    evicted = DeadLetter.objects.filter(id__lte=boundary_id)
+    oldest = evicted.aggregate(oldest=Min("last_failed_at"))["oldest"]
+    count, _ = evicted.delete()
     logger.warning(
         "safetynet: the dead-letter store is over its cap of %s rows: evicted the %s oldest (oldest failure %s)",
         cap, count, oldest, extra={"evicted": count, "cap": cap},

@@ -1,4 +1,5 @@
-"""Signals safetynet sends, each with ``sender`` the task object.
+"""Signals safetynet sends: the task signals with ``sender`` the task object, the dead-letter
+signals with ``sender`` the ``DeadLetter`` model.
 
 ``task_retrying``: an attempt failed and another is scheduled.
     kwargs: task_id, attempt, delay (seconds), reason, exception, entry (the history entry)

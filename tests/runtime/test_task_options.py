@@ -112,3 +112,11 @@ def test_unclassified_setting_changes_what_unknown_errors_do(inject_fault):
         trace = simulate(tasks.ping)
     assert trace.state == "SUCCESS" and trace.result == "pong"
     assert len(trace.attempts) == 2  # the plan had one failure left; the first simulate used one
+
+
+def test_alert_mail_admins_must_be_a_boolean():
+    from safetynet import conf
+
+    with override_settings(SAFETYNET={"ALERT_MAIL_ADMINS": "no"}):
+        with pytest.raises(ConfigurationError, match="ALERT_MAIL_ADMINS'\\] must be True or False"):
+            conf.get()
