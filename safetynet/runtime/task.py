@@ -274,7 +274,16 @@ class SafetyTask(celery.Task):
             sender=self, task_id=request.id, attempt=state.attempt, delay=decision.delay,
             reason=decision.reason, exception=retry_kwargs.get("exc"), entry=entry,
         )
-        return self._celery_retry(max_retries=math.inf, headers=headers, **retry_kwargs)
+        try:
+            return self._celery_retry(max_retries=math.inf, headers=headers, **retry_kwargs)
+        except Reject as rejected:
+            # Celery turns a retry it could not publish (broker down) into Reject(requeue=False):
+            # the message would be gone. Keep the task as a dead letter instead, to replay later.
+            if not rejected.requeue and not request.is_eager:
+                dead_entry = {**entry, "action": "dead", "delay": None, "reason": "rejected"}
+                self._record_dead(request, "rejected", f"the retry could not be published: {rejected.reason!r}",
+                                  retry_kwargs.get("exc"), state.with_entry(dead_entry), state.omitted)
+            raise
 
     def _give_up(self, state: AttemptState, entry: dict[str, Any], decision: Dead, exc: BaseException | None) -> None:
         request = self.request

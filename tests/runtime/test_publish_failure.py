@@ -1,0 +1,28 @@
+"""A retry the broker refuses is not lost: it becomes a dead letter (reason rejected)."""
+
+import pytest
+from celery import uuid
+from celery.app.trace import build_tracer
+from kombu.exceptions import OperationalError
+
+from safetynet.models import DeadLetter
+from tests import tasks
+
+
+@pytest.mark.django_db
+def test_a_retry_that_cannot_be_published_is_dead_lettered(monkeypatch):
+    def broker_down(self, *args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    # the fault: publishing fails, as it does when the broker is down while a worker runs
+    monkeypatch.setattr("celery.canvas.Signature.apply_async", broker_down)
+    task = tasks.call_api._get_current_object()
+    task_id = uuid()
+    tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task._get_app())
+    request = {"id": task_id, "task": task.name, "args": [5], "kwargs": {}, "retries": 0, "is_eager": False,
+               "hostname": "test-worker", "delivery_info": {"routing_key": "celery"}, "called_directly": False}
+    outcome = tracer(task_id, [5], {}, request)
+    assert outcome.info.state == "REJECTED"
+    [row] = DeadLetter.objects.filter(task_id=task_id)
+    assert row.reason == "rejected" and "could not be published" in row.detail
+    assert row.args == [5] and row.exception_type == "ConnectionError"
