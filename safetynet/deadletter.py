@@ -453,8 +453,12 @@ def enforce_cap() -> int:
 
 # -- replay, discard, purge --------------------------------------------------------------
 
-def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None) -> str | None:
-    """Why ``row`` cannot be replayed with these arguments (None: it can). Used by replay and --dry-run."""
+def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None, *, check_arguments: bool = True
+                   ) -> str | None:
+    """Why ``row`` cannot be replayed with these arguments (None: it can). Used by replay and --dry-run.
+
+    ``check_arguments`` runs Celery's argument check; replay skips it, since apply_async runs it again.
+    """
     from safetynet.models import DeadLetter
 
     if row.status != DeadLetter.Status.DEAD:
@@ -468,7 +472,7 @@ def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None) ->
                 "replay it with args/kwargs given by hand")
     if argument_paths and not given:
         return f"arguments {', '.join(argument_paths)} were redacted when stored; replay it with replacement args/kwargs"
-    check = getattr(task, "__header__", None) if getattr(task, "typing", False) else None
+    check = getattr(task, "__header__", None) if check_arguments and getattr(task, "typing", False) else None
     if check is not None:  # what apply_async checks before it sends
         try:
             check(*(args if args is not None else row.args or []), **(kwargs if kwargs is not None else row.kwargs or {}))
@@ -561,7 +565,7 @@ def replay(
             sendable = []
             for row in batch:
                 task = app.tasks.get(row.task_name)
-                refusal = replay_refusal(row, task, args, kwargs)
+                refusal = replay_refusal(row, task, args, kwargs, check_arguments=False)
                 if refusal is None and row.id not in claimed:
                     refusal = "being replayed or changed by someone else right now"
                 if refusal is not None:
@@ -580,6 +584,14 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
     outcomes: list[ReplayOutcome] = []
     done = []
     at = _now()
+    # What the audit says is the same for every row of the call but the new task id.
+    event: dict[str, Any] = {"action": "replay", "by": by, "at": at.isoformat()}
+    if queue:
+        event["queue"] = queue
+    if (args is not None or kwargs is not None) and sendable:
+        edited_args, edited_kwargs, _ = redact(args or [], kwargs or {}, parameter_names(sendable[0][1]))
+        event["edited"] = {"args": edited_args if args is not None else None,
+                           "kwargs": edited_kwargs if kwargs is not None else None}
     with app.producer_or_acquire() as producer:
         for row, task in sendable:
             new_id = str(uuid.uuid4())
@@ -592,27 +604,20 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
             try:
                 task.apply_async(list(args) if args is not None else row.args,
                                  dict(kwargs) if kwargs is not None else row.kwargs, **options)
-            except Exception as error:  # the broker refused it: this row stays dead, the rest go on
+            except Exception as error:  # bad arguments, the broker refused it: this row stays dead, the rest go on
                 outcomes.append(ReplayOutcome(row.id, row.task_name, error=f"not sent: {error!r}"))
                 continue
-            event: dict[str, Any] = {"action": "replay", "by": by, "at": at.isoformat(), "new_task_id": new_id}
-            if queue:
-                event["queue"] = queue
-            if args is not None or kwargs is not None:
-                edited_args, edited_kwargs, _ = redact(args or [], kwargs or {}, parameter_names(task))
-                event["edited"] = {"args": edited_args if args is not None else None,
-                                   "kwargs": edited_kwargs if kwargs is not None else None}
             row.status = DeadLetter.Status.REPLAYED
             row.replay_count += 1
             row.replayed_task_id = new_id
             row.replayed_at = at
             row.replayed_by = by
-            row.audit = [*row.audit, event]
+            row.audit = [*row.audit, {**event, "new_task_id": new_id}]
             done.append(row)
             outcomes.append(ReplayOutcome(row.id, row.task_name, new_task_id=new_id))
     # Sent is past the point of no return: if marking fails, say loudly which rows went out.
     try:
-        _mark_replayed(done, at, by)
+        _mark_replayed(done, at, by, event)
     except (DatabaseError, InterfaceError):
         logger.critical("safetynet: replayed dead letters %s but could not mark them; do not replay them again",
                         [row.id for row in done])
@@ -627,12 +632,12 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
     return outcomes
 
 
-def _mark_replayed(rows: list[Any], at: datetime, by: str) -> None:
+def _mark_replayed(rows: list[Any], at: datetime, by: str, event: dict[str, Any]) -> None:
     """Write what replay did to ``rows``: one UPDATE per batch on PostgreSQL, one statement per row elsewhere.
 
-    Not ``bulk_update``: its CASE WHEN per field and row costs about 1-2 ms of Python per row,
-    more than publishing the message. Status, time and author are the same for the whole
-    batch; the new task id, the audit trail and the replay count differ from row to row.
+    Not ``bulk_update``: its CASE WHEN per field and row costs more Python per row than
+    publishing the message. On PostgreSQL only the ids and new task ids travel per row; the
+    audit event is appended and the replay count incremented by the database.
     """
     from django.db import connections, router
 
@@ -647,23 +652,25 @@ def _mark_replayed(rows: list[Any], at: datetime, by: str) -> None:
     column = {name: quote(meta.get_field(name).column)
               for name in ("status", "replay_count", "replayed_task_id", "replayed_at", "replayed_by", "audit")}
     table, pk = quote(meta.db_table), quote(meta.pk.column)
-    audit = meta.get_field("audit")
     status = DeadLetter.Status.REPLAYED.value
     replayed_at = meta.get_field("replayed_at").get_db_prep_save(at, connection)
     if connection.vendor == "postgresql":
-        params: list[Any] = [status, replayed_at, by]
+        params: list[Any] = [status, replayed_at, by, json.dumps(event)]
         for row in rows:
-            params += [row.pk, row.replayed_task_id, audit.get_db_prep_save(row.audit, connection), row.replay_count]
-        values = ", ".join(["(%s, %s, %s::jsonb, %s)"] * len(rows))
+            params += [row.pk, row.replayed_task_id]
+        values = ", ".join(["(%s, %s)"] * len(rows))
         sql = (
             f"UPDATE {table} AS d SET {column['status']} = %s, {column['replayed_at']} = %s,"
-            f" {column['replayed_by']} = %s, {column['replayed_task_id']} = v.new_id, {column['audit']} = v.audit,"
-            f" {column['replay_count']} = v.replay_count"
-            f" FROM (VALUES {values}) AS v(id, new_id, audit, replay_count) WHERE d.{pk} = v.id"
+            f" {column['replayed_by']} = %s, {column['replayed_task_id']} = v.new_id,"
+            f" {column['audit']} = d.{column['audit']} || jsonb_build_array(%s::jsonb"
+            f" || jsonb_build_object('new_task_id', v.new_id)),"
+            f" {column['replay_count']} = d.{column['replay_count']} + 1"
+            f" FROM (VALUES {values}) AS v(id, new_id) WHERE d.{pk} = v.id"
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
         return
+    audit = meta.get_field("audit")
     sql = (
         f"UPDATE {table} SET {column['status']} = %s, {column['replayed_at']} = %s, {column['replayed_by']} = %s,"
         f" {column['replayed_task_id']} = %s, {column['audit']} = %s, {column['replay_count']} = %s WHERE {pk} = %s"
