@@ -122,3 +122,8 @@ def tracked(self):
     if self.request.retries == 0:
         raise self.retry(exc=ConnectionError("once"), countdown=1)
     return self.attempt
+
+
+@safetynet.task(bind=True, max_retries=1)
+def retries_without_exc(self):
+    raise self.retry(countdown=1)

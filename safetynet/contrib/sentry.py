@@ -239,7 +239,7 @@ def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, 
             (type(exception), exception, exception.__traceback__), client_options=client.options,
             mechanism={"type": "safetynet", "handled": False},
         )
-    else:  # self.retry() without exc: Celery raises MaxRetriesExceededError after this
+    else:  # the signal allows no exception; the runtime always sends one (MaxRetriesExceededError at worst)
         event, hint = {"level": "error", "message": f"{task_name} gave up: {reason} ({detail})"}, {}
     event["contexts"] = {"safetynet": {
         "task": task_name, "task_id": task_id, "reason": reason, "detail": detail, "attempts": attempts,

@@ -201,13 +201,16 @@ class SafetyTask(celery.Task):
                 state, entry, decision, args=args, kwargs=kwargs, exc=exc, throw=throw,
                 eta=eta if keep_eta else None, countdown=None if keep_eta else decision.delay, **retry_options,
             )
-        self._give_up(state, entry, decision, exc)  # type: ignore[arg-type]
         # Let Celery raise what it raises when retries are exhausted: ``exc`` itself, or
-        # MaxRetriesExceededError when there is none. Mark it so the wrapper does not decide twice.
+        # MaxRetriesExceededError when there is none; record that, and mark it so the wrapper
+        # does not decide twice.
         try:
             return self._celery_retry(args, kwargs, exc, throw, eta, countdown, max_retries=-1, **retry_options)
         except BaseException as raised:
             request._safetynet_settled = raised
+            if exc is None:
+                entry = self._entry(state, started, now, raised, decision)
+            self._give_up(state, entry, decision, exc if exc is not None else raised)  # type: ignore[arg-type]
             raise
 
     def _manual_policy(self, eta: Any, countdown: float | None, max_retries: int | None, now: float) -> RetryPolicy:

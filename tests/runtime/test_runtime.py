@@ -170,3 +170,18 @@ def test_a_dotted_matcher_that_does_not_import_names_the_key():
     with override_settings(SAFETYNET={"DEFAULT_RETRY_ON": ["nope.missing"]}):
         with pytest.raises(ConfigurationError, match="SAFETYNET\\['DEFAULT_RETRY_ON'\\]: cannot import"):
             conf.get()
+
+
+def test_self_retry_without_exc_gives_up_with_max_retries_exceeded():
+    from celery.exceptions import MaxRetriesExceededError
+
+    dead = []
+    signals.task_dead.connect(lambda sender, **kw: dead.append(kw), weak=False, dispatch_uid="t-noexc")
+    try:
+        trace = simulate(tasks.retries_without_exc)
+    finally:
+        signals.task_dead.disconnect(dispatch_uid="t-noexc")
+    assert trace.state == "FAILURE" and isinstance(trace.exception, MaxRetriesExceededError)
+    assert trace.delays == [1.0]
+    assert isinstance(dead[0]["exception"], MaxRetriesExceededError)
+    assert dead[0]["history"][-1]["exception"] == "celery.exceptions.MaxRetriesExceededError"
