@@ -38,7 +38,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, tran
 from django.db.models import Min
 
 from safetynet import conf, signals
-from safetynet.runtime.history import HEADER
+from safetynet.runtime.history import HEADER, qualified_name
 from safetynet.runtime.registry import UnknownTask
 
 __all__ = [
@@ -295,10 +295,7 @@ def record(
     """
     history = [dict(entry) for entry in history or []]  # redacted below: the caller's copy stays as it was
     if exception is not None:
-        klass = type(exception)
-        exception_type = exception_type or (
-            klass.__qualname__ if klass.__module__ == "builtins" else f"{klass.__module__}.{klass.__qualname__}"
-        )
+        exception_type = exception_type or qualified_name(exception)
         exception_message = exception_message or str(exception)
     if history and not traceback:
         traceback = history[-1].get("traceback") or ""
@@ -356,6 +353,15 @@ def record(
         _announce(stored)
     _after_write()
     return True
+
+
+def record_safely(**fields: Any) -> None:
+    """``record``, but never raising: recording must not change a task's outcome or stop a worker."""
+    try:
+        record(**fields)
+    except Exception:  # the log keeps the failure (record itself spools when the database is down)
+        logger.exception("safetynet: could not record the dead letter of %s[%s]",
+                         fields.get("task_name"), fields.get("task_id"))
 
 
 def store(fields: dict[str, Any]) -> Any:

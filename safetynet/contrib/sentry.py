@@ -47,6 +47,7 @@ from sentry_sdk.scope import add_global_event_processor, global_event_processors
 from sentry_sdk.utils import event_from_exception
 
 from safetynet import conf, deadletter, signals
+from safetynet.runtime.history import qualified_name
 
 __all__ = [
     "DECIDED_REASONS", "SafetynetIntegration", "dead_letter_fingerprint", "install", "redact_event",
@@ -197,15 +198,10 @@ def _wrap_log_hook(user_hook: Callable[..., Any] | None) -> Callable[..., Any]:
 
 # -- reporting ----------------------------------------------------------------------------
 
-def _qualified_name(exception: BaseException) -> str:
-    klass = type(exception)
-    return klass.__qualname__ if klass.__module__ == "builtins" else f"{klass.__module__}.{klass.__qualname__}"
-
-
 def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
                             history: list[dict[str, Any]] | None, secrets: list[str] = ()) -> str:  # type: ignore[assignment]
     """The fingerprint ``deadletter.record`` stores for this failure (same inputs, same redaction)."""
-    exception_type = _qualified_name(exception) if exception is not None else ""
+    exception_type = qualified_name(exception) if exception is not None else ""
     message = str(exception) if exception is not None else ""
     traceback = (history[-1].get("traceback") or "") if history else ""
 

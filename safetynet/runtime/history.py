@@ -12,12 +12,13 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HEADER", "AttemptState", "entry_for"]
+__all__ = ["HEADER", "AttemptState", "entry_for", "qualified_name"]
 
 HEADER = "safetynet"
 
 
-def _qualified_name(exception: BaseException) -> str:
+def qualified_name(exception: BaseException) -> str:
+    """An exception's class as recorded: ``smtplib.SMTPException``, builtins unqualified (``ConnectionError``)."""
     klass = type(exception)
     return klass.__qualname__ if klass.__module__ == "builtins" else f"{klass.__module__}.{klass.__qualname__}"
 
@@ -42,7 +43,7 @@ def entry_for(
         "attempt": attempt,
         "started": round(started, 6),
         "duration": round(max(0.0, ended - started), 6),
-        "exception": _qualified_name(exception) if exception is not None else None,
+        "exception": qualified_name(exception) if exception is not None else None,
         "message": str(exception)[:500] if exception is not None else "",
         "traceback": text,
         "worker": worker,

@@ -311,15 +311,12 @@ class SafetyTask(celery.Task):
                      history: list[dict[str, Any]], omitted: int) -> None:
         from safetynet import deadletter
 
-        try:
-            deadletter.record(
-                task_name=self.name, task_id=request.id, reason=reason, args=request.args, kwargs=request.kwargs,
-                parameters=deadletter.parameter_names(self), headers=request.headers,
-                delivery_info=request.delivery_info, exception=exc, detail=detail, history=history,
-                omitted=omitted, worker=request.hostname or "", failed_at=clock.now(),
-            )
-        except Exception:  # never let recording change the task's outcome; the log keeps it
-            logger.exception("safetynet: could not record the dead letter of %s[%s]", self.name, request.id)
+        deadletter.record_safely(
+            task_name=self.name, task_id=request.id, reason=reason, args=request.args, kwargs=request.kwargs,
+            parameters=deadletter.parameter_names(self), headers=request.headers,
+            delivery_info=request.delivery_info, exception=exc, detail=detail, history=history,
+            omitted=omitted, worker=request.hostname or "", failed_at=clock.now(),
+        )
 
     def _record_rejected(self, exc: Reject, started: float) -> None:
         request = self.request

@@ -33,11 +33,7 @@ logger = logging.getLogger("safetynet")
 def _record(**fields: Any) -> None:
     from safetynet import deadletter
 
-    try:
-        deadletter.record(**fields)
-    except Exception:  # recording must never take the worker down; the log keeps the failure
-        logger.exception("safetynet: could not record the dead letter of %s[%s]",
-                         fields.get("task_name"), fields.get("task_id"))
+    deadletter.record_safely(**fields)
 
 
 class SafetyRequest(Request):
