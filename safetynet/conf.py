@@ -25,6 +25,10 @@ Every key, its default and its meaning::
     PROMETHEUS_WORKER_PORT  serve the metrics from each worker's main process on this port (None: no server,
                           0: any free port); the environment variable SAFETYNET_PROMETHEUS_WORKER_PORT wins
     PROMETHEUS_WORKER_ADDRESS  the address that server listens on
+    REDIS_URL             Redis for counters every worker shares (delivery counts, enqueue uniqueness);
+                          None: the Celery broker when it is Redis, else the database; "": always the database
+    MAX_DELIVERIES        a task that kills its worker this many times is dead-lettered as crash_loop
+    IDEMPOTENCY_LEASE_SECONDS  how long a claim outlives its last heartbeat (renewed every third of it)
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ __all__ = ["DEFAULTS", "Settings", "get", "version"]
 
 DEFAULTS: dict[str, Any] = {
     "DEFAULT_POLICY": RetryPolicy(max_attempts=5, backoff=Exponential(1.0, 2.0), jitter="full", max_delay=600.0),
-    "DEFAULT_RETRY_ON": (is_network_error, http_status(408, 425, 429, 500, 502, 503, 504)),
+    "DEFAULT_RETRY_ON": (
+        is_network_error,
+        http_status(408, 425, 429, 500, 502, 503, 504),
+        # Time limits are transient by default: the next attempt may be faster (declare them in
+        # a task's fail_on to dead-letter at once).
+        "celery.exceptions.SoftTimeLimitExceeded",
+        "celery.exceptions.TimeLimitExceeded",
+    ),
     "DEFAULT_FAIL_ON": (),
     "UNCLASSIFIED": "fail",
     "HISTORY_MAX_ENTRIES": 20,
@@ -65,6 +76,9 @@ DEFAULTS: dict[str, Any] = {
     "ALERT_HOOKS": (),
     "PROMETHEUS_WORKER_PORT": None,
     "PROMETHEUS_WORKER_ADDRESS": "0.0.0.0",
+    "REDIS_URL": None,
+    "MAX_DELIVERIES": 3,
+    "IDEMPOTENCY_LEASE_SECONDS": 30,
 }
 
 
@@ -89,6 +103,9 @@ class Settings:
     alert_hooks: tuple[Callable[..., Any], ...]
     prometheus_worker_port: int | None
     prometheus_worker_address: str
+    redis_url: str | None
+    max_deliveries: int
+    idempotency_lease_seconds: float
 
 
 _cached: Settings | None = None
@@ -174,6 +191,18 @@ def _port(key: str, value: Any) -> int | None:
     return value
 
 
+def _optional_string(key: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a string or None, got {value!r}")
+    return value
+
+
+def _lease(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 86_400:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a number of seconds from 1 to 86400, got {value!r}")
+    return float(value)
+
+
 def build(user: dict[str, Any]) -> Settings:
     """Validate ``user`` (a SAFETYNET dict) over the defaults; raise ConfigurationError if wrong."""
     unknown = sorted(set(user) - set(DEFAULTS))
@@ -214,6 +243,9 @@ def build(user: dict[str, Any]) -> Settings:
         alert_hooks=_callables("ALERT_HOOKS", merged["ALERT_HOOKS"]),
         prometheus_worker_port=_port("PROMETHEUS_WORKER_PORT", merged["PROMETHEUS_WORKER_PORT"]),
         prometheus_worker_address=str(merged["PROMETHEUS_WORKER_ADDRESS"]),
+        redis_url=_optional_string("REDIS_URL", merged["REDIS_URL"]),
+        max_deliveries=_positive_int("MAX_DELIVERIES", merged["MAX_DELIVERIES"]),
+        idempotency_lease_seconds=_lease("IDEMPOTENCY_LEASE_SECONDS", merged["IDEMPOTENCY_LEASE_SECONDS"]),
     )
 
 

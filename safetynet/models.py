@@ -1,4 +1,4 @@
-"""Durable records: the dead-letter store."""
+"""Durable records: the dead-letter store, idempotency claims and the database fallback of shared counters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import datetime
 from django.db import models
 from django.db.models import Q
 
-__all__ = ["DeadLetter", "DeadLetterQuerySet"]
+__all__ = ["DeadLetter", "DeadLetterQuerySet", "IdempotencyClaim", "SharedKey"]
 
 
 class DeadLetterQuerySet(models.QuerySet):
@@ -60,6 +60,7 @@ class DeadLetter(models.Model):
         UNKNOWN_TASK = "unknown_task", "unknown task"
         UNDECODABLE = "undecodable", "undecodable message"
         REJECTED = "rejected", "rejected"
+        WORKER_LOST = "worker_lost", "worker lost"
 
     class Status(models.TextChoices):
         DEAD = "dead", "dead"
@@ -117,3 +118,59 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] {self.reason}"
+
+
+class IdempotencyClaim(models.Model):
+    """One logical operation, claimed by the task run that may perform it.
+
+    Times are seconds since the epoch (floats) so the claim SQL is the same on PostgreSQL and
+    SQLite. ``lease_until`` is moved on by a heartbeat while the body runs; a claim whose lease
+    ran out belongs to a run that died, and the next delivery takes it over.
+    """
+
+    class State(models.TextChoices):
+        IN_PROGRESS = "in_progress", "in progress"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+
+    key = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255)
+    #: The task id of the run that holds (or last held) the claim.
+    task_id = models.CharField(max_length=255)
+    state = models.CharField(max_length=16, choices=State.choices)
+    #: Who holds it: task id, host, pid and a nonce; empty once released.
+    owner = models.CharField(max_length=255, blank=True)
+    lease_until = models.FloatField(default=0.0)
+    #: Runs that took the claim since it was last settled; a takeover means the previous run died.
+    deliveries = models.PositiveIntegerField(default=1)
+    #: The stored return value (JSON), returned to a later duplicate; ``result_stored`` says if there is one.
+    result = models.JSONField(null=True, blank=True)
+    result_stored = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    created_at = models.FloatField()
+    updated_at = models.FloatField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["task_id"], name="safetynet_claim_task"),
+            models.Index(fields=["updated_at"], name="safetynet_claim_updated"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.state}"
+
+
+class SharedKey(models.Model):
+    """A counter or a set-once value shared by every worker, when Redis is not configured."""
+
+    key = models.CharField(max_length=255, unique=True)
+    value = models.TextField(blank=True)
+    count = models.BigIntegerField(default=0)
+    #: Seconds since the epoch after which the row means nothing (and may be overwritten).
+    expires_at = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["expires_at"], name="safetynet_sharedkey_expires")]
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.count or self.value}"

@@ -42,7 +42,7 @@ def exhausted(n):
     return n
 
 
-@safetynet.task(time_limit=1)
+@safetynet.task(time_limit=1, retry_policy=safetynet.RetryPolicy(max_attempts=1))  # the limit is final at once
 def slow(n):
     if fault_on():
         time.sleep(5)

@@ -248,14 +248,15 @@ def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, 
     _capture(event, hint, task_name, attempts, reason, fingerprint, secrets)
 
 
-def _on_task_retrying(sender: Any, **_: Any) -> None:
+def _on_task_retrying(sender: Any, args: Any = None, kwargs: Any = None, **_: Any) -> None:
     # A retried attempt leaves breadcrumbs (Celery's "retry: <exception>" line) in the worker's
     # scope: remember the task's secrets so a later event of this process cannot carry them.
     if not sentry_sdk.get_client().is_active():
         return
     try:
-        request = sender.request
-        _remember_secrets(deadletter.sensitive_values(request.args, request.kwargs, deadletter.parameter_names(sender)))
+        if args is None and kwargs is None:
+            args, kwargs = sender.request.args, sender.request.kwargs
+        _remember_secrets(deadletter.sensitive_values(args, kwargs, deadletter.parameter_names(sender)))
     except Exception:
         logger.exception("safetynet: could not note the sensitive arguments of %s", getattr(sender, "name", sender))
 
@@ -375,7 +376,6 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
 # Request.on_timeout says "Hard time limit (Ns) exceeded for task[id]", and the pool reports the
 # killed child ("Process 'ForkPoolWorker-N' pid:P exited with 'signal 9 (SIGKILL)'"). For a
 # safetynet task, SafetyRequest.on_timeout records the dead letter, reported with the tags.
-_killed_pids: OrderedDict[int, None] = OrderedDict()
 
 
 def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | None) -> bool:
@@ -394,18 +394,11 @@ def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | N
         request = _timed_out_request(exception)
         if request is None:
             return False
-        pid = getattr(request, "worker_pid", None)
-        if isinstance(pid, int):
-            with _reported_lock:
-                _killed_pids[pid] = None
-                while len(_killed_pids) > 1_000:
-                    _killed_pids.popitem(last=False)
         return True
     if name == "multiprocessing" and message.startswith("Process ") and len(params) >= 2:
-        with _reported_lock:
-            if params[1] in _killed_pids:
-                del _killed_pids[params[1]]
-                return True
+        from safetynet.runtime.worker import time_limited_children
+
+        return time_limited_children.forget(params[1])
     return False
 
 

@@ -24,7 +24,10 @@ from safetynet.exceptions import ConfigurationError
 __all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "Resolved", "check_known", "resolve", "validate"]
 
 #: Options safetynet adds to a task.
-SAFETYNET_OPTIONS = frozenset({"retry_policy", "retry_on", "fail_on"})
+SAFETYNET_OPTIONS = frozenset(
+    {"retry_policy", "retry_on", "fail_on", "idempotency_key", "idempotency_lease", "idempotency_atomic",
+     "unique_for", "max_deliveries"}
+)
 
 #: Celery's own options about retrying; declaring any of them means "Celery semantics".
 CELERY_RETRY_OPTIONS = frozenset(
@@ -86,6 +89,25 @@ def validate(options: Mapping[str, Any], where: str) -> None:
                 f"{where}: give either retry_policy or Celery's {', '.join(clash)}, not both: "
                 "retry_policy=RetryPolicy(...) already says how many attempts and how long to wait."
             )
+    key = options.get("idempotency_key")
+    if key is not None and not (callable(key) or (isinstance(key, str) and key.strip())):
+        raise ConfigurationError(
+            f"{where}: idempotency_key must be a template such as 'order-{{order_id}}' or a callable, got {key!r}"
+        )
+    for name, low, high in (("idempotency_lease", 1, 86_400), ("unique_for", 1, 30 * 86_400)):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not low <= value <= high):
+            raise ConfigurationError(f"{where}: {name} must be a number of seconds from {low} to {high}, got {value!r}")
+    value = options.get("max_deliveries")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(f"{where}: max_deliveries must be a whole number >= 1, got {value!r}")
+    if "idempotency_atomic" in options and not isinstance(options["idempotency_atomic"], bool):
+        raise ConfigurationError(f"{where}: idempotency_atomic must be True or False, got {options['idempotency_atomic']!r}")
+    needs_key = sorted({"idempotency_lease", "idempotency_atomic", "unique_for"} & {
+        name for name, value in options.items() if value is not None})
+    if needs_key and key is None:
+        raise ConfigurationError(f"{where}: {', '.join(needs_key)} needs idempotency_key=... to say what is unique")
     for name in ("retry_on", "fail_on"):
         if name in options:
             as_matchers(options[name], name=f"{where}: {name}")
@@ -119,13 +141,26 @@ def celery_policy(options: Mapping[str, Any], where: str) -> RetryPolicy:
         raise ConfigurationError(f"{where}: {error}") from None
 
 
+class KeyOption:
+    """Where a task class keeps its ``idempotency_key`` option: the class reads the option,
+    an instance reads the key of the running call (``self.idempotency_key``)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        if instance is None:
+            return self.spec
+        return instance._current_idempotency_key()
+
+
 def declared(klass: type, stop: type) -> dict[str, Any]:
     """The options a task class declares itself or inherits from classes below ``stop``."""
     found: dict[str, Any] = {}
     for ancestor in reversed(klass.__mro__[: klass.__mro__.index(stop)]):
         for name, value in vars(ancestor).items():
             if name in KNOWN_OPTIONS:
-                found[name] = value
+                found[name] = value.spec if isinstance(value, KeyOption) else value
     return found
 
 

@@ -20,6 +20,7 @@ import inspect
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -28,11 +29,13 @@ import celery
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
 
-from safetynet import conf, signals
+from django.db import transaction
+
+from safetynet import conf, idempotency, signals
 from safetynet.core.classify import ALWAYS_RETRY
 from safetynet.core.decision import Dead, Decision, Retry, decide
 from safetynet.core.policy import Fixed, RetryPolicy
-from safetynet.exceptions import ConfigurationError
+from safetynet.exceptions import ConfigurationError, Permanent, Snooze
 from safetynet.runtime import clock, options
 from safetynet.runtime.history import HEADER, AttemptState, entry_for
 
@@ -59,7 +62,9 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
         def guarded(self: SafetyTask, *args: Any, **kwargs: Any) -> Any:
             _attempt.started = started = clock.now()
             try:
-                return body(*args, **kwargs)
+                if self._idempotency is None:
+                    return body(*args, **kwargs)
+                return self._run_claimed(functools.partial(body, *args, **kwargs), args, kwargs, started)
             except Exception as exc:
                 self._after_failure(exc, started)
                 raise
@@ -75,7 +80,9 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
         def guarded(self: SafetyTask, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
             _attempt.started = started = clock.now()
             try:
-                return body(self, *args, **kwargs)
+                if self._idempotency is None:
+                    return body(self, *args, **kwargs)
+                return self._run_claimed(functools.partial(body, self, *args, **kwargs), args, kwargs, started)
             except Exception as exc:
                 self._after_failure(exc, started)
                 raise
@@ -105,19 +112,54 @@ class SafetyTask(celery.Task):
     retry_on: Any = ()
     #: Matchers that make a failure permanent.
     fail_on: Any = ()
+    #: A template over the task's arguments (``"charge-{order_id}"``) or a callable taking them;
+    #: on an instance, the key of the running call.
+    idempotency_key: Any = options.KeyOption(None)
+    #: Seconds a claim outlives its last heartbeat (None: ``IDEMPOTENCY_LEASE_SECONDS``).
+    idempotency_lease: float | None = None
+    #: Run the body and the "succeeded" mark in one database transaction.
+    idempotency_atomic: bool = True
+    #: Enqueueing the same key again within this many seconds sends no second message.
+    unique_for: float | None = None
+    #: A task that kills its worker this many times is dead-lettered (None: ``MAX_DELIVERIES``).
+    max_deliveries: int | None = None
+
+    #: The compiled ``idempotency_key``; None for a task that is not idempotent.
+    _idempotency: idempotency.KeyTemplate | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         where = f"task {cls.__dict__.get('name') or cls.__qualname__}"
         if cls.__dict__.get("_decorated"):
             options.check_known(options.decorated_options(cls), where)
-        options.validate(options.declared(cls, SafetyTask), where)
+        declared = options.declared(cls, SafetyTask)
+        options.validate(declared, where)
         run = cls.__dict__.get("run")
         if run is not None and not hasattr(run, "_safetynet_body"):
             cls.run = _wrap_run(run)
             # Celery's add_autoretry_behaviour skips a task that has _orig_run: autoretry_for is
             # applied here, through the core, instead of by Celery's wrapper.
             cls._orig_run = run
+        spec = declared.get("idempotency_key")
+        if spec is not None and ("idempotency_key" in cls.__dict__ or run is not None):
+            cls._make_idempotent(spec, declared, where)
+
+    @classmethod
+    def _make_idempotent(cls, spec: Any, declared: dict[str, Any], where: str) -> None:
+        """Compile the key against the body's parameters; idempotent tasks get late acks by default."""
+        body = getattr(cls, "_orig_run", None)
+        if body is None:
+            raise ConfigurationError(f"{where}: idempotency_key needs a task body (a run method)")
+        bound = not isinstance(body, staticmethod)
+        cls._idempotency = idempotency.KeyTemplate(
+            spec, body if bound else body.__func__, bound=bound, where=where
+        )
+        cls.idempotency_key = options.KeyOption(spec)
+        # Redelivery is safe now: acknowledge after the run, and requeue when the worker dies.
+        if declared.get("acks_late") is None:
+            cls.acks_late = True
+        if declared.get("reject_on_worker_lost") is None:
+            cls.reject_on_worker_lost = True
 
     # -- what a bound task can read -------------------------------------------------------
 
@@ -142,6 +184,123 @@ class SafetyTask(celery.Task):
     def attempt(self) -> int:
         """The number of the running attempt, 1 for the first (snoozes do not count)."""
         return AttemptState.from_headers(self.request.headers, 0.0).attempt
+
+    def _current_idempotency_key(self) -> str | None:
+        """The idempotency key of the running call (stable across retries, redeliveries, replays)."""
+        if self._idempotency is None:
+            return None
+        request = self.request
+        key = getattr(request, "_safetynet_key", None)
+        if key is None:
+            key = self._idempotency.render(request.args, request.kwargs)
+            request._safetynet_key = key
+        return key
+
+    # -- enqueueing -----------------------------------------------------------------------
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, *rest: Any,
+                    **enqueue_options: Any) -> Any:
+        """Celery's ``apply_async``; an idempotent task's key is checked here, and made unique if asked."""
+        if self._idempotency is None:
+            return super().apply_async(args, kwargs, task_id, *rest, **enqueue_options)
+        headers = enqueue_options.get("headers") or {}
+        if HEADER in headers or "safetynet_replay_of" in headers:  # a retry or a replay: sent as asked
+            return super().apply_async(args, kwargs, task_id, *rest, **enqueue_options)
+        key = self._idempotency.render(args, kwargs)  # a bad key fails the caller, not a worker
+        if self.unique_for:
+            from celery.utils import uuid as new_task_id
+
+            from safetynet import shared
+
+            task_id = task_id or new_task_id()
+            existing = shared.add(f"unique:{key}", task_id, self.unique_for)
+            if existing is not None:
+                logger.info("%s: idempotency key %r was enqueued as %s within %ss; not sent again",
+                            self.name, key, existing, self.unique_for,
+                            extra={"task_name": self.name, "task_id": existing, "idempotency_key": key})
+                return self.AsyncResult(existing)
+        return super().apply_async(args, kwargs, task_id, *rest, **enqueue_options)
+
+    # -- idempotent runs --------------------------------------------------------------------
+
+    def _run_claimed(self, call: Callable[[], Any], args: Any, kwargs: Any, started: float) -> Any:
+        """Claim the key, then run the body once: the path of an idempotent task."""
+        request = self.request
+        if request.called_directly:
+            return call()
+        try:
+            key = self._idempotency.render(args, kwargs)  # type: ignore[union-attr]
+        except idempotency.IdempotencyKeyError as error:
+            raise Permanent(str(error)) from error
+        request._safetynet_key = key
+        settings = conf.get()
+        held = idempotency.claim(
+            key, task_name=self.name, task_id=request.id,
+            lease=float(self.idempotency_lease or settings.idempotency_lease_seconds),
+            max_deliveries=self.max_deliveries or settings.max_deliveries,
+        )
+        if held.outcome == idempotency.SUCCEEDED:
+            logger.info("%s[%s]: idempotency key %r already succeeded; returning its stored result",
+                        self.name, request.id, key,
+                        extra={"task_name": self.name, "task_id": request.id, "idempotency_key": key})
+            return held.result
+        if held.outcome == idempotency.IN_PROGRESS:
+            self._defer(held, started)
+        if held.outcome == idempotency.CRASH_LOOP:
+            self._crash_loop(held, started)
+        try:
+            with idempotency.holding(held):
+                if not self.idempotency_atomic:
+                    result = call()
+                    if not idempotency.mark_succeeded(held, result):
+                        logger.warning("%s[%s]: idempotency key %r was taken over while this run worked",
+                                       self.name, request.id, key)
+                    return result
+                with transaction.atomic(using=held.using):
+                    result = call()
+                    if not idempotency.mark_succeeded(held, result):
+                        raise idempotency.ClaimLost(
+                            f"idempotency key {key!r} was taken over by another run; this run's writes rolled back"
+                        )
+                return result
+        except BaseException as exc:
+            try:
+                idempotency.release(held, exc)
+            except Exception:  # the failure itself is what the caller must see
+                logger.exception("safetynet: could not release idempotency key %r", key)
+            raise
+
+    def _defer(self, held: idempotency.Claim, started: float) -> None:
+        """Another run holds the key: come back later without using up an attempt."""
+        request = self.request
+        if request.is_eager:
+            raise idempotency.KeyInProgress(
+                f"idempotency key {held.key!r} is in progress in task {held.holder_task_id}; "
+                "an eager run cannot wait for it"
+            )
+        state = self._state(started)
+        deferrals = sum(1 for entry in state.history if entry.get("action") == "snooze")
+        remaining = max(0.0, held.lease_until - time.time())
+        delay = max(0.5, min(remaining + 0.1, 2.0 ** deferrals, 30.0))
+        snooze = Snooze(delay, f"idempotency key {held.key!r} is in progress in task {held.holder_task_id}")
+        self._after_failure(snooze, started)  # publishes the deferred run, or returns past the deadline
+        request._safetynet_settled = snooze
+        raise snooze
+
+    def _crash_loop(self, held: idempotency.Claim, started: float) -> None:
+        """The runs holding this key keep dying: dead-letter it instead of killing another worker."""
+        request = self.request
+        limit = self.max_deliveries or conf.get().max_deliveries
+        error = idempotency.CrashLoop(
+            f"the last {held.deliveries - 1} runs holding idempotency key {held.key!r} died without finishing "
+            f"(max_deliveries={limit})"
+        )
+        idempotency.release(held, error)
+        state = self._state(started)
+        decision = Dead("crash_loop", str(error))
+        self._give_up(state, self._entry(state, started, clock.now(), error, decision), decision, error)
+        request._safetynet_settled = error
+        raise error
 
     # -- the failure path -----------------------------------------------------------------
 
@@ -276,6 +435,7 @@ class SafetyTask(celery.Task):
         signals.task_retrying.send_robust(
             sender=self, task_id=request.id, attempt=state.attempt, delay=decision.delay,
             reason=decision.reason, exception=retry_kwargs.get("exc"), entry=entry,
+            args=request.args, kwargs=request.kwargs,
         )
         try:
             return self._celery_retry(max_retries=math.inf, headers=headers, **retry_kwargs)

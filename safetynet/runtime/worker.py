@@ -1,6 +1,12 @@
 """The worker side beyond the task body: failures Celery handles in the main process.
 
-- a hard time limit kills the child: ``SafetyRequest.on_timeout`` records it (reason ``time_limit``);
+- a hard time limit kills the child: it counts as an attempt; while the policy allows another,
+  ``SafetyRequest.on_failure`` publishes the retry, else ``on_timeout`` records it (``time_limit``);
+- the child dies mid-task (``WorkerLostError``): with ``acks_late`` and ``reject_on_worker_lost``
+  Celery puts the message back, silently and without counting; the crashes of each task id and
+  attempt are counted here (Redis, else the database) and past ``max_deliveries`` the message is
+  acknowledged and recorded as ``crash_loop``. Without late acks the message is gone: it is
+  recorded as ``worker_lost``;
 - an unknown task name (``task_unknown``), a message the worker refuses (``task_rejected``)
   and a body that cannot be decoded (the consumer's ``on_decode_error``, wrapped at
   ``worker_ready``) are recorded as ``unknown_task``, ``undecodable`` or ``rejected``;
@@ -16,14 +22,22 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery import signals as celery_signals
 from celery.app.task import Context
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.utils.serialization import get_pickled_exception
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from safetynet.runtime.history import AttemptState, entry_for
+from safetynet.core.decision import Retry, decide
+from safetynet.runtime import clock
+from safetynet.idempotency import CrashLoop
+from safetynet.runtime.history import HEADER, AttemptState, entry_for
 
 __all__ = ["SafetyRequest", "connect"]
 
@@ -36,16 +50,169 @@ def _record(**fields: Any) -> None:
     deadletter.record_safely(**fields)
 
 
+class _Pids:
+    """Pool children a hard time limit of a safetynet task killed (the pool then logs their exit)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pids: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, pid: Any) -> None:
+        if isinstance(pid, int):
+            with self.lock:
+                self.pids[pid] = None
+                while len(self.pids) > 1_000:
+                    self.pids.popitem(last=False)
+
+    def forget(self, pid: Any) -> bool:
+        """True (once) if ``pid`` was killed by such a time limit."""
+        with self.lock:
+            return self.pids.pop(pid, False) is None
+
+
+#: Read by contrib.sentry, which drops the pool's "Process … exited" error line for them.
+time_limited_children = _Pids()
+
+
+def _unwrapped(exc_info: Any) -> BaseException:
+    exc = exc_info.exception
+    return getattr(exc, "exc", exc) if type(exc).__name__ == "ExceptionWithTraceback" else exc
+
+
 class SafetyRequest(Request):
-    """Celery's worker Request, recording a hard time limit as a dead letter."""
+    """Celery's worker Request: hard time limits and lost workers end in a retry or a dead letter."""
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = _unwrapped(exc_info)
+        if isinstance(exc, TimeLimitExceeded):
+            time_limited_children.add(getattr(self, "worker_pid", None))
+            if self._retry_after_time_limit(exc):
+                return None
+        if isinstance(exc, WorkerLostError):
+            exc_info = self._after_worker_lost(exc_info, exc)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    def _context_and_state(self, started: float) -> tuple[Context, AttemptState]:
+        context = getattr(self, "_context", None) or Context(self.request_dict)
+        return context, AttemptState.from_headers(context.headers or {}, started)
+
+    def _retry_after_time_limit(self, exc: TimeLimitExceeded) -> bool:
+        """The hard limit used up an attempt; publish the next one if the policy allows it."""
+        from safetynet import conf, signals
+
+        task = self.task
+        if not hasattr(task, "_resolved"):
+            return False
+        now = time.time()
+        limit = float(exc.args[0]) if exc.args and isinstance(exc.args[0], (int, float)) else 0.0
+        started = self.time_start or now - limit
+        context, state = self._context_and_state(started)
+        resolved = task._resolved()
+        decision = decide(resolved.policy, resolved.rules, state.attempt, exc, state.started_at, now,
+                          previous_delay=state.previous_delay, rng=clock.rng())
+        if not isinstance(decision, Retry):
+            return False
+        settings = conf.get()
+        entry = entry_for(state.attempt, started, now, exc, action="retry", delay=decision.delay,
+                          reason=f"hard time limit ({decision.reason})", worker=self.hostname,
+                          traceback_max_chars=settings.traceback_max_chars)
+        header = state.header_after(entry, delay=decision.delay, consumes_attempt=True,
+                                    max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes)
+        _expire_claims(task, self.id)
+        try:
+            task.signature_from_request(
+                request=context, countdown=decision.delay, retries=(context.retries or 0) + 1,
+                headers={**(context.headers or {}), HEADER: header},
+            ).apply_async()
+        except Exception:
+            logger.exception("safetynet: could not publish the retry of %s[%s] after its hard time limit",
+                             self.task_name, self.id)
+            return False
+        self._safetynet_retried = True
+        task_ready(self)
+        try:
+            task.backend.mark_as_retry(self.id, exc, request=context)
+        except Exception:  # the state is informative; the retry is on its way
+            logger.exception("safetynet: could not store the RETRY state of %s[%s]", self.task_name, self.id)
+        if task.acks_late:
+            self.acknowledge()
+        self.send_event("task-retried", exception=repr(get_pickled_exception(exc)), traceback="")
+        logger.warning(
+            "%s[%s] attempt %s hit the hard time limit: retry in %.3fs", self.task_name, self.id, state.attempt,
+            decision.delay, extra={"task_name": self.task_name, "task_id": self.id, "attempt": state.attempt,
+                                   "action": "retry", "delay": decision.delay, "reason": "time_limit"},
+        )
+        signals.task_retrying.send_robust(sender=task, task_id=self.id, attempt=state.attempt, delay=decision.delay,
+                                          reason="time_limit", exception=exc, entry=entry,
+                                          args=self.args, kwargs=self.kwargs)
+        return True
+
+    def _after_worker_lost(self, exc_info: Any, exc: BaseException) -> Any:
+        """Count the crash; past max_deliveries, turn Celery's silent requeue into a crash_loop dead letter."""
+        from safetynet import conf, deadletter, shared
+
+        task = self.task
+        if getattr(task, "retry_on_worker_lost", False):
+            return exc_info  # Celery >= 5.7 publishes a retry itself
+        _expire_claims(task, self.id)
+        now = time.time()
+        context, state = self._context_and_state(self.time_start or now)
+        requeued = bool(task.acks_late and task.reject_on_worker_lost)
+        settings = conf.get()
+        if requeued:
+            limit = getattr(task, "max_deliveries", None) or settings.max_deliveries
+            counter = f"crashes:{self.id}:{state.attempt}"
+            try:
+                crashes = shared.incr(counter, ttl=86_400)
+            except Exception:
+                logger.exception("safetynet: could not count the crash of %s[%s]; Celery requeues it",
+                                 self.task_name, self.id)
+                return exc_info
+            if crashes < limit:
+                logger.warning(
+                    "%s[%s] attempt %s: the worker process died (crash %s of %s); Celery puts it back in the queue",
+                    self.task_name, self.id, state.attempt, crashes, limit,
+                    extra={"task_name": self.task_name, "task_id": self.id, "attempt": state.attempt,
+                           "action": "requeue", "reason": "worker_lost"},
+                )
+                return exc_info
+            reason = "crash_loop"
+            detail = f"the worker process died {crashes} times running attempt {state.attempt} (max_deliveries={limit})"
+            try:
+                raise CrashLoop(detail) from exc
+            except CrashLoop as crash:
+                failure: BaseException = crash
+                exc_info = ExceptionInfo()
+        else:
+            reason, failure = "worker_lost", exc
+            detail = ("the worker process died while running it, and it was acknowledged before it ran "
+                      "(acks_late=False or reject_on_worker_lost=False): Celery will not run it again")
+        entry = entry_for(state.attempt, self.time_start or now, now, failure, action="dead", delay=None,
+                          reason=reason, worker=self.hostname, traceback_max_chars=settings.traceback_max_chars)
+        _record(
+            task_name=self.task_name, task_id=self.id, reason=reason, args=self.args, kwargs=self.kwargs,
+            parameters=deadletter.parameter_names(task), headers=context.headers or {},
+            delivery_info=self.delivery_info, exception=failure, detail=detail, history=state.with_entry(entry),
+            omitted=state.omitted, worker=self.hostname, failed_at=now,
+        )
+        _release_claims(task, self.id, detail)
+        if requeued:
+            try:
+                shared.delete(f"crashes:{self.id}:{state.attempt}")
+            except Exception:  # the counter expires by itself
+                logger.info("safetynet: could not delete the crash counter of %s", self.id)
+        return exc_info
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
+        if getattr(self, "_safetynet_retried", False):
+            return  # the hard limit used up an attempt and the next one is published
         super().on_timeout(soft, timeout)
         if soft:
             return
-        from celery.exceptions import TimeLimitExceeded
 
         from safetynet import conf, deadletter
+
+        _release_claims(self.task, self.id, f"hard time limit of {timeout:g}s exceeded")
 
         now = time.time()
         headers = Context(self.request_dict).headers or {}
@@ -63,6 +230,30 @@ class SafetyRequest(Request):
                 exception=exc, detail=f"hard time limit of {timeout:g}s exceeded", history=state.with_entry(entry),
                 omitted=state.omitted, worker=self.hostname, failed_at=now,
             )
+
+
+def _expire_claims(task: Any, task_id: str) -> None:
+    """The process running ``task_id`` is dead: its idempotency claims may be taken over at once."""
+    if getattr(task, "_idempotency", None) is None:
+        return
+    from safetynet import idempotency
+
+    try:
+        idempotency.expire_task(task_id)
+    except Exception:  # the lease runs out by itself
+        logger.exception("safetynet: could not expire the idempotency claims of %s", task_id)
+
+
+def _release_claims(task: Any, task_id: str, why: str) -> None:
+    """``task_id`` was dead-lettered here: its claims are failed, so a replay can claim them."""
+    if getattr(task, "_idempotency", None) is None:
+        return
+    from safetynet import idempotency
+
+    try:
+        idempotency.release_task(task_id, why)
+    except Exception:  # the lease runs out by itself
+        logger.exception("safetynet: could not release the idempotency claims of %s", task_id)
 
 
 def _message_fields(message: Any) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def void(order_id, card_token=None):
     raise Permanent(f"order {order_id} was deleted")
 
 
-@safetynet.task(time_limit=1)
+@safetynet.task(time_limit=1, retry_policy=safetynet.RetryPolicy(max_attempts=2, backoff=safetynet.Fixed(0.2)))
 def slow(card_token=None):
     time.sleep(30)
 

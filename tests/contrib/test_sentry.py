@@ -448,13 +448,14 @@ REAL_CASES = {
     "refund": (refund, (44,), {"card_token": SECRET}, "retries_exhausted", "3", "ConnectionError"),
     "poll": (poll, (), {"card_token": SECRET}, "retries_exhausted", "2", None),
     "void": (void, (45,), {"card_token": SECRET}, "permanent_error", "1", "Permanent"),
-    "slow": (slow, (), {"card_token": SECRET}, "time_limit", "1", "TimeLimitExceeded"),
+    "slow": (slow, (), {"card_token": SECRET}, "time_limit", "2", "TimeLimitExceeded"),
 }
 
 
 # Sentry's own report of each of the 5 failures in the children (CeleryIntegration's, or the
-# celery.app.trace error line), and the 3 error lines of the hard time limit in the main process.
-EXPECTED_DROPPED = 8
+# celery.app.trace error line), the 3 error lines of the final hard time limit in the main
+# process, and the killed child of the first one (retried).
+EXPECTED_DROPPED = 9
 
 
 @pytest.fixture(scope="module", params=["celery", "no-celery"])

@@ -1,0 +1,402 @@
+"""Idempotency keys and claims: a retried or redelivered task performs its effect once.
+
+A task declares ``idempotency_key="charge-{order_id}"`` (a template over its arguments) or a
+callable taking the task's arguments. Before the body runs, the key is claimed in the
+database with one ``INSERT … ON CONFLICT … RETURNING`` statement:
+
+- won: the body runs while a heartbeat thread moves the claim's lease on; by default the body's
+  database writes and the "succeeded" mark commit in one transaction, and the mark only
+  succeeds while this run still owns the claim, so a run that lost its claim rolls back;
+- succeeded earlier: the stored result is returned and the body does not run;
+- in progress elsewhere: the task is deferred (a snooze: no attempt used up);
+- in progress, but its lease ran out (the worker died): taken over, and counted; after
+  ``max_deliveries`` such deaths the task is dead-lettered as ``crash_loop``.
+
+Orphans are found by a missed heartbeat, not by elapsed time, so a long run is never run twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import socket
+import string
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connections, router, transaction
+
+from safetynet.exceptions import ConfigurationError, SafetynetError, Transient
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "Claim",
+    "ClaimLost",
+    "CrashLoop",
+    "IdempotencyKeyError",
+    "KeyInProgress",
+    "KeyTemplate",
+    "atomic",
+    "claim",
+    "current",
+    "mark_succeeded",
+    "release",
+    "release_task",
+]
+
+logger = logging.getLogger("safetynet")
+
+#: The longest key a claim can hold (the column's size).
+MAX_KEY_LENGTH = 255
+
+WON, SUCCEEDED, IN_PROGRESS, CRASH_LOOP = "won", "succeeded", "in_progress", "crash_loop"
+
+
+class IdempotencyKeyError(SafetynetError, ValueError):
+    """A task's arguments do not make a valid idempotency key (missing, empty or too long)."""
+
+
+class ClaimLost(Transient):
+    """Another run took the claim over while this one worked; this run's database writes were rolled back."""
+
+
+class KeyInProgress(SafetynetError):
+    """An eager run met a key another run holds (an eager run cannot be deferred)."""
+
+
+class CrashLoop(SafetynetError):
+    """The task killed its worker ``max_deliveries`` times: it is dead-lettered instead of run again."""
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+_FIELD_ROOT = re.compile(r"^[^.\[]*")
+
+
+class KeyTemplate:
+    """A task's ``idempotency_key`` option, checked against the task's parameters when declared."""
+
+    def __init__(self, spec: str | Callable[..., Any], function: Callable[..., Any], *, bound: bool, where: str):
+        self.spec = spec
+        signature = inspect.signature(function)
+        parameters = list(signature.parameters.values())
+        if bound and parameters:
+            parameters = parameters[1:]
+        self.signature = signature.replace(parameters=parameters)
+        if callable(spec):
+            return
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigurationError(
+                f"{where}: idempotency_key must be a template such as 'order-{{order_id}}' or a callable "
+                f"taking the task's arguments, got {spec!r}"
+            )
+        names = {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        open_kwargs = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(spec) if field is not None]
+        except ValueError as error:
+            raise ConfigurationError(f"{where}: idempotency_key {spec!r} is not a valid template: {error}") from None
+        if not fields:
+            raise ConfigurationError(
+                f"{where}: idempotency_key {spec!r} names no argument, so every call would share one key; "
+                "write it over the arguments that identify the operation, e.g. 'charge-{order_id}'"
+            )
+        for field in fields:
+            root = _FIELD_ROOT.match(field).group(0)  # type: ignore[union-attr]
+            if not root or root.isdigit():
+                raise ConfigurationError(
+                    f"{where}: idempotency_key {spec!r}: name the argument ({{order_id}}), not a position ({{{field}}})"
+                )
+            if root not in names and not open_kwargs:
+                known = ", ".join(sorted(names)) or "none"
+                raise ConfigurationError(
+                    f"{where}: idempotency_key {spec!r} names {root!r}, which is not an argument of the task "
+                    f"(its arguments: {known})"
+                )
+
+    def render(self, args: Any, kwargs: Any) -> str:
+        """The key for one call; IdempotencyKeyError when the arguments cannot make one."""
+        args, kwargs = tuple(args or ()), dict(kwargs or {})
+        if callable(self.spec):
+            value = self.spec(*args, **kwargs)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str):
+                raise IdempotencyKeyError(f"the idempotency_key callable returned {value!r}, not a string")
+            key = value
+        else:
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError as error:
+                raise IdempotencyKeyError(f"cannot make the idempotency key {self.spec!r}: {error}") from None
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            for parameter in self.signature.parameters.values():
+                if parameter.kind is parameter.VAR_KEYWORD:
+                    values.update(values.pop(parameter.name, {}))
+            try:
+                key = self.spec.format_map(values)
+            except (KeyError, AttributeError, IndexError) as error:
+                raise IdempotencyKeyError(
+                    f"cannot make the idempotency key {self.spec!r} from the arguments: missing {error}"
+                ) from None
+        return check_key(key)
+
+
+def check_key(key: str) -> str:
+    """``key`` if it can be claimed; IdempotencyKeyError saying what is wrong otherwise."""
+    if not key.strip():
+        raise IdempotencyKeyError("the idempotency key is empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise IdempotencyKeyError(
+            f"the idempotency key is {len(key)} characters long; the limit is {MAX_KEY_LENGTH}. "
+            f"Build it from identifiers, not payloads (it starts {key[:40]!r})"
+        )
+    return key
+
+
+# -- claims ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    """The outcome of claiming a key, and what the holder needs to settle it."""
+
+    key: str
+    outcome: str
+    owner: str = ""
+    using: str = "default"
+    lease: float = 30.0
+    deliveries: int = 1
+    result: Any = None
+    result_stored: bool = False
+    holder_task_id: str = ""
+    lease_until: float = 0.0
+
+
+def _table(using: str) -> str:
+    from safetynet.models import IdempotencyClaim
+
+    return connections[using].ops.quote_name(IdempotencyClaim._meta.db_table)
+
+
+def database_for_claims() -> str:
+    """The database alias claims are written to (Django's routers decide)."""
+    from safetynet.models import IdempotencyClaim
+
+    return router.db_for_write(IdempotencyClaim) or "default"
+
+
+def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliveries: int) -> Claim:
+    """Claim ``key`` for this run: won, already succeeded, in progress elsewhere, or a crash loop."""
+    using = database_for_claims()
+    table = _table(using)
+    owner = f"{task_id}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"[:255]
+    for _ in range(5):
+        now = time.time()
+        with connections[using].cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
+                f"result_stored, error, created_at, updated_at) "
+                f"VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, %s, '', %s, %s) "
+                f"ON CONFLICT (key) DO UPDATE SET task_name = excluded.task_name, task_id = excluded.task_id, "
+                f"state = 'in_progress', owner = excluded.owner, lease_until = excluded.lease_until, "
+                f"deliveries = CASE WHEN {table}.state = 'in_progress' THEN {table}.deliveries + 1 ELSE 1 END, "
+                f"result = NULL, result_stored = excluded.result_stored, error = '', "
+                f"updated_at = excluded.updated_at "
+                f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' AND {table}.lease_until < %s) "
+                f"RETURNING deliveries",
+                [key, task_name, task_id, owner, now + lease, False, now, now, now],
+            )
+            row = cursor.fetchone()
+        if row is not None:
+            deliveries = int(row[0])
+            outcome = CRASH_LOOP if deliveries - 1 >= max_deliveries else WON
+            return Claim(key, outcome, owner=owner, using=using, lease=lease, deliveries=deliveries)
+        existing = _read(key, using)
+        if existing is None or existing.outcome == "failed":
+            continue  # settled or purged between the two statements: claim again
+        existing.lease = lease
+        return existing
+    raise SafetynetError(f"could not claim idempotency key {key!r}: it changed state five times in a row")
+
+
+def _read(key: str, using: str) -> Claim | None:
+    from safetynet.models import IdempotencyClaim
+
+    row = (
+        IdempotencyClaim.objects.using(using)
+        .filter(key=key)
+        .values_list("state", "owner", "result", "result_stored", "task_id", "lease_until", "deliveries")
+        .first()
+    )
+    if row is None:
+        return None
+    state, owner, result, result_stored, task_id, lease_until, deliveries = row
+    return Claim(key, state, owner=owner, using=using, result=result, result_stored=result_stored,
+                 holder_task_id=task_id, lease_until=lease_until, deliveries=deliveries)
+
+
+def _jsonable(result: Any) -> tuple[Any, bool]:
+    try:
+        json.dumps(result, cls=DjangoJSONEncoder)
+    except (TypeError, ValueError):
+        return None, False
+    return result, True
+
+
+def mark_succeeded(held: Claim, result: Any = None, *, has_result: bool = True) -> bool:
+    """Mark the claim succeeded (with its result) if this run still owns it; False if it does not."""
+    from safetynet.models import IdempotencyClaim
+
+    stored, storable = _jsonable(result) if has_result else (None, False)
+    if has_result and not storable:
+        logger.warning("safetynet: the result of the run holding %r is not JSON; a duplicate will get None",
+                       held.key, extra={"idempotency_key": held.key})
+    fields: dict[str, Any] = {"state": IdempotencyClaim.State.SUCCEEDED, "updated_at": time.time()}
+    if has_result:
+        fields.update(result=stored, result_stored=storable)
+    updated = (
+        IdempotencyClaim.objects.using(held.using)
+        .filter(key=held.key, owner=held.owner, state__in=[IdempotencyClaim.State.IN_PROGRESS,
+                                                            IdempotencyClaim.State.SUCCEEDED])
+        .update(**fields)
+    )
+    return bool(updated)
+
+
+def release(held: Claim, error: BaseException | None) -> None:
+    """Give an unfinished claim up (the run failed): the next run may claim the key."""
+    from safetynet.models import IdempotencyClaim
+
+    IdempotencyClaim.objects.using(held.using).filter(
+        key=held.key, owner=held.owner, state=IdempotencyClaim.State.IN_PROGRESS
+    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(),
+             error="" if error is None else f"{type(error).__name__}: {error}"[:2000])
+
+
+def expire_task(task_id: str) -> int:
+    """End the lease of claims held by ``task_id`` (its process is known dead): the next delivery takes over."""
+    from safetynet.models import IdempotencyClaim
+
+    return IdempotencyClaim.objects.using(database_for_claims()).filter(
+        task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
+    ).update(lease_until=0.0)
+
+
+def release_task(task_id: str, error: str) -> int:
+    """Mark the claims held by ``task_id`` failed (the task was dead-lettered in the worker's main process)."""
+    from safetynet.models import IdempotencyClaim
+
+    return IdempotencyClaim.objects.using(database_for_claims()).filter(
+        task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
+    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), error=error[:2000])
+
+
+def purge(older_than: float) -> int:
+    """Delete settled claims last changed before ``older_than`` (seconds since the epoch)."""
+    from safetynet.models import IdempotencyClaim
+
+    deleted, _ = IdempotencyClaim.objects.using(database_for_claims()).filter(
+        updated_at__lt=older_than
+    ).exclude(state=IdempotencyClaim.State.IN_PROGRESS).delete()
+    return deleted
+
+
+# -- the heartbeat -----------------------------------------------------------------------------
+
+
+class _Heartbeat:
+    """One thread per process that moves the leases of the claims this process holds."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.held: dict[str, Claim] = {}
+        self.thread: threading.Thread | None = None
+        self.pid = 0
+        self.wake = threading.Event()
+
+    def hold(self, held: Claim) -> None:
+        with self.lock:
+            self.held[held.owner] = held
+            if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
+                self.pid = os.getpid()
+                self.thread = threading.Thread(target=self.loop, name="safetynet-heartbeat", daemon=True)
+                self.thread.start()
+
+    def drop(self, held: Claim) -> None:
+        with self.lock:
+            self.held.pop(held.owner, None)
+
+    def loop(self) -> None:
+        from django.db import close_old_connections
+
+        from safetynet.models import IdempotencyClaim
+
+        while True:
+            with self.lock:
+                claims = list(self.held.values())
+            interval = min((c.lease for c in claims), default=3.0) / 3
+            self.wake.wait(max(0.05, interval))
+            self.wake.clear()
+            with self.lock:
+                claims = list(self.held.values())
+            by_lease: dict[tuple[str, float], list[str]] = {}
+            for held in claims:
+                by_lease.setdefault((held.using, held.lease), []).append(held.owner)
+            try:
+                for (using, lease), owners in by_lease.items():
+                    IdempotencyClaim.objects.using(using).filter(
+                        owner__in=owners, state=IdempotencyClaim.State.IN_PROGRESS
+                    ).update(lease_until=time.time() + lease)
+            except Exception as error:  # the database may be away for a moment: try again next beat
+                logger.warning("safetynet: could not renew idempotency leases: %r", error)
+            finally:
+                close_old_connections()
+
+
+_heartbeat = _Heartbeat()
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def holding(held: Claim) -> Iterator[Claim]:
+    """While the body runs: the lease is renewed and ``current()`` is this claim."""
+    _heartbeat.hold(held)
+    previous = getattr(_local, "claim", None)
+    _local.claim = held
+    try:
+        yield held
+    finally:
+        _local.claim = previous
+        _heartbeat.drop(held)
+
+
+def current() -> Claim | None:
+    """The claim of the idempotent task running in this thread, if any."""
+    return getattr(_local, "claim", None)
+
+
+@contextlib.contextmanager
+def atomic(using: str | None = None) -> Iterator[None]:
+    """A transaction that also marks the running task's idempotency claim succeeded.
+
+    Use it in a task declared with ``idempotency_atomic=False`` around the database writes
+    that make the operation's effect: they and the mark commit together, or neither does.
+    Outside an idempotent task it is ``django.db.transaction.atomic``.
+    """
+    held = current()
+    alias = using or (held.using if held is not None else None)
+    with transaction.atomic(using=alias):
+        yield
+        if held is not None and not mark_succeeded(held, has_result=False):
+            raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run; rolled back")
