@@ -1,8 +1,18 @@
 """The Celery app and tasks of ``bench/overhead.py``, importable by its worker subprocesses.
 
 Imported by the benchmark itself (to publish) and by ``celery -A _overhead_tasks worker``
-(with ``bench/`` on PYTHONPATH). Django is configured here, minimally, because safetynet
-reads ``settings.SAFETYNET``.
+(with ``bench/`` on PYTHONPATH). Django is configured here, minimally: safetynet reads
+``settings.SAFETYNET``, and the idempotent no-op claims its key in a PostgreSQL database of the
+benchmark's own (the benchmark creates it when it is missing and migrates it; the plain and
+safetynet no-ops never open a connection).
+
+Environment (all optional):
+
+    SAFETYNET_BENCH_REDIS        broker URL                (default redis://127.0.0.1:6379/9)
+    SAFETYNET_BENCH_OVERHEAD_DB  database name             (default safetynet_bench_overhead)
+    SAFETYNET_BENCH_DB_HOST      PostgreSQL host           (default 127.0.0.1)
+    SAFETYNET_BENCH_DB_PORT      PostgreSQL port           (default 5432)
+    SAFETYNET_BENCH_DB_USER      PostgreSQL user           (default postgres)
 """
 
 from __future__ import annotations
@@ -14,6 +24,11 @@ import django
 from celery import Celery, shared_task
 from django.conf import settings
 
+DB_NAME = os.environ.get("SAFETYNET_BENCH_OVERHEAD_DB", "safetynet_bench_overhead")
+DB_HOST = os.environ.get("SAFETYNET_BENCH_DB_HOST", "127.0.0.1")
+DB_PORT = os.environ.get("SAFETYNET_BENCH_DB_PORT", "5432")
+DB_USER = os.environ.get("SAFETYNET_BENCH_DB_USER", "postgres")
+
 if not settings.configured:
     from safetynet import conf as safetynet_conf
 
@@ -24,7 +39,16 @@ if not settings.configured:
         safetynet_settings["SPOOL_DIR"] = os.environ["SAFETYNET_BENCH_SPOOL"]
     settings.configure(
         INSTALLED_APPS=["safetynet"],
-        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": DB_NAME,
+                "HOST": DB_HOST,
+                "PORT": DB_PORT,
+                "USER": DB_USER,
+            }
+        },
+        DEBUG=False,  # with DEBUG, Django would keep every query in memory
         SAFETYNET=safetynet_settings,
         USE_TZ=True,
     )
@@ -86,6 +110,11 @@ def safetynet_noop() -> None:
     """The same no-op, as a safetynet task."""
 
 
+@safetynet.task(name="bench.idempotent_noop", ignore_result=True, idempotency_key="noop-{n}")
+def idempotent_noop(n: str) -> None:
+    """The same no-op, idempotent: each message has an ``n`` of its own, so each run claims a fresh key."""
+
+
 @shared_task(name="bench.mark", ignore_result=True)
 def mark(key: str) -> None:
     """Record when the worker reached this point of its queue: wall clock and the worker's CPU time.
@@ -95,4 +124,36 @@ def mark(key: str) -> None:
     _client().rpush(key, f"{time.time()!r} {time.process_time()!r}")
 
 
-NOOPS = {"plain": plain_noop, "safetynet": safetynet_noop}
+NOOPS = {"plain": plain_noop, "safetynet": safetynet_noop, "idempotent": idempotent_noop}
+
+
+def ensure_database() -> None:
+    """Create the benchmark's database when it is missing, and migrate it (safetynet's tables)."""
+    import psycopg
+    from django.core.management import call_command
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname="postgres", autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
+    except psycopg.OperationalError as error:
+        raise SystemExit(
+            f"overhead.py: the idempotent no-op needs PostgreSQL at {DB_HOST}:{DB_PORT} (user {DB_USER}): {error}"
+        ) from None
+    call_command("migrate", "safetynet", verbosity=0, interactive=False)
+
+
+def clear_claims() -> int:
+    """Empty the claim table of the benchmark's own database; return how many rows it held."""
+    from django.db import connection
+
+    from safetynet.models import IdempotencyClaim
+
+    table = connection.ops.quote_name(IdempotencyClaim._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {table}")
+        rows = cursor.fetchone()[0]
+        cursor.execute(f"TRUNCATE {table}")
+    connection.close()  # the workers are what is measured; hold no session across a round
+    return rows

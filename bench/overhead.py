@@ -1,12 +1,15 @@
-"""Throughput of a no-op safetynet task against a plain Celery task, through real workers on Redis.
+"""Throughput of a no-op safetynet task, plain and idempotent, against a plain Celery task, through real workers.
 
     /tmp/venv/bin/python bench/overhead.py [--quick] [--tasks N] [--rounds R] [--slice S] [--budget SECONDS]
                                            [--pool solo|prefork] [--without-prometheus]
 
-Two systems are compared: a plain ``@shared_task`` no-op and the same no-op as ``@safetynet.task``.
+Three systems are compared: a plain ``@shared_task`` no-op, the same no-op as ``@safetynet.task``,
+and the same no-op as an idempotent ``@safetynet.task(idempotency_key="noop-{n}")`` whose every
+message has an ``n`` of its own, so every run claims a fresh key in PostgreSQL (a database of the
+benchmark's own, created and migrated when missing, its claim table emptied before each round).
 A round starts a fresh worker subprocess for each system (solo pool by default, each on a queue
 of its own, started in parallel, warmed up), then makes each worker run N no-ops, in slices of S
-tasks, alternating: plain, safetynet, plain, safetynet, ... A slice is:
+tasks, alternating: plain, safetynet, idempotent, plain, safetynet, idempotent, ... A slice is:
 
 1. ``[start marker, S no-ops, end marker]`` built in a staging list, then RENAMEd onto the
    worker's queue at once (the no-ops ignore their result; a marker records ``time.time()``
@@ -16,10 +19,11 @@ tasks, alternating: plain, safetynet, plain, safetynet, ... A slice is:
 A round's figure for a system is N / (sum of its slices' times); with ``--budget`` (45 s under
 ``--quick``) a round may stop after fewer slices on a slow machine, and says so. So only the worker's
 throughput is measured: not the publishing, not the start-up. Interleaving short slices makes
-both systems see the same noise of a shared machine; fresh workers each round keep one unlucky
+every system see the same noise of a shared machine; fresh workers each round keep one unlucky
 process from biasing every round. Each round is printed; the figures compared are medians over
-rounds, and the last line of output is ``plain_tps=… safetynet_tps=… ratio=…``
-(ratio = safetynet / plain).
+rounds, and the last line of output is
+``plain_tps=… safetynet_tps=… ratio=… idempotent_tps=… idempotent_ratio=…``
+(ratio = safetynet / plain, idempotent_ratio = idempotent / plain).
 
 Redis: database 9 by default (``SAFETYNET_BENCH_REDIS``). A run holds a lock key there, so two
 runs cannot spoil each other's figures; it names its keys after a run id and deletes every
@@ -29,6 +33,7 @@ runs cannot spoil each other's figures; it names its keys after a run id and del
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import statistics
@@ -46,7 +51,8 @@ if str(HERE) not in sys.path:
 
 import _overhead_tasks as bench  # noqa: E402
 
-SYSTEMS = ("plain", "safetynet")
+SYSTEMS = ("plain", "safetynet", "idempotent")
+IN_PROCESS = ("plain", "safetynet")  # the systems _in_process_costs times (no database)
 STARTUP_TIMEOUT = 60.0  # seconds for a fresh worker to get through its warm-up
 BATCH = 1000  # messages per LPUSH
 LOCK = "bench:overhead:lock"
@@ -100,14 +106,23 @@ class Messages:
 
     Publishing through ``apply_async`` costs more than running a no-op, so each kind of message
     is published once by Celery, taken back, and copied with fresh ids (task id, delivery tag).
+    The idempotent no-op's argument ``n`` is made fresh too (run id and a counter), in its
+    base64-encoded body and its ``argsrepr``, so that every copy claims a key of its own.
     """
+
+    PLACEHOLDER = "N" * 24
 
     def __init__(self, client, run_id: str, system: str, lock: Lock) -> None:
         self.queue = f"bench.{run_id}.{system}"
         self.staging = f"bench:{run_id}:{system}:staging"
         self.start_key, self.end_key = f"bench:{run_id}:{system}:start", f"bench:{run_id}:{system}:end"
         self.client, self.lock = client, lock
-        self.noop = self._template(bench.NOOPS[system])
+        self.keyed = system == "idempotent"
+        self.run_id, self.counter = run_id, 0
+        self.noop = self._template(bench.NOOPS[system], (self.PLACEHOLDER,) if self.keyed else ())
+        if self.keyed:
+            self.body = json.loads(self.noop[0])["body"]
+            self.decoded = base64.b64decode(self.body).decode()
         self.start = self._template(bench.mark, (self.start_key,))
         self.end = self._template(bench.mark, (self.end_key,))
 
@@ -122,6 +137,15 @@ class Messages:
         raw, task_id, tag = template
         return raw.replace(task_id, str(uuid.uuid4())).replace(tag, str(uuid.uuid4()))
 
+    def _copy_noop(self) -> str:
+        raw = self._copy(self.noop)
+        if not self.keyed:
+            return raw
+        self.counter += 1
+        n = f"{self.run_id}-{self.counter:09d}"
+        body = base64.b64encode(self.decoded.replace(self.PLACEHOLDER, n).encode()).decode()
+        return raw.replace(self.body, body).replace(self.PLACEHOLDER, n)
+
     def load(self, tasks: int) -> None:
         """Put ``[start marker, tasks no-ops, end marker]`` on the queue in one step."""
         client = self.client
@@ -132,7 +156,7 @@ class Messages:
             pipe.delete(self.staging)
             pipe.lpush(self.staging, self._copy(self.start))  # kombu's Redis transport: LPUSH, BRPOP
             for done in range(0, tasks, BATCH):
-                pipe.lpush(self.staging, *(self._copy(self.noop) for _ in range(min(BATCH, tasks - done))))
+                pipe.lpush(self.staging, *(self._copy_noop() for _ in range(min(BATCH, tasks - done))))
             pipe.lpush(self.staging, self._copy(self.end))
             pipe.rename(self.staging, self.queue)  # wakes the worker's BRPOP with everything in place
             pipe.execute()
@@ -223,10 +247,11 @@ def run_round(number: int, order: tuple[str, ...], messages: dict[str, Messages]
               log_dir: str, deadline: float | None) -> dict[str, tuple[float, float]]:
     """Run one round; return, per system, (tasks/s of wall time, tasks/s of the worker's CPU time).
 
-    With a ``deadline`` (``--budget``), the round stops early, after whole pairs of slices and
-    at least MIN_SLICES of them, when the next pair would end past it.
+    With a ``deadline`` (``--budget``), the round stops early, after whole turns of slices (one
+    per system) and at least MIN_SLICES of them, when the next turn would end past it.
     """
     workers: dict[str, Worker] = {}
+    bench.clear_claims()  # the previous round's claims (no worker is running)
     try:
         launched = time.monotonic()
         for system in order:
@@ -238,7 +263,7 @@ def run_round(number: int, order: tuple[str, ...], messages: dict[str, Messages]
         cpu = dict.fromkeys(order, 0.0)
         slices = tasks = 0
         while tasks < args.tasks:
-            pair_began = time.monotonic()
+            turn_began = time.monotonic()
             size = min(args.slice, args.tasks - tasks)
             for system in order:
                 slice_wall, slice_cpu = workers[system].run(size, args.slice_timeout)
@@ -247,7 +272,7 @@ def run_round(number: int, order: tuple[str, ...], messages: dict[str, Messages]
             slices += 1
             tasks += size
             now = time.monotonic()
-            if deadline is not None and slices >= MIN_SLICES and now + (now - pair_began) + STOP_SECONDS > deadline:
+            if deadline is not None and slices >= MIN_SLICES and now + (now - turn_began) + STOP_SECONDS > deadline:
                 break
     finally:
         for worker in workers.values():
@@ -258,12 +283,13 @@ def run_round(number: int, order: tuple[str, ...], messages: dict[str, Messages]
         tps, cpu_tps = tasks / wall[system], tasks / cpu[system]
         results[system] = tps, cpu_tps
         print(
-            f"round {number} {system:<9} {tasks} tasks{cut} in {slices} slices, {wall[system]:6.3f}s ="
+            f"round {number} {system:<10} {tasks} tasks{cut} in {slices} slices, {wall[system]:6.3f}s ="
             f" {tps:8.1f} tasks/s  (worker CPU {cpu[system]:6.3f}s = {cpu_tps:8.1f} tasks/CPU-s)",
             flush=True,
         )
     print(
         f"round {number} ratio {results['safetynet'][0] / results['plain'][0]:.3f}"
+        f" idempotent_ratio {results['idempotent'][0] / results['plain'][0]:.3f}"
         f"  (workers up and warm in {startup:.1f}s; load {os.getloadavg()[0]:.2f})",
         flush=True,
     )
@@ -282,7 +308,7 @@ def _in_process_costs(pairs: int = 150, calls: int = 200) -> dict[str, float]:
     from celery.app.trace import build_tracer
 
     tracers, runs = {}, {}
-    for system in SYSTEMS:
+    for system in IN_PROCESS:
         task = bench.NOOPS[system]
         task = getattr(task, "_get_current_object", lambda task=task: task)()
         tracer = build_tracer(task.name, task, eager=False, propagate=False, app=bench.app, hostname="bench@local")
@@ -292,11 +318,11 @@ def _in_process_costs(pairs: int = 150, calls: int = 200) -> dict[str, float]:
         tracer(task_id, (), {}, request)
         tracers[system] = lambda tracer=tracer, task_id=task_id, request=request: tracer(task_id, (), {}, request)
         runs[system] = task.run
-    traced: dict[str, list[float]] = {system: [] for system in SYSTEMS}
+    traced: dict[str, list[float]] = {system: [] for system in IN_PROCESS}
     added, run_added = [], []
     for turn in range(pairs):
         trace, run = {}, {}
-        for system in (SYSTEMS if turn % 2 else SYSTEMS[::-1]):
+        for system in (IN_PROCESS if turn % 2 else IN_PROCESS[::-1]):
             trace[system] = timeit.timeit(tracers[system], number=calls) / calls * 1e6
             run[system] = timeit.timeit(runs[system], number=calls * 10) / (calls * 10) * 1e6
             traced[system].append(trace[system])
@@ -333,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="no-ops each fresh worker runs first, unmeasured (default 300, 200 with --quick)")
     parser.add_argument("--pool", choices=("solo", "prefork"), default="solo", help="worker pool (prefork: -c 1)")
     parser.add_argument("--prefetch", type=int, default=64, help="worker prefetch multiplier (default 64)")
-    parser.add_argument("--first", choices=SYSTEMS, default="plain", help="which system runs first in each pair")
+    parser.add_argument("--first", choices=SYSTEMS, default="plain",
+                        help="which system runs first in each turn (the others follow in the usual order)")
     parser.add_argument("--slice-timeout", type=float, help="seconds allowed per slice")
     parser.add_argument("--budget", type=float,
                         help="seconds for the whole run (best effort): rounds run fewer tasks on a slow machine"
@@ -373,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[float]] = {system: [] for system in SYSTEMS}
     cpu_results: dict[str, list[float]] = {system: [] for system in SYSTEMS}
     try:
+        bench.ensure_database()
         costs = _in_process_costs(pairs=60 if args.quick else 150)
         print(
             f"in-process, one no-op through Celery's tracer, no broker: plain {costs['plain']:.2f} us,"
@@ -380,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             f" ({costs['run_added']:+.2f} us in its run() wrapper)",
             flush=True,
         )
-        order = SYSTEMS if args.first == SYSTEMS[0] else SYSTEMS[::-1]
+        first = SYSTEMS.index(args.first)
+        order = SYSTEMS[first:] + SYSTEMS[:first]
         _delete_bench_keys(client)  # what earlier runs may have left
         messages = {system: Messages(client, run_id, system, lock) for system in SYSTEMS}
         with tempfile.TemporaryDirectory(prefix="safetynet-bench-") as log_dir:
@@ -394,20 +423,28 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_results[system].append(cpu_tps)
     finally:
         _delete_bench_keys(client)
-        lock.release()
+        try:
+            bench.clear_claims()
+        finally:
+            lock.release()
 
     def figures(values: list[float]) -> str:
         return " ".join(f"{value:.1f}" for value in values)
 
-    plain, safe = statistics.median(results["plain"]), statistics.median(results["safetynet"])
-    cpu_plain, cpu_safe = statistics.median(cpu_results["plain"]), statistics.median(cpu_results["safetynet"])
-    print(f"plain     median {plain:8.1f} tasks/s  rounds: {figures(results['plain'])}")
-    print(f"safetynet median {safe:8.1f} tasks/s  rounds: {figures(results['safetynet'])}")
+    plain, safe, keyed = (statistics.median(results[system]) for system in SYSTEMS)
+    cpu_plain, cpu_safe, cpu_keyed = (statistics.median(cpu_results[system]) for system in SYSTEMS)
+    for system in SYSTEMS:
+        print(f"{system:<10} median {statistics.median(results[system]):8.1f} tasks/s"
+              f"  rounds: {figures(results[system])}")
     print(
-        f"worker CPU: plain median {cpu_plain:.1f} tasks/CPU-s, safetynet median {cpu_safe:.1f} tasks/CPU-s, "
-        f"ratio {cpu_safe / cpu_plain:.3f}; total {time.monotonic() - began:.1f}s"
+        f"worker CPU: plain median {cpu_plain:.1f} tasks/CPU-s, safetynet median {cpu_safe:.1f} tasks/CPU-s "
+        f"(ratio {cpu_safe / cpu_plain:.3f}), idempotent median {cpu_keyed:.1f} tasks/CPU-s "
+        f"(ratio {cpu_keyed / cpu_plain:.3f}); total {time.monotonic() - began:.1f}s"
     )
-    print(f"plain_tps={plain:.1f} safetynet_tps={safe:.1f} ratio={safe / plain:.3f}")
+    print(
+        f"plain_tps={plain:.1f} safetynet_tps={safe:.1f} ratio={safe / plain:.3f}"
+        f" idempotent_tps={keyed:.1f} idempotent_ratio={keyed / plain:.3f}"
+    )
     return 0
 
 

@@ -10,6 +10,9 @@ W002      a task retries without limit (``max_retries=None``) and has no deadlin
 W003      a retry delay can outlast the broker's ``visibility_timeout`` (Redis, SQS):
           the message is delivered again and the task runs twice
 W004      the pickle serializer is accepted: a message can run arbitrary code
+W005      a task acknowledges late (``acks_late``) but declares no ``idempotency_key``:
+          a redelivered message runs its effect twice
+E003      idempotent tasks are declared but the claims' database is neither PostgreSQL nor SQLite
 ========  =====================================================================
 """
 
@@ -70,6 +73,22 @@ def _policy_and_catch_all(task: Any) -> tuple[RetryPolicy | None, bool]:
     return policy, any(klass in (Exception, BaseException) for klass in autoretry)
 
 
+def _check_claims_database(idempotent: list[str]) -> list[checks.CheckMessage]:
+    from django.db import connections
+
+    from safetynet.idempotency import database_for_claims
+
+    alias = database_for_claims()
+    vendor = connections[alias].vendor
+    if vendor in ("postgresql", "sqlite"):
+        return []
+    return [checks.Error(
+        f"Idempotency claims need PostgreSQL or SQLite (INSERT … ON CONFLICT … RETURNING); database "
+        f"{alias!r} is {vendor}. Tasks with idempotency_key: {', '.join(sorted(idempotent)[:5])}.",
+        id="safetynet.E003", hint="Route safetynet's IdempotencyClaim model to a PostgreSQL database.",
+    )]
+
+
 def _broker_visibility_timeout(app: Any) -> float | None:
     scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+")[0]
     if scheme not in _VISIBILITY_DEFAULTS:
@@ -88,7 +107,18 @@ def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     tasks = user_tasks()
     app = next(iter(tasks.values())).app if tasks else None
     visibility = _broker_visibility_timeout(app) if app is not None else None
+    idempotent = [name for name, task in tasks.items() if getattr(task, "_idempotency", None) is not None]
+    if idempotent:
+        messages.extend(_check_claims_database(idempotent))
     for name, task in tasks.items():
+        if getattr(task, "acks_late", False) and name not in idempotent:
+            messages.append(checks.Warning(
+                f"Task {name} acknowledges late (acks_late=True) but declares no idempotency_key: a message "
+                "delivered again (worker lost, visibility timeout) runs its effect twice.",
+                obj=name, id="safetynet.W005",
+                hint="Declare idempotency_key='<operation>-{<argument>}' with @safetynet.task, or, if the task "
+                     "is idempotent by itself, add 'safetynet.W005' to SILENCED_SYSTEM_CHECKS.",
+            ))
         try:
             policy, catch_all = _policy_and_catch_all(task)
         except ConfigurationError as error:

@@ -323,6 +323,7 @@ class _Heartbeat:
         self.held: dict[str, Claim] = {}
         self.thread: threading.Thread | None = None
         self.pid = 0
+        self.interval = 1.0
         self.wake = threading.Event()
 
     def hold(self, held: Claim) -> None:
@@ -330,8 +331,12 @@ class _Heartbeat:
             self.held[held.owner] = held
             if self.thread is None or self.pid != os.getpid() or not self.thread.is_alive():
                 self.pid = os.getpid()
+                self.wake = threading.Event()
+                self.interval = held.lease / 3
                 self.thread = threading.Thread(target=self.loop, name="safetynet-heartbeat", daemon=True)
                 self.thread.start()
+            elif held.lease / 3 < self.interval:
+                self.wake.set()  # the thread sleeps longer than this claim's lease allows: shorten it
 
     def drop(self, held: Claim) -> None:
         with self.lock:
@@ -345,9 +350,11 @@ class _Heartbeat:
         while True:
             with self.lock:
                 claims = list(self.held.values())
-            interval = min((c.lease for c in claims), default=3.0) / 3
-            self.wake.wait(max(0.05, interval))
-            self.wake.clear()
+                self.interval = max(0.05, min((c.lease for c in claims), default=3.0) / 3)
+                wake = self.wake
+            if wake.wait(self.interval):
+                wake.clear()
+                continue  # a claim with a shorter lease arrived: sleep again, for its interval
             with self.lock:
                 claims = list(self.held.values())
             by_lease: dict[tuple[str, float], list[str]] = {}

@@ -127,3 +127,35 @@ def tracked(self):
 @safetynet.task(bind=True, max_retries=1)
 def retries_without_exc(self):
     raise self.retry(countdown=1)
+
+
+# -- idempotency ---------------------------------------------------------------------------
+
+#: What the idempotent test bodies ran, in this process (eager tests).
+RUNS = []
+
+
+@safetynet.task(idempotency_key="charge-{order_id}")
+def idempotent_charge(order_id):
+    RUNS.append(f"charge-{order_id}")
+    return f"charged-{order_id}"
+
+
+@safetynet.task(idempotency_key="early-{n}", acks_late=False)
+def idempotent_early_ack(n):
+    return n
+
+
+@safetynet.task(idempotency_key=lambda n, region: f"order/{region}/{n}")
+def keyed_by_callable(n, region):
+    return n
+
+
+@safetynet.task(idempotency_key="report-{name}", unique_for=60)
+def unique_report(name):
+    return name
+
+
+@safetynet.task(acks_late=True)
+def late_without_key():
+    return None

@@ -147,7 +147,8 @@ class SafetyTask(celery.Task):
     @classmethod
     def _make_idempotent(cls, spec: Any, declared: dict[str, Any], where: str) -> None:
         """Compile the key against the body's parameters; idempotent tasks get late acks by default."""
-        body = getattr(cls, "_orig_run", None)
+        # Read the raw class attribute: getattr would unwrap a staticmethod (an unbound task).
+        body = next((vars(klass)["_orig_run"] for klass in cls.__mro__ if "_orig_run" in vars(klass)), None)
         if body is None:
             raise ConfigurationError(f"{where}: idempotency_key needs a task body (a run method)")
         bound = not isinstance(body, staticmethod)
@@ -187,9 +188,9 @@ class SafetyTask(celery.Task):
 
     def _current_idempotency_key(self) -> str | None:
         """The idempotency key of the running call (stable across retries, redeliveries, replays)."""
-        if self._idempotency is None:
-            return None
         request = self.request
+        if self._idempotency is None or request.called_directly:
+            return None
         key = getattr(request, "_safetynet_key", None)
         if key is None:
             key = self._idempotency.render(request.args, request.kwargs)
@@ -198,14 +199,14 @@ class SafetyTask(celery.Task):
 
     # -- enqueueing -----------------------------------------------------------------------
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, *rest: Any,
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     **enqueue_options: Any) -> Any:
         """Celery's ``apply_async``; an idempotent task's key is checked here, and made unique if asked."""
         if self._idempotency is None:
-            return super().apply_async(args, kwargs, task_id, *rest, **enqueue_options)
+            return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         headers = enqueue_options.get("headers") or {}
         if HEADER in headers or "safetynet_replay_of" in headers:  # a retry or a replay: sent as asked
-            return super().apply_async(args, kwargs, task_id, *rest, **enqueue_options)
+            return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         key = self._idempotency.render(args, kwargs)  # a bad key fails the caller, not a worker
         if self.unique_for:
             from celery.utils import uuid as new_task_id
@@ -219,7 +220,7 @@ class SafetyTask(celery.Task):
                             self.name, key, existing, self.unique_for,
                             extra={"task_name": self.name, "task_id": existing, "idempotency_key": key})
                 return self.AsyncResult(existing)
-        return super().apply_async(args, kwargs, task_id, *rest, **enqueue_options)
+        return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
 
     # -- idempotent runs --------------------------------------------------------------------
 
@@ -499,4 +500,16 @@ def task(*args: Any, **task_options: Any) -> Any:
     where = f"task {named}" if named else "@safetynet.task(...)"
     options.check_known(task_options, where)
     options.validate(task_options, where)
-    return celery.shared_task(*args, **task_options)
+
+    def declare(function: Callable[..., Any]) -> Any:
+        spec = task_options.get("idempotency_key")
+        if spec is not None:  # checked now, not when Celery first builds the task class
+            name = task_options.get("name") or getattr(function, "__qualname__", repr(function))
+            idempotency.KeyTemplate(spec, function, bound=bool(task_options.get("bind")), where=f"task {name}")
+        return celery.shared_task(**task_options)(function)
+
+    if len(args) == 1 and callable(args[0]):
+        return declare(args[0])
+    if args:
+        return celery.shared_task(*args, **task_options)
+    return declare

@@ -1,0 +1,284 @@
+"""Idempotency keys (declared, rendered, refused) and claims (won, deferred, stored, taken over)."""
+
+import time
+import uuid
+
+import pytest
+from django.core import checks
+from django.db import connection
+from django.test import override_settings
+
+import safetynet
+from safetynet import ConfigurationError, idempotency, shared
+from safetynet.idempotency import CRASH_LOOP, IN_PROGRESS, SUCCEEDED, WON, IdempotencyKeyError
+from safetynet.models import IdempotencyClaim
+from tests import tasks
+
+# -- declaring a key -----------------------------------------------------------------------
+
+
+def test_a_template_naming_a_missing_argument_is_refused_when_declared():
+    with pytest.raises(ConfigurationError, match=r"names 'order', which is not an argument.*order_id"):
+        @safetynet.task(idempotency_key="charge-{order}")
+        def charge(order_id, amount):
+            pass
+
+
+def test_a_template_for_a_bound_task_is_checked_without_self():
+    with pytest.raises(ConfigurationError, match=r"names 'self'"):
+        @safetynet.task(bind=True, idempotency_key="charge-{self}")
+        def charge(self, order_id):
+            pass
+
+    @safetynet.task(bind=True, idempotency_key="charge-{order_id}")
+    def fine(self, order_id):
+        pass
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("charge-{}", "name the argument"),
+    ("charge-{0}", "name the argument"),
+    ("charge", "names no argument"),
+    ("charge-{order_id", "not a valid template"),
+    ("", "must be a template"),
+    (42, "must be a template"),
+])
+def test_bad_templates_are_refused_with_what_to_write(spec, message):
+    with pytest.raises(ConfigurationError, match=message):
+        @safetynet.task(idempotency_key=spec)
+        def charge(order_id):
+            pass
+
+
+def test_a_template_may_name_keyword_arguments_of_a_task_taking_kwargs():
+    @safetynet.task(idempotency_key="charge-{order_id}", name="tests.idem.open_kwargs")
+    def open_kwargs(**kwargs):
+        pass
+
+    assert open_kwargs._idempotency.render((), {"order_id": 7}) == "charge-7"
+    with pytest.raises(IdempotencyKeyError, match="missing 'order_id'"):
+        open_kwargs._idempotency.render((), {"other": 1})
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("unique_for", 60, "needs idempotency_key"),
+    ("idempotency_lease", 0, "from 1 to 86400"),
+    ("idempotency_atomic", "yes", "True or False"),
+    ("max_deliveries", 0, ">= 1"),
+])
+def test_bad_idempotency_options_are_refused(option, value, message):
+    with pytest.raises(ConfigurationError, match=message):
+        @safetynet.task(**{option: value})
+        def charge(order_id):
+            pass
+
+
+def test_an_idempotent_task_acknowledges_late_and_requeues_on_worker_loss_unless_told_otherwise():
+    assert tasks.idempotent_charge.acks_late is True
+    assert tasks.idempotent_charge.reject_on_worker_lost is True
+    assert tasks.idempotent_early_ack.acks_late is False
+    assert tasks.send_welcome_email.acks_late is False  # not idempotent: Celery's default
+
+
+def test_the_class_reads_the_template_and_a_direct_call_has_no_key():
+    assert type(tasks.idempotent_charge._get_current_object()).idempotency_key == "charge-{order_id}"
+    assert tasks.idempotent_charge.idempotency_key is None  # no request: nothing is running
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+def test_the_key_comes_from_positional_keyword_and_default_arguments_alike():
+    template = tasks.idempotent_charge._idempotency
+    assert template.render((42,), {}) == template.render((), {"order_id": 42}) == "charge-42"
+    assert tasks.keyed_by_callable._idempotency.render((3, "eu"), {}) == "order/eu/3"
+
+
+def test_a_key_over_the_limit_is_refused_at_enqueue_with_a_clear_message():
+    with pytest.raises(IdempotencyKeyError, match=r"300 characters long; the limit is 255.*identifiers, not payloads"):
+        tasks.idempotent_charge.apply_async(args=("x" * 293,))  # refused before anything is sent
+
+
+def test_a_callable_must_return_a_string():
+    @safetynet.task(idempotency_key=lambda n: None, name="tests.idem.none_key")
+    def none_key(n):
+        pass
+
+    with pytest.raises(IdempotencyKeyError, match="returned None, not a string"):
+        none_key._idempotency.render((1,), {})
+
+
+# -- claims --------------------------------------------------------------------------------
+
+
+def _claim(key, lease=30.0, max_deliveries=3, task_id=None):
+    return idempotency.claim(key, task_name="t", task_id=task_id or uuid.uuid4().hex, lease=lease,
+                             max_deliveries=max_deliveries)
+
+
+@pytest.mark.django_db
+def test_a_claim_is_won_once_and_a_second_run_sees_it_in_progress():
+    first = _claim("k-1")
+    assert first.outcome == WON and first.deliveries == 1
+    second = _claim("k-1")
+    assert second.outcome == IN_PROGRESS
+    assert second.holder_task_id == IdempotencyClaim.objects.get(key="k-1").task_id
+    assert second.lease_until > time.time()
+
+
+@pytest.mark.django_db
+def test_a_succeeded_claim_returns_its_stored_result():
+    held = _claim("k-2")
+    assert idempotency.mark_succeeded(held, {"charge": "ch_1", "amount": 12})
+    later = _claim("k-2")
+    assert later.outcome == SUCCEEDED
+    assert later.result == {"charge": "ch_1", "amount": 12} and later.result_stored
+
+
+@pytest.mark.django_db
+def test_a_result_that_is_not_json_is_not_stored_and_says_so(caplog):
+    held = _claim("k-3")
+    assert idempotency.mark_succeeded(held, object())
+    later = _claim("k-3")
+    assert later.outcome == SUCCEEDED and later.result is None and not later.result_stored
+    assert "not JSON" in caplog.text
+
+
+@pytest.mark.django_db
+def test_a_released_claim_is_won_again_afresh():
+    held = _claim("k-4")
+    idempotency.release(held, ConnectionError("gateway down"))
+    row = IdempotencyClaim.objects.get(key="k-4")
+    assert row.state == "failed" and row.error == "ConnectionError: gateway down"
+    again = _claim("k-4")
+    assert again.outcome == WON and again.deliveries == 1
+
+
+@pytest.mark.django_db
+def test_an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_mark_it():
+    dead = _claim("k-5", lease=30)
+    IdempotencyClaim.objects.filter(key="k-5").update(lease_until=time.time() - 1)  # its heartbeat stopped
+    taker = _claim("k-5")
+    assert taker.outcome == WON and taker.deliveries == 2
+    assert not idempotency.mark_succeeded(dead, "late")
+    assert idempotency.mark_succeeded(taker, "mine")
+    assert _claim("k-5").result == "mine"
+
+
+@pytest.mark.django_db
+def test_runs_that_keep_dying_end_in_a_crash_loop():
+    _claim("k-6")
+    outcomes = []
+    for _ in range(3):
+        IdempotencyClaim.objects.filter(key="k-6").update(lease_until=0.0)
+        outcomes.append(_claim("k-6", max_deliveries=2))
+    assert [held.outcome for held in outcomes] == [WON, CRASH_LOOP, CRASH_LOOP]
+    assert [held.deliveries for held in outcomes] == [2, 3, 4]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_heartbeat_keeps_a_long_run_from_being_taken_over():
+    held = _claim("k-7", lease=1.0)
+    with idempotency.holding(held):
+        time.sleep(2.5)  # more than twice the lease: only the heartbeat keeps it alive
+        assert _claim("k-7").outcome == IN_PROGRESS
+    time.sleep(1.2)  # no heartbeat now
+    assert _claim("k-7").outcome == WON
+
+
+@pytest.mark.django_db(transaction=True)
+def test_atomic_commits_the_writes_with_the_mark_or_neither():
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_ledger (order_id integer)")
+        cursor.execute("DELETE FROM idem_unit_ledger")
+    held = _claim("k-8")
+    with idempotency.holding(held):
+        with idempotency.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO idem_unit_ledger VALUES (1)")
+    assert IdempotencyClaim.objects.get(key="k-8").state == "succeeded"
+
+    lost = _claim("k-9")
+    IdempotencyClaim.objects.filter(key="k-9").update(owner="someone else")
+    with idempotency.holding(lost), pytest.raises(idempotency.ClaimLost):
+        with idempotency.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO idem_unit_ledger VALUES (2)")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT order_id FROM idem_unit_ledger ORDER BY order_id")
+        assert cursor.fetchall() == [(1,)]
+        cursor.execute("DROP TABLE idem_unit_ledger")
+
+
+# -- eager runs (the body, the stored result) ----------------------------------------------
+
+
+@pytest.mark.django_db
+def test_an_eager_duplicate_gets_the_stored_result_without_running_the_body():
+    tasks.RUNS.clear()
+    first = tasks.idempotent_charge.apply(args=(101,)).get()
+    second = tasks.idempotent_charge.apply(args=(101,)).get()
+    assert first == second == "charged-101"
+    assert tasks.RUNS == ["charge-101"]
+
+
+@pytest.mark.django_db
+def test_an_eager_run_meeting_a_key_in_progress_says_so():
+    _claim("charge-102")
+    result = tasks.idempotent_charge.apply(args=(102,))
+    assert isinstance(result.result, idempotency.KeyInProgress)
+
+
+@pytest.mark.django_db
+def test_a_key_over_the_limit_in_a_message_dead_letters_as_permanent():
+    result = tasks.keyed_by_callable.apply(args=(1, "x" * 300))
+    assert isinstance(result.result, safetynet.Permanent)
+    assert "the limit is 255" in str(result.result)
+
+
+# -- enqueue-side uniqueness ---------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("redis_url", [None, ""], ids=["redis", "database"])
+def test_the_same_key_enqueued_twice_within_the_window_sends_one_message(redis_url, monkeypatch):
+    sent = []
+    monkeypatch.setattr("celery.app.task.Task.apply_async", lambda self, *a, task_id=None, **k: sent.append(task_id))
+    key = uuid.uuid4().hex
+    with override_settings(SAFETYNET={"REDIS_URL": redis_url}):
+        first = tasks.unique_report.apply_async(args=(key,))
+        second = tasks.unique_report.apply_async(args=(key,))
+        other = tasks.unique_report.apply_async(args=(key + "-other",))
+        shared.delete(f"unique:report-{key}")
+        shared.delete(f"unique:report-{key}-other")
+    assert first is None  # what the stubbed Celery apply_async returned
+    assert second.id == sent[0]  # the first message's result, nothing sent
+    assert len(sent) == 2 and other is None
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("redis_url", [None, ""], ids=["redis", "database"])
+def test_shared_counters_count_and_expire(redis_url):
+    key = f"test:{uuid.uuid4().hex}"
+    with override_settings(SAFETYNET={"REDIS_URL": redis_url}):
+        assert [shared.incr(key, ttl=60) for _ in range(3)] == [1, 2, 3]
+        shared.delete(key)
+        assert shared.incr(key, ttl=0.001) == 1
+        time.sleep(1.1)  # Redis keeps at least a second
+        assert shared.incr(key, ttl=60) == 1
+        assert shared.add(key + ":v", "first", ttl=60) is None
+        assert shared.add(key + ":v", "second", ttl=60) == "first"
+        shared.delete(key)
+        shared.delete(key + ":v")
+
+
+# -- the system check ----------------------------------------------------------------------
+
+
+def test_late_acks_without_a_key_draw_w005():
+    from safetynet.checks import check_tasks
+
+    warnings = {message.obj: message for message in check_tasks() if message.id == "safetynet.W005"}
+    assert "tests.tasks.late_without_key" in warnings
+    assert "tests.tasks.idempotent_charge" not in warnings
+    assert "safetynet.W005" in {m.id for m in checks.run_checks(tags=["safetynet"])}
