@@ -6,19 +6,35 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 from safetynet.core.classify import http_status, is_network_error
 from safetynet.core.decision import Dead, Decision, Done, Retry, decide
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
-from safetynet.exceptions import ConfigurationError, Permanent, SafetynetError, Snooze, TaskSignal, Transient
+from safetynet.exceptions import (
+    ClaimLost,
+    ConfigurationError,
+    CrashLoop,
+    IdempotencyKeyError,
+    KeyInProgress,
+    Permanent,
+    SafetynetError,
+    Snooze,
+    TaskSignal,
+    Transient,
+)
+from safetynet.idempotency import atomic
 from safetynet.runtime.task import SafetyTask, task
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CeleryBackoff",
+    "ClaimLost",
     "ConfigurationError",
+    "CrashLoop",
     "Dead",
     "Decision",
     "Done",
     "Exponential",
     "Fixed",
+    "IdempotencyKeyError",
+    "KeyInProgress",
     "Permanent",
     "Retry",
     "RetryPolicy",
@@ -28,6 +44,7 @@ __all__ = [
     "TaskSignal",
     "Transient",
     "__version__",
+    "atomic",
     "decide",
     "http_status",
     "is_network_error",

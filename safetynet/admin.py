@@ -28,7 +28,7 @@ from django.utils.safestring import SafeString
 from kombu.exceptions import OperationalError
 
 from safetynet import deadletter
-from safetynet.models import DeadLetter
+from safetynet.models import DeadLetter, IdempotencyClaim
 
 __all__ = ["DeadLetterAdmin", "FingerprintFilter"]
 
@@ -312,3 +312,38 @@ class DeadLetterAdmin(admin.ModelAdmin):
                     extra_context: dict[str, Any] | None = None) -> HttpResponse:
         context = {**(extra_context or {}), "safetynet_can_act": self.has_act_permission(request)}
         return super().change_view(request, object_id, form_url, extra_context=context)
+
+
+def _epoch(value: float) -> str:
+    return datetime.fromtimestamp(value, tz=timezone.utc).isoformat(sep=" ", timespec="seconds") if value else "-"
+
+
+@admin.register(IdempotencyClaim)
+class IdempotencyClaimAdmin(admin.ModelAdmin):
+    """Idempotency claims, read-only: who holds a key, what it returned, how often its runs died."""
+
+    list_display = ("key", "state", "task_name", "task_id", "deliveries", "lease", "updated")
+    list_filter = ("state", "task_name")
+    search_fields = ("=key", "=task_id")
+    ordering = ("-updated_at",)
+    readonly_fields = ("key", "state", "task_name", "task_id", "owner", "lease", "deliveries", "result_stored",
+                       "result", "error", "created", "updated")
+    exclude = ("lease_until", "created_at", "updated_at")
+
+    @admin.display(description="lease until (UTC)")
+    def lease(self, claim: IdempotencyClaim) -> str:
+        return _epoch(claim.lease_until) if claim.state == IdempotencyClaim.State.IN_PROGRESS else "-"
+
+    @admin.display(description="created (UTC)")
+    def created(self, claim: IdempotencyClaim) -> str:
+        return _epoch(claim.created_at)
+
+    @admin.display(description="updated (UTC)", ordering="updated_at")
+    def updated(self, claim: IdempotencyClaim) -> str:
+        return _epoch(claim.updated_at)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False

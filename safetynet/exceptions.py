@@ -4,8 +4,12 @@ The hierarchy::
 
     SafetynetError
      ├── ConfigurationError          a setting, task option or policy value is wrong
+     ├── IdempotencyKeyError         a task's arguments make no valid idempotency key (also a ValueError)
+     ├── KeyInProgress               an eager run met a key another run holds
+     ├── CrashLoop                   the task killed its worker max_deliveries times: dead-lettered
      └── TaskSignal                  raised by task code to tell safetynet what to do next
           ├── Transient              try again (optionally not before ``retry_after`` seconds)
+          │    └── ClaimLost         another run took this run's idempotency claim over; its writes rolled back
           ├── Permanent              do not try again: dead-letter now
           └── Snooze                 try again after ``delay`` without using up an attempt
 
@@ -15,7 +19,11 @@ This module imports nothing, so the pure decision core can depend on it.
 from __future__ import annotations
 
 __all__ = [
+    "ClaimLost",
     "ConfigurationError",
+    "CrashLoop",
+    "IdempotencyKeyError",
+    "KeyInProgress",
     "Permanent",
     "SafetynetError",
     "Snooze",
@@ -77,3 +85,22 @@ class Snooze(TaskSignal):
 
     def __reduce__(self):
         return (type(self), (self.delay, self.message))
+
+
+class IdempotencyKeyError(SafetynetError, ValueError):
+    """A task's arguments do not make a valid idempotency key (missing, empty or too long)."""
+
+
+class KeyInProgress(SafetynetError):
+    """An eager run met a key another run holds (an eager run cannot be deferred)."""
+
+
+class CrashLoop(SafetynetError):
+    """The task killed its worker ``max_deliveries`` times: it is dead-lettered instead of run again."""
+
+
+class ClaimLost(Transient):
+    """Another run took the idempotency claim over while this one worked; this run's database writes were rolled back."""
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after))

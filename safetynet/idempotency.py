@@ -35,7 +35,14 @@ from typing import Any
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, router, transaction
 
-from safetynet.exceptions import ConfigurationError, SafetynetError, Transient
+from safetynet.exceptions import (
+    ClaimLost,
+    ConfigurationError,
+    CrashLoop,
+    IdempotencyKeyError,
+    KeyInProgress,
+    SafetynetError,
+)
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -59,22 +66,6 @@ logger = logging.getLogger("safetynet")
 MAX_KEY_LENGTH = 255
 
 WON, SUCCEEDED, IN_PROGRESS, CRASH_LOOP = "won", "succeeded", "in_progress", "crash_loop"
-
-
-class IdempotencyKeyError(SafetynetError, ValueError):
-    """A task's arguments do not make a valid idempotency key (missing, empty or too long)."""
-
-
-class ClaimLost(Transient):
-    """Another run took the claim over while this one worked; this run's database writes were rolled back."""
-
-
-class KeyInProgress(SafetynetError):
-    """An eager run met a key another run holds (an eager run cannot be deferred)."""
-
-
-class CrashLoop(SafetynetError):
-    """The task killed its worker ``max_deliveries`` times: it is dead-lettered instead of run again."""
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -201,6 +192,12 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
     using = database_for_claims()
     table = _table(using)
     owner = f"{task_id}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"[:255]
+    # PostgreSQL: the claim commits without waiting for its WAL flush (an fsync per task). It is
+    # visible to other runs at once all the same; only a crash of the database server (or a
+    # failover) in the next fraction of a second can lose it, and that also ends this run's
+    # connection: its body's writes cannot commit, since the mark below checks the owner in
+    # the body's transaction, which does wait for the flush (and so flushes the claim too).
+    no_flush_wait = ", set_config('synchronous_commit', 'off', true)" if connections[using].vendor == "postgresql" else ""
     for _ in range(5):
         now = time.time()
         with connections[using].cursor() as cursor:
@@ -214,7 +211,7 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
                 f"result = NULL, result_stored = excluded.result_stored, error = '', "
                 f"updated_at = excluded.updated_at "
                 f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' AND {table}.lease_until < %s) "
-                f"RETURNING deliveries",
+                f"RETURNING deliveries{no_flush_wait}",
                 [key, task_name, task_id, owner, now + lease, False, now, now, now],
             )
             row = cursor.fetchone()
@@ -246,32 +243,71 @@ def _read(key: str, using: str) -> Claim | None:
                  holder_task_id=task_id, lease_until=lease_until, deliveries=deliveries)
 
 
-def _jsonable(result: Any) -> tuple[Any, bool]:
-    try:
-        json.dumps(result, cls=DjangoJSONEncoder)
-    except (TypeError, ValueError):
-        return None, False
-    return result, True
-
-
 def mark_succeeded(held: Claim, result: Any = None, *, has_result: bool = True) -> bool:
-    """Mark the claim succeeded (with its result) if this run still owns it; False if it does not."""
-    from safetynet.models import IdempotencyClaim
+    """Mark the claim succeeded (with its result) if this run still owns it; False if it does not.
 
-    stored, storable = _jsonable(result) if has_result else (None, False)
-    if has_result and not storable:
-        logger.warning("safetynet: the result of the run holding %r is not JSON; a duplicate will get None",
-                       held.key, extra={"idempotency_key": held.key})
-    fields: dict[str, Any] = {"state": IdempotencyClaim.State.SUCCEEDED, "updated_at": time.time()}
+    One raw ``UPDATE`` (every idempotent run makes it): the result is serialised here, once, with
+    ``DjangoJSONEncoder``, and sent as JSON text (cast to ``jsonb`` on PostgreSQL); None is NULL.
+    """
+    connection = connections[held.using]
+    table = _table(held.using)
+    assignments, params = f"state = '{SUCCEEDED}', updated_at = %s", [time.time()]
     if has_result:
-        fields.update(result=stored, result_stored=storable)
-    updated = (
-        IdempotencyClaim.objects.using(held.using)
-        .filter(key=held.key, owner=held.owner, state__in=[IdempotencyClaim.State.IN_PROGRESS,
-                                                            IdempotencyClaim.State.SUCCEEDED])
-        .update(**fields)
-    )
-    return bool(updated)
+        text = None
+        if result is not None:
+            try:
+                text = json.dumps(result, cls=DjangoJSONEncoder, allow_nan=False)
+            except (TypeError, ValueError):
+                logger.warning("safetynet: the result of the run holding %r is not JSON; a duplicate will get None",
+                               held.key, extra={"idempotency_key": held.key})
+        stored = result is None or text is not None
+        value = "CAST(%s AS jsonb)" if text is not None and connection.vendor == "postgresql" else "%s"
+        assignments += f", result = {value}, result_stored = %s"
+        params += [text, stored]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET {assignments} "
+            f"WHERE key = %s AND owner = %s AND state IN ('{IN_PROGRESS}', '{SUCCEEDED}')",
+            [*params, held.key, held.owner],
+        )
+        return cursor.rowcount > 0
+
+
+def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
+    """Run the body and mark the claim succeeded in one transaction: both commit, or neither does.
+
+    ClaimLost (after the rollback) when another run took the claim over meanwhile. When the body
+    sent no statement on the claims' connection and left no ``on_commit`` callback, its
+    transaction is empty and commits nothing; the mark then runs alone, as one statement in
+    autocommit (no BEGIN and COMMIT round trips). That is the same outcome: the body wrote
+    nothing to commit with it.
+    """
+    connection = connections[held.using]
+    outermost = not connection.in_atomic_block
+    with transaction.atomic(using=held.using):
+        result = call()
+        if not (outermost and _untouched(connection)):
+            if not mark_succeeded(held, result):
+                raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run; this run's writes "
+                                "rolled back")
+            return result
+    if not mark_succeeded(held, result):
+        raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run (the run wrote nothing)")
+    return result
+
+
+def _untouched(connection: Any) -> bool:
+    """True if the open transaction of ``connection`` has sent no statement and has no on_commit callback."""
+    if connection.run_on_commit or connection.needs_rollback:
+        return False
+    raw = connection.connection
+    if raw is None:
+        return False
+    if connection.vendor == "postgresql":  # psycopg 3 and 2 both begin on the first statement
+        return raw.info.transaction_status == 0  # TransactionStatus.IDLE / TRANSACTION_STATUS_IDLE
+    if connection.vendor == "sqlite":
+        return not raw.in_transaction
+    return False
 
 
 def release(held: Claim, error: BaseException | None) -> None:

@@ -11,9 +11,10 @@ import safetynet.testing
 
 def test_public_names():
     assert sorted(safetynet.__all__) == sorted([
-        "CeleryBackoff", "ConfigurationError", "Dead", "Decision", "Done", "Exponential", "Fixed", "Permanent",
-        "Retry", "RetryPolicy", "SafetyTask", "SafetynetError", "Snooze", "TaskSignal", "Transient",
-        "__version__", "decide", "http_status", "is_network_error", "task",
+        "CeleryBackoff", "ClaimLost", "ConfigurationError", "CrashLoop", "Dead", "Decision", "Done", "Exponential",
+        "Fixed", "IdempotencyKeyError", "KeyInProgress", "Permanent", "Retry", "RetryPolicy", "SafetyTask",
+        "SafetynetError", "Snooze", "TaskSignal", "Transient", "__version__", "atomic", "decide", "http_status",
+        "is_network_error", "task",
     ])
     for name in safetynet.__all__:
         assert getattr(safetynet, name) is not None

@@ -29,8 +29,6 @@ import celery
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
 
-from django.db import transaction
-
 from safetynet import conf, idempotency, signals
 from safetynet.core.classify import ALWAYS_RETRY
 from safetynet.core.decision import Dead, Decision, Retry, decide
@@ -257,13 +255,7 @@ class SafetyTask(celery.Task):
                         logger.warning("%s[%s]: idempotency key %r was taken over while this run worked",
                                        self.name, request.id, key)
                     return result
-                with transaction.atomic(using=held.using):
-                    result = call()
-                    if not idempotency.mark_succeeded(held, result):
-                        raise idempotency.ClaimLost(
-                            f"idempotency key {key!r} was taken over by another run; this run's writes rolled back"
-                        )
-                return result
+                return idempotency.run_atomically(held, call)
         except BaseException as exc:
             try:
                 idempotency.release(held, exc)

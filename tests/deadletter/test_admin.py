@@ -329,3 +329,20 @@ def test_a_redacted_kwarg_is_never_shown(operator, throwaway_queue):
         assert response.status_code == 200 and SECRET not in response.text
     assert ids_listed(operator, q=SECRET) == []  # not even searchable: the value is not stored
     assert "<code>kwargs.card_token</code>" in detail.text
+
+
+def test_idempotency_claims_are_listed_read_only():
+    from safetynet import idempotency
+
+    held = idempotency.claim("admin-key-1", task_name="shop.charge", task_id="tid-admin", lease=30, max_deliveries=3)
+    idempotency.mark_succeeded(held, {"charge": "ch_admin"})
+    viewer = User.objects.create_superuser("claims-admin")
+    client = client_for(viewer)
+    listing = client.get(reverse("admin:safetynet_idempotencyclaim_changelist") + "?q=admin-key-1")
+    assert listing.status_code == 200 and b"admin-key-1" in listing.content and b"tid-admin" in listing.content
+    from safetynet.models import IdempotencyClaim
+
+    row = IdempotencyClaim.objects.get(key="admin-key-1")
+    detail = client.get(reverse("admin:safetynet_idempotencyclaim_change", args=[row.pk]))
+    assert detail.status_code == 200 and b"ch_admin" in detail.content
+    assert client.get(reverse("admin:safetynet_idempotencyclaim_add")).status_code == 403

@@ -134,7 +134,7 @@ def test_a_task_that_kills_its_worker_is_dead_lettered_as_crash_loop_and_the_wor
     row = DeadLetter.objects.get(task_id=poison.id)
     assert row.reason == "crash_loop"
     assert "died 3 times" in row.detail and "max_deliveries=3" in row.detail
-    assert row.exception_type == "safetynet.idempotency.CrashLoop"
+    assert row.exception_type == "safetynet.exceptions.CrashLoop"
     assert row.kwargs == {} and row.args == [name]
     assert idem_tasks.runs(name) == 3  # 3 deliveries, then no more
     assert poison.get(propagate=False, timeout=10) is not None and poison.state == "FAILURE"

@@ -105,3 +105,47 @@ def test_explain_plain_celery_task_says_so():
 def test_explain_bad_limit():
     with pytest.raises(CommandError, match="--limit must be at least 1"):
         explain("tests.tasks.send_digest", "--limit", "0")
+
+
+def test_explain_tells_how_an_idempotent_task_survives_duplicates_and_crashes():
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("safetynet", "explain", "tests.tasks.idempotent_charge", stdout=out)
+    text = out.getvalue()
+    assert "Idempotency key: charge-{order_id}  (claimed before each run; lease 30s" in text
+    assert "after 3 crashes it is dead-lettered as crash_loop" in text
+    out = StringIO()
+    call_command("safetynet", "explain", "tests.idem_tasks.slow_first_time", stdout=out)
+    text = out.getvalue()
+    assert "Idempotency key: none" in text
+    assert "acknowledged before it ran (acks_late=False)" in text
+    assert "hard 1s (uses up an attempt" in text
+
+
+@pytest.mark.django_db
+def test_keys_show_and_purge():
+    import time
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    from safetynet import idempotency
+    from safetynet.models import IdempotencyClaim
+
+    held = idempotency.claim("show-1", task_name="t", task_id="tid-1", lease=30, max_deliveries=3)
+    idempotency.mark_succeeded(held, {"charge": "ch_9"})
+    idempotency.claim("show-2", task_name="t", task_id="tid-2", lease=30, max_deliveries=3)
+    out = StringIO()
+    call_command("safetynet", "keys", "show", "show-1", stdout=out)
+    assert "succeeded" in out.getvalue() and "ch_9" in out.getvalue()
+    with pytest.raises(CommandError, match="No claim for idempotency key 'nope'"):
+        call_command("safetynet", "keys", "show", "nope")
+    IdempotencyClaim.objects.update(updated_at=time.time() - 10 * 86400)
+    out = StringIO()
+    call_command("safetynet", "keys", "purge", "--older-than", "7d", "--dry-run", stdout=out)
+    assert "would delete 1 settled claims" in out.getvalue()
+    call_command("safetynet", "keys", "purge", "--older-than", "7d", stdout=StringIO())
+    assert list(IdempotencyClaim.objects.values_list("key", flat=True)) == ["show-2"]  # in progress: kept

@@ -178,7 +178,8 @@ def _os_user() -> str:
 
 class Command(BaseCommand):
     help = ("See what safetynet will do: `safetynet explain <dotted.task.name>`; "
-            "handle dead letters: `safetynet dead list|show|replay|discard|purge|flush`.")
+            "handle dead letters: `safetynet dead list|show|replay|discard|purge|flush`; "
+            "idempotency claims: `safetynet keys show|purge`.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -187,6 +188,26 @@ class Command(BaseCommand):
         explain.add_argument("task_name", help="the registered task name, e.g. shop.tasks.send_receipt")
         explain.add_argument("--limit", type=int, default=30, help="most attempts to list (default 30)")
         self.add_dead_arguments(commands)
+        self.add_keys_arguments(commands)
+
+    def add_keys_arguments(self, commands: Any) -> None:
+        """``keys show|purge``."""
+        keys = commands.add_parser("keys", help="inspect and purge idempotency claims",
+                                   description="Inspect and purge idempotency claims.")
+        actions = keys.add_subparsers(dest="keys_command", metavar="action", required=True)
+        show = actions.add_parser("show", help="the claim of one idempotency key",
+                                  description="Print the claim of one idempotency key: state, holder, lease, "
+                                              "deliveries and stored result.")
+        show.add_argument("key")
+        show.add_argument("--json", action="store_true", help="print a JSON object instead")
+        purge = actions.add_parser(
+            "purge", help="delete settled claims older than an age",
+            description="Delete succeeded and failed claims last changed before --older-than. A key whose claim "
+                        "is gone can run again: keep claims longer than a duplicate can arrive (retries, replays, "
+                        "a client resubmitting). Claims in progress are never deleted.")
+        purge.add_argument("--older-than", type=moment, required=True, metavar="AGE",
+                           help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
+        purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
 
     def add_dead_arguments(self, commands: Any) -> None:
         """``dead list|show|replay|discard|purge|flush``."""
@@ -244,6 +265,8 @@ class Command(BaseCommand):
             self.explain(options["task_name"], options["limit"])
         elif options["command"] == "dead":
             getattr(self, f"dead_{options['dead_command']}")(options)
+        elif options["command"] == "keys":
+            getattr(self, f"keys_{options['keys_command']}")(options)
 
     def explain(self, name: str, limit: int) -> None:
         """Print the schedule of ``name``'s policy."""
@@ -277,6 +300,7 @@ class Command(BaseCommand):
         write("Fails at once on: " + ", ".join(["Permanent", *fail_on]) + "; then the project's DEFAULT_FAIL_ON: "
               + (", ".join(describe_matcher(m) for m in rules.default_fail_on) or "-")
               + "; any other exception: " + rules.unclassified)
+        self._explain_delivery(task, settings)
         if not resolved.explicit_policy:
             write(f"An explicit self.retry() without countdown waits default_retry_delay={task.default_retry_delay}s "
                   f"and allows max_retries={task.max_retries} (Celery's meaning).")
@@ -294,6 +318,70 @@ class Command(BaseCommand):
             write(f"\nGives up after attempt {last.attempt}, {_span(*last.starts)} after the first attempt started.")
         else:
             write(f"\n… and on (listed {limit} attempts; raise --limit to see more).")
+
+    def _explain_delivery(self, task: SafetyTask, settings: Any) -> None:
+        """Idempotency, acknowledgement and crash handling, in one or two lines."""
+        write = self.stdout.write
+        template = type(task).idempotency_key  # the class reads the declared option
+        deliveries = task.max_deliveries or settings.max_deliveries
+        if task._idempotency is not None:
+            shown = template if isinstance(template, str) else getattr(template, "__qualname__", repr(template))
+            lease = task.idempotency_lease or settings.idempotency_lease_seconds
+            write(f"Idempotency key: {shown}  (claimed before each run; lease {lease:g}s renewed by a heartbeat; "
+                  + ("body and success mark in one transaction" if task.idempotency_atomic
+                     else "success marked by safetynet.atomic() or after the body")
+                  + (f"; enqueued once per {task.unique_for:g}s" if task.unique_for else "") + ")")
+        else:
+            write("Idempotency key: none (a retried or redelivered message runs the body again)")
+        if task.acks_late and task.reject_on_worker_lost:
+            write(f"Worker lost: the message goes back to the queue; after {deliveries} crashes it is "
+                  "dead-lettered as crash_loop.")
+        elif task.acks_late:
+            write("Worker lost: Celery acknowledges and fails it (reject_on_worker_lost=False); "
+                  "recorded as worker_lost.")
+        else:
+            write("Worker lost: acknowledged before it ran (acks_late=False), so it cannot run again; "
+                  "recorded as worker_lost.")
+        if task.time_limit or task.soft_time_limit:
+            write(f"Time limits: soft {task.soft_time_limit or '-'}s (an exception, classified like any other), "
+                  f"hard {task.time_limit or '-'}s (uses up an attempt; dead-lettered as time_limit when none "
+                  "is left).")
+
+    # -- idempotency claims ---------------------------------------------------------------
+
+    def keys_show(self, options: dict[str, Any]) -> None:
+        """Print the claim of one key."""
+        from safetynet.models import IdempotencyClaim
+
+        row = IdempotencyClaim.objects.filter(key=options["key"]).first()
+        if row is None:
+            raise CommandError(f"No claim for idempotency key {options['key']!r} (never claimed, or purged).")
+        fields = {
+            "key": row.key, "state": row.state, "task_name": row.task_name, "task_id": row.task_id,
+            "owner": row.owner, "lease_until": _when(row.lease_until) if row.lease_until else "",
+            "deliveries": row.deliveries, "result_stored": row.result_stored, "result": row.result,
+            "error": row.error, "created_at": _when(row.created_at), "updated_at": _when(row.updated_at),
+        }
+        if options["json"]:
+            self._write_json(fields)
+            return
+        width = max(map(len, fields))
+        for name, value in fields.items():
+            self.stdout.write(f"{name.ljust(width)}  {value}")
+
+    def keys_purge(self, options: dict[str, Any]) -> None:
+        """Delete settled claims older than --older-than."""
+        from safetynet import idempotency
+        from safetynet.models import IdempotencyClaim
+
+        before = options["older_than"]
+        if options["dry_run"]:
+            count = IdempotencyClaim.objects.filter(updated_at__lt=before.timestamp()).exclude(
+                state=IdempotencyClaim.State.IN_PROGRESS).count()
+            self.stdout.write(f"Dry run: would delete {count} settled claims last changed before {_local(before)}.")
+            return
+        count = idempotency.purge(before.timestamp())
+        self.stdout.write(f"Deleted {count} settled claims last changed before {_local(before)}.")
 
     # -- dead letters -------------------------------------------------------------------
 

@@ -1,0 +1,339 @@
+"""Chaos: payment tasks through workers that are killed with ``kill -9`` and a Redis that is restarted.
+
+    .venv/bin/python bench/chaos.py [--quick] [--tasks N] [--seed S] [--systems safetynet,celery] [--keep]
+
+N payment-like tasks (5000; 500 with ``--quick``) each charge an order at a gateway stub and
+write a ledger row. The same workload runs twice, on the same set-up: once as a safetynet task
+(an idempotency key, given to the gateway as its Idempotency-Key), once as plain Celery written
+the way the classic tutorials write it (``autoretry_for`` network errors, ``retry_backoff``,
+early acks). See ``_chaos_tasks.py``.
+
+The set-up, alike for both systems:
+
+- a private ``redis-server`` on a free port, append-only file fsynced on every write, so that
+  a restart loses no acknowledged message; the broker's visibility timeout is short (10 s), so
+  messages a killed worker held come back in seconds rather than the default hour;
+- a fresh PostgreSQL database (``safetynet_chaos``), migrated, with the ledger table;
+- the gateway stub in this process: a seeded 5 % of charges are made and then the reply stalls
+  (2 s) past the client's timeout (1 s): the client sees a timeout although it was charged.
+  With a key it has seen, the gateway returns that charge and charges nothing;
+- two prefork workers (4 children each); every 2–5 s (seeded) one of them, main process and
+  children, gets ``kill -9`` and is started again; Redis is killed (SIGKILL) and started again
+  once, when half of the orders are done. The chaos stops when 90 % of the orders are
+  accounted for (or after ``--chaos-seconds``), then the run drains.
+
+An order is accounted for when it has a ledger row (succeeded) or a final-failure record
+(dead: safetynet's dead letters; for plain Celery, rows its ``task_failure`` receiver wrote).
+The drain waits until all are, or until nothing moved for ``--stall-seconds``; what is left is
+lost. ``drain_s`` is the time from the first send to the last order accounted for (or to the
+give-up). Then the run waits for the broker to be empty (late duplicates get counted too).
+
+The last two lines::
+
+    system=safetynet sent=… succeeded=… dead=… lost=… duplicate_ledger=… duplicate_charges=… drain_s=…
+    system=celery sent=… succeeded=… dead=… lost=… duplicate_ledger=… duplicate_charges=… drain_s=…
+
+duplicate_ledger = ledger rows − orders with a row; duplicate_charges = Σ over orders of
+(charges the gateway made − 1). The exit status is 1 when safetynet lost an order or did
+anything twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _chaos_gateway import Gateway  # noqa: E402
+from _chaos_processes import Killer, RedisServer, Worker  # noqa: E402
+
+SYSTEMS = ("safetynet", "celery")
+WORKERS = 2
+CONCURRENCY = 4
+LEASE_SECONDS = 5  # the safetynet task's idempotency_lease
+RESTORE_INTERVAL = 2  # the broker's sweep for messages past their visibility timeout
+STARTUP_TIMEOUT = 90.0
+
+
+@dataclass
+class Run:
+    """One system's run: its timings and chaos, and what became of its orders."""
+
+    system: str
+    drained: bool = False
+    drain_s: float = 0.0
+    chaos_s: float = 0.0
+    settle_s: float = 0.0
+    kills: int = 0
+    redis_down_s: float = 0.0
+    redis_restarted_at: int = 0
+    outcome: object = None
+    gateway: dict = field(default_factory=dict)
+    unrecorded_charges: int = 0
+    log_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _broker_backlog(redis_server: RedisServer, queue: str) -> int:
+    """Messages still in the broker: queued (any priority), unacknowledged or scheduled."""
+    client = redis_server.client()
+    backlog = client.hlen("unacked")
+    for key in client.scan_iter(match=f"{queue}*", count=1000):
+        if client.type(key) == b"list":
+            backlog += client.llen(key)
+    return backlog
+
+
+def _publish(task, order_id: int, queue: str) -> None:
+    """Send one order; when the broker does not answer, keep trying for a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            task.apply_async(kwargs={"order_id": order_id, "amount": 100 + order_id % 900}, queue=queue)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer, work_dir: Path) -> Run:
+    import _chaos_accounts as accounts
+    import _chaos_tasks as tasks
+
+    run = Run(system, log_dir=work_dir / system)
+    run.log_dir.mkdir()
+    order_ids = range(1, args.tasks + 1)
+    total = len(order_ids)
+    queue = tasks.QUEUES[system]
+    task = tasks.safetynet_charge if system == "safetynet" else tasks.celery_charge
+    redis_server.client().flushall()
+    gateway = Gateway(seed=args.seed, fault_rate=args.fault_rate, stall_seconds=args.stall).start()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+        "DJANGO_SETTINGS_MODULE": "_chaos_settings",
+        "SAFETYNET_CHAOS_GATEWAY": gateway.url,
+    }
+    workers = [Worker(f"{system}-{number}", queue, env, run.log_dir, CONCURRENCY) for number in range(1, WORKERS + 1)]
+    killer = Killer(workers, seed=args.seed, low=args.kill_min, high=args.kill_max)
+    conn = accounts.connect()
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.wait_ready(STARTUP_TIMEOUT)
+        print(f"[{system}] workers ready; sending {total} orders to {queue}", flush=True)
+        began = time.monotonic()
+        killer.start()
+        for order_id in order_ids:
+            _publish(task, order_id, queue)
+        print(f"[{system}] sent {total} in {time.monotonic() - began:.1f}s", flush=True)
+
+        chaos, restarted = True, False
+        done = last_done = 0
+        last_progress = last_report = time.monotonic()
+        stall_limit = args.stall_seconds
+        while True:
+            time.sleep(0.5)
+            done = accounts.accounted(conn, system)
+            now = time.monotonic()
+            if done > last_done:
+                last_done, last_progress = done, now
+            if done >= total:
+                run.drained, run.drain_s = True, now - began
+                break
+            if chaos:
+                if not restarted and (done >= total * 0.5 or now - began >= args.chaos_seconds / 2):
+                    run.redis_restarted_at = done
+                    run.redis_down_s = redis_server.restart(args.redis_down)
+                    restarted = True
+                    print(f"[{system}] redis restarted at {done}/{total} (away {run.redis_down_s:.1f}s)", flush=True)
+                if done >= total * args.chaos_until or now - began >= args.chaos_seconds:
+                    killer.stop()
+                    chaos, run.chaos_s, last_progress = False, now - began, now
+                    print(f"[{system}] chaos over after {run.chaos_s:.1f}s at {done}/{total}: "
+                          f"{killer.kills} kills; draining", flush=True)
+            elif now - last_progress > stall_limit or now - began > args.drain_cap:
+                run.drain_s = now - began
+                run.notes.append(f"gave up draining: {total - done} orders unaccounted for, no progress for "
+                                 f"{now - last_progress:.0f}s")
+                break
+            if now - last_report >= 10:
+                last_report = now
+                print(f"[{system}] {done}/{total} accounted for after {now - began:.0f}s, "
+                      f"{killer.kills} kills", flush=True)
+        if chaos:
+            killer.stop()
+            run.chaos_s = time.monotonic() - began
+        run.kills = killer.kills
+        if killer.errors:
+            run.notes.append("killer errors: " + "; ".join(killer.errors[:5]))
+        if not restarted:
+            run.notes.append("redis was not restarted (the run finished first)")
+
+        # Late duplicates: wait until the broker holds nothing more for this system.
+        settle_began = time.monotonic()
+        quiet = 0
+        while time.monotonic() - settle_began < args.stall_seconds and quiet < 3:
+            quiet = quiet + 1 if _broker_backlog(redis_server, queue) == 0 else 0
+            time.sleep(1.0)
+        run.settle_s = time.monotonic() - settle_began
+        if quiet < 3:
+            run.notes.append(f"the broker still held {_broker_backlog(redis_server, queue)} messages at the end")
+    finally:
+        killer.stop()
+        for worker in workers:
+            worker.stop()
+        gateway.stop()
+    run.gateway = gateway.figures()
+    run.outcome = accounts.outcome(conn, system, order_ids)
+    run.unrecorded_charges = accounts.unrecorded_charges(conn, system, gateway.charged_orders())
+    conn.close()
+    return run
+
+
+def _row(label: str, values: list[object]) -> str:
+    return f"{label:<34}" + "".join(f"{value!s:>22}" for value in values)
+
+
+def report(runs: list[Run], args: argparse.Namespace) -> None:
+    import _chaos_tasks as tasks
+
+    print()
+    print(f"{args.tasks} orders per system; seed {args.seed}; gateway: {args.fault_rate:.0%} of charges made, then "
+          f"the reply stalls {args.stall:g}s past the client's {tasks.GATEWAY_TIMEOUT:g}s timeout")
+    print(f"broker: private redis, appendfsync always, visibility_timeout {args.visibility_timeout:g}s "
+          f"(both systems); {WORKERS} prefork workers x {CONCURRENCY}; kill -9 of a whole worker every "
+          f"{args.kill_min:g}-{args.kill_max:g}s; redis SIGKILLed and restarted once")
+    print()
+    print(_row("", [run.system for run in runs]))
+    lines = [
+        ("sent", lambda r: r.outcome.sent),
+        ("succeeded (orders with a ledger row)", lambda r: r.outcome.succeeded),
+        ("dead (recorded final failures)", lambda r: r.outcome.dead),
+        ("  by reason", lambda r: ", ".join(f"{k}:{v}" for k, v in sorted(r.outcome.dead_by_reason.items())) or "-"),
+        ("  dead and yet succeeded", lambda r: r.outcome.dead_and_succeeded),
+        ("lost (neither)", lambda r: r.outcome.lost),
+        ("ledger rows", lambda r: r.outcome.ledger_rows),
+        ("duplicate ledger rows", lambda r: r.outcome.duplicate_ledger),
+        ("  orders with duplicate rows", lambda r: r.outcome.orders_with_duplicate_rows),
+        ("gateway requests", lambda r: r.gateway["requests"]),
+        ("gateway charges", lambda r: r.gateway["charges"]),
+        ("  charged then timed out", lambda r: r.gateway["stalls"]),
+        ("  replayed by idempotency key", lambda r: r.gateway["replays"]),
+        ("duplicate gateway charges", lambda r: r.gateway["duplicate_charges"]),
+        ("charged, no ledger row", lambda r: r.unrecorded_charges),
+        ("workers kill -9'd", lambda r: r.kills),
+        ("redis restarted at (accounted)", lambda r: f"{r.redis_restarted_at} ({r.redis_down_s:.1f}s away)"),
+        ("chaos lasted (s)", lambda r: f"{r.chaos_s:.1f}"),
+        ("drain_s (first send -> all done)", lambda r: f"{r.drain_s:.1f}" + ("" if r.drained else " (gave up)")),
+        ("broker settled after (s)", lambda r: f"{r.settle_s:.1f}"),
+    ]
+    for label, value in lines:
+        print(_row(label, [value(run) for run in runs]))
+    for run in runs:
+        if run.system == "safetynet" and run.outcome.claims:
+            print(f"safetynet idempotency claims at the end: "
+                  + ", ".join(f"{k}={v}" for k, v in sorted(run.outcome.claims.items())))
+        for note in run.notes:
+            print(f"note ({run.system}): {note}")
+    print()
+    for run in runs:
+        o = run.outcome
+        print(f"system={run.system} sent={o.sent} succeeded={o.succeeded} dead={o.dead} lost={o.lost} "
+              f"duplicate_ledger={o.duplicate_ledger} duplicate_charges={run.gateway['duplicate_charges']} "
+              f"drain_s={run.drain_s:.1f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run: 500 orders per system")
+    parser.add_argument("--tasks", type=int, help="orders per system (default 5000, 500 with --quick)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the gateway's faults and of the kills")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="which systems to run (default: both)")
+    parser.add_argument("--fault-rate", type=float, default=0.05, help="charges made and then timed out (0.05)")
+    parser.add_argument("--stall", type=float, default=2.0, help="seconds the gateway stalls such a reply (2)")
+    parser.add_argument("--visibility-timeout", type=float, default=10.0, help="broker visibility timeout (10)")
+    parser.add_argument("--kill-min", type=float, default=2.0, help="shortest time between kills (2)")
+    parser.add_argument("--kill-max", type=float, default=5.0, help="longest time between kills (5)")
+    parser.add_argument("--redis-down", type=float, default=1.0, help="seconds Redis stays down (1)")
+    parser.add_argument("--chaos-until", type=float, default=0.9,
+                        help="stop the chaos when this share of the orders is accounted for (0.9)")
+    parser.add_argument("--chaos-seconds", type=float, help="stop the chaos after this long anyway (240; 60 quick)")
+    parser.add_argument("--stall-seconds", type=float,
+                        help="give up draining after this long without progress "
+                             "(default: 3 x visibility timeout + lease + sweep interval, at least 45)")
+    parser.add_argument("--drain-cap", type=float, help="give up draining after this long in all (chaos + 300)")
+    parser.add_argument("--keep", action="store_true", help="keep the database and the worker logs")
+    args = parser.parse_args(argv)
+    if args.tasks is None:
+        args.tasks = 500 if args.quick else 5000
+    if args.chaos_seconds is None:
+        args.chaos_seconds = 60.0 if args.quick else 240.0
+    if args.stall_seconds is None:
+        args.stall_seconds = max(45.0, 3 * args.visibility_timeout + LEASE_SECONDS + RESTORE_INTERVAL)
+    if args.drain_cap is None:
+        args.drain_cap = args.chaos_seconds + 300.0
+    systems = [name.strip() for name in args.systems.split(",") if name.strip()]
+    if args.tasks < 1 or not systems or any(name not in SYSTEMS for name in systems):
+        parser.error(f"--tasks must be >= 1 and --systems a list of {', '.join(SYSTEMS)}")
+
+    def terminate(signum, frame):  # run the clean-up below on SIGTERM too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    work_dir = Path(tempfile.mkdtemp(prefix="safetynet-chaos-"))
+    redis_server = RedisServer(work_dir)
+    keep_logs = args.keep
+    created = False
+    runs: list[Run] = []
+    try:
+        redis_server.start()
+        os.environ["SAFETYNET_CHAOS_BROKER"] = redis_server.url
+        os.environ["SAFETYNET_CHAOS_VISIBILITY"] = str(args.visibility_timeout)
+        os.environ["SAFETYNET_CHAOS_SPOOL"] = str(work_dir / "spool")
+        os.environ.setdefault("SAFETYNET_CHAOS_DB", "safetynet_chaos")
+        import celery
+        import django
+
+        import _chaos_accounts as accounts
+        import safetynet
+
+        name = accounts.create_database()
+        created = True
+        print(f"safetynet {safetynet.__version__}, celery {celery.__version__}, django {django.__version__}; "
+              f"redis {redis_server.url} (private, dir {work_dir}); database {name}", flush=True)
+        for system in systems:
+            runs.append(run_system(system, args, redis_server, work_dir))
+        report(runs, args)
+        failed = [run for run in runs if run.system == "safetynet" and (
+            run.outcome.lost or run.outcome.duplicate_ledger or run.gateway["duplicate_charges"])]
+        if failed:
+            keep_logs = True
+        return 1 if failed else 0
+    finally:
+        redis_server.kill()
+        if created and not args.keep:
+            try:
+                accounts.drop_database()
+            except Exception as error:  # noqa: BLE001
+                print(f"could not drop the database: {error!r}", file=sys.stderr)
+        if keep_logs:
+            print(f"logs kept in {work_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
