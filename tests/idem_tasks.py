@@ -61,3 +61,12 @@ def soft_slow_first_time(name):
     if count_run(name) == 1:
         time.sleep(3)
     return name
+
+
+@safetynet.task(idempotency_key="slow-{name}", time_limit=1,
+                retry_policy=RetryPolicy(max_attempts=5, backoff=Fixed(0.2), jitter="none"))
+def idempotent_slow_three_times(name):
+    """Hits the hard time limit on its first three attempts; each kill must free the claim, uncounted."""
+    if count_run(name) <= 3:
+        time.sleep(5)
+    return name

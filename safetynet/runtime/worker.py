@@ -118,7 +118,8 @@ class SafetyRequest(Request):
                           traceback_max_chars=settings.traceback_max_chars)
         header = state.header_after(entry, delay=decision.delay, consumes_attempt=True,
                                     max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes)
-        _expire_claims(task, self.id)
+        # The killed run failed (it did not crash): its claim is free for the next attempt, uncounted.
+        _release_claims(task, self.id, f"hard time limit: {exc}")
         try:
             task.signature_from_request(
                 request=context, countdown=decision.delay, retries=(context.retries or 0) + 1,

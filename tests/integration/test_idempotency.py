@@ -180,3 +180,15 @@ def test_a_soft_time_limit_is_transient_by_default(workers):
     [retry] = recording.read("retrying", result.id)
     assert retry["exception"] == "billiard.exceptions.SoftTimeLimitExceeded"
     assert "DEFAULT_RETRY_ON" in retry["reason"]
+
+
+def test_hard_time_limits_of_an_idempotent_task_free_its_claim_and_are_not_crashes(workers):
+    worker = workers("hard-idem")
+    name = f"hard-idem-{uuid.uuid4().hex[:8]}"
+    result = idem_tasks.idempotent_slow_three_times.apply_async((name,), queue=worker.queue)
+    assert result.get(timeout=90) == name
+    assert idem_tasks.runs(name) == 4
+    entries = recording.read("retrying", result.id)
+    assert [entry["action"] for entry in entries] == ["retry"] * 3  # no deferral behind a dead run's lease
+    row = IdempotencyClaim.objects.get(key=f"slow-{name}")
+    assert (row.state, row.deliveries) == ("succeeded", 1)
