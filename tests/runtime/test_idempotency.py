@@ -51,13 +51,13 @@ def test_bad_templates_are_refused_with_what_to_write(spec, message):
 
 
 def test_a_template_may_name_keyword_arguments_of_a_task_taking_kwargs():
-    @safetynet.task(idempotency_key="charge-{order_id}", name="tests.idem.open_kwargs")
     def open_kwargs(**kwargs):
         pass
 
-    assert open_kwargs._idempotency.render((), {"order_id": 7}) == "charge-7"
+    template = idempotency.KeyTemplate("charge-{order_id}", open_kwargs, bound=False, where="task t")
+    assert template.render((), {"order_id": 7}) == "charge-7"
     with pytest.raises(IdempotencyKeyError, match="missing 'order_id'"):
-        open_kwargs._idempotency.render((), {"other": 1})
+        template.render((), {"other": 1})
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -100,12 +100,12 @@ def test_a_key_over_the_limit_is_refused_at_enqueue_with_a_clear_message():
 
 
 def test_a_callable_must_return_a_string():
-    @safetynet.task(idempotency_key=lambda n: None, name="tests.idem.none_key")
     def none_key(n):
         pass
 
+    template = idempotency.KeyTemplate(lambda n: None, none_key, bound=False, where="task t")
     with pytest.raises(IdempotencyKeyError, match="returned None, not a string"):
-        none_key._idempotency.render((1,), {})
+        template.render((1,), {})
 
 
 # -- claims --------------------------------------------------------------------------------
@@ -208,6 +208,64 @@ def test_atomic_commits_the_writes_with_the_mark_or_neither():
         cursor.execute("SELECT order_id FROM idem_unit_ledger ORDER BY order_id")
         assert cursor.fetchall() == [(1,)]
         cursor.execute("DROP TABLE idem_unit_ledger")
+
+
+@pytest.mark.django_db
+def test_results_are_stored_as_django_serialises_them_and_nan_is_not_json(caplog):
+    import datetime
+
+    held = _claim("k-10")
+    assert idempotency.mark_succeeded(held, {"at": datetime.date(2024, 5, 1), "n": (1, 2)})
+    assert _claim("k-10").result == {"at": "2024-05-01", "n": [1, 2]}
+    held = _claim("k-11")
+    assert idempotency.mark_succeeded(held, float("nan"))
+    later = _claim("k-11")
+    assert later.outcome == SUCCEEDED and later.result is None and not later.result_stored
+    held = _claim("k-12")
+    assert idempotency.mark_succeeded(held, None)
+    later = _claim("k-12")
+    assert later.result is None and later.result_stored
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_does_not_change_the_sessions_commit_setting():
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        before = cursor.fetchone()[0]
+        assert _claim("k-13").outcome == WON
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_atomically_marks_with_or_without_writes_and_a_lost_claim_rolls_back_or_runs_no_hook():
+    from django.db import transaction
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_ledger2 (order_id integer)")
+        cursor.execute("DELETE FROM idem_unit_ledger2")
+
+    def write(order_id):
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO idem_unit_ledger2 VALUES (%s)", [order_id])
+        return order_id
+
+    hooks = []
+    assert idempotency.run_atomically(_claim("k-14"), lambda: write(1)) == 1
+    assert idempotency.run_atomically(_claim("k-15"), lambda: "nothing written") == "nothing written"
+    assert _claim("k-14").result == 1 and _claim("k-15").result == "nothing written"
+    for key, body in (("k-16", lambda: write(2)), ("k-17", lambda: "nothing"),
+                      ("k-18", lambda: transaction.on_commit(lambda: hooks.append("ran")))):
+        lost = _claim(key)
+        IdempotencyClaim.objects.filter(key=key).update(owner="someone else")
+        with pytest.raises(idempotency.ClaimLost):
+            idempotency.run_atomically(lost, body)
+        assert IdempotencyClaim.objects.get(key=key).state == IN_PROGRESS
+    assert hooks == []
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT order_id FROM idem_unit_ledger2 ORDER BY order_id")
+        assert cursor.fetchall() == [(1,)]
+        cursor.execute("DROP TABLE idem_unit_ledger2")
 
 
 # -- eager runs (the body, the stored result) ----------------------------------------------
