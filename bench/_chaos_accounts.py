@@ -10,6 +10,7 @@ be counted rather than refused:
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -108,6 +109,37 @@ def accounted(conn: psycopg.Connection, system: str) -> int:
     return len(succeeded | dead)
 
 
+class Books:
+    """The benchmark's connection for watching the run; it reconnects when the database drops it."""
+
+    def __init__(self) -> None:
+        self.conn = connect()
+
+    def _retrying(self, function):
+        for attempt in range(30):
+            try:
+                return function(self.conn)
+            except psycopg.OperationalError:
+                if attempt == 29:
+                    raise
+                time.sleep(1.0)
+                try:
+                    self.conn.close()
+                    self.conn = connect()
+                except psycopg.OperationalError:
+                    pass
+
+    def accounted(self, system: str) -> int:
+        return self._retrying(lambda conn: accounted(conn, system))
+
+    def postgres_started(self):
+        """When the PostgreSQL server started (a change means it was restarted meanwhile)."""
+        return self._retrying(lambda conn: conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 @dataclass
 class Outcome:
     """What became of the orders one system was sent."""
@@ -123,6 +155,9 @@ class Outcome:
     duplicate_ledger: int = 0
     orders_with_duplicate_rows: int = 0
     claims: dict[str, int] = field(default_factory=dict)
+    lost_orders: set[int] = field(default_factory=set)
+    #: (order, reason, detail, exception) of dead letters whose order succeeded all the same.
+    dead_yet_succeeded: list[tuple] = field(default_factory=list)
 
 
 def outcome(conn: psycopg.Connection, system: str, order_ids: range) -> Outcome:
@@ -143,10 +178,15 @@ def outcome(conn: psycopg.Connection, system: str, order_ids: range) -> Outcome:
     result.dead = len(dead)
     result.dead_by_reason = Counter(dead_reasons[order] for order in dead)
     result.dead_and_succeeded = len(set(dead_reasons) & succeeded)
-    result.lost = len(set(order_ids) - succeeded - dead)
+    result.lost_orders = set(order_ids) - succeeded - dead
+    result.lost = len(result.lost_orders)
     if system == "safetynet":
         query = sql.SQL("SELECT state, count(*) FROM {} GROUP BY state").format(sql.Identifier(_claim_table()))
         result.claims = dict(conn.execute(query).fetchall())
+        query = sql.SQL(
+            "SELECT (kwargs->>'order_id')::integer, reason, detail, exception_type || ': ' || exception_message, "
+            "task_id, worker FROM {} WHERE task_name = %s ORDER BY id").format(sql.Identifier(_dead_letter_table()))
+        result.dead_yet_succeeded = [row for row in conn.execute(query, [tasks.SAFETYNET_TASK]) if row[0] in succeeded]
     return result
 
 

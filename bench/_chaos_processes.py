@@ -7,6 +7,7 @@ to report the crash), and nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -58,6 +59,7 @@ class RedisServer:
         command = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+            "--auto-aof-rewrite-percentage", "0",  # the whole history stays in the file, for lost_in_transport
             "--logfile", str(self.log),
         ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -164,27 +166,182 @@ class Worker:
             pass
 
 
-class Killer(threading.Thread):
-    """Every ``low``–``high`` seconds (seeded), ``kill -9`` one of the workers and start it again."""
+class Chaos(threading.Thread):
+    """The workers' supervisor, and their chaos while ``killing`` is on.
+
+    Every ``low``-``high`` seconds (seeded) one of the workers, picked at random, gets
+    ``kill -9`` and is started again. Like a process supervisor (systemd, Kubernetes), it
+    also starts again a worker that exited by itself, until ``stop()``.
+    """
 
     def __init__(self, workers: list[Worker], *, seed: int, low: float = 2.0, high: float = 5.0) -> None:
-        super().__init__(name="chaos-killer", daemon=True)
+        super().__init__(name="chaos", daemon=True)
         self.workers, self.low, self.high = workers, low, high
         self.rng = random.Random(seed)
         self.halt = threading.Event()
+        self.killing = True
         self.kills = 0
+        self.exits: list[str] = []
         self.errors: list[str] = []
 
     def run(self) -> None:
-        while not self.halt.wait(self.rng.uniform(self.low, self.high)):
-            worker = self.rng.choice(self.workers)
-            try:
+        next_kill = time.monotonic() + self.rng.uniform(self.low, self.high)
+        while not self.halt.wait(0.25):
+            for worker in self.workers:
+                code = worker.process.poll() if worker.process is not None else None
+                if code is not None:
+                    self.exits.append(f"{worker.name} #{worker.generation} exited with {code}")
+                    self._restart(worker, kill=False)
+            if self.killing and time.monotonic() >= next_kill:
+                self._restart(self.rng.choice(self.workers), kill=True)
+                next_kill = time.monotonic() + self.rng.uniform(self.low, self.high)
+
+    def _restart(self, worker: Worker, *, kill: bool) -> None:
+        try:
+            if kill:
                 worker.kill()
-                worker.start()
                 self.kills += 1
-            except Exception as error:  # noqa: BLE001 - reported by the benchmark
-                self.errors.append(f"{worker.name}: {error!r}")
+            worker.start()
+        except Exception as error:  # noqa: BLE001 - reported by the benchmark
+            self.errors.append(f"{worker.name}: {error!r}")
+
+    def stop_killing(self) -> None:
+        self.killing = False
 
     def stop(self) -> None:
         self.halt.set()
-        self.join(timeout=30)
+        if self.is_alive():
+            self.join(timeout=30)
+
+
+class RedisBroker:
+    """The private Redis as the broker: queues are lists, messages in flight sit in ``unacked``."""
+
+    name = "redis"
+
+    def __init__(self, redis_server: RedisServer) -> None:
+        self.redis_server, self.url = redis_server, redis_server.url
+
+    def reset(self, queue: str) -> None:
+        self.redis_server.client().flushall()  # the server is the run's own
+
+    def backlog(self, queue: str) -> int:
+        """Messages still in the broker: queued (any priority), unacknowledged or scheduled."""
+        client = self.redis_server.client()
+        backlog = client.hlen("unacked")
+        for key in client.scan_iter(match=f"{queue}*", count=1000):
+            if client.type(key) == b"list":
+                backlog += client.llen(key)
+        return backlog
+
+    def copies(self, queue: str, task_id: str) -> int:
+        """Copies of a task's message still in the broker."""
+        client = self.redis_server.client()
+        found = sum(1 for value in client.hvals("unacked") if task_id.encode() in value)
+        for key in client.scan_iter(match=f"{queue}*"):
+            if client.type(key) == b"list":
+                found += sum(1 for value in client.lrange(key, 0, -1) if task_id.encode() in value)
+        return found
+
+    def cleanup(self, queue: str) -> None:
+        pass
+
+    def lost_in_transport(self, queue: str, task_ids: set[str]) -> set[str]:
+        """Which of ``task_ids`` had a message taken off the queue and never recorded as unacknowledged.
+
+        kombu's Redis transport takes a message with BRPOP, then records it in the ``unacked``
+        hash with a second command; a worker killed in between takes the message with it. The
+        append-only file holds every write since the run's FLUSHALL, so this is read from it:
+        a message pushed onto the queue (published, or put back after its visibility timeout)
+        with no ``HSET unacked`` of its delivery tag afterwards, and not in the broker now, was
+        popped and dropped.
+        """
+        pushed: dict[str, int] = {}  # delivery tag -> index of its last push
+        recorded: dict[str, int] = {}  # delivery tag -> index of its last HSET unacked
+        owner: dict[str, str] = {}  # delivery tag -> task id
+        wanted = {task_id.encode() for task_id in task_ids}
+        for index, command in enumerate(self._commands()):
+            name = command[0].upper()
+            if name == b"FLUSHALL":  # the start of this system's run
+                pushed, recorded, owner = {}, {}, {}
+            elif name in (b"LPUSH", b"RPUSH") and command[1].startswith(queue.encode()):
+                for value in command[2:]:
+                    if any(task_id in value for task_id in wanted):
+                        message = json.loads(value)
+                        tag = message["properties"]["delivery_tag"]
+                        pushed[tag], owner[tag] = index, message["headers"]["id"]
+            elif name == b"HSET" and command[1] == b"unacked":
+                recorded[command[2].decode()] = index
+        in_broker = {task_id for task_id in task_ids if self.copies(queue, task_id)}
+        return {owner[tag] for tag, index in pushed.items()
+                if recorded.get(tag, -1) < index and owner[tag] not in in_broker}
+
+    def _commands(self):
+        """The commands of the append-only files, oldest first (RESP arrays of bulk strings)."""
+        directory = self.redis_server.directory / "appendonlydir"
+        manifest = next(directory.glob("*.manifest"), None)
+        if manifest is None:
+            return
+        for line in manifest.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == "i":
+                data = (directory / fields[1]).read_bytes()
+                position = 0
+                while position < len(data):
+                    end = data.index(b"\r\n", position)
+                    header, position = data[position:end], end + 2
+                    if not header.startswith(b"*"):
+                        continue
+                    command = []
+                    for _ in range(int(header[1:])):
+                        end = data.index(b"\r\n", position)
+                        length = int(data[position + 1:end])
+                        command.append(data[end + 2:end + 2 + length])
+                        position = end + 2 + length + 2
+                    yield command
+
+
+class RabbitBroker:
+    """A RabbitMQ server (shared: the run uses queues of its own and deletes them)."""
+
+    name = "rabbitmq"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def reset(self, queue: str) -> None:
+        self.cleanup(queue)
+
+    def backlog(self, queue: str) -> int:
+        """Ready plus unacknowledged messages of the queue (``rabbitmqctl``; ready only without it)."""
+        try:
+            listing = subprocess.run(
+                ["rabbitmqctl", "list_queues", "-q", "name", "messages_ready", "messages_unacknowledged"],
+                capture_output=True, text=True, timeout=20, check=True,
+            ).stdout
+            for line in listing.splitlines():
+                fields = line.split()
+                if len(fields) == 3 and fields[0] == queue:
+                    return int(fields[1]) + int(fields[2])
+            return 0
+        except (OSError, subprocess.SubprocessError, ValueError):
+            from kombu import Connection
+
+            with Connection(self.url) as connection:
+                _, ready, _ = connection.default_channel.queue_declare(queue=queue, passive=True)
+                return ready
+
+    def copies(self, queue: str, task_id: str) -> int:
+        return -1  # not looked for: reading would take the messages
+
+    def lost_in_transport(self, queue: str, task_ids: set[str]) -> set[str]:
+        return set()  # RabbitMQ puts back what a dead consumer held
+
+    def cleanup(self, queue: str) -> None:
+        from kombu import Connection
+
+        try:
+            with Connection(self.url) as connection:
+                connection.default_channel.queue_delete(queue=queue)
+        except Exception:  # noqa: BLE001 - not there
+            pass

@@ -11,6 +11,7 @@ Environment (``chaos.py`` sets it for its workers):
     SAFETYNET_CHAOS_DB_PORT     PostgreSQL port                   (default 5432)
     SAFETYNET_CHAOS_DB_USER     PostgreSQL user                   (default postgres)
     SAFETYNET_CHAOS_SPOOL       dead-letter spool directory       (default: safetynet's)
+    SAFETYNET_CHAOS_REDIS       safetynet's REDIS_URL             (default: the broker when it is Redis)
 """
 
 import os
@@ -35,5 +36,7 @@ SAFETYNET = {
     "SPOOL_DIR": os.environ.get("SAFETYNET_CHAOS_SPOOL") or None,
     "SPOOL_FLUSH_SECONDS": 2,
     "ALERT_MAIL_ADMINS": False,
+    # With RabbitMQ as the broker, the run's private Redis keeps safetynet's shared counters.
+    "REDIS_URL": os.environ.get("SAFETYNET_CHAOS_REDIS") or None,
 }
 LOGGING_CONFIG = None

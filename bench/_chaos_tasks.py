@@ -9,7 +9,7 @@ safetynet writes its own dead letters.
 
 Environment (set by ``chaos.py``):
 
-    SAFETYNET_CHAOS_BROKER      the private Redis of the run
+    SAFETYNET_CHAOS_BROKER      the broker: the private Redis of the run, or RabbitMQ
     SAFETYNET_CHAOS_GATEWAY     base URL of the gateway stub
     SAFETYNET_CHAOS_VISIBILITY  broker visibility timeout, seconds (default 10)
     SAFETYNET_CHAOS_READY_DIR   where a worker drops a file when it is ready
@@ -35,8 +35,9 @@ import safetynet  # noqa: E402
 GATEWAY_TIMEOUT = 1.0
 SAFETYNET_TASK = "chaos.safetynet_charge"
 CELERY_TASK = "chaos.celery_charge"
-QUEUES = {"safetynet": "chaos.safetynet", "celery": "chaos.celery"}
 VISIBILITY_TIMEOUT = float(os.environ.get("SAFETYNET_CHAOS_VISIBILITY", "10"))
+
+BROKER_URL = os.environ.get("SAFETYNET_CHAOS_BROKER", "redis://127.0.0.1:6379/0")
 
 # The same broker settings for both systems. Redis' default visibility timeout is an hour:
 # a message a killed worker held would come back after that. A short one brings it back in
@@ -51,14 +52,15 @@ BROKER_TRANSPORT_OPTIONS = {
 
 app = Celery("safetynet_chaos")
 app.conf.update(
-    broker_url=os.environ.get("SAFETYNET_CHAOS_BROKER", "redis://127.0.0.1:6379/0"),
-    broker_transport_options=BROKER_TRANSPORT_OPTIONS,
+    broker_url=BROKER_URL,
+    broker_transport_options=BROKER_TRANSPORT_OPTIONS if BROKER_URL.startswith("redis") else {},
     result_backend=None,
     task_ignore_result=True,
     task_serializer="json",
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
     worker_send_task_events=False,
+    worker_enable_remote_control=False,  # no pidbox queues left on a shared RabbitMQ
     task_send_sent_event=False,
 )
 app.set_default()

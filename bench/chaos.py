@@ -1,6 +1,7 @@
 """Chaos: payment tasks through workers that are killed with ``kill -9`` and a Redis that is restarted.
 
-    .venv/bin/python bench/chaos.py [--quick] [--tasks N] [--seed S] [--systems safetynet,celery] [--keep]
+    .venv/bin/python bench/chaos.py [--quick] [--tasks N] [--seed S] [--systems safetynet,celery]
+                                    [--broker redis|rabbitmq] [--keep]
 
 N payment-like tasks (5000; 500 with ``--quick``) each charge an order at a gateway stub and
 write a ledger row. The same workload runs twice, on the same set-up: once as a safetynet task
@@ -18,9 +19,17 @@ The set-up, alike for both systems:
   (2 s) past the client's timeout (1 s): the client sees a timeout although it was charged.
   With a key it has seen, the gateway returns that charge and charges nothing;
 - two prefork workers (4 children each); every 2–5 s (seeded) one of them, main process and
-  children, gets ``kill -9`` and is started again; Redis is killed (SIGKILL) and started again
+  children, gets ``kill -9`` and is started again (a worker that exits by itself is started
+  again too, as a process supervisor would); Redis is killed (SIGKILL) and started again
   once, when half of the orders are done. The chaos stops when 90 % of the orders are
   accounted for (or after ``--chaos-seconds``), then the run drains.
+
+``--broker rabbitmq`` runs the same on RabbitMQ (queues of the run's own on the server at
+``--amqp-url``); the private Redis then only keeps safetynet's shared counters, and is still
+restarted once. The Redis transport of kombu takes a message off the list (BRPOP) and records
+it as unacknowledged in a second command: a ``kill -9`` between the two loses the message
+whatever the task does. RabbitMQ keeps an unacknowledged message on the server and puts it
+back when the consumer's connection dies, so late acks are enough there.
 
 An order is accounted for when it has a ledger row (succeeded) or a final-failure record
 (dead: safetynet's dead letters; for plain Celery, rows its ``task_failure`` receiver wrote).
@@ -47,6 +56,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +65,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from _chaos_gateway import Gateway  # noqa: E402
-from _chaos_processes import Killer, RedisServer, Worker  # noqa: E402
+from _chaos_processes import Chaos, RabbitBroker, RedisBroker, RedisServer, Worker  # noqa: E402
 
 SYSTEMS = ("safetynet", "celery")
 WORKERS = 2
@@ -75,39 +85,42 @@ class Run:
     chaos_s: float = 0.0
     settle_s: float = 0.0
     kills: int = 0
+    exits: list[str] = field(default_factory=list)
     redis_down_s: float = 0.0
     redis_restarted_at: int = 0
     outcome: object = None
     gateway: dict = field(default_factory=dict)
     unrecorded_charges: int = 0
+    lost_in_transport: int | None = None
     log_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def _broker_backlog(redis_server: RedisServer, queue: str) -> int:
-    """Messages still in the broker: queued (any priority), unacknowledged or scheduled."""
-    client = redis_server.client()
-    backlog = client.hlen("unacked")
-    for key in client.scan_iter(match=f"{queue}*", count=1000):
-        if client.type(key) == b"list":
-            backlog += client.llen(key)
-    return backlog
-
-
-def _publish(task, order_id: int, queue: str) -> None:
-    """Send one order; when the broker does not answer, keep trying for a minute."""
+def _publish(task, order_id: int, queue: str) -> str:
+    """Send one order, return its task id; when the broker does not answer, keep trying for a minute."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            task.apply_async(kwargs={"order_id": order_id, "amount": 100 + order_id % 900}, queue=queue)
-            return
+            return task.apply_async(kwargs={"order_id": order_id, "amount": 100 + order_id % 900}, queue=queue).id
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
 
-def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer, work_dir: Path) -> Run:
+def _trace(order_id: int, task_id: str, log_dir: Path, broker, queue: str) -> str:
+    """Where a lost order's task was last seen: the worker log lines naming its id, the broker."""
+    seen = []
+    for log in sorted(log_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if task_id in line:
+                seen.append(f"{log.stem}: {line[:160]}")
+    in_broker = broker.copies(queue, task_id)
+    where = "; ".join(seen[-4:]) if seen else "in no worker log (never received)"
+    return f"lost order {order_id}, task {task_id}: {len(seen)} log lines, {in_broker} copies in the broker; {where}"
+
+
+def run_system(system: str, args: argparse.Namespace, broker, redis_server: RedisServer, work_dir: Path) -> Run:
     import _chaos_accounts as accounts
     import _chaos_tasks as tasks
 
@@ -115,9 +128,9 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
     run.log_dir.mkdir()
     order_ids = range(1, args.tasks + 1)
     total = len(order_ids)
-    queue = tasks.QUEUES[system]
+    queue = f"chaos.{args.run_id}.{system}"
     task = tasks.safetynet_charge if system == "safetynet" else tasks.celery_charge
-    redis_server.client().flushall()
+    broker.reset(queue)
     gateway = Gateway(seed=args.seed, fault_rate=args.fault_rate, stall_seconds=args.stall).start()
     env = {
         **os.environ,
@@ -126,8 +139,10 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
         "SAFETYNET_CHAOS_GATEWAY": gateway.url,
     }
     workers = [Worker(f"{system}-{number}", queue, env, run.log_dir, CONCURRENCY) for number in range(1, WORKERS + 1)]
-    killer = Killer(workers, seed=args.seed, low=args.kill_min, high=args.kill_max)
-    conn = accounts.connect()
+    killer = Chaos(workers, seed=args.seed, low=args.kill_min, high=args.kill_max)
+    task_ids: dict[int, str] = {}
+    conn = accounts.Books()
+    postgres_started = conn.postgres_started()
     try:
         for worker in workers:
             worker.start()
@@ -137,7 +152,7 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
         began = time.monotonic()
         killer.start()
         for order_id in order_ids:
-            _publish(task, order_id, queue)
+            task_ids[order_id] = _publish(task, order_id, queue)
         print(f"[{system}] sent {total} in {time.monotonic() - began:.1f}s", flush=True)
 
         chaos, restarted = True, False
@@ -146,7 +161,7 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
         stall_limit = args.stall_seconds
         while True:
             time.sleep(0.5)
-            done = accounts.accounted(conn, system)
+            done = conn.accounted(system)
             now = time.monotonic()
             if done > last_done:
                 last_done, last_progress = done, now
@@ -160,7 +175,7 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
                     restarted = True
                     print(f"[{system}] redis restarted at {done}/{total} (away {run.redis_down_s:.1f}s)", flush=True)
                 if done >= total * args.chaos_until or now - began >= args.chaos_seconds:
-                    killer.stop()
+                    killer.stop_killing()
                     chaos, run.chaos_s, last_progress = False, now - began, now
                     print(f"[{system}] chaos over after {run.chaos_s:.1f}s at {done}/{total}: "
                           f"{killer.kills} kills; draining", flush=True)
@@ -174,7 +189,7 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
                 print(f"[{system}] {done}/{total} accounted for after {now - began:.0f}s, "
                       f"{killer.kills} kills", flush=True)
         if chaos:
-            killer.stop()
+            killer.stop_killing()
             run.chaos_s = time.monotonic() - began
         run.kills = killer.kills
         if killer.errors:
@@ -186,19 +201,33 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
         settle_began = time.monotonic()
         quiet = 0
         while time.monotonic() - settle_began < args.stall_seconds and quiet < 3:
-            quiet = quiet + 1 if _broker_backlog(redis_server, queue) == 0 else 0
+            quiet = quiet + 1 if broker.backlog(queue) == 0 else 0
             time.sleep(1.0)
         run.settle_s = time.monotonic() - settle_began
         if quiet < 3:
-            run.notes.append(f"the broker still held {_broker_backlog(redis_server, queue)} messages at the end")
+            run.notes.append(f"the broker still held {broker.backlog(queue)} messages at the end")
     finally:
         killer.stop()
         for worker in workers:
             worker.stop()
         gateway.stop()
+    run.exits = killer.exits
+    if conn.postgres_started() != postgres_started:
+        run.notes.append("PostgreSQL was restarted during the run by something else (another test suite?): "
+                         "these figures include a database outage")
     run.gateway = gateway.figures()
-    run.outcome = accounts.outcome(conn, system, order_ids)
-    run.unrecorded_charges = accounts.unrecorded_charges(conn, system, gateway.charged_orders())
+    run.outcome = accounts.outcome(conn.conn, system, order_ids)
+    lost_ids = {task_ids[order_id] for order_id in run.outcome.lost_orders}
+    if args.broker == "redis":
+        run.lost_in_transport = len(broker.lost_in_transport(queue, lost_ids)) if lost_ids else 0
+    if system == "safetynet":
+        for order_id, reason, detail, error, task_id, worker in run.outcome.dead_yet_succeeded[:10]:
+            run.notes.append(f"order {order_id} was dead-lettered ({reason}: {detail[:120]!r}; {error[:120]}; "
+                             f"task {task_id} on {worker}) and yet succeeded")
+        for order_id in sorted(run.outcome.lost_orders)[:10]:
+            run.notes.append(_trace(order_id, task_ids[order_id], run.log_dir, broker, queue))
+    broker.cleanup(queue)
+    run.unrecorded_charges = accounts.unrecorded_charges(conn.conn, system, gateway.charged_orders())
     conn.close()
     return run
 
@@ -213,9 +242,14 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     print()
     print(f"{args.tasks} orders per system; seed {args.seed}; gateway: {args.fault_rate:.0%} of charges made, then "
           f"the reply stalls {args.stall:g}s past the client's {tasks.GATEWAY_TIMEOUT:g}s timeout")
-    print(f"broker: private redis, appendfsync always, visibility_timeout {args.visibility_timeout:g}s "
-          f"(both systems); {WORKERS} prefork workers x {CONCURRENCY}; kill -9 of a whole worker every "
-          f"{args.kill_min:g}-{args.kill_max:g}s; redis SIGKILLed and restarted once")
+    if args.broker == "redis":
+        print(f"broker: private redis, appendfsync always, visibility_timeout {args.visibility_timeout:g}s "
+              f"(both systems); redis SIGKILLed and restarted once")
+    else:
+        print("broker: rabbitmq (queues of the run's own); the private redis (safetynet's shared counters) "
+              "SIGKILLed and restarted once")
+    print(f"{WORKERS} prefork workers x {CONCURRENCY} per system; kill -9 of a whole worker (main process and "
+          f"children) every {args.kill_min:g}-{args.kill_max:g}s, seeded")
     print()
     print(_row("", [run.system for run in runs]))
     lines = [
@@ -225,6 +259,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         ("  by reason", lambda r: ", ".join(f"{k}:{v}" for k, v in sorted(r.outcome.dead_by_reason.items())) or "-"),
         ("  dead and yet succeeded", lambda r: r.outcome.dead_and_succeeded),
         ("lost (neither)", lambda r: r.outcome.lost),
+        ("  of which lost by the Redis transport", lambda r: "-" if r.lost_in_transport is None else r.lost_in_transport),
         ("ledger rows", lambda r: r.outcome.ledger_rows),
         ("duplicate ledger rows", lambda r: r.outcome.duplicate_ledger),
         ("  orders with duplicate rows", lambda r: r.outcome.orders_with_duplicate_rows),
@@ -235,6 +270,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         ("duplicate gateway charges", lambda r: r.gateway["duplicate_charges"]),
         ("charged, no ledger row", lambda r: r.unrecorded_charges),
         ("workers kill -9'd", lambda r: r.kills),
+        ("workers that exited by themselves", lambda r: len(r.exits)),
         ("redis restarted at (accounted)", lambda r: f"{r.redis_restarted_at} ({r.redis_down_s:.1f}s away)"),
         ("chaos lasted (s)", lambda r: f"{r.chaos_s:.1f}"),
         ("drain_s (first send -> all done)", lambda r: f"{r.drain_s:.1f}" + ("" if r.drained else " (gave up)")),
@@ -242,10 +278,16 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     ]
     for label, value in lines:
         print(_row(label, [value(run) for run in runs]))
+    if any(run.lost_in_transport for run in runs):
+        print("lost by the Redis transport: a message popped off the queue (BRPOP) by a worker that was killed before "
+              "it recorded the message as unacknowledged (kombu does that in a second command); read from redis' "
+              "append-only file. No task code runs in that window; --broker rabbitmq has none.")
     for run in runs:
         if run.system == "safetynet" and run.outcome.claims:
             print(f"safetynet idempotency claims at the end: "
                   + ", ".join(f"{k}={v}" for k, v in sorted(run.outcome.claims.items())))
+        if run.exits:
+            print(f"note ({run.system}): restarted after exiting by themselves: {', '.join(run.exits[:6])}")
         for note in run.notes:
             print(f"note ({run.system}): {note}")
     print()
@@ -264,7 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which systems to run (default: both)")
     parser.add_argument("--fault-rate", type=float, default=0.05, help="charges made and then timed out (0.05)")
     parser.add_argument("--stall", type=float, default=2.0, help="seconds the gateway stalls such a reply (2)")
-    parser.add_argument("--visibility-timeout", type=float, default=10.0, help="broker visibility timeout (10)")
+    parser.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis",
+                        help="redis (default): the private Redis is the broker too; rabbitmq: RabbitMQ at --amqp-url"
+                             " is the broker, and the private Redis keeps safetynet's shared counters")
+    parser.add_argument("--amqp-url", default=os.environ.get("SAFETYNET_CHAOS_AMQP", "amqp://guest:guest@127.0.0.1:5672//"),
+                        help="RabbitMQ for --broker rabbitmq (queues of the run's own, deleted at the end)")
+    parser.add_argument("--visibility-timeout", type=float, default=10.0,
+                        help="the Redis broker's visibility timeout (10)")
     parser.add_argument("--kill-min", type=float, default=2.0, help="shortest time between kills (2)")
     parser.add_argument("--kill-max", type=float, default=5.0, help="longest time between kills (5)")
     parser.add_argument("--redis-down", type=float, default=1.0, help="seconds Redis stays down (1)")
@@ -273,16 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chaos-seconds", type=float, help="stop the chaos after this long anyway (240; 60 quick)")
     parser.add_argument("--stall-seconds", type=float,
                         help="give up draining after this long without progress "
-                             "(default: 3 x visibility timeout + lease + sweep interval, at least 45)")
+                             "(default: 3 x visibility timeout + lease + sweep interval = 37)")
     parser.add_argument("--drain-cap", type=float, help="give up draining after this long in all (chaos + 300)")
     parser.add_argument("--keep", action="store_true", help="keep the database and the worker logs")
     args = parser.parse_args(argv)
+    args.run_id = uuid.uuid4().hex[:8]
     if args.tasks is None:
         args.tasks = 500 if args.quick else 5000
     if args.chaos_seconds is None:
         args.chaos_seconds = 60.0 if args.quick else 240.0
     if args.stall_seconds is None:
-        args.stall_seconds = max(45.0, 3 * args.visibility_timeout + LEASE_SECONDS + RESTORE_INTERVAL)
+        args.stall_seconds = 3 * args.visibility_timeout + LEASE_SECONDS + RESTORE_INTERVAL
     if args.drain_cap is None:
         args.drain_cap = args.chaos_seconds + 300.0
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]
@@ -300,10 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     try:
         redis_server.start()
-        os.environ["SAFETYNET_CHAOS_BROKER"] = redis_server.url
+        if args.broker == "redis":
+            broker = RedisBroker(redis_server)
+        else:
+            broker = RabbitBroker(args.amqp_url)
+            os.environ["SAFETYNET_CHAOS_REDIS"] = redis_server.url
+        os.environ["SAFETYNET_CHAOS_BROKER"] = broker.url
         os.environ["SAFETYNET_CHAOS_VISIBILITY"] = str(args.visibility_timeout)
         os.environ["SAFETYNET_CHAOS_SPOOL"] = str(work_dir / "spool")
-        os.environ.setdefault("SAFETYNET_CHAOS_DB", "safetynet_chaos")
+        # A database of the run's own: two runs at once must not drop each other's.
+        os.environ.setdefault("SAFETYNET_CHAOS_DB", f"safetynet_chaos_{os.getpid()}")
         import celery
         import django
 
@@ -313,9 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         name = accounts.create_database()
         created = True
         print(f"safetynet {safetynet.__version__}, celery {celery.__version__}, django {django.__version__}; "
-              f"redis {redis_server.url} (private, dir {work_dir}); database {name}", flush=True)
+              f"broker {args.broker}; redis {redis_server.url} (private, dir {work_dir}); database {name}", flush=True)
         for system in systems:
-            runs.append(run_system(system, args, redis_server, work_dir))
+            runs.append(run_system(system, args, broker, redis_server, work_dir))
         report(runs, args)
         failed = [run for run in runs if run.system == "safetynet" and (
             run.outcome.lost or run.outcome.duplicate_ledger or run.gateway["duplicate_charges"])]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The safetynet demo: four classic failing tasks on a real Celery worker, then a report.
+"""The safetynet demo: the classic failing tasks and a payment on a real Celery worker, then a report.
 
 Run it with ``make demo`` or ``python demo/run.py`` from anywhere. It needs no server:
 Django's database, the Celery broker and the result backend are SQLite files in demo/var/
@@ -74,7 +74,14 @@ CASES = [
     Case("d", "Celery autoretry: the inventory service is down for good",
          "shop.tasks.sync_inventory", ("warehouse-7",),
          note="from Celery's retry_backoff=True, retry_backoff_max=4, max_retries=3 (autoretry_for=(ConnectionError,))"),
+    Case("e", "Payment: the gateway charges, then answers too late; the retry must not charge again",
+         "shop.tasks.pay_order", (1001, 4200),
+         note="idempotency_key='pay-order-{order_id}', sent to the gateway as its Idempotency-Key"),
+    Case("f", "The same payment sent again while (e) runs: a double click",
+         "shop.tasks.pay_order", (1001, 4200),
+         note="the same key: deferred while (e) holds it, then (e)'s stored result, the body not run"),
 ]
+PAYMENT_KEY = "pay-order-1001"
 
 
 def say(text: str = "") -> None:
@@ -169,8 +176,20 @@ def check_broker(app: Any) -> None:
 
 def send_tasks(app: Any) -> None:
     for case in CASES:
+        if case.key == "f":
+            wait_for_claim(PAYMENT_KEY, time.monotonic() + 20)  # so that (e) is the one that charges
         case.sent_at = time.time()
         case.result = app.tasks[case.task_name].delay(*case.args)
+
+
+def wait_for_claim(key: str, deadline: float) -> None:
+    from safetynet.models import IdempotencyClaim
+
+    while not IdempotencyClaim.objects.filter(key=key).exists():
+        if time.monotonic() > deadline:
+            raise DemoError(f"the payment task did not claim {key!r} in time. The end of {WORKER_LOG}:\n"
+                            f"{tail(WORKER_LOG)}")
+        time.sleep(0.05)
 
 
 def wait_for_outcomes(deadline: float, started: float) -> None:
@@ -223,20 +242,19 @@ def outcome_of(case: Case) -> str:
 
 
 def attempts_of(case: Case) -> list[dict]:
-    """One row per attempt, from the events the worker recorded."""
-    rows: dict[int, dict] = {}
+    """One row per attempt (and per deferral), in the order the worker recorded them."""
+    rows: list[dict] = []
     for event in case.events:
         if event.kind == "retrying":
-            rows[event.payload["entry"]["attempt"]] = dict(event.payload["entry"])
-        elif event.kind == "dead":
-            for entry in event.payload["history"]:
-                rows.setdefault(entry["attempt"], dict(entry))
+            rows.append(dict(event.payload["entry"]))
+        elif event.kind == "dead" and event.payload["history"]:
+            rows.append(dict(event.payload["history"][-1]))
         elif event.kind == "success":
-            rows[event.attempt] = {
+            rows.append({
                 "attempt": event.attempt, "started": event.payload["started"], "exception": None,
                 "message": "", "action": "success", "delay": None, "reason": "", "result": event.payload["result"],
-            }
-    return [rows[number] for number in sorted(rows)]
+            })
+    return rows
 
 
 def print_attempts(case: Case) -> None:
@@ -255,8 +273,14 @@ def print_attempts(case: Case) -> None:
             say(f"{pad}decision: dead ({row['reason']})")
 
 
-def print_server_side(case: Case, smtp: Any, api: Any, inventory: str) -> None:
-    if case.key == "a":
+def print_server_side(case: Case, smtp: Any, api: Any, inventory: str, gateway: Any) -> None:
+    if case.key == "f":
+        say(f"      ledger rows written by (f): {ledger_rows(1001, case.result.id)}; it did not call the gateway")
+        return
+    if case.key == "e":
+        seen = [(when, what) for when, key, what in gateway.events if key == PAYMENT_KEY]
+        say(f"      ledger: {ledger_rows(1001)} row(s) for order 1001; gateway: {len(gateway.charges)} charge(s)")
+    elif case.key == "a":
         seen = [(when, what) for when, recipient, what in smtp.events if recipient == case.args[0]]
     elif case.key == "b":
         seen = [(when, f"{request} -> {what}") for when, request, what in api.events]
@@ -268,7 +292,14 @@ def print_server_side(case: Case, smtp: Any, api: Any, inventory: str) -> None:
     say("      server side: " + "; ".join(f"+{when - case.sent_at:.2f}s {what}" for when, what in seen))
 
 
-def check(case: Case) -> list[str]:
+def ledger_rows(order_id: int, task_id: str | None = None) -> int:
+    from shop.models import Payment
+
+    rows = Payment.objects.filter(order_id=order_id)
+    return (rows.filter(task_id=task_id) if task_id else rows).count()
+
+
+def check(case: Case, gateway: Any = None) -> list[str]:
     """What should have happened; a failed expectation is a problem with safetynet or the demo."""
     rows = attempts_of(case)
     actions = [row["action"] for row in rows]
@@ -300,6 +331,21 @@ def check(case: Case) -> list[str]:
         expect(all(0 <= row["delay"] <= 4 for row in rows[:3]), "expected delays within retry_backoff_max=4")
         expect(isinstance(case.result.result, ConnectionError),
                f"expected the original ConnectionError to fail the task, got {type(case.result.result).__name__}")
+    elif case.key == "e":
+        expect(case.state == "SUCCESS", f"expected SUCCESS, got {case.state}")
+        expect(actions == ["retry", "success"], f"expected retry (the timeout), success; got {actions}")
+        expect(bool(rows) and "Timeout" in str(rows[0]["exception"]), "expected the first attempt to time out")
+        expect(gateway is not None and len(gateway.charges) == 1, "expected the gateway to charge once")
+        expect(ledger_rows(1001) == 1, f"expected one ledger row for order 1001, got {ledger_rows(1001)}")
+    elif case.key == "f":
+        first = next(other for other in CASES if other.key == "e")
+        expect(case.state == "SUCCESS", f"expected SUCCESS, got {case.state}")
+        expect(bool(actions) and set(actions[:-1]) == {"snooze"} and actions[-1] == "success",
+               f"expected deferrals (snooze) then success; got {actions}")
+        expect(case.result.result == first.result.result, "expected (e)'s stored result")
+        expect(ledger_rows(1001, case.result.id) == 0, "expected (f) to write no ledger row")
+        expect(len(gateway.events) == 2 if gateway is not None else False,
+               "expected the gateway to see (e)'s two requests only")
     if dead is not None:
         history = [entry["attempt"] for entry in dead.payload["history"]]
         expect(history == [*retrying, history[-1]] if history else False,
@@ -307,7 +353,7 @@ def check(case: Case) -> list[str]:
     return problems
 
 
-def report(app: Any, smtp: Any, api: Any, inventory: str, timings: dict[str, str]) -> list[str]:
+def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, timings: dict[str, str]) -> list[str]:
     from celery import __version__ as celery_version
 
     import safetynet
@@ -337,8 +383,8 @@ def report(app: Any, smtp: Any, api: Any, inventory: str, timings: dict[str, str
         if dead is not None:
             outcome += f"\n      given up: {dead.payload['reason']} ({dead.payload['detail']})"
         say(f"      outcome: {outcome}")
-        print_server_side(case, smtp, api, inventory)
-        problems += [f"({case.key}) {problem}" for problem in check(case)]
+        print_server_side(case, smtp, api, inventory, gateway)
+        problems += [f"({case.key}) {problem}" for problem in check(case, gateway)]
     say()
     say("Times are seconds after the task was sent; attempts, raised exceptions, decisions and delays were recorded")
     say("in the worker by receivers of safetynet.signals.task_retrying / task_dead and celery's task_success.")
@@ -358,15 +404,18 @@ def main() -> int:
     say(f"safetynet demo: broker and results on {'Redis ' + redis_url if redis_url else 'SQLite files in demo/var/'}")
 
     fresh_var_dir()
-    from stubs import RateLimitedAPI, SMTPStub
+    from stubs import PaymentGateway, RateLimitedAPI, SMTPStub
 
     smtp = SMTPStub(refusals=2).start()
     api = RateLimitedAPI(retry_after=2).start()
+    gateway = PaymentGateway(stall_seconds=2).start()
     inventory = f"127.0.0.1:{unused_port()}"
     os.environ["DEMO_SMTP_PORT"] = str(smtp.port)
     os.environ["DEMO_API_URL"] = api.url
     os.environ["DEMO_INVENTORY_ADDRESS"] = inventory
-    say(f"  SMTP stub on 127.0.0.1:{smtp.port}, API stub on {api.url}, inventory service (down) at {inventory}")
+    os.environ["DEMO_GATEWAY_URL"] = gateway.url
+    say(f"  SMTP stub on 127.0.0.1:{smtp.port}, API stub on {api.url}, payment gateway on {gateway.url}, "
+        f"inventory service (down) at {inventory}")
 
     set_up_django()
     from django.core import checks
@@ -388,7 +437,7 @@ def main() -> int:
     try:
         say(f"  started a Celery worker (pid {worker.pid}), waiting until it is ready…")
         timings["ready"] = f"{wait_until_ready(worker, deadline):.1f}s"
-        say("  sending 4 tasks; their states as the result backend reports them (seconds since start):")
+        say(f"  sending {len(CASES)} tasks; their states as the result backend reports them (seconds since start):")
         send_tasks(app)
         wait_for_outcomes(deadline, started_wall)
         collect_events(deadline + 10)
@@ -396,14 +445,15 @@ def main() -> int:
         timings["stop"] = stop_worker(worker)
         smtp.stop()
         api.stop()
-    problems = report(app, smtp, api, inventory, timings)
+        gateway.stop()
+    problems = report(app, smtp, api, inventory, gateway, timings)
     total = time.time() - started_wall
     if problems:
         say(f"\nUNEXPECTED ({len(problems)}), the demo failed after {total:.1f}s:")
         for problem in problems:
             say(f"  - {problem}")
         return 1
-    say(f"All 4 tasks ended as expected in {total:.1f}s.")
+    say(f"All {len(CASES)} tasks ended as expected in {total:.1f}s.")
     return 0
 
 

@@ -159,3 +159,63 @@ class RateLimitedAPI:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _GatewayHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # quiet: the report shows the requests
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        gateway: PaymentGateway = self.server.gateway  # type: ignore[attr-defined]
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        key = self.headers.get("Idempotency-Key") or ""
+        charge, new = gateway.charge(key, body)
+        if new and gateway.stall_first:
+            # The card is charged, then the answer is too late for the client: it sees a timeout.
+            gateway.events.append((time.time(), key, f"charged {charge['id']}, then no answer for "
+                                                     f"{gateway.stall_seconds:g}s"))
+            time.sleep(gateway.stall_seconds)
+        else:
+            gateway.events.append((time.time(), key, f"{'charged' if new else 'key seen: returned'} {charge['id']}"
+                                                     + ("" if new else ", no new charge")))
+        data = json.dumps(charge).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client gave up waiting
+            pass
+
+
+class PaymentGateway:
+    """A local payment API that dedupes by ``Idempotency-Key`` and answers the first charge too late."""
+
+    def __init__(self, stall_seconds: float = 2.0) -> None:
+        self.stall_first = True
+        self.stall_seconds = stall_seconds
+        self.events: list[tuple[float, str, str]] = []
+        self.charges: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _GatewayHandler)
+        self._server.daemon_threads = True
+        self._server.gateway = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def charge(self, key: str, body: dict) -> tuple[dict, bool]:
+        """The charge for ``key`` and whether it was made now (a request without a key always charges)."""
+        with self._lock:
+            if key and key in self.charges:
+                return self.charges[key], False
+            charge = {"id": f"ch_{len(self.charges) + 1}", "amount_cents": body.get("amount_cents")}
+            self.charges[key or f"no-key-{len(self.charges)}"] = charge
+            return charge, True
+
+    def start(self) -> PaymentGateway:
+        threading.Thread(target=self._server.serve_forever, name="gateway-stub", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

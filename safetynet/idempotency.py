@@ -51,9 +51,11 @@ __all__ = [
     "CrashLoop",
     "IdempotencyKeyError",
     "KeyInProgress",
+    "HANDOVER_HEADER",
     "KeyTemplate",
     "atomic",
     "claim",
+    "hand_over",
     "current",
     "mark_succeeded",
     "release",
@@ -83,6 +85,11 @@ class KeyTemplate:
         if bound and parameters:
             parameters = parameters[1:]
         self.signature = signature.replace(parameters=parameters)
+        #: The parameters' names when all are plain positional ones: a call passing each of them
+        #: positionally then maps onto them without ``Signature.bind`` (the common case, and cheaper).
+        self.positional = tuple(p.name for p in parameters) if all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters
+        ) else None
         if callable(spec):
             return
         if not isinstance(spec, str) or not spec.strip():
@@ -125,15 +132,18 @@ class KeyTemplate:
                 raise IdempotencyKeyError(f"the idempotency_key callable returned {value!r}, not a string")
             key = value
         else:
-            try:
-                bound = self.signature.bind(*args, **kwargs)
-            except TypeError as error:
-                raise IdempotencyKeyError(f"cannot make the idempotency key {self.spec!r}: {error}") from None
-            bound.apply_defaults()
-            values = dict(bound.arguments)
-            for parameter in self.signature.parameters.values():
-                if parameter.kind is parameter.VAR_KEYWORD:
-                    values.update(values.pop(parameter.name, {}))
+            if self.positional is not None and not kwargs and len(args) == len(self.positional):
+                values = dict(zip(self.positional, args))
+            else:
+                try:
+                    bound = self.signature.bind(*args, **kwargs)
+                except TypeError as error:
+                    raise IdempotencyKeyError(f"cannot make the idempotency key {self.spec!r}: {error}") from None
+                bound.apply_defaults()
+                values = dict(bound.arguments)
+                for parameter in self.signature.parameters.values():
+                    if parameter.kind is parameter.VAR_KEYWORD:
+                        values.update(values.pop(parameter.name, {}))
             try:
                 key = self.spec.format_map(values)
             except (KeyError, AttributeError, IndexError) as error:
@@ -174,10 +184,18 @@ class Claim:
     lease_until: float = 0.0
 
 
-def _table(using: str) -> str:
-    from safetynet.models import IdempotencyClaim
+_tables: dict[tuple[str, str], str] = {}
 
-    return connections[using].ops.quote_name(IdempotencyClaim._meta.db_table)
+
+def _table(using: str) -> str:
+    """The claim table's quoted name on database ``using`` (every claim and mark needs it)."""
+    connection = connections[using]
+    table = _tables.get((using, connection.vendor))
+    if table is None:
+        from safetynet.models import IdempotencyClaim
+
+        table = _tables[using, connection.vendor] = connection.ops.quote_name(IdempotencyClaim._meta.db_table)
+    return table
 
 
 def database_for_claims() -> str:
@@ -187,17 +205,23 @@ def database_for_claims() -> str:
     return router.db_for_write(IdempotencyClaim) or "default"
 
 
-def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliveries: int) -> Claim:
-    """Claim ``key`` for this run: won, already succeeded, in progress elsewhere, or a crash loop."""
+def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliveries: int, handover: str = "") -> Claim:
+    """Claim ``key`` for this run: won, already succeeded, in progress elsewhere, or a crash loop.
+
+    ``handover`` is the token an earlier attempt of the same task handed the claim over with
+    when it scheduled this retry: the retry takes the claim at once, uncounted.
+    """
+    handed = handover or "-"  # never an owner
     using = database_for_claims()
     table = _table(using)
     owner = f"{task_id}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"[:255]
     # PostgreSQL: the claim commits without waiting for its WAL flush (an fsync per task). It is
     # visible to other runs at once all the same; only a crash of the database server (or a
     # failover) in the next fraction of a second can lose it, and that also ends this run's
-    # connection: its body's writes cannot commit, since the mark below checks the owner in
-    # the body's transaction, which does wait for the flush (and so flushes the claim too).
-    no_flush_wait = ", set_config('synchronous_commit', 'off', true)" if connections[using].vendor == "postgresql" else ""
+    # connection: its body's writes cannot commit, since mark_succeeded checks the owner in the
+    # body's transaction (run_atomically), which does wait for its flush, and so for the claim's.
+    postgresql = connections[using].vendor == "postgresql"
+    no_flush_wait = ", set_config('synchronous_commit', 'off', true)" if postgresql else ""
     for _ in range(5):
         now = time.time()
         with connections[using].cursor() as cursor:
@@ -207,12 +231,14 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
                 f"VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, %s, '', %s, %s) "
                 f"ON CONFLICT (key) DO UPDATE SET task_name = excluded.task_name, task_id = excluded.task_id, "
                 f"state = 'in_progress', owner = excluded.owner, lease_until = excluded.lease_until, "
-                f"deliveries = CASE WHEN {table}.state = 'in_progress' THEN {table}.deliveries + 1 ELSE 1 END, "
+                f"deliveries = CASE WHEN {table}.state <> 'in_progress' THEN 1 "
+                f"WHEN {table}.owner = %s THEN {table}.deliveries ELSE {table}.deliveries + 1 END, "
                 f"result = NULL, result_stored = excluded.result_stored, error = '', "
                 f"updated_at = excluded.updated_at "
-                f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' AND {table}.lease_until < %s) "
+                f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' "
+                f"AND ({table}.lease_until < %s OR {table}.owner = %s)) "
                 f"RETURNING deliveries{no_flush_wait}",
-                [key, task_name, task_id, owner, now + lease, False, now, now, now],
+                [key, task_name, task_id, owner, now + lease, False, now, now, handed, now, handed],
             )
             row = cursor.fetchone()
         if row is not None:
@@ -308,6 +334,25 @@ def _untouched(connection: Any) -> bool:
     if connection.vendor == "sqlite":
         return not raw.in_transaction
     return False
+
+
+#: The message header that carries a claim handed over to the next attempt.
+HANDOVER_HEADER = "safetynet_claim"
+
+
+def hand_over(held: Claim, until: float) -> str | None:
+    """Keep the claim for the retry this run scheduled: a new owner token the retry message carries.
+
+    Duplicates stay deferred while the task waits for its next attempt (the operation is still
+    in progress); the lease covers the wait. None if this run no longer owns the claim.
+    """
+    from safetynet.models import IdempotencyClaim
+
+    token = f"handover/{uuid.uuid4().hex}"
+    updated = IdempotencyClaim.objects.using(held.using).filter(
+        key=held.key, owner=held.owner, state=IdempotencyClaim.State.IN_PROGRESS
+    ).update(owner=token, lease_until=until, updated_at=time.time())
+    return token if updated else None
 
 
 def release(held: Claim, error: BaseException | None) -> None:

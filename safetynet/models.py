@@ -138,7 +138,7 @@ class IdempotencyClaim(models.Model):
     #: The task id of the run that holds (or last held) the claim.
     task_id = models.CharField(max_length=255)
     state = models.CharField(max_length=16, choices=State.choices)
-    #: Who holds it: task id, host, pid and a nonce; empty once released.
+    #: Who holds (or last held) it: task id, host, pid and a nonce, or the token of a hand-over to a retry.
     owner = models.CharField(max_length=255, blank=True)
     lease_until = models.FloatField(default=0.0)
     #: Runs that took the claim since it was last settled; a takeover means the previous run died.

@@ -14,6 +14,7 @@ not configured, or does not answer, the database table ``SharedKey`` is used wit
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from typing import Any
 
 from safetynet import conf
 
-__all__ = ["add", "delete", "incr", "redis_client"]
+__all__ = ["add", "delete", "incr", "purge_expired", "redis_client"]
 
 logger = logging.getLogger("safetynet")
 
@@ -107,20 +108,42 @@ def delete(key: str) -> None:
             return
         except _redis_errors() as error:
             logger.warning("safetynet: Redis did not answer (%r); deleting %s in the database", error, key)
+    from django.db import router
+
     from safetynet.models import SharedKey
 
-    SharedKey.objects.filter(key=key).delete()
+    SharedKey.objects.using(router.db_for_write(SharedKey) or "default").filter(key=_column_key(key)).delete()
 
 
 def _table() -> tuple[Any, str]:
-    from django.db import connection
+    from django.db import connections, router
 
     from safetynet.models import SharedKey
 
+    connection = connections[router.db_for_write(SharedKey) or "default"]
     return connection, connection.ops.quote_name(SharedKey._meta.db_table)
 
 
+def _column_key(key: str) -> str:
+    """``key`` as stored: a long one is cut and ended with its hash, to fit the 255-character column."""
+    if len(key) <= 200:
+        return key
+    return f"{key[:150]}#{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def purge_expired() -> int:
+    """Delete the database rows of counters and values that expired (Redis forgets them by itself)."""
+    from django.db import router
+
+    from safetynet.models import SharedKey
+
+    deleted, _ = SharedKey.objects.using(router.db_for_write(SharedKey) or "default").filter(
+        expires_at__lt=time.time()).delete()
+    return deleted
+
+
 def _database_incr(key: str, ttl: float) -> int:
+    key = _column_key(key)
     connection, table = _table()
     now = time.time()
     with connection.cursor() as cursor:
@@ -135,6 +158,7 @@ def _database_incr(key: str, ttl: float) -> int:
 
 
 def _database_add(key: str, value: str, ttl: float) -> str | None:
+    key = _column_key(key)
     connection, table = _table()
     now = time.time()
     with connection.cursor() as cursor:

@@ -4,7 +4,7 @@ signals with ``sender`` the ``DeadLetter`` model.
 ``task_retrying``: an attempt failed and another is scheduled.
     kwargs: task_id, attempt, delay (seconds), reason, exception, entry (the history entry), args, kwargs
 ``task_dead``: a task was given up; its original exception is what fails it.
-    kwargs: task_id, reason (retries_exhausted, permanent_error, deadline_exceeded, crash_loop), detail,
+    kwargs: task_id, reason (retries_exhausted, permanent_error, deadline_exceeded), detail,
     exception, history (every attempt kept, the last one included), omitted (attempts dropped
     from the bounded history), args, kwargs
 

@@ -70,3 +70,12 @@ def idempotent_slow_three_times(name):
     if count_run(name) <= 3:
         time.sleep(5)
     return name
+
+
+@safetynet.task(bind=True, idempotency_key="flaky-{order_id}", idempotency_lease=2,
+                retry_policy=RetryPolicy(max_attempts=3, backoff=Fixed(3), jitter="none"))
+def flaky_pay(self, order_id):
+    """Fails its first run (transient), succeeds on the retry 3 s later."""
+    if count_run(f"flaky-{order_id}") == 1:
+        raise ConnectionError("gateway unreachable")
+    return {"order": order_id, "task_id": self.request.id, "attempt": self.attempt}

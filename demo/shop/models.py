@@ -1,4 +1,4 @@
-"""Two tables: the orders the payment task looks up, and the events the worker records."""
+"""The orders the payment task looks up, the ledger of payments, and the events the worker records."""
 
 from django.db import models
 
@@ -30,3 +30,12 @@ class TaskEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] {self.kind} #{self.attempt}"
+
+
+class Payment(models.Model):
+    """The ledger: one row per charge the shop booked (a duplicate row would be a double booking)."""
+
+    order_id = models.PositiveIntegerField()
+    charge_id = models.CharField(max_length=32)
+    amount_cents = models.PositiveIntegerField()
+    task_id = models.CharField(max_length=64)

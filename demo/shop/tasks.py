@@ -9,7 +9,7 @@ from email.message import EmailMessage
 from django.conf import settings
 
 import safetynet
-from shop.models import Order
+from shop.models import Order, Payment
 
 
 # (a) The Celery docs' retry example: bind=True, max_retries=3, raise self.retry(exc=..., countdown=...).
@@ -61,3 +61,27 @@ def sync_inventory(warehouse):
     with socket.create_connection((host, int(port)), timeout=5) as connection:
         connection.sendall(f"SYNC {warehouse}\n".encode())
     return f"inventory of {warehouse} synced"
+
+
+# (e) A payment: the gateway charges, then answers too late. The retry sends the same
+# Idempotency-Key, so the gateway returns the first charge instead of charging again; the
+# ledger row and the "succeeded" mark commit together, once. A second message for the same
+# order (a double click) waits for the first and gets its stored result.
+@safetynet.task(
+    bind=True,
+    idempotency_key="pay-order-{order_id}",
+    retry_policy=safetynet.RetryPolicy(max_attempts=4, backoff=safetynet.Fixed(1), jitter="none"),
+)
+def pay_order(self, order_id, amount_cents):
+    """Charge ``amount_cents`` for ``order_id`` at the payment gateway and write the ledger row."""
+    request = urllib.request.Request(
+        f"{settings.DEMO_GATEWAY_URL}/charges",
+        data=json.dumps({"order_id": order_id, "amount_cents": amount_cents}).encode(),
+        headers={"Content-Type": "application/json", "Idempotency-Key": self.idempotency_key},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=1) as response:  # a timeout is transient by default
+        charge = json.load(response)
+    Payment.objects.create(order_id=order_id, charge_id=charge["id"], amount_cents=amount_cents,
+                           task_id=self.request.id)
+    return charge["id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,9 @@ __all__ = ["now", "rng", "using"]
 
 _now: Callable[[], float] = time.time
 _rng: random.Random = random.Random()
+# Prefork pool children would inherit the parent's state and draw the same jitter in step.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_rng.seed)
 
 
 def now() -> float:

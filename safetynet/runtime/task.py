@@ -15,6 +15,7 @@ The path of a failed attempt::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -213,7 +214,7 @@ class SafetyTask(celery.Task):
 
             task_id = task_id or new_task_id()
             existing = shared.add(f"unique:{key}", task_id, self.unique_for)
-            if existing is not None:
+            if existing is not None and existing != task_id:  # the same id: Celery re-sending it (a retry)
                 logger.info("%s: idempotency key %r was enqueued as %s within %ss; not sent again",
                             self.name, key, existing, self.unique_for,
                             extra={"task_name": self.name, "task_id": existing, "idempotency_key": key})
@@ -237,6 +238,7 @@ class SafetyTask(celery.Task):
             key, task_name=self.name, task_id=request.id,
             lease=float(self.idempotency_lease or settings.idempotency_lease_seconds),
             max_deliveries=self.max_deliveries or settings.max_deliveries,
+            handover=str((request.headers or {}).get(idempotency.HANDOVER_HEADER) or ""),
         )
         if held.outcome == idempotency.SUCCEEDED:
             logger.info("%s[%s]: idempotency key %r already succeeded; returning its stored result",
@@ -247,6 +249,7 @@ class SafetyTask(celery.Task):
             self._defer(held, started)
         if held.outcome == idempotency.CRASH_LOOP:
             self._crash_loop(held, started)
+        request._safetynet_claim = held  # a retry scheduled by this run hands the claim over
         try:
             with idempotency.holding(held):
                 if not self.idempotency_atomic:
@@ -256,12 +259,29 @@ class SafetyTask(celery.Task):
                                        self.name, request.id, key)
                     return result
                 return idempotency.run_atomically(held, call)
-        except BaseException as exc:
-            try:
-                idempotency.release(held, exc)
-            except Exception:  # the failure itself is what the caller must see
-                logger.exception("safetynet: could not release idempotency key %r", key)
+        except Exception as exc:
+            # Decide while the claim is held: a retry keeps it (handed over to the next attempt),
+            # so a duplicate stays deferred until the operation succeeds or dies.
+            if not isinstance(exc, _PASS_THROUGH) and getattr(request, "_safetynet_settled", None) is not exc:
+                try:
+                    self._after_failure(exc, started)
+                except CeleryRetry:
+                    self._release_unless_handed_over(held, exc)
+                    raise
+                request._safetynet_settled = exc
+            self._release_unless_handed_over(held, exc)
             raise
+        except BaseException as exc:
+            self._release_unless_handed_over(held, exc)
+            raise
+
+    def _release_unless_handed_over(self, held: idempotency.Claim, exc: BaseException) -> None:
+        if getattr(self.request, "_safetynet_handed_over", None) is held:
+            return
+        try:
+            idempotency.release(held, exc)
+        except Exception:  # the failure itself is what the caller must see
+            logger.exception("safetynet: could not release idempotency key %r", held.key)
 
     def _defer(self, held: idempotency.Claim, started: float) -> None:
         """Another run holds the key: come back later without using up an attempt."""
@@ -290,8 +310,14 @@ class SafetyTask(celery.Task):
         )
         idempotency.release(held, error)
         state = self._state(started)
-        decision = Dead("crash_loop", str(error))
-        self._give_up(state, self._entry(state, started, clock.now(), error, decision), decision, error)
+        entry = self._entry(state, started, clock.now(), error, Dead("crash_loop", str(error)))
+        logger.warning("%s[%s] gave up: crash_loop (%s)", self.name, request.id, error,
+                       extra={"task_name": self.name, "task_id": request.id, "attempt": state.attempt,
+                              "reason": "crash_loop", "detail": str(error)})
+        # Like a crash loop the worker's main process finds, this one is announced by
+        # dead_letter_recorded only (task_dead is for the retry decisions).
+        if not request.is_eager:
+            self._record_dead(request, "crash_loop", str(error), error, state.with_entry(entry), state.omitted)
         request._safetynet_settled = error
         raise error
 
@@ -419,6 +445,13 @@ class SafetyTask(celery.Task):
             max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes,
         )
         headers = {**(request.headers or {}), **(retry_kwargs.pop("headers", None) or {}), HEADER: header}
+        held = getattr(request, "_safetynet_claim", None)
+        if held is not None and not request.is_eager:
+            token = idempotency.hand_over(held, until=time.time() + decision.delay + held.lease)
+            if token is not None:
+                headers[idempotency.HANDOVER_HEADER] = token
+                request._safetynet_handed_over = held
+                request._safetynet_handover_token = token
         logger.info(
             "%s[%s] attempt %s failed: %s in %.3fs (%s)", self.name, request.id, state.attempt, entry["action"],
             decision.delay, decision.reason,
@@ -435,6 +468,10 @@ class SafetyTask(celery.Task):
         except Reject as rejected:
             # Celery turns a retry it could not publish (broker down) into Reject(requeue=False):
             # the message would be gone. Keep the task as a dead letter instead, to replay later.
+            token = getattr(request, "_safetynet_handover_token", None)
+            if token is not None and held is not None:  # no message carries the claim: free it
+                request._safetynet_handed_over = request._safetynet_handover_token = None
+                idempotency.release(dataclasses.replace(held, owner=token), rejected)
             if not rejected.requeue and not request.is_eager:
                 dead_entry = {**entry, "action": "dead", "delay": None, "reason": "rejected"}
                 self._record_dead(request, "rejected", f"the retry could not be published: {rejected.reason!r}",

@@ -153,9 +153,9 @@ class SafetyRequest(Request):
         from safetynet import conf, deadletter, shared
 
         task = self.task
+        _expire_claims(task, self.id)
         if getattr(task, "retry_on_worker_lost", False):
             return exc_info  # Celery >= 5.7 publishes a retry itself
-        _expire_claims(task, self.id)
         now = time.time()
         context, state = self._context_and_state(self.time_start or now)
         requeued = bool(task.acks_late and task.reject_on_worker_lost)
@@ -186,8 +186,9 @@ class SafetyRequest(Request):
                 exc_info = ExceptionInfo()
         else:
             reason, failure = "worker_lost", exc
-            detail = ("the worker process died while running it, and it was acknowledged before it ran "
-                      "(acks_late=False or reject_on_worker_lost=False): Celery will not run it again")
+            detail = ("the worker process died while running it, and Celery will not run it again: "
+                      + ("it was acknowledged before it ran (acks_late=False)" if not task.acks_late
+                         else "reject_on_worker_lost=False acknowledges a task whose worker died"))
         entry = entry_for(state.attempt, self.time_start or now, now, failure, action="dead", delay=None,
                           reason=reason, worker=self.hostname, traceback_max_chars=settings.traceback_max_chars)
         _record(

@@ -192,3 +192,18 @@ def test_hard_time_limits_of_an_idempotent_task_free_its_claim_and_are_not_crash
     assert [entry["action"] for entry in entries] == ["retry"] * 3  # no deferral behind a dead run's lease
     row = IdempotencyClaim.objects.get(key=f"slow-{name}")
     assert (row.state, row.deliveries) == ("succeeded", 1)
+
+
+def test_a_duplicate_waits_while_the_first_waits_for_its_retry(workers):
+    worker = workers("handover")
+    order_id = order()
+    first = idem_tasks.flaky_pay.apply_async((order_id,), queue=worker.queue)
+    wait_until(lambda: recording.read("retrying", first.id), 30, "the first attempt failed and scheduled a retry")
+    duplicate = idem_tasks.flaky_pay.apply_async((order_id,), queue=worker.queue)  # during the 3 s wait
+    result = first.get(timeout=60)
+    assert result == {"order": order_id, "task_id": first.id, "attempt": 2}
+    assert duplicate.get(timeout=60) == result
+    assert idem_tasks.runs(f"flaky-{order_id}") == 2  # the first's two attempts; the duplicate never ran
+    assert {entry["action"] for entry in recording.read("retrying", duplicate.id)} == {"snooze"}
+    row = IdempotencyClaim.objects.get(key=f"flaky-{order_id}")
+    assert (row.state, row.task_id, row.deliveries) == ("succeeded", first.id, 1)  # the hand-over is no crash

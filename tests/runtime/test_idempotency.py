@@ -340,3 +340,41 @@ def test_late_acks_without_a_key_draw_w005():
     assert "tests.tasks.late_without_key" in warnings
     assert "tests.tasks.idempotent_charge" not in warnings
     assert "safetynet.W005" in {m.id for m in checks.run_checks(tags=["safetynet"])}
+
+
+@pytest.mark.django_db
+def test_a_claim_handed_over_to_the_retry_is_taken_by_its_token_only_and_uncounted():
+    held = _claim("k-10")
+    token = idempotency.hand_over(held, until=time.time() + 60)
+    assert token and IdempotencyClaim.objects.get(key="k-10").owner == token
+    assert _claim("k-10").outcome == IN_PROGRESS  # a duplicate still waits
+    assert idempotency.claim("k-10", task_name="t", task_id="x", lease=30, max_deliveries=3,
+                             handover="handover/forged").outcome == IN_PROGRESS
+    retry = idempotency.claim("k-10", task_name="t", task_id="x", lease=30, max_deliveries=3, handover=token)
+    assert (retry.outcome, retry.deliveries) == (WON, 1)
+    assert idempotency.hand_over(held, until=time.time() + 60) is None  # the old run no longer owns it
+
+
+@pytest.mark.django_db
+def test_uniqueness_takes_the_longest_keys_and_lets_celery_resend_the_same_task_id(monkeypatch):
+    sent = []
+    monkeypatch.setattr("celery.app.task.Task.apply_async", lambda self, *a, task_id=None, **k: sent.append(task_id))
+    name = "n" * 248  # "report-" + 248 = 255 characters, the longest key
+    with override_settings(SAFETYNET={"REDIS_URL": ""}):
+        tasks.unique_report.apply_async(args=(name,))
+        tasks.unique_report.apply_async(args=(name,), task_id=sent[0])  # e.g. Celery's retry_on_worker_lost
+        tasks.unique_report.apply_async(args=(name,))
+        shared.delete(f"unique:report-{name}")
+    assert sent == [sent[0], sent[0]]
+
+
+@pytest.mark.django_db
+def test_expired_shared_rows_are_purged():
+    from safetynet.models import SharedKey
+
+    with override_settings(SAFETYNET={"REDIS_URL": ""}):
+        shared.incr("gone", ttl=0.001)
+        shared.incr("kept", ttl=600)
+        time.sleep(0.01)
+        assert shared.purge_expired() == 1
+    assert list(SharedKey.objects.values_list("key", flat=True)) == ["kept"]

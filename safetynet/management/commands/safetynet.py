@@ -343,9 +343,11 @@ class Command(BaseCommand):
             write("Worker lost: acknowledged before it ran (acks_late=False), so it cannot run again; "
                   "recorded as worker_lost.")
         if task.time_limit or task.soft_time_limit:
-            write(f"Time limits: soft {task.soft_time_limit or '-'}s (an exception, classified like any other), "
-                  f"hard {task.time_limit or '-'}s (uses up an attempt; dead-lettered as time_limit when none "
-                  "is left).")
+            soft = f"soft {task.soft_time_limit:g}s (an exception, classified like any other)" \
+                if task.soft_time_limit else "no soft limit"
+            hard = f"hard {task.time_limit:g}s (uses up an attempt; dead-lettered as time_limit when none is left)" \
+                if task.time_limit else "no hard limit"
+            write(f"Time limits: {soft}; {hard}.")
 
     # -- idempotency claims ---------------------------------------------------------------
 
@@ -358,8 +360,10 @@ class Command(BaseCommand):
             raise CommandError(f"No claim for idempotency key {options['key']!r} (never claimed, or purged).")
         fields = {
             "key": row.key, "state": row.state, "task_name": row.task_name, "task_id": row.task_id,
-            "owner": row.owner, "lease_until": _when(row.lease_until) if row.lease_until else "",
-            "deliveries": row.deliveries, "result_stored": row.result_stored, "result": row.result,
+            "owner": row.owner,
+            "lease_until": _when(row.lease_until) if row.state == IdempotencyClaim.State.IN_PROGRESS else "-",
+            "deliveries": row.deliveries, "result_stored": row.result_stored,
+            "result": row.result if options["json"] else json.dumps(row.result, default=str),
             "error": row.error, "created_at": _when(row.created_at), "updated_at": _when(row.updated_at),
         }
         if options["json"]:
@@ -371,7 +375,7 @@ class Command(BaseCommand):
 
     def keys_purge(self, options: dict[str, Any]) -> None:
         """Delete settled claims older than --older-than."""
-        from safetynet import idempotency
+        from safetynet import idempotency, shared
         from safetynet.models import IdempotencyClaim
 
         before = options["older_than"]
@@ -381,7 +385,9 @@ class Command(BaseCommand):
             self.stdout.write(f"Dry run: would delete {count} settled claims last changed before {_local(before)}.")
             return
         count = idempotency.purge(before.timestamp())
-        self.stdout.write(f"Deleted {count} settled claims last changed before {_local(before)}.")
+        expired = shared.purge_expired()
+        self.stdout.write(f"Deleted {count} settled claims last changed before {_local(before)}, and {expired} "
+                          "expired shared counters.")
 
     # -- dead letters -------------------------------------------------------------------
 
