@@ -403,14 +403,16 @@ def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | N
 
 
 def _timed_out_request(exception: BaseException | None) -> Any:
-    """The SafetyRequest failing with a hard TimeLimitExceeded, found on the live call stack, or None.
+    """The SafetyRequest failing with a hard time limit or a lost worker, found on the live call stack, or None.
 
     billiard fails the job through ``Request.on_failure``, which logs the line: the event is
     captured inside that call, so ``self`` of a frame up the stack is the request. (The
     exception's own frames are cleared by then.) Anything unexpected means: not ours, keep it.
     """
     exception = getattr(exception, "exc", exception)  # billiard wraps it in an ExceptionWithTraceback
-    if exception is None or type(exception).__name__ != "TimeLimitExceeded":
+    # A hard time limit, a lost worker (requeued, or recorded as worker_lost) and a crash loop
+    # (recorded as crash_loop): safetynet reports the final ones from their dead letters.
+    if exception is None or type(exception).__name__ not in ("TimeLimitExceeded", "WorkerLostError", "CrashLoop"):
         return None
     from safetynet.runtime.worker import SafetyRequest
 

@@ -552,3 +552,27 @@ def test_real_worker_no_secret_in_any_envelope(real_run):
         assert SECRET.encode() not in raw
     assert any(b"[redacted]" in raw for raw in real_run["envelopes"])
 
+
+
+@pytest.mark.parametrize("exception", ["WorkerLostError", "CrashLoop"])
+def test_celerys_error_line_for_a_lost_worker_is_left_to_safetynet(init_sentry, exception):
+    import logging
+
+    from billiard.exceptions import WorkerLostError
+
+    from safetynet import CrashLoop
+    from safetynet.runtime.worker import SafetyRequest
+
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    log = logging.getLogger("celery.worker.request")
+    klass = {"WorkerLostError": WorkerLostError, "CrashLoop": CrashLoop}[exception]
+
+    def on_failure(self):  # the shape of Celery's Request.on_failure, which logs the line
+        try:
+            raise klass("Worker exited prematurely: signal 9 (SIGKILL).")
+        except klass as error:
+            log.error("Task handler raised error: %r", error, exc_info=True)
+
+    on_failure(SafetyRequest.__new__(SafetyRequest))  # a safetynet task: requeued or recorded, not reported here
+    on_failure(object())  # another request: Sentry keeps it
+    assert len(error_events(transport)) == 1
