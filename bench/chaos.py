@@ -14,7 +14,8 @@ The set-up, alike for both systems:
 - a private ``redis-server`` on a free port, append-only file fsynced on every write, so that
   a restart loses no acknowledged message; the broker's visibility timeout is short (10 s), so
   messages a killed worker held come back in seconds rather than the default hour;
-- a fresh PostgreSQL database (``safetynet_chaos``), migrated, with the ledger table;
+- a fresh PostgreSQL database (``safetynet_chaos_<pid>``), migrated, with the ledger table,
+  dropped at the end (``--keep`` keeps it and the worker logs);
 - the gateway stub in this process: a seeded 5 % of charges are made and then the reply stalls
   (2 s) past the client's timeout (1 s): the client sees a timeout although it was charged.
   With a key it has seen, the gateway returns that charge and charges nothing;
@@ -259,7 +260,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         ("  by reason", lambda r: ", ".join(f"{k}:{v}" for k, v in sorted(r.outcome.dead_by_reason.items())) or "-"),
         ("  dead and yet succeeded", lambda r: r.outcome.dead_and_succeeded),
         ("lost (neither)", lambda r: r.outcome.lost),
-        ("  of which lost by the Redis transport", lambda r: "-" if r.lost_in_transport is None else r.lost_in_transport),
+        ("  of which by the Redis transport", lambda r: "-" if r.lost_in_transport is None else r.lost_in_transport),
         ("ledger rows", lambda r: r.outcome.ledger_rows),
         ("duplicate ledger rows", lambda r: r.outcome.duplicate_ledger),
         ("  orders with duplicate rows", lambda r: r.outcome.orders_with_duplicate_rows),
