@@ -38,5 +38,8 @@ SAFETYNET = {
     "ALERT_MAIL_ADMINS": False,
     # With RabbitMQ as the broker, the run's private Redis keeps safetynet's shared counters.
     "REDIS_URL": os.environ.get("SAFETYNET_CHAOS_REDIS") or None,
+    # An idempotent task not started within the broker's visibility timeout is sent again: kombu's
+    # Redis transport can lose a message it popped when its worker is killed (see chaos.py).
+    "LOST_MESSAGE_SECONDS": float(os.environ.get("SAFETYNET_CHAOS_VISIBILITY") or 10),
 }
 LOGGING_CONFIG = None

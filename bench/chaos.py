@@ -28,9 +28,13 @@ The set-up, alike for both systems:
 ``--broker rabbitmq`` runs the same on RabbitMQ (queues of the run's own on the server at
 ``--amqp-url``); the private Redis then only keeps safetynet's shared counters, and is still
 restarted once. The Redis transport of kombu takes a message off the list (BRPOP) and records
-it as unacknowledged in a second command: a ``kill -9`` between the two loses the message
-whatever the task does. RabbitMQ keeps an unacknowledged message on the server and puts it
-back when the consumer's connection dies, so late acks are enough there.
+it as unacknowledged in a second command: a ``kill -9`` between the two (or a reply lost when
+Redis restarts) loses the message whatever the task does, and late acks cannot bring it back.
+safetynet records each idempotent task as queued when it is sent, and every worker's sweeper
+sends again one that no run claimed within ``LOST_MESSAGE_SECONDS`` (set to the visibility
+timeout here; 900 s by default); the claim makes a copy that was only slow harmless. Plain
+Celery has nothing of the kind. RabbitMQ keeps an unacknowledged message on the server and puts
+it back when the consumer's connection dies, so late acks are enough there.
 
 An order is accounted for when it has a ledger row (succeeded) or a final-failure record
 (dead: safetynet's dead letters; for plain Celery, rows its ``task_failure`` receiver wrote).

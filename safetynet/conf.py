@@ -29,6 +29,9 @@ Every key, its default and its meaning::
                           None: the Celery broker when it is Redis, else the database; "": always the database
     MAX_DELIVERIES        a task that kills its worker this many times is dead-lettered as crash_loop
     IDEMPOTENCY_LEASE_SECONDS  how long a claim outlives its last heartbeat (renewed every third of it)
+    LOST_MESSAGE_SECONDS  an idempotent task not started this long after it was sent (or whose claim
+                          expired with no run taking it over) is sent again by the workers' sweeper;
+                          None: idempotent tasks are not recorded when sent, nothing is sent again
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "REDIS_URL": None,
     "MAX_DELIVERIES": 3,
     "IDEMPOTENCY_LEASE_SECONDS": 30,
+    "LOST_MESSAGE_SECONDS": 900,
 }
 
 
@@ -106,6 +110,7 @@ class Settings:
     redis_url: str | None
     max_deliveries: int
     idempotency_lease_seconds: float
+    lost_message_seconds: float | None
 
 
 _cached: Settings | None = None
@@ -246,6 +251,8 @@ def build(user: dict[str, Any]) -> Settings:
         redis_url=_optional_string("REDIS_URL", merged["REDIS_URL"]),
         max_deliveries=_positive_int("MAX_DELIVERIES", merged["MAX_DELIVERIES"]),
         idempotency_lease_seconds=_lease("IDEMPOTENCY_LEASE_SECONDS", merged["IDEMPOTENCY_LEASE_SECONDS"]),
+        lost_message_seconds=(None if merged["LOST_MESSAGE_SECONDS"] is None
+                              else _lease("LOST_MESSAGE_SECONDS", merged["LOST_MESSAGE_SECONDS"])),
     )
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connections, router, transaction
+from django.db import connections, models, router, transaction
 
 from safetynet.exceptions import (
     ClaimLost,
@@ -56,6 +56,9 @@ __all__ = [
     "atomic",
     "claim",
     "hand_over",
+    "new_handover_token",
+    "resend_lost",
+    "track",
     "current",
     "mark_succeeded",
     "release",
@@ -227,15 +230,18 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
         with connections[using].cursor() as cursor:
             cursor.execute(
                 f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
-                f"result_stored, error, created_at, updated_at) "
-                f"VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, %s, '', %s, %s) "
+                f"result_stored, error, message, resent, created_at, updated_at) "
+                f"VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, %s, '', NULL, 0, %s, %s) "
                 f"ON CONFLICT (key) DO UPDATE SET task_name = excluded.task_name, task_id = excluded.task_id, "
                 f"state = 'in_progress', owner = excluded.owner, lease_until = excluded.lease_until, "
-                f"deliveries = CASE WHEN {table}.state <> 'in_progress' THEN 1 "
+                # A failed key starts afresh; a queued one counts its runs (an orphan the sweeper
+                # queued again keeps the count of the runs that died); a hand-over is no new delivery.
+                f"deliveries = CASE WHEN {table}.state = 'failed' THEN 1 "
+                f"WHEN {table}.state = 'queued' THEN {table}.deliveries + 1 "
                 f"WHEN {table}.owner = %s THEN {table}.deliveries ELSE {table}.deliveries + 1 END, "
                 f"result = NULL, result_stored = excluded.result_stored, error = '', "
                 f"updated_at = excluded.updated_at "
-                f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' "
+                f"WHERE {table}.state IN ('failed', 'queued') OR ({table}.state = 'in_progress' "
                 f"AND ({table}.lease_until < %s OR {table}.owner = %s)) "
                 f"RETURNING deliveries{no_flush_wait}",
                 [key, task_name, task_id, owner, now + lease, False, now, now, handed, now, handed],
@@ -246,8 +252,8 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
             outcome = CRASH_LOOP if deliveries - 1 >= max_deliveries else WON
             return Claim(key, outcome, owner=owner, using=using, lease=lease, deliveries=deliveries)
         existing = _read(key, using)
-        if existing is None or existing.outcome == "failed":
-            continue  # settled or purged between the two statements: claim again
+        if existing is None or existing.outcome in ("failed", "queued"):
+            continue  # settled, queued again or purged between the two statements: claim again
         existing.lease = lease
         return existing
     raise SafetynetError(f"could not claim idempotency key {key!r}: it changed state five times in a row")
@@ -277,7 +283,7 @@ def mark_succeeded(held: Claim, result: Any = None, *, has_result: bool = True) 
     """
     connection = connections[held.using]
     table = _table(held.using)
-    assignments, params = f"state = '{SUCCEEDED}', updated_at = %s", [time.time()]
+    assignments, params = f"state = '{SUCCEEDED}', message = NULL, updated_at = %s", [time.time()]
     if has_result:
         text = None
         if result is not None:
@@ -340,19 +346,26 @@ def _untouched(connection: Any) -> bool:
 HANDOVER_HEADER = "safetynet_claim"
 
 
-def hand_over(held: Claim, until: float) -> str | None:
-    """Keep the claim for the retry this run scheduled: a new owner token the retry message carries.
+def new_handover_token() -> str:
+    """A token for ``hand_over``, put in the retry message's headers."""
+    return f"handover/{uuid.uuid4().hex}"
+
+
+def hand_over(held: Claim, token: str, until: float, message: dict[str, Any] | None = None) -> bool:
+    """Keep the claim for the retry this run scheduled: ``token`` (carried by the retry) owns it now.
 
     Duplicates stay deferred while the task waits for its next attempt (the operation is still
-    in progress); the lease covers the wait. None if this run no longer owns the claim.
+    in progress); the lease covers the wait. ``message`` is the retry, kept to be sent again if
+    it is lost. False if this run no longer owns the claim.
     """
     from safetynet.models import IdempotencyClaim
 
-    token = f"handover/{uuid.uuid4().hex}"
-    updated = IdempotencyClaim.objects.using(held.using).filter(
+    fields: dict[str, Any] = {"owner": token, "lease_until": until, "updated_at": time.time()}
+    if message is not None:
+        fields["message"] = message
+    return bool(IdempotencyClaim.objects.using(held.using).filter(
         key=held.key, owner=held.owner, state=IdempotencyClaim.State.IN_PROGRESS
-    ).update(owner=token, lease_until=until, updated_at=time.time())
-    return token if updated else None
+    ).update(**fields))
 
 
 def release(held: Claim, error: BaseException | None) -> None:
@@ -361,7 +374,7 @@ def release(held: Claim, error: BaseException | None) -> None:
 
     IdempotencyClaim.objects.using(held.using).filter(
         key=held.key, owner=held.owner, state=IdempotencyClaim.State.IN_PROGRESS
-    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(),
+    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
              error="" if error is None else f"{type(error).__name__}: {error}"[:2000])
 
 
@@ -380,7 +393,8 @@ def release_task(task_id: str, error: str) -> int:
 
     return IdempotencyClaim.objects.using(database_for_claims()).filter(
         task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
-    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), error=error[:2000])
+    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
+             error=error[:2000])
 
 
 def purge(older_than: float) -> int:
@@ -388,9 +402,76 @@ def purge(older_than: float) -> int:
     from safetynet.models import IdempotencyClaim
 
     deleted, _ = IdempotencyClaim.objects.using(database_for_claims()).filter(
-        updated_at__lt=older_than
-    ).exclude(state=IdempotencyClaim.State.IN_PROGRESS).delete()
+        updated_at__lt=older_than, state__in=[IdempotencyClaim.State.SUCCEEDED, IdempotencyClaim.State.FAILED]
+    ).delete()
     return deleted
+
+
+# -- lost messages -----------------------------------------------------------------------------
+#
+# A broker can lose a message a worker was handed: kombu's Redis transport pops it (BRPOP) and
+# only then records it as unacknowledged, so a worker killed in between, or a reply lost when
+# Redis restarts, takes it away; no acknowledgement mode can bring it back. An idempotent task
+# is recorded as "queued" when it is sent (after the sender's transaction commits); if no run
+# has claimed it LOST_MESSAGE_SECONDS later, or a claim's lease ran out and no run took it over
+# (a dead run, a lost retry), the sweeper in every worker sends the message again. A copy that
+# was only slow is harmless: the claim makes the second run wait or return the stored result.
+
+
+def track(key: str, *, task_name: str, task_id: str, message: dict[str, Any], grace: float) -> None:
+    """Record a sent idempotent task as queued, unless a run already claimed its key."""
+    using = database_for_claims()
+    table = _table(using)
+    now = time.time()
+    value = "CAST(%s AS jsonb)" if connections[using].vendor == "postgresql" else "%s"
+    with connections[using].cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
+            f"result_stored, error, message, resent, created_at, updated_at) "
+            f"VALUES (%s, %s, %s, 'queued', '', %s, 0, NULL, %s, '', {value}, 0, %s, %s) "
+            f"ON CONFLICT (key) DO UPDATE SET task_name = excluded.task_name, task_id = excluded.task_id, "
+            f"state = 'queued', owner = '', lease_until = excluded.lease_until, deliveries = 0, "
+            f"message = excluded.message, resent = 0, error = '', updated_at = excluded.updated_at "
+            # Only a new task for a key whose last one failed (a replay, a new request): never the
+            # task that has already run (its record may come in after it failed).
+            f"WHERE {table}.state = 'failed' AND {table}.task_id <> excluded.task_id",
+            [key, task_name, task_id, now + grace, False, json.dumps(message, cls=DjangoJSONEncoder), now, now],
+        )
+
+
+def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
+    """Send again the messages of claims nobody took in time; return how many were sent."""
+    from safetynet.models import IdempotencyClaim
+
+    using = database_for_claims()
+    now = time.time()
+    sent = []
+    with transaction.atomic(using=using):
+        rows = list(
+            IdempotencyClaim.objects.using(using)
+            .select_for_update(skip_locked=True)
+            .filter(state__in=[IdempotencyClaim.State.QUEUED, IdempotencyClaim.State.IN_PROGRESS],
+                    lease_until__lt=now, message__isnull=False)
+            .order_by("lease_until")
+            .values_list("id", "key", "task_name", "task_id", "state", "message", "resent")[:limit]
+        )
+        for row_id, key, task_name, task_id, state, message, resent in rows:
+            headers = {**(message.get("headers") or {}), "safetynet_resent": resent + 1}
+            app.send_task(task_name, args=message.get("args") or (), kwargs=message.get("kwargs") or {},
+                          task_id=task_id, headers=headers, **(message.get("options") or {}))
+            sent.append(row_id)
+            logger.warning(
+                "safetynet: %s[%s] (idempotency key %r) %s; sent it again", task_name, task_id, key,
+                "was not started in time: its message was lost" if state == IdempotencyClaim.State.QUEUED
+                else "holds an expired claim nobody took over: its run or its retry was lost",
+                extra={"task_name": task_name, "task_id": task_id, "idempotency_key": key, "action": "resend"},
+            )
+        if sent:
+            # Queued again: the copy just sent claims it at once, and is itself resent if lost.
+            IdempotencyClaim.objects.using(using).filter(id__in=sent).update(
+                state=IdempotencyClaim.State.QUEUED, lease_until=time.time() + grace,
+                resent=models.F("resent") + 1, updated_at=time.time())
+    return len(sent)
 
 
 # -- the heartbeat -----------------------------------------------------------------------------

@@ -125,10 +125,13 @@ class IdempotencyClaim(models.Model):
 
     Times are seconds since the epoch (floats) so the claim SQL is the same on PostgreSQL and
     SQLite. ``lease_until`` is moved on by a heartbeat while the body runs; a claim whose lease
-    ran out belongs to a run that died, and the next delivery takes it over.
+    ran out belongs to a run that died, and the next delivery takes it over. A queued claim
+    (recorded when the task was sent) whose lease ran out was never started: its message is
+    sent again.
     """
 
     class State(models.TextChoices):
+        QUEUED = "queued", "queued"
         IN_PROGRESS = "in_progress", "in progress"
         SUCCEEDED = "succeeded", "succeeded"
         FAILED = "failed", "failed"
@@ -147,6 +150,11 @@ class IdempotencyClaim(models.Model):
     result = models.JSONField(null=True, blank=True)
     result_stored = models.BooleanField(default=False)
     error = models.TextField(blank=True)
+    #: The message to send again if it is lost (queued, or a retry handed over): task arguments,
+    #: headers and routing, kept until the claim is settled. None when LOST_MESSAGE_SECONDS is None.
+    message = models.JSONField(null=True, blank=True)
+    #: How many times the lost-message sweeper sent it again.
+    resent = models.PositiveIntegerField(default=0)
     created_at = models.FloatField()
     updated_at = models.FloatField()
 
@@ -154,6 +162,8 @@ class IdempotencyClaim(models.Model):
         indexes = [
             models.Index(fields=["task_id"], name="safetynet_claim_task"),
             models.Index(fields=["updated_at"], name="safetynet_claim_updated"),
+            models.Index(fields=["lease_until"], name="safetynet_claim_unsettled",
+                         condition=Q(state__in=["queued", "in_progress"])),
         ]
 
     def __str__(self) -> str:

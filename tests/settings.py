@@ -44,6 +44,7 @@ DATABASES = {
 }
 SAFETYNET = {
     "SPOOL_DIR": os.environ.get("SAFETYNET_TEST_SPOOL") or None,
+    "LOST_MESSAGE_SECONDS": float(os.environ.get("SAFETYNET_TEST_LOST_MESSAGE_SECONDS") or 900),
     "ALERT_MAIL_ADMINS": True,
     "SPOOL_FLUSH_SECONDS": 2,
 }

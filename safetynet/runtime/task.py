@@ -29,6 +29,7 @@ from typing import Any
 import celery
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
+from django.db import transaction
 
 from safetynet import conf, idempotency, signals
 from safetynet.core.classify import ALWAYS_RETRY
@@ -89,6 +90,17 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
     functools.update_wrapper(guarded, body)
     guarded._safetynet_body = run  # type: ignore[attr-defined]
     return guarded
+
+
+def _routing_of(delivery_info: Any, queue: Any = None) -> dict[str, Any]:
+    """Where a retry goes, as Celery's ``signature_from_request`` routes it."""
+    if queue:
+        return {"queue": getattr(queue, "name", queue)}
+    info = delivery_info or {}
+    exchange, routing_key = info.get("exchange"), info.get("routing_key")
+    if exchange == "" and routing_key:
+        return {"queue": routing_key}
+    return {name: value for name, value in (("exchange", exchange), ("routing_key", routing_key)) if value}
 
 
 def _seconds_until(eta: datetime | str, now: float) -> float:
@@ -219,7 +231,36 @@ class SafetyTask(celery.Task):
                             self.name, key, existing, self.unique_for,
                             extra={"task_name": self.name, "task_id": existing, "idempotency_key": key})
                 return self.AsyncResult(existing)
-        return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
+        grace = conf.get().lost_message_seconds
+        if grace is None:
+            return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
+        from celery.utils import uuid as new_task_id
+
+        task_id = task_id or new_task_id()
+        result = super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
+        self._track_sent(key, task_id, args, kwargs, enqueue_options, grace)
+        return result
+
+    def _track_sent(self, key: str, task_id: str, args: Any, kwargs: Any, enqueue_options: dict[str, Any],
+                    grace: float) -> None:
+        """Record the sent task as queued once the sender's transaction commits (see idempotency.track)."""
+        message = {
+            "args": list(args or ()), "kwargs": dict(kwargs or {}),
+            "options": {name: enqueue_options[name] for name in ("queue", "exchange", "routing_key", "priority")
+                        if enqueue_options.get(name) is not None},
+            "headers": dict(enqueue_options.get("headers") or {}),
+        }
+        if not isinstance(message["options"].get("queue", ""), str):
+            message["options"]["queue"] = getattr(message["options"]["queue"], "name", None)
+
+        def record() -> None:
+            try:
+                idempotency.track(key, task_name=self.name, task_id=task_id, message=message, grace=grace)
+            except Exception:  # the message is sent; only its safety net against loss is missing
+                logger.exception("safetynet: could not record %s[%s] as sent; a lost message will not be resent",
+                                 self.name, task_id)
+
+        transaction.on_commit(record, using=idempotency.database_for_claims())
 
     # -- idempotent runs --------------------------------------------------------------------
 
@@ -447,9 +488,16 @@ class SafetyTask(celery.Task):
         headers = {**(request.headers or {}), **(retry_kwargs.pop("headers", None) or {}), HEADER: header}
         held = getattr(request, "_safetynet_claim", None)
         if held is not None and not request.is_eager:
-            token = idempotency.hand_over(held, until=time.time() + decision.delay + held.lease)
-            if token is not None:
-                headers[idempotency.HANDOVER_HEADER] = token
+            token = idempotency.new_handover_token()
+            retry_headers = {**headers, idempotency.HANDOVER_HEADER: token}
+            message = None
+            if settings.lost_message_seconds is not None:  # kept to be sent again if the retry is lost
+                message = {"args": list(retry_kwargs.get("args") or request.args or ()),
+                           "kwargs": dict(retry_kwargs.get("kwargs") or request.kwargs or {}),
+                           "options": _routing_of(request.delivery_info, retry_kwargs.get("queue")),
+                           "headers": retry_headers}
+            if idempotency.hand_over(held, token, until=time.time() + decision.delay + held.lease, message=message):
+                headers = retry_headers
                 request._safetynet_handed_over = held
                 request._safetynet_handover_token = token
         logger.info(
@@ -472,6 +520,16 @@ class SafetyTask(celery.Task):
             if token is not None and held is not None:  # no message carries the claim: free it
                 request._safetynet_handed_over = request._safetynet_handover_token = None
                 idempotency.release(dataclasses.replace(held, owner=token), rejected)
+            if not rejected.requeue and not request.is_eager and self.acks_late:
+                # The message this attempt came in is not acknowledged yet: give it back to the
+                # broker instead (if the broker is away, it stays unacknowledged and comes back).
+                logger.warning(
+                    "%s[%s] attempt %s: the retry could not be published (%r); the message goes back to the "
+                    "queue", self.name, request.id, state.attempt, rejected.reason,
+                    extra={"task_name": self.name, "task_id": request.id, "attempt": state.attempt,
+                           "action": "requeue", "reason": "retry not published"},
+                )
+                raise Reject(rejected.reason, requeue=True) from rejected
             if not rejected.requeue and not request.is_eager:
                 dead_entry = {**entry, "action": "dead", "delay": None, "reason": "rejected"}
                 self._record_dead(request, "rejected", f"the retry could not be published: {rejected.reason!r}",

@@ -315,6 +315,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         on_decode_error._safetynet = True  # type: ignore[attr-defined]
         consumer.on_decode_error = on_decode_error
     _start_spool_flusher()
+    _start_lost_message_sweeper(getattr(consumer, "app", None))
 
 
 _flusher: threading.Thread | None = None
@@ -341,6 +342,36 @@ def _start_spool_flusher() -> None:
 
     _flusher = threading.Thread(target=loop, name="safetynet-spool-flusher", daemon=True)
     _flusher.start()
+
+
+_sweeper: threading.Thread | None = None
+
+
+def _start_lost_message_sweeper(app: Any) -> None:
+    """Every worker sends again the idempotent tasks whose message was lost (see idempotency.resend_lost)."""
+    global _sweeper
+    if app is None or (_sweeper is not None and _sweeper.is_alive()):
+        return
+
+    def loop() -> None:
+        from django.db import close_old_connections
+
+        from safetynet import conf, idempotency
+
+        while True:
+            grace = conf.get().lost_message_seconds
+            time.sleep(min(60.0, max(1.0, (grace or 240.0) / 4)))
+            if grace is None:
+                continue
+            try:
+                idempotency.resend_lost(app, grace=grace)
+            except Exception as error:  # the database or the broker may be away: try again later
+                logger.info("safetynet: lost-message sweep postponed: %r", error)
+            finally:
+                close_old_connections()
+
+    _sweeper = threading.Thread(target=loop, name="safetynet-lost-message-sweeper", daemon=True)
+    _sweeper.start()
 
 
 def connect() -> None:

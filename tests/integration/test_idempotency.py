@@ -207,3 +207,27 @@ def test_a_duplicate_waits_while_the_first_waits_for_its_retry(workers):
     assert {entry["action"] for entry in recording.read("retrying", duplicate.id)} == {"snooze"}
     row = IdempotencyClaim.objects.get(key=f"flaky-{order_id}")
     assert (row.state, row.task_id, row.deliveries) == ("succeeded", first.id, 1)  # the hand-over is no crash
+
+
+def test_a_message_the_broker_lost_is_sent_again_and_runs_once(tmp_path, worker_database, spool_dir, app, ledger,
+                                                               settings):
+    """kombu's Redis transport can lose a message it popped (a worker killed, Redis restarted)."""
+    import redis
+
+    settings.SAFETYNET = {**settings.SAFETYNET, "LOST_MESSAGE_SECONDS": 2}
+    worker = Worker("lost", BROKER, BACKEND, tmp_path, concurrency=2, database=worker_database, spool_dir=spool_dir,
+                    extra_env={"SAFETYNET_TEST_LOST_MESSAGE_SECONDS": "2"})
+    order_id = order()
+    sent = idem_tasks.pay.apply_async((order_id,), queue=worker.queue)
+    row = IdempotencyClaim.objects.get(key=f"pay-{order_id}")
+    assert (row.state, row.task_id, row.message["args"]) == ("queued", sent.id, [order_id])
+    assert redis.Redis.from_url(BROKER).delete(worker.queue) == 1  # the message is gone from the broker
+    worker.start(app)
+    try:
+        assert sent.get(timeout=60)["task_id"] == sent.id
+        row = IdempotencyClaim.objects.get(key=f"pay-{order_id}")
+        assert (row.state, row.resent, row.deliveries, row.message) == ("succeeded", 1, 1, None)
+        assert ledger(order_id) == [sent.id]
+        assert "was not started in time: its message was lost; sent it again" in worker.log.read_text()
+    finally:
+        worker.stop()

@@ -345,14 +345,15 @@ def test_late_acks_without_a_key_draw_w005():
 @pytest.mark.django_db
 def test_a_claim_handed_over_to_the_retry_is_taken_by_its_token_only_and_uncounted():
     held = _claim("k-10")
-    token = idempotency.hand_over(held, until=time.time() + 60)
-    assert token and IdempotencyClaim.objects.get(key="k-10").owner == token
+    token = idempotency.new_handover_token()
+    assert idempotency.hand_over(held, token, until=time.time() + 60)
+    assert IdempotencyClaim.objects.get(key="k-10").owner == token
     assert _claim("k-10").outcome == IN_PROGRESS  # a duplicate still waits
     assert idempotency.claim("k-10", task_name="t", task_id="x", lease=30, max_deliveries=3,
                              handover="handover/forged").outcome == IN_PROGRESS
     retry = idempotency.claim("k-10", task_name="t", task_id="x", lease=30, max_deliveries=3, handover=token)
     assert (retry.outcome, retry.deliveries) == (WON, 1)
-    assert idempotency.hand_over(held, until=time.time() + 60) is None  # the old run no longer owns it
+    assert not idempotency.hand_over(held, "handover/again", until=time.time() + 60)  # no longer its owner
 
 
 @pytest.mark.django_db
@@ -378,3 +379,55 @@ def test_expired_shared_rows_are_purged():
         time.sleep(0.01)
         assert shared.purge_expired() == 1
     assert list(SharedKey.objects.values_list("key", flat=True)) == ["kept"]
+
+
+class _App:
+    """Stands for the Celery app the sweeper publishes with: records what it would send."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_task(self, name, args=(), kwargs=None, task_id=None, headers=None, **options):
+        self.sent.append((name, list(args), kwargs, task_id, headers, options))
+
+
+@pytest.mark.django_db
+def test_a_sent_task_is_queued_and_sent_again_once_its_grace_runs_out():
+    message = {"args": [7], "kwargs": {}, "options": {"queue": "q1"}, "headers": {"h": 1}}
+    idempotency.track("lost-1", task_name="shop.pay", task_id="tid-lost", message=message, grace=60)
+    app = _App()
+    assert idempotency.resend_lost(app, grace=60) == 0  # not yet due
+    IdempotencyClaim.objects.filter(key="lost-1").update(lease_until=time.time() - 1)
+    assert idempotency.resend_lost(app, grace=60) == 1
+    assert app.sent == [("shop.pay", [7], {}, "tid-lost", {"h": 1, "safetynet_resent": 1}, {"queue": "q1"})]
+    assert idempotency.resend_lost(app, grace=60) == 0  # due again only after another grace
+    row = IdempotencyClaim.objects.get(key="lost-1")
+    assert (row.state, row.resent) == ("queued", 1)
+    held = _claim("lost-1", task_id="tid-lost")
+    assert (held.outcome, held.deliveries) == (WON, 1)
+    assert idempotency.mark_succeeded(held, "ok")
+    assert IdempotencyClaim.objects.get(key="lost-1").message is None
+
+
+@pytest.mark.django_db
+def test_a_run_already_claimed_or_failed_is_not_queued_again_by_a_late_record():
+    held = _claim("lost-2", task_id="tid-2")
+    idempotency.track("lost-2", task_name="t", task_id="tid-2", message={"args": []}, grace=60)
+    assert IdempotencyClaim.objects.get(key="lost-2").state == "in_progress"
+    idempotency.release(held, ValueError("bad"))
+    idempotency.track("lost-2", task_name="t", task_id="tid-2", message={"args": []}, grace=60)  # its own late record
+    assert IdempotencyClaim.objects.get(key="lost-2").state == "failed"
+    idempotency.track("lost-2", task_name="t", task_id="tid-3", message={"args": []}, grace=60)  # a new task: a replay
+    assert IdempotencyClaim.objects.get(key="lost-2").state == "queued"
+
+
+@pytest.mark.django_db
+def test_an_orphaned_claim_with_its_message_is_sent_again_and_counts_the_dead_run():
+    idempotency.track("lost-3", task_name="t", task_id="tid-4", message={"args": [1]}, grace=60)
+    held = _claim("lost-3", task_id="tid-4")
+    assert held.deliveries == 1
+    IdempotencyClaim.objects.filter(key="lost-3").update(lease_until=time.time() - 1)  # its worker died
+    app = _App()
+    assert idempotency.resend_lost(app, grace=60) == 1
+    again = _claim("lost-3", task_id="tid-4")
+    assert (again.outcome, again.deliveries) == (WON, 2)

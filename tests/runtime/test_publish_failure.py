@@ -1,4 +1,4 @@
-"""A retry the broker refuses is not lost: it becomes a dead letter (reason rejected)."""
+"""A retry the broker refuses is not lost: the message goes back (late acks) or becomes a dead letter (rejected)."""
 
 import pytest
 from celery import uuid
@@ -26,3 +26,21 @@ def test_a_retry_that_cannot_be_published_is_dead_lettered(monkeypatch):
     [row] = DeadLetter.objects.filter(task_id=task_id)
     assert row.reason == "rejected" and "could not be published" in row.detail
     assert row.args == [5] and row.exception_type == "ConnectionError"
+
+
+@pytest.mark.django_db
+def test_a_late_acknowledged_task_whose_retry_cannot_be_published_goes_back_to_the_queue(monkeypatch):
+    def broker_down(self, *args, **kwargs):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr("celery.canvas.Signature.apply_async", broker_down)
+    task = tasks.call_api._get_current_object()
+    monkeypatch.setattr(type(task), "acks_late", True)
+    task_id = uuid()
+    tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task._get_app())
+    request = {"id": task_id, "task": task.name, "args": [6], "kwargs": {}, "retries": 0, "is_eager": False,
+               "hostname": "test-worker", "delivery_info": {"routing_key": "celery"}, "called_directly": False}
+    outcome = tracer(task_id, [6], {}, request)
+    assert outcome.info.state == "REJECTED"
+    assert outcome.retval.exception.exc.requeue is True  # the unacknowledged message comes back: nothing recorded
+    assert not DeadLetter.objects.filter(task_id=task_id).exists()
