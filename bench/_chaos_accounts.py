@@ -155,6 +155,8 @@ class Outcome:
     duplicate_ledger: int = 0
     orders_with_duplicate_rows: int = 0
     claims: dict[str, int] = field(default_factory=dict)
+    resent_claims: int = 0  # safetynet: tasks whose message its lost-message sweeper sent again
+    resent_messages: int = 0
     lost_orders: set[int] = field(default_factory=set)
     #: (order, reason, detail, exception) of dead letters whose order succeeded all the same.
     dead_yet_succeeded: list[tuple] = field(default_factory=list)
@@ -183,6 +185,9 @@ def outcome(conn: psycopg.Connection, system: str, order_ids: range) -> Outcome:
     if system == "safetynet":
         query = sql.SQL("SELECT state, count(*) FROM {} GROUP BY state").format(sql.Identifier(_claim_table()))
         result.claims = dict(conn.execute(query).fetchall())
+        query = sql.SQL("SELECT count(*), coalesce(sum(resent), 0) FROM {} WHERE resent > 0").format(
+            sql.Identifier(_claim_table()))
+        result.resent_claims, result.resent_messages = conn.execute(query).fetchone()
         query = sql.SQL(
             "SELECT (kwargs->>'order_id')::integer, reason, detail, exception_type || ': ' || exception_message, "
             "task_id, worker FROM {} WHERE task_name = %s ORDER BY id").format(sql.Identifier(_dead_letter_table()))

@@ -12,6 +12,7 @@ Environment (``chaos.py`` sets it for its workers):
     SAFETYNET_CHAOS_DB_USER     PostgreSQL user                   (default postgres)
     SAFETYNET_CHAOS_SPOOL       dead-letter spool directory       (default: safetynet's)
     SAFETYNET_CHAOS_REDIS       safetynet's REDIS_URL             (default: the broker when it is Redis)
+    SAFETYNET_CHAOS_VISIBILITY  the broker's visibility timeout, also LOST_MESSAGE_SECONDS (default 10)
 """
 
 import os

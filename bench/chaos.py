@@ -290,7 +290,9 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     for run in runs:
         if run.system == "safetynet" and run.outcome.claims:
             print(f"safetynet idempotency claims at the end: "
-                  + ", ".join(f"{k}={v}" for k, v in sorted(run.outcome.claims.items())))
+                  + ", ".join(f"{k}={v}" for k, v in sorted(run.outcome.claims.items()))
+                  + f"; sent again by the lost-message sweeper: {run.outcome.resent_messages} message(s) of "
+                    f"{run.outcome.resent_claims} task(s)")
         if run.exits:
             print(f"note ({run.system}): restarted after exiting by themselves: {', '.join(run.exits[:6])}")
         for note in run.notes:

@@ -326,13 +326,15 @@ class IdempotencyClaimAdmin(admin.ModelAdmin):
     list_filter = ("state", "task_name")
     search_fields = ("=key", "=task_id")
     ordering = ("-updated_at",)
-    readonly_fields = ("key", "state", "task_name", "task_id", "owner", "lease", "deliveries", "result_stored",
-                       "result", "error", "created", "updated")
-    exclude = ("lease_until", "created_at", "updated_at")
+    readonly_fields = ("key", "state", "task_name", "task_id", "owner", "lease", "deliveries", "resent",
+                       "result_stored", "result", "error", "created", "updated")
+    # ``message`` holds the task's arguments unredacted (to send it again if it is lost): not shown.
+    exclude = ("lease_until", "created_at", "updated_at", "message")
 
-    @admin.display(description="lease until (UTC)")
+    @admin.display(description="lease until / resend at (UTC)")
     def lease(self, claim: IdempotencyClaim) -> str:
-        return _epoch(claim.lease_until) if claim.state == IdempotencyClaim.State.IN_PROGRESS else "-"
+        unsettled = (IdempotencyClaim.State.IN_PROGRESS, IdempotencyClaim.State.QUEUED)
+        return _epoch(claim.lease_until) if claim.state in unsettled else "-"
 
     @admin.display(description="created (UTC)")
     def created(self, claim: IdempotencyClaim) -> str:

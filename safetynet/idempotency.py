@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from datetime import datetime
 import json
 import logging
 import os
@@ -190,6 +191,34 @@ class Claim:
 _tables: dict[tuple[str, str], str] = {}
 
 
+@contextlib.contextmanager
+def _cursor(using: str) -> Iterator[Any]:
+    """A cursor for the claim and the mark, the two statements every idempotent run makes.
+
+    On PostgreSQL with psycopg 3 it is a server-side-binding cursor on Django's connection:
+    the parameters travel apart from the statement instead of being quoted into it in Python,
+    which is most of what a statement costs the worker here. Django's error wrapping is kept
+    (its exceptions, and a broken connection noticed), and the statement joins whatever
+    transaction Django has open on the connection. Elsewhere, Django's own cursor.
+    """
+    connection = connections[using]
+    if connection.vendor == "postgresql" and _psycopg3():
+        import psycopg
+
+        connection.ensure_connection()
+        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+            yield cursor
+        return
+    with connection.cursor() as cursor:
+        yield cursor
+
+
+def _psycopg3() -> bool:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return is_psycopg3
+
+
 def _table(using: str) -> str:
     """The claim table's quoted name on database ``using`` (every claim and mark needs it)."""
     connection = connections[using]
@@ -227,7 +256,7 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
     no_flush_wait = ", set_config('synchronous_commit', 'off', true)" if postgresql else ""
     for _ in range(5):
         now = time.time()
-        with connections[using].cursor() as cursor:
+        with _cursor(using) as cursor:
             cursor.execute(
                 f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
                 f"result_stored, error, message, resent, created_at, updated_at) "
@@ -296,7 +325,7 @@ def mark_succeeded(held: Claim, result: Any = None, *, has_result: bool = True) 
         value = "CAST(%s AS jsonb)" if text is not None and connection.vendor == "postgresql" else "%s"
         assignments += f", result = {value}, result_stored = %s"
         params += [text, stored]
-    with connection.cursor() as cursor:
+    with _cursor(held.using) as cursor:
         cursor.execute(
             f"UPDATE {table} SET {assignments} "
             f"WHERE key = %s AND owner = %s AND state IN ('{IN_PROGRESS}', '{SUCCEEDED}')",
@@ -346,9 +375,12 @@ def _untouched(connection: Any) -> bool:
 HANDOVER_HEADER = "safetynet_claim"
 
 
+HANDOVER_PREFIX = "handover/"
+
+
 def new_handover_token() -> str:
     """A token for ``hand_over``, put in the retry message's headers."""
-    return f"handover/{uuid.uuid4().hex}"
+    return f"{HANDOVER_PREFIX}{uuid.uuid4().hex}"
 
 
 def hand_over(held: Claim, token: str, until: float, message: dict[str, Any] | None = None) -> bool:
@@ -378,21 +410,21 @@ def release(held: Claim, error: BaseException | None) -> None:
              error="" if error is None else f"{type(error).__name__}: {error}"[:2000])
 
 
-def expire_task(task_id: str) -> int:
-    """End the lease of claims held by ``task_id`` (its process is known dead): the next delivery takes over."""
+def expire_task(key: str, task_id: str) -> int:
+    """End the lease of ``key`` if ``task_id`` holds it (its process is known dead): the next delivery takes over."""
     from safetynet.models import IdempotencyClaim
 
     return IdempotencyClaim.objects.using(database_for_claims()).filter(
-        task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
+        key=key, task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
     ).update(lease_until=0.0)
 
 
-def release_task(task_id: str, error: str) -> int:
-    """Mark the claims held by ``task_id`` failed (the task was dead-lettered in the worker's main process)."""
+def release_task(key: str, task_id: str, error: str) -> int:
+    """Mark ``key`` failed if ``task_id`` holds it (the task was dead-lettered in the worker's main process)."""
     from safetynet.models import IdempotencyClaim
 
     return IdempotencyClaim.objects.using(database_for_claims()).filter(
-        task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
+        key=key, task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
     ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
              error=error[:2000])
 
@@ -445,7 +477,9 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
 
     using = database_for_claims()
     now = time.time()
-    sent = []
+    sent: list[str] = []
+    given_up: list[tuple[str, str, str, dict[str, Any], int]] = []
+    expired: list[str] = []
     with transaction.atomic(using=using):
         rows = list(
             IdempotencyClaim.objects.using(using)
@@ -453,13 +487,22 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
             .filter(state__in=[IdempotencyClaim.State.QUEUED, IdempotencyClaim.State.IN_PROGRESS],
                     lease_until__lt=now, message__isnull=False)
             .order_by("lease_until")
-            .values_list("id", "key", "task_name", "task_id", "state", "message", "resent")[:limit]
+            .values_list("key", "task_name", "task_id", "state", "message", "resent")[:limit]
         )
-        for row_id, key, task_name, task_id, state, message, resent in rows:
+        for key, task_name, task_id, state, message, resent in rows:
+            options = dict(message.get("options") or {})
+            if isinstance(options.get("expires"), str):
+                options["expires"] = datetime.fromisoformat(options["expires"])
+                if options["expires"].timestamp() < now:  # Celery would not run it now: it is over
+                    expired.append(key)
+                    continue
+            if resent >= MAX_RESENDS:
+                given_up.append((key, task_name, task_id, message, resent))
+                continue
             headers = {**(message.get("headers") or {}), "safetynet_resent": resent + 1}
             app.send_task(task_name, args=message.get("args") or (), kwargs=message.get("kwargs") or {},
-                          task_id=task_id, headers=headers, **(message.get("options") or {}))
-            sent.append(row_id)
+                          task_id=task_id, headers=headers, **options)
+            sent.append(key)
             logger.warning(
                 "safetynet: %s[%s] (idempotency key %r) %s; sent it again", task_name, task_id, key,
                 "was not started in time: its message was lost" if state == IdempotencyClaim.State.QUEUED
@@ -467,11 +510,41 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
                 extra={"task_name": task_name, "task_id": task_id, "idempotency_key": key, "action": "resend"},
             )
         if sent:
-            # Queued again: the copy just sent claims it at once, and is itself resent if lost.
-            IdempotencyClaim.objects.using(using).filter(id__in=sent).update(
-                state=IdempotencyClaim.State.QUEUED, lease_until=time.time() + grace,
-                resent=models.F("resent") + 1, updated_at=time.time())
+            # A dead run's claim is queued again: the copy claims it and counts a delivery. A retry
+            # still holds its hand-over (the copy carries the token): it is no crash, nothing counts.
+            unsettled = IdempotencyClaim.objects.using(using).filter(key__in=sent)
+            unsettled.exclude(owner__startswith=HANDOVER_PREFIX).update(state=IdempotencyClaim.State.QUEUED)
+            unsettled.update(lease_until=time.time() + grace, resent=models.F("resent") + 1, updated_at=time.time())
+        if expired:
+            IdempotencyClaim.objects.using(using).filter(key__in=expired).update(
+                state=IdempotencyClaim.State.FAILED, message=None, lease_until=0.0, updated_at=time.time(),
+                error="its message expired (expires=) before a run claimed it")
+        for key, task_name, task_id, message, resent in given_up:
+            _give_up_lost(key, task_name, task_id, message, resent, using)
     return len(sent)
+
+
+#: A message sent this many times without a run claiming it is given up (a dead letter).
+MAX_RESENDS = 5
+
+
+def _give_up_lost(key: str, task_name: str, task_id: str, message: dict[str, Any], resent: int, using: str) -> None:
+    """Nothing consumes it (no worker on its queue, revoked, unknown there): a dead letter, not a loop."""
+    from safetynet import deadletter
+    from safetynet.models import IdempotencyClaim
+
+    detail = (f"its message was sent {resent + 1} times and no run claimed idempotency key {key!r}: no worker "
+              "consumes its queue, or the task was revoked or is unknown there")
+    logger.error("safetynet: %s[%s] %s; dead-lettered", task_name, task_id, detail,
+                 extra={"task_name": task_name, "task_id": task_id, "idempotency_key": key, "reason": "rejected"})
+    deadletter.record_safely(
+        task_name=task_name, task_id=task_id, reason="rejected", args=message.get("args") or [],
+        kwargs=message.get("kwargs") or {}, headers=message.get("headers") or {},
+        delivery_info={"routing_key": (message.get("options") or {}).get("queue", "")},
+        exception_type="safetynet.LostMessage", exception_message=detail, detail=detail, failed_at=time.time(),
+    )
+    IdempotencyClaim.objects.using(using).filter(key=key, task_id=task_id).update(
+        state=IdempotencyClaim.State.FAILED, message=None, lease_until=0.0, updated_at=time.time(), error=detail)
 
 
 # -- the heartbeat -----------------------------------------------------------------------------

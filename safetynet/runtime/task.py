@@ -216,10 +216,10 @@ class SafetyTask(celery.Task):
         if self._idempotency is None:
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         headers = enqueue_options.get("headers") or {}
-        if HEADER in headers or "safetynet_replay_of" in headers:  # a retry or a replay: sent as asked
+        if HEADER in headers:  # a retry: its claim was handed over with it
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         key = self._idempotency.render(args, kwargs)  # a bad key fails the caller, not a worker
-        if self.unique_for:
+        if self.unique_for and "safetynet_replay_of" not in headers:  # a replay is sent as asked
             from celery.utils import uuid as new_task_id
 
             from safetynet import shared
@@ -244,18 +244,31 @@ class SafetyTask(celery.Task):
     def _track_sent(self, key: str, task_id: str, args: Any, kwargs: Any, enqueue_options: dict[str, Any],
                     grace: float) -> None:
         """Record the sent task as queued once the sender's transaction commits (see idempotency.track)."""
-        message = {
-            "args": list(args or ()), "kwargs": dict(kwargs or {}),
-            "options": {name: enqueue_options[name] for name in ("queue", "exchange", "routing_key", "priority")
-                        if enqueue_options.get(name) is not None},
-            "headers": dict(enqueue_options.get("headers") or {}),
-        }
-        if not isinstance(message["options"].get("queue", ""), str):
-            message["options"]["queue"] = getattr(message["options"]["queue"], "name", None)
+        now = time.time()
+        options = {name: enqueue_options[name] for name in
+                   ("queue", "exchange", "routing_key", "priority", "time_limit", "soft_time_limit")
+                   if enqueue_options.get(name) is not None}
+        for name in ("queue", "exchange"):
+            if name in options and not isinstance(options[name], str):
+                options[name] = getattr(options[name], "name", str(options[name]))
+        # Not before it is due: a countdown or an eta moves the grace on; an expiry travels as a time.
+        due = now
+        if enqueue_options.get("eta") is not None:
+            due = now + _seconds_until(enqueue_options["eta"], now)
+        elif enqueue_options.get("countdown") is not None:
+            due = now + max(0.0, float(enqueue_options["countdown"]))
+        expires = enqueue_options.get("expires")
+        if isinstance(expires, (int, float)):
+            options["expires"] = datetime.fromtimestamp(now + expires, tz=timezone.utc).isoformat()
+        elif isinstance(expires, datetime):
+            options["expires"] = expires.isoformat()
+        message = {"args": list(args or ()), "kwargs": dict(kwargs or {}), "options": options,
+                   "headers": dict(enqueue_options.get("headers") or {})}
 
         def record() -> None:
             try:
-                idempotency.track(key, task_name=self.name, task_id=task_id, message=message, grace=grace)
+                idempotency.track(key, task_name=self.name, task_id=task_id, message=message,
+                                  grace=grace + (due - now))
             except Exception:  # the message is sent; only its safety net against loss is missing
                 logger.exception("safetynet: could not record %s[%s] as sent; a lost message will not be resent",
                                  self.name, task_id)
@@ -515,7 +528,8 @@ class SafetyTask(celery.Task):
             return self._celery_retry(max_retries=math.inf, headers=headers, **retry_kwargs)
         except Reject as rejected:
             # Celery turns a retry it could not publish (broker down) into Reject(requeue=False):
-            # the message would be gone. Keep the task as a dead letter instead, to replay later.
+            # the message would be gone. A late-acked one goes back to the queue; an early-acked
+            # one (its message is gone already) is kept as a dead letter, to replay later.
             token = getattr(request, "_safetynet_handover_token", None)
             if token is not None and held is not None:  # no message carries the claim: free it
                 request._safetynet_handed_over = request._safetynet_handover_token = None

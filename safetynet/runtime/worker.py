@@ -119,7 +119,7 @@ class SafetyRequest(Request):
         header = state.header_after(entry, delay=decision.delay, consumes_attempt=True,
                                     max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes)
         # The killed run failed (it did not crash): its claim is free for the next attempt, uncounted.
-        _release_claims(task, self.id, f"hard time limit: {exc}")
+        _release_claims(self, f"hard time limit: {exc}")
         try:
             task.signature_from_request(
                 request=context, countdown=decision.delay, retries=(context.retries or 0) + 1,
@@ -153,7 +153,7 @@ class SafetyRequest(Request):
         from safetynet import conf, deadletter, shared
 
         task = self.task
-        _expire_claims(task, self.id)
+        _expire_claims(self)
         if getattr(task, "retry_on_worker_lost", False):
             return exc_info  # Celery >= 5.7 publishes a retry itself
         now = time.time()
@@ -197,7 +197,7 @@ class SafetyRequest(Request):
             delivery_info=self.delivery_info, exception=failure, detail=detail, history=state.with_entry(entry),
             omitted=state.omitted, worker=self.hostname, failed_at=now,
         )
-        _release_claims(task, self.id, detail)
+        _release_claims(self, detail)
         if requeued:
             try:
                 shared.delete(f"crashes:{self.id}:{state.attempt}")
@@ -214,7 +214,7 @@ class SafetyRequest(Request):
 
         from safetynet import conf, deadletter
 
-        _release_claims(self.task, self.id, f"hard time limit of {timeout:g}s exceeded")
+        _release_claims(self, f"hard time limit of {timeout:g}s exceeded")
 
         now = time.time()
         headers = Context(self.request_dict).headers or {}
@@ -234,28 +234,41 @@ class SafetyRequest(Request):
             )
 
 
-def _expire_claims(task: Any, task_id: str) -> None:
-    """The process running ``task_id`` is dead: its idempotency claims may be taken over at once."""
-    if getattr(task, "_idempotency", None) is None:
+def _claimed_key(request: Any) -> str | None:
+    """The idempotency key the request's task claims, or None (not idempotent, or no valid key)."""
+    template = getattr(request.task, "_idempotency", None)
+    if template is None:
+        return None
+    try:
+        return template.render(request.args, request.kwargs)
+    except Exception:  # no valid key: the run could not have claimed one
+        return None
+
+
+def _expire_claims(request: Any) -> None:
+    """The process running the request is dead: its idempotency claim may be taken over at once."""
+    key = _claimed_key(request)
+    if key is None:
         return
     from safetynet import idempotency
 
     try:
-        idempotency.expire_task(task_id)
+        idempotency.expire_task(key, request.id)
     except Exception:  # the lease runs out by itself
-        logger.exception("safetynet: could not expire the idempotency claims of %s", task_id)
+        logger.exception("safetynet: could not expire the idempotency claim of %s", request.id)
 
 
-def _release_claims(task: Any, task_id: str, why: str) -> None:
-    """``task_id`` was dead-lettered here: its claims are failed, so a replay can claim them."""
-    if getattr(task, "_idempotency", None) is None:
+def _release_claims(request: Any, why: str) -> None:
+    """The request was dead-lettered here: its claim is failed, so a replay can claim it."""
+    key = _claimed_key(request)
+    if key is None:
         return
     from safetynet import idempotency
 
     try:
-        idempotency.release_task(task_id, why)
+        idempotency.release_task(key, request.id, why)
     except Exception:  # the lease runs out by itself
-        logger.exception("safetynet: could not release the idempotency claims of %s", task_id)
+        logger.exception("safetynet: could not release the idempotency claim of %s", request.id)
 
 
 def _message_fields(message: Any) -> dict[str, Any]:

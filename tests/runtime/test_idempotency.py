@@ -431,3 +431,55 @@ def test_an_orphaned_claim_with_its_message_is_sent_again_and_counts_the_dead_ru
     assert idempotency.resend_lost(app, grace=60) == 1
     again = _claim("lost-3", task_id="tid-4")
     assert (again.outcome, again.deliveries) == (WON, 2)
+
+
+@pytest.mark.django_db
+def test_a_late_retry_resent_keeps_its_hand_over_and_counts_no_crash():
+    held = _claim("lost-4", task_id="tid-5")
+    token = idempotency.new_handover_token()
+    retry = {"args": [1], "headers": {idempotency.HANDOVER_HEADER: token}}
+    assert idempotency.hand_over(held, token, until=time.time() - 1, message=retry)  # the retry is late
+    app = _App()
+    for _ in range(3):
+        assert idempotency.resend_lost(app, grace=60) == 1
+        IdempotencyClaim.objects.filter(key="lost-4").update(lease_until=time.time() - 1)
+    assert [sent[4][idempotency.HANDOVER_HEADER] for sent in app.sent] == [token] * 3
+    taken = idempotency.claim("lost-4", task_name="t", task_id="tid-5", lease=30, max_deliveries=3, handover=token)
+    assert (taken.outcome, taken.deliveries) == (WON, 1)
+
+
+@pytest.mark.django_db
+def test_a_message_nobody_takes_is_dead_lettered_after_max_resends_and_an_expired_one_is_dropped():
+    from safetynet.models import DeadLetter
+
+    idempotency.track("lost-5", task_name="shop.pay", task_id="tid-6", message={"args": [9], "options": {}},
+                      grace=60)
+    app = _App()
+    for _ in range(idempotency.MAX_RESENDS + 1):
+        IdempotencyClaim.objects.filter(key="lost-5").update(lease_until=time.time() - 1)
+        idempotency.resend_lost(app, grace=60)
+    assert len(app.sent) == idempotency.MAX_RESENDS
+    row = DeadLetter.objects.get(task_id="tid-6")
+    assert row.reason == "rejected" and "no run claimed idempotency key 'lost-5'" in row.detail and row.args == [9]
+    assert IdempotencyClaim.objects.get(key="lost-5").state == "failed"
+
+    past = "2020-01-01T00:00:00+00:00"
+    idempotency.track("lost-6", task_name="t", task_id="tid-7", message={"args": [], "options": {"expires": past}},
+                      grace=60)
+    IdempotencyClaim.objects.filter(key="lost-6").update(lease_until=time.time() - 1)
+    assert idempotency.resend_lost(app, grace=60) == 0
+    assert IdempotencyClaim.objects.get(key="lost-6").state == "failed"
+
+
+@pytest.mark.django_db
+def test_a_task_sent_with_a_countdown_is_not_resent_before_it_is_due(monkeypatch, settings,
+                                                                     django_capture_on_commit_callbacks):
+    monkeypatch.setattr("celery.app.task.Task.apply_async", lambda self, *a, task_id=None, **k: None)
+    settings.SAFETYNET = {**settings.SAFETYNET, "LOST_MESSAGE_SECONDS": 60}
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:  # recorded once the sender commits
+        tasks.idempotent_charge.apply_async(args=(777,), countdown=3600, expires=7200, queue="payments")
+        assert not IdempotencyClaim.objects.filter(key="charge-777").exists()
+    assert len(callbacks) == 1
+    row = IdempotencyClaim.objects.get(key="charge-777")
+    assert row.state == "queued" and 3600 + 55 < row.lease_until - time.time() < 3600 + 65
+    assert row.message["options"]["queue"] == "payments" and "expires" in row.message["options"]

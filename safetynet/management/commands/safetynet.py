@@ -204,7 +204,7 @@ class Command(BaseCommand):
             "purge", help="delete settled claims older than an age",
             description="Delete succeeded and failed claims last changed before --older-than. A key whose claim "
                         "is gone can run again: keep claims longer than a duplicate can arrive (retries, replays, "
-                        "a client resubmitting). Claims in progress are never deleted.")
+                        "a client resubmitting). Claims queued or in progress are never deleted.")
         purge.add_argument("--older-than", type=moment, required=True, metavar="AGE",
                            help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
         purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
@@ -361,8 +361,9 @@ class Command(BaseCommand):
         fields = {
             "key": row.key, "state": row.state, "task_name": row.task_name, "task_id": row.task_id,
             "owner": row.owner,
-            "lease_until": _when(row.lease_until) if row.state == IdempotencyClaim.State.IN_PROGRESS else "-",
-            "deliveries": row.deliveries, "result_stored": row.result_stored,
+            "lease_until": _when(row.lease_until) if row.state in (IdempotencyClaim.State.IN_PROGRESS,
+                                                                   IdempotencyClaim.State.QUEUED) else "-",
+            "deliveries": row.deliveries, "resent": row.resent, "result_stored": row.result_stored,
             "result": row.result if options["json"] else json.dumps(row.result, default=str),
             "error": row.error, "created_at": _when(row.created_at), "updated_at": _when(row.updated_at),
         }
@@ -380,8 +381,8 @@ class Command(BaseCommand):
 
         before = options["older_than"]
         if options["dry_run"]:
-            count = IdempotencyClaim.objects.filter(updated_at__lt=before.timestamp()).exclude(
-                state=IdempotencyClaim.State.IN_PROGRESS).count()
+            count = IdempotencyClaim.objects.filter(updated_at__lt=before.timestamp(), state__in=[
+                IdempotencyClaim.State.SUCCEEDED, IdempotencyClaim.State.FAILED]).count()
             self.stdout.write(f"Dry run: would delete {count} settled claims last changed before {_local(before)}.")
             return
         count = idempotency.purge(before.timestamp())
