@@ -12,7 +12,8 @@ Environment (``chaos.py`` sets it for its workers):
     SAFETYNET_CHAOS_DB_USER     PostgreSQL user                   (default postgres)
     SAFETYNET_CHAOS_SPOOL       dead-letter spool directory       (default: safetynet's)
     SAFETYNET_CHAOS_REDIS       safetynet's REDIS_URL             (default: the broker when it is Redis)
-    SAFETYNET_CHAOS_VISIBILITY  the broker's visibility timeout, also LOST_MESSAGE_SECONDS (default 10)
+    SAFETYNET_CHAOS_VISIBILITY  the broker's visibility timeout (default 10)
+    SAFETYNET_CHAOS_LOST_MESSAGE  safetynet's LOST_MESSAGE_SECONDS (default 60)
 """
 
 import os
@@ -39,8 +40,10 @@ SAFETYNET = {
     "ALERT_MAIL_ADMINS": False,
     # With RabbitMQ as the broker, the run's private Redis keeps safetynet's shared counters.
     "REDIS_URL": os.environ.get("SAFETYNET_CHAOS_REDIS") or None,
-    # An idempotent task not started within the broker's visibility timeout is sent again: kombu's
-    # Redis transport can lose a message it popped when its worker is killed (see chaos.py).
-    "LOST_MESSAGE_SECONDS": float(os.environ.get("SAFETYNET_CHAOS_VISIBILITY") or 10),
+    # An idempotent task not started this long after it was sent is sent again: kombu's Redis
+    # transport can lose a message it popped when its worker is killed (see chaos.py). Above the
+    # longest wait in the queue of this run (5,000 sent at once drain in about a minute), or a
+    # message only waiting its turn is sent twice (harmless, but twice the work).
+    "LOST_MESSAGE_SECONDS": float(os.environ.get("SAFETYNET_CHAOS_LOST_MESSAGE") or 60),
 }
 LOGGING_CONFIG = None

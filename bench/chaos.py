@@ -31,8 +31,9 @@ restarted once. The Redis transport of kombu takes a message off the list (BRPOP
 it as unacknowledged in a second command: a ``kill -9`` between the two (or a reply lost when
 Redis restarts) loses the message whatever the task does, and late acks cannot bring it back.
 safetynet records each idempotent task as queued when it is sent, and every worker's sweeper
-sends again one that no run claimed within ``LOST_MESSAGE_SECONDS`` (set to the visibility
-timeout here; 900 s by default); the claim makes a copy that was only slow harmless. Plain
+sends again one that no run claimed within ``LOST_MESSAGE_SECONDS`` (60 s here, above the
+longest wait in this run's queue; 900 s by default); the claim makes a copy that was only slow
+harmless. Plain
 Celery has nothing of the kind. RabbitMQ keeps an unacknowledged message on the server and puts
 it back when the consumer's connection dies, so late acks are enough there.
 
