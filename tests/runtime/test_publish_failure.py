@@ -9,19 +9,22 @@ from safetynet.models import DeadLetter
 from tests import tasks
 
 
-@pytest.mark.django_db
-def test_a_retry_that_cannot_be_published_is_dead_lettered(monkeypatch):
+def _attempt_with_the_broker_down(monkeypatch, task, n):
+    """Run one attempt of ``task(n)`` as a worker would, with publishing failing as when the broker is down."""
     def broker_down(self, *args, **kwargs):
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    # the fault: publishing fails, as it does when the broker is down while a worker runs
     monkeypatch.setattr("celery.canvas.Signature.apply_async", broker_down)
-    task = tasks.call_api._get_current_object()
     task_id = uuid()
     tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task._get_app())
-    request = {"id": task_id, "task": task.name, "args": [5], "kwargs": {}, "retries": 0, "is_eager": False,
+    request = {"id": task_id, "task": task.name, "args": [n], "kwargs": {}, "retries": 0, "is_eager": False,
                "hostname": "test-worker", "delivery_info": {"routing_key": "celery"}, "called_directly": False}
-    outcome = tracer(task_id, [5], {}, request)
+    return task_id, tracer(task_id, [n], {}, request)
+
+
+@pytest.mark.django_db
+def test_a_retry_that_cannot_be_published_is_dead_lettered(monkeypatch):
+    task_id, outcome = _attempt_with_the_broker_down(monkeypatch, tasks.call_api._get_current_object(), 5)
     assert outcome.info.state == "REJECTED"
     [row] = DeadLetter.objects.filter(task_id=task_id)
     assert row.reason == "rejected" and "could not be published" in row.detail
@@ -30,17 +33,9 @@ def test_a_retry_that_cannot_be_published_is_dead_lettered(monkeypatch):
 
 @pytest.mark.django_db
 def test_a_late_acknowledged_task_whose_retry_cannot_be_published_goes_back_to_the_queue(monkeypatch):
-    def broker_down(self, *args, **kwargs):
-        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
-
-    monkeypatch.setattr("celery.canvas.Signature.apply_async", broker_down)
     task = tasks.call_api._get_current_object()
     monkeypatch.setattr(type(task), "acks_late", True)
-    task_id = uuid()
-    tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task._get_app())
-    request = {"id": task_id, "task": task.name, "args": [6], "kwargs": {}, "retries": 0, "is_eager": False,
-               "hostname": "test-worker", "delivery_info": {"routing_key": "celery"}, "called_directly": False}
-    outcome = tracer(task_id, [6], {}, request)
+    task_id, outcome = _attempt_with_the_broker_down(monkeypatch, task, 6)
     assert outcome.info.state == "REJECTED"
     assert outcome.retval.exception.exc.requeue is True  # the unacknowledged message comes back: nothing recorded
     assert not DeadLetter.objects.filter(task_id=task_id).exists()
