@@ -328,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop the chaos when this share of the orders is accounted for (0.9)")
     parser.add_argument("--chaos-seconds", type=float, help="stop the chaos after this long anyway (240; 60 quick)")
     parser.add_argument("--stall-seconds", type=float,
-                        help="give up draining after this long without progress "
-                             "(default: 3 x visibility timeout + lease + sweep interval = 37)")
+                        help="give up draining after this long without progress (default: the longer of "
+                             "3 x visibility timeout + lease + sweep interval = 37 and safetynet's "
+                             "LOST_MESSAGE_SECONDS + its sweep interval + lease = 80)")
     parser.add_argument("--drain-cap", type=float, help="give up draining after this long in all (chaos + 300)")
     parser.add_argument("--keep", action="store_true", help="keep the database and the worker logs")
     args = parser.parse_args(argv)
@@ -339,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.chaos_seconds is None:
         args.chaos_seconds = 60.0 if args.quick else 240.0
     if args.stall_seconds is None:
-        args.stall_seconds = 3 * args.visibility_timeout + LEASE_SECONDS + RESTORE_INTERVAL
+        lost_message = float(os.environ.get("SAFETYNET_CHAOS_LOST_MESSAGE") or 60)
+        args.stall_seconds = max(3 * args.visibility_timeout + LEASE_SECONDS + RESTORE_INTERVAL,
+                                 lost_message + min(60.0, max(1.0, lost_message / 4)) + LEASE_SECONDS)
     if args.drain_cap is None:
         args.drain_cap = args.chaos_seconds + 300.0
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]

@@ -324,8 +324,8 @@ class IdempotencyClaimAdmin(admin.ModelAdmin):
 
     list_display = ("key", "state", "task_name", "task_id", "deliveries", "lease", "updated")
     list_filter = ("state", "task_name")
-    search_fields = ("=key", "=task_id")
-    ordering = ("-updated_at",)
+    search_fields = ("=key", "=task_id")  # the key is the primary key; a task id search reads the table
+    ordering = ("-pk",)  # indexed: the table has no index on times (every run writes them)
     readonly_fields = ("key", "state", "task_name", "task_id", "owner", "lease", "deliveries", "resent",
                        "result_stored", "result", "error", "created", "updated")
     # ``message`` holds the task's arguments unredacted (to send it again if it is lost): not shown.

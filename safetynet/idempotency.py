@@ -487,17 +487,17 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
             .filter(state__in=[IdempotencyClaim.State.QUEUED, IdempotencyClaim.State.IN_PROGRESS],
                     lease_until__lt=now, message__isnull=False)
             .order_by("lease_until")
-            .values_list("key", "task_name", "task_id", "state", "message", "resent")[:limit]
+            .values_list("key", "task_name", "task_id", "state", "message", "resent", "deliveries")[:limit]
         )
-        for key, task_name, task_id, state, message, resent in rows:
+        for key, task_name, task_id, state, message, resent, deliveries in rows:
             options = dict(message.get("options") or {})
             if isinstance(options.get("expires"), str):
                 options["expires"] = datetime.fromisoformat(options["expires"])
                 if options["expires"].timestamp() < now:  # Celery would not run it now: it is over
                     expired.append(key)
                     continue
-            if resent >= MAX_RESENDS:
-                given_up.append((key, task_name, task_id, message, resent))
+            if resent >= MAX_RESENDS and state == IdempotencyClaim.State.QUEUED and deliveries == 0:
+                given_up.append((key, task_name, task_id, message, resent))  # sent again and again, never run
                 continue
             headers = {**(message.get("headers") or {}), "safetynet_resent": resent + 1}
             app.send_task(task_name, args=message.get("args") or (), kwargs=message.get("kwargs") or {},
@@ -518,7 +518,7 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
         if expired:
             IdempotencyClaim.objects.using(using).filter(key__in=expired).update(
                 state=IdempotencyClaim.State.FAILED, message=None, lease_until=0.0, updated_at=time.time(),
-                error="its message expired (expires=) before a run claimed it")
+                error="its message expired (the expires option) before a run claimed it")
         for key, task_name, task_id, message, resent in given_up:
             _give_up_lost(key, task_name, task_id, message, resent, using)
     return len(sent)

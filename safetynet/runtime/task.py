@@ -29,13 +29,14 @@ from typing import Any
 import celery
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
+from django.db import Error as DatabaseError
 from django.db import transaction
 
 from safetynet import conf, idempotency, signals
 from safetynet.core.classify import ALWAYS_RETRY
 from safetynet.core.decision import Dead, Decision, Retry, decide
 from safetynet.core.policy import Fixed, RetryPolicy
-from safetynet.exceptions import ConfigurationError, Permanent, Snooze
+from safetynet.exceptions import ConfigurationError, Permanent, Snooze, Transient
 from safetynet.runtime import clock, options
 from safetynet.runtime.history import HEADER, AttemptState, entry_for
 
@@ -258,10 +259,12 @@ class SafetyTask(celery.Task):
         elif enqueue_options.get("countdown") is not None:
             due = now + max(0.0, float(enqueue_options["countdown"]))
         expires = enqueue_options.get("expires")
+        if isinstance(expires, str):
+            expires = datetime.fromisoformat(expires)
         if isinstance(expires, (int, float)):
             options["expires"] = datetime.fromtimestamp(now + expires, tz=timezone.utc).isoformat()
-        elif isinstance(expires, datetime):
-            options["expires"] = expires.isoformat()
+        elif isinstance(expires, datetime):  # Celery reads a naive time as UTC
+            options["expires"] = (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).isoformat()
         message = {"args": list(args or ()), "kwargs": dict(kwargs or {}), "options": options,
                    "headers": dict(enqueue_options.get("headers") or {})}
 
@@ -288,12 +291,15 @@ class SafetyTask(celery.Task):
             raise Permanent(str(error)) from error
         request._safetynet_key = key
         settings = conf.get()
-        held = idempotency.claim(
-            key, task_name=self.name, task_id=request.id,
-            lease=float(self.idempotency_lease or settings.idempotency_lease_seconds),
-            max_deliveries=self.max_deliveries or settings.max_deliveries,
-            handover=str((request.headers or {}).get(idempotency.HANDOVER_HEADER) or ""),
-        )
+        try:
+            held = idempotency.claim(
+                key, task_name=self.name, task_id=request.id,
+                lease=float(self.idempotency_lease or settings.idempotency_lease_seconds),
+                max_deliveries=self.max_deliveries or settings.max_deliveries,
+                handover=str((request.headers or {}).get(idempotency.HANDOVER_HEADER) or ""),
+            )
+        except DatabaseError as error:  # the database is away: nothing ran, try again later
+            raise Transient(f"could not claim idempotency key {key!r}: {error}") from error
         if held.outcome == idempotency.SUCCEEDED:
             logger.info("%s[%s]: idempotency key %r already succeeded; returning its stored result",
                         self.name, request.id, key,

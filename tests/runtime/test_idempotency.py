@@ -483,3 +483,17 @@ def test_a_task_sent_with_a_countdown_is_not_resent_before_it_is_due(monkeypatch
     row = IdempotencyClaim.objects.get(key="charge-777")
     assert row.state == "queued" and 3600 + 55 < row.lease_until - time.time() < 3600 + 65
     assert row.message["options"]["queue"] == "payments" and "expires" in row.message["options"]
+
+
+@pytest.mark.django_db
+def test_a_claim_the_database_cannot_take_is_transient(monkeypatch):
+    from django.db import OperationalError
+
+    def database_away(*args, **kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(idempotency, "claim", database_away)
+    tasks.RUNS.clear()
+    result = tasks.idempotent_charge.apply(args=(103,))
+    assert isinstance(result.result, safetynet.Transient) and "could not claim" in str(result.result)
+    assert tasks.RUNS == []
