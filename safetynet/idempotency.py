@@ -347,7 +347,12 @@ def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
     outermost = not connection.in_atomic_block
     with transaction.atomic(using=held.using):
         result = call()
-        if not (outermost and _untouched(connection)):
+        if connection.needs_rollback:
+            # The body returned but asked for its transaction to be rolled back (set_rollback, or a
+            # swallowed error): nothing of it commits; the operation is done, so mark it alone.
+            logger.warning("safetynet: the body holding %r returned with its transaction marked for rollback; "
+                           "its writes are not committed", held.key, extra={"idempotency_key": held.key})
+        elif not (outermost and _untouched(connection)):
             if not mark_succeeded(held, result):
                 raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run; this run's writes "
                                 "rolled back")
@@ -407,7 +412,14 @@ def release(held: Claim, error: BaseException | None) -> None:
     IdempotencyClaim.objects.using(held.using).filter(
         key=held.key, owner=held.owner, state=IdempotencyClaim.State.IN_PROGRESS
     ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
-             error="" if error is None else f"{type(error).__name__}: {error}"[:2000])
+             error="" if error is None else _error_text(error))
+
+
+def _error_text(error: BaseException) -> str:
+    """What a failed claim keeps of its error: redacted like a dead letter's message (``key=value`` pairs)."""
+    from safetynet.deadletter import redact_text
+
+    return redact_text(f"{type(error).__name__}: {error}")[:2000]
 
 
 def expire_task(key: str, task_id: str) -> int:
@@ -592,6 +604,11 @@ class _Heartbeat:
                 continue  # a claim with a shorter lease arrived: sleep again, for its interval
             with self.lock:
                 claims = list(self.held.values())
+            if not claims:
+                # Nothing to renew: do not keep a connection open for an idle process (it is
+                # opened again, once, when a beat has claims to renew).
+                connections.close_all()
+                continue
             by_lease: dict[tuple[str, float], list[str]] = {}
             for held in claims:
                 by_lease.setdefault((held.using, held.lease), []).append(held.owner)
@@ -602,11 +619,13 @@ class _Heartbeat:
                     ).update(lease_until=time.time() + lease)
             except Exception as error:  # the database may be away for a moment: try again next beat
                 logger.warning("safetynet: could not renew idempotency leases: %r", error)
-            finally:
-                close_old_connections()
+                close_old_connections()  # a broken connection is replaced on the next beat
 
 
 _heartbeat = _Heartbeat()
+# A process forked while holding claims (a body using multiprocessing) must not inherit them or a
+# lock some thread held at the fork: it starts with none (its own thread starts on its first claim).
+os.register_at_fork(after_in_child=lambda: _heartbeat.__init__())
 _local = threading.local()
 
 

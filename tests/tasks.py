@@ -159,3 +159,9 @@ def unique_report(name):
 @safetynet.task(acks_late=True)
 def late_without_key():
     return None
+
+
+@safetynet.task(bind=True, idempotency_key="self-retry-{n}", max_retries=3)
+def idempotent_self_retry(self, n):
+    """Calls self.retry() inside its body's transaction."""
+    raise self.retry(exc=ConnectionError("upstream down"), countdown=5)

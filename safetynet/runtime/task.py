@@ -232,8 +232,20 @@ class SafetyTask(celery.Task):
                             self.name, key, existing, self.unique_for,
                             extra={"task_name": self.name, "task_id": existing, "idempotency_key": key})
                 return self.AsyncResult(existing)
+            if existing is None:
+                try:
+                    return self._send_tracked(key, args, kwargs, task_id, enqueue_options)
+                except BaseException:  # not sent: the window must not hide the next enqueue
+                    shared.delete(f"unique:{key}")
+                    raise
+        return self._send_tracked(key, args, kwargs, task_id, enqueue_options)
+
+    def _send_tracked(self, key: str, args: Any, kwargs: Any, task_id: str | None,
+                      enqueue_options: dict[str, Any]) -> Any:
+        """Publish, and record the task as queued so a message the broker loses is sent again."""
         grace = conf.get().lost_message_seconds
-        if grace is None:
+        # A chain, chord or callback does not travel in the recorded copy: such a task is not recorded.
+        if grace is None or any(enqueue_options.get(name) for name in ("link", "link_error", "chain", "chord")):
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         from celery.utils import uuid as new_task_id
 
@@ -318,7 +330,12 @@ class SafetyTask(celery.Task):
                         logger.warning("%s[%s]: idempotency key %r was taken over while this run worked",
                                        self.name, request.id, key)
                     return result
-                return idempotency.run_atomically(held, call)
+                request._safetynet_body_tx = True
+                try:
+                    return idempotency.run_atomically(held, call)
+                finally:
+                    request._safetynet_body_tx = False
+                    self._run_after_body_transaction(request)
         except Exception as exc:
             # Decide while the claim is held: a retry keeps it (handed over to the next attempt),
             # so a duplicate stays deferred until the operation succeeds or dies.
@@ -515,7 +532,19 @@ class SafetyTask(celery.Task):
                            "kwargs": dict(retry_kwargs.get("kwargs") or request.kwargs or {}),
                            "options": _routing_of(request.delivery_info, retry_kwargs.get("queue")),
                            "headers": retry_headers}
-            if idempotency.hand_over(held, token, until=time.time() + decision.delay + held.lease, message=message):
+            until = time.time() + decision.delay + held.lease
+            if getattr(request, "_safetynet_body_tx", False):
+                # self.retry() inside the body's transaction, which its Retry rolls back: hand over
+                # once it has (a retry that comes first waits for the claim's lease, or the hand-over).
+                self._after_body_transaction(lambda: idempotency.hand_over(held, token, until, message=message))
+                handed = True
+            else:
+                try:
+                    handed = idempotency.hand_over(held, token, until, message=message)
+                except DatabaseError:
+                    logger.exception("safetynet: could not hand idempotency key %r over to the retry", held.key)
+                    handed = False
+            if handed:
                 headers = retry_headers
                 request._safetynet_handed_over = held
                 request._safetynet_handover_token = token
@@ -539,7 +568,8 @@ class SafetyTask(celery.Task):
             token = getattr(request, "_safetynet_handover_token", None)
             if token is not None and held is not None:  # no message carries the claim: free it
                 request._safetynet_handed_over = request._safetynet_handover_token = None
-                idempotency.release(dataclasses.replace(held, owner=token), rejected)
+                orphan = dataclasses.replace(held, owner=token)
+                self._after_body_transaction(lambda: idempotency.release(orphan, rejected))
             if not rejected.requeue and not request.is_eager and self.acks_late:
                 # The message this attempt came in is not acknowledged yet: give it back to the
                 # broker instead (if the broker is away, it stays unacknowledged and comes back).
@@ -574,17 +604,33 @@ class SafetyTask(celery.Task):
             if isinstance(response, Exception):
                 logger.error("safetynet: task_dead receiver %r failed: %r", receiver, response)
 
+    def _after_body_transaction(self, write: Callable[[], Any]) -> None:
+        """Run ``write`` now, or, inside an idempotent body's transaction (which a failure rolls
+        back), as soon as that transaction has ended."""
+        request = self.request
+        if getattr(request, "_safetynet_body_tx", False):
+            request.__dict__.setdefault("_safetynet_after_tx", []).append(write)
+        else:
+            write()
+
+    def _run_after_body_transaction(self, request: Any) -> None:
+        for write in request.__dict__.pop("_safetynet_after_tx", ()):
+            try:
+                write()
+            except Exception:  # a record or a hand-over that fails must not hide the task's outcome
+                logger.exception("safetynet: could not write after the body's transaction of %s[%s]",
+                                 self.name, request.id)
 
     def _record_dead(self, request: Any, reason: str, detail: str, exc: BaseException | None,
                      history: list[dict[str, Any]], omitted: int) -> None:
         from safetynet import deadletter
 
-        deadletter.record_safely(
+        self._after_body_transaction(lambda: deadletter.record_safely(
             task_name=self.name, task_id=request.id, reason=reason, args=request.args, kwargs=request.kwargs,
             parameters=deadletter.parameter_names(self), headers=request.headers,
             delivery_info=request.delivery_info, exception=exc, detail=detail, history=history,
             omitted=omitted, worker=request.hostname or "", failed_at=clock.now(),
-        )
+        ))
 
     def _record_rejected(self, exc: Reject, started: float) -> None:
         request = self.request

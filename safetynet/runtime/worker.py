@@ -88,8 +88,17 @@ class SafetyRequest(Request):
             time_limited_children.add(getattr(self, "worker_pid", None))
             if self._retry_after_time_limit(exc):
                 return None
+        if (isinstance(exc, (SystemExit, KeyboardInterrupt)) and hasattr(self, "_worker_lost_info")
+                and not (getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False))):
+            # Celery >= 5.7 (billiard >= 4.3) reports a child that exited this way before it is gone,
+            # and treats it as a lost worker inside its on_failure: do the same, first.
+            exc_info = self._worker_lost_info(exc)
+            exc = _unwrapped(exc_info)
         if isinstance(exc, WorkerLostError):
-            exc_info = self._after_worker_lost(exc_info, exc)
+            try:
+                exc_info = self._after_worker_lost(exc_info, exc)
+            finally:
+                _close_main_process_connections()
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
     def _context_and_state(self, started: float) -> tuple[Context, AttemptState]:
@@ -207,11 +216,17 @@ class SafetyRequest(Request):
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         if getattr(self, "_safetynet_retried", False):
+            _close_main_process_connections()
             return  # the hard limit used up an attempt and the next one is published
         super().on_timeout(soft, timeout)
         if soft:
             return
+        try:
+            self._record_time_limit(timeout)
+        finally:
+            _close_main_process_connections()
 
+    def _record_time_limit(self, timeout: float) -> None:
         from safetynet import conf, deadletter
 
         _release_claims(self, f"hard time limit of {timeout:g}s exceeded")
@@ -232,6 +247,17 @@ class SafetyRequest(Request):
                 exception=exc, detail=f"hard time limit of {timeout:g}s exceeded", history=state.with_entry(entry),
                 omitted=state.omitted, worker=self.hostname, failed_at=now,
             )
+
+
+def _close_main_process_connections() -> None:
+    """The worker's main process runs no task, so nothing else replaces a database connection that
+    broke (a restart, a failover) between two of its rare writes."""
+    try:
+        from django.db import close_old_connections
+
+        close_old_connections()
+    except Exception:  # closing must not disturb the worker
+        logger.debug("safetynet: could not close old database connections", exc_info=True)
 
 
 def _claimed_key(request: Any) -> str | None:

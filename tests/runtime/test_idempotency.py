@@ -497,3 +497,25 @@ def test_a_claim_the_database_cannot_take_is_transient(monkeypatch):
     result = tasks.idempotent_charge.apply(args=(103,))
     assert isinstance(result.result, safetynet.Transient) and "could not claim" in str(result.result)
     assert tasks.RUNS == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_self_retry_inside_the_body_transaction_still_hands_the_claim_over(monkeypatch):
+    from celery import uuid as new_id
+    from celery.app.trace import build_tracer
+
+    published = []
+    monkeypatch.setattr("celery.canvas.Signature.apply_async", lambda sig, *a, **k: published.append(sig.options))
+    task = tasks.idempotent_self_retry._get_current_object()
+    task_id = new_id()
+    tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task._get_app())
+    request = {"id": task_id, "task": task.name, "args": [1], "kwargs": {}, "retries": 0, "is_eager": False,
+               "hostname": "w", "delivery_info": {"routing_key": "celery"}, "called_directly": False}
+    assert tracer(task_id, [1], {}, request).info.state == "RETRY"
+    [options] = published
+    token = options["headers"][idempotency.HANDOVER_HEADER]
+    row = IdempotencyClaim.objects.get(key="self-retry-1")
+    assert (row.state, row.owner, row.deliveries) == ("in_progress", token, 1)  # not rolled back with the body
+    retry = idempotency.claim("self-retry-1", task_name=task.name, task_id=task_id, lease=30, max_deliveries=3,
+                              handover=token)
+    assert (retry.outcome, retry.deliveries) == (WON, 1)
