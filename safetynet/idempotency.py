@@ -484,12 +484,17 @@ def track(key: str, *, task_name: str, task_id: str, message: dict[str, Any], gr
 
 
 def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
-    """Send again the messages of claims nobody took in time; return how many were sent."""
+    """Send again the messages of claims nobody took in time; return how many were sent.
+
+    The rows are taken (``SKIP LOCKED``: one sweeper per row) and moved on by a grace in one
+    short transaction; the messages are published after it commits, so a slow broker holds no
+    claim row locked. A publish that fails is tried again when the new grace runs out.
+    """
     from safetynet.models import IdempotencyClaim
 
     using = database_for_claims()
     now = time.time()
-    sent: list[str] = []
+    due: list[tuple[str, str, str, str, dict[str, Any], dict[str, Any], int]] = []
     given_up: list[tuple[str, str, str, dict[str, Any], int]] = []
     expired: list[str] = []
     with transaction.atomic(using=using):
@@ -511,20 +516,11 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
             if resent >= MAX_RESENDS and state == IdempotencyClaim.State.QUEUED and deliveries == 0:
                 given_up.append((key, task_name, task_id, message, resent))  # sent again and again, never run
                 continue
-            headers = {**(message.get("headers") or {}), "safetynet_resent": resent + 1}
-            app.send_task(task_name, args=message.get("args") or (), kwargs=message.get("kwargs") or {},
-                          task_id=task_id, headers=headers, **options)
-            sent.append(key)
-            logger.warning(
-                "safetynet: %s[%s] (idempotency key %r) %s; sent it again", task_name, task_id, key,
-                "was not started in time: its message was lost" if state == IdempotencyClaim.State.QUEUED
-                else "holds an expired claim nobody took over: its run or its retry was lost",
-                extra={"task_name": task_name, "task_id": task_id, "idempotency_key": key, "action": "resend"},
-            )
-        if sent:
+            due.append((key, task_name, task_id, state, message, options, resent))
+        if due:
             # A dead run's claim is queued again: the copy claims it and counts a delivery. A retry
             # still holds its hand-over (the copy carries the token): it is no crash, nothing counts.
-            unsettled = IdempotencyClaim.objects.using(using).filter(key__in=sent)
+            unsettled = IdempotencyClaim.objects.using(using).filter(key__in=[row[0] for row in due])
             unsettled.exclude(owner__startswith=HANDOVER_PREFIX).update(state=IdempotencyClaim.State.QUEUED)
             unsettled.update(lease_until=time.time() + grace, resent=models.F("resent") + 1, updated_at=time.time())
         if expired:
@@ -533,7 +529,23 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
                 error="its message expired (the expires option) before a run claimed it")
         for key, task_name, task_id, message, resent in given_up:
             _give_up_lost(key, task_name, task_id, message, resent, using)
-    return len(sent)
+    sent = 0
+    for key, task_name, task_id, state, message, options, resent in due:
+        headers = {**(message.get("headers") or {}), "safetynet_resent": resent + 1}
+        try:
+            app.send_task(task_name, args=message.get("args") or (), kwargs=message.get("kwargs") or {},
+                          task_id=task_id, headers=headers, **options)
+        except Exception:  # the broker is away: the row is due again after the grace
+            logger.exception("safetynet: could not send %s[%s] again; trying after %ss", task_name, task_id, grace)
+            continue
+        sent += 1
+        logger.warning(
+            "safetynet: %s[%s] (idempotency key %r) %s; sent it again", task_name, task_id, key,
+            "was not started in time: its message was lost" if state == IdempotencyClaim.State.QUEUED
+            else "holds an expired claim nobody took over: its run or its retry was lost",
+            extra={"task_name": task_name, "task_id": task_id, "idempotency_key": key, "action": "resend"},
+        )
+    return sent
 
 
 #: A message sent this many times without a run claiming it is given up (a dead letter).

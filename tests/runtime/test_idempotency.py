@@ -519,3 +519,19 @@ def test_self_retry_inside_the_body_transaction_still_hands_the_claim_over(monke
     retry = idempotency.claim("self-retry-1", task_name=task.name, task_id=task_id, lease=30, max_deliveries=3,
                               handover=token)
     assert (retry.outcome, retry.deliveries) == (WON, 1)
+
+
+@pytest.mark.django_db
+def test_a_resend_the_broker_refuses_is_tried_again_after_the_grace():
+    class _DownApp(_App):
+        def send_task(self, *args, **kwargs):
+            raise ConnectionError("broker down")
+
+    idempotency.track("lost-7", task_name="t", task_id="tid-8", message={"args": [3]}, grace=60)
+    IdempotencyClaim.objects.filter(key="lost-7").update(lease_until=time.time() - 1)
+    assert idempotency.resend_lost(_DownApp(), grace=60) == 0
+    row = IdempotencyClaim.objects.get(key="lost-7")
+    assert row.state == "queued" and row.lease_until > time.time() + 50 and row.message == {"args": [3]}
+    IdempotencyClaim.objects.filter(key="lost-7").update(lease_until=time.time() - 1)
+    app = _App()
+    assert idempotency.resend_lost(app, grace=60) == 1 and app.sent[0][3] == "tid-8"
