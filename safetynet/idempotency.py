@@ -409,17 +409,24 @@ def release(held: Claim, error: BaseException | None) -> None:
     """Give an unfinished claim up (the run failed): the next run may claim the key."""
     from safetynet.models import IdempotencyClaim
 
-    IdempotencyClaim.objects.using(held.using).filter(
+    _mark_failed(IdempotencyClaim.objects.using(held.using).filter(
         key=held.key, owner=held.owner, state=IdempotencyClaim.State.IN_PROGRESS
-    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
-             error="" if error is None else _error_text(error))
+    ), "" if error is None else _error_text(error))
+
+
+def _mark_failed(claims: Any, error: str) -> int:
+    """Settle ``claims`` (a queryset) as failed: the next run may claim the key afresh."""
+    from safetynet.models import IdempotencyClaim
+
+    return claims.update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
+                         error=error[:2000])
 
 
 def _error_text(error: BaseException) -> str:
     """What a failed claim keeps of its error: redacted like a dead letter's message (``key=value`` pairs)."""
     from safetynet.deadletter import redact_text
 
-    return redact_text(f"{type(error).__name__}: {error}")[:2000]
+    return redact_text(f"{type(error).__name__}: {error}")
 
 
 def expire_task(key: str, task_id: str) -> int:
@@ -435,10 +442,9 @@ def release_task(key: str, task_id: str, error: str) -> int:
     """Mark ``key`` failed if ``task_id`` holds it (the task was dead-lettered in the worker's main process)."""
     from safetynet.models import IdempotencyClaim
 
-    return IdempotencyClaim.objects.using(database_for_claims()).filter(
+    return _mark_failed(IdempotencyClaim.objects.using(database_for_claims()).filter(
         key=key, task_id=task_id, state=IdempotencyClaim.State.IN_PROGRESS
-    ).update(state=IdempotencyClaim.State.FAILED, lease_until=0.0, updated_at=time.time(), message=None,
-             error=error[:2000])
+    ), error)
 
 
 def purge(older_than: float) -> int:
@@ -524,9 +530,8 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
             unsettled.exclude(owner__startswith=HANDOVER_PREFIX).update(state=IdempotencyClaim.State.QUEUED)
             unsettled.update(lease_until=time.time() + grace, resent=models.F("resent") + 1, updated_at=time.time())
         if expired:
-            IdempotencyClaim.objects.using(using).filter(key__in=expired).update(
-                state=IdempotencyClaim.State.FAILED, message=None, lease_until=0.0, updated_at=time.time(),
-                error="its message expired (the expires option) before a run claimed it")
+            _mark_failed(IdempotencyClaim.objects.using(using).filter(key__in=expired),
+                         "its message expired (the expires option) before a run claimed it")
         for key, task_name, task_id, message, resent in given_up:
             _give_up_lost(key, task_name, task_id, message, resent, using)
     sent = 0
@@ -567,8 +572,7 @@ def _give_up_lost(key: str, task_name: str, task_id: str, message: dict[str, Any
         delivery_info={"routing_key": (message.get("options") or {}).get("queue", "")},
         exception_type="safetynet.LostMessage", exception_message=detail, detail=detail, failed_at=time.time(),
     )
-    IdempotencyClaim.objects.using(using).filter(key=key, task_id=task_id).update(
-        state=IdempotencyClaim.State.FAILED, message=None, lease_until=0.0, updated_at=time.time(), error=detail)
+    _mark_failed(IdempotencyClaim.objects.using(using).filter(key=key, task_id=task_id), detail)
 
 
 # -- the heartbeat -----------------------------------------------------------------------------
