@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -159,7 +160,7 @@ class SafetyRequest(Request):
 
     def _after_worker_lost(self, exc_info: Any, exc: BaseException) -> Any:
         """Count the crash; past max_deliveries, turn Celery's silent requeue into a crash_loop dead letter."""
-        from safetynet import conf, deadletter, shared
+        from safetynet import conf, shared
 
         task = self.task
         _expire_claims(self)
@@ -168,10 +169,9 @@ class SafetyRequest(Request):
         now = time.time()
         context, state = self._context_and_state(self.time_start or now)
         requeued = bool(task.acks_late and task.reject_on_worker_lost)
-        settings = conf.get()
+        counter = f"crashes:{self.id}:{state.attempt}"
         if requeued:
-            limit = getattr(task, "max_deliveries", None) or settings.max_deliveries
-            counter = f"crashes:{self.id}:{state.attempt}"
+            limit = getattr(task, "max_deliveries", None) or conf.get().max_deliveries
             try:
                 crashes = shared.incr(counter, ttl=86_400)
             except Exception:
@@ -198,18 +198,10 @@ class SafetyRequest(Request):
             detail = ("the worker process died while running it, and Celery will not run it again: "
                       + ("it was acknowledged before it ran (acks_late=False)" if not task.acks_late
                          else "reject_on_worker_lost=False acknowledges a task whose worker died"))
-        entry = entry_for(state.attempt, self.time_start or now, now, failure, action="dead", delay=None,
-                          reason=reason, worker=self.hostname, traceback_max_chars=settings.traceback_max_chars)
-        _record(
-            task_name=self.task_name, task_id=self.id, reason=reason, args=self.args, kwargs=self.kwargs,
-            parameters=deadletter.parameter_names(task), headers=context.headers or {},
-            delivery_info=self.delivery_info, exception=failure, detail=detail, history=state.with_entry(entry),
-            omitted=state.omitted, worker=self.hostname, failed_at=now,
-        )
-        _release_claims(self, detail)
+        self._dead_letter(reason, failure, detail, context, state, self.time_start or now, now)
         if requeued:
             try:
-                shared.delete(f"crashes:{self.id}:{state.attempt}")
+                shared.delete(counter)
             except Exception:  # the counter expires by itself
                 logger.info("safetynet: could not delete the crash counter of %s", self.id)
         return exc_info
@@ -227,26 +219,29 @@ class SafetyRequest(Request):
             _close_main_process_connections()
 
     def _record_time_limit(self, timeout: float) -> None:
-        from safetynet import conf, deadletter
-
-        _release_claims(self, f"hard time limit of {timeout:g}s exceeded")
-
         now = time.time()
-        headers = Context(self.request_dict).headers or {}
-        state = AttemptState.from_headers(headers, self.time_start or now - timeout)
+        started = self.time_start or now - timeout
+        context, state = self._context_and_state(started)
         try:
             raise TimeLimitExceeded(timeout)
         except TimeLimitExceeded as exc:
-            entry = entry_for(
-                state.attempt, self.time_start or now - timeout, now, exc, action="dead", delay=None,
-                reason="time_limit", worker=self.hostname, traceback_max_chars=conf.get().traceback_max_chars,
-            )
-            _record(
-                task_name=self.task_name, task_id=self.id, reason="time_limit", args=self.args, kwargs=self.kwargs,
-                parameters=deadletter.parameter_names(self.task), headers=headers, delivery_info=self.delivery_info,
-                exception=exc, detail=f"hard time limit of {timeout:g}s exceeded", history=state.with_entry(entry),
-                omitted=state.omitted, worker=self.hostname, failed_at=now,
-            )
+            self._dead_letter("time_limit", exc, f"hard time limit of {timeout:g}s exceeded", context, state,
+                              started, now)
+
+    def _dead_letter(self, reason: str, failure: BaseException, detail: str, context: Context, state: AttemptState,
+                     started: float, now: float) -> None:
+        """Record the task, which its (dead) process could not, and free its idempotency claim."""
+        from safetynet import conf, deadletter
+
+        entry = entry_for(state.attempt, started, now, failure, action="dead", delay=None, reason=reason,
+                          worker=self.hostname, traceback_max_chars=conf.get().traceback_max_chars)
+        _record(
+            task_name=self.task_name, task_id=self.id, reason=reason, args=self.args, kwargs=self.kwargs,
+            parameters=deadletter.parameter_names(self.task), headers=context.headers or {},
+            delivery_info=self.delivery_info, exception=failure, detail=detail, history=state.with_entry(entry),
+            omitted=state.omitted, worker=self.hostname, failed_at=now,
+        )
+        _release_claims(self, detail)
 
 
 def _close_main_process_connections() -> None:
@@ -271,30 +266,29 @@ def _claimed_key(request: Any) -> str | None:
         return None
 
 
-def _expire_claims(request: Any) -> None:
-    """The process running the request is dead: its idempotency claim may be taken over at once."""
+def _write_claim(request: Any, write: Callable[[str, str], Any], what: str) -> None:
+    """``write(key, task_id)`` to the request's idempotency claim, if its task claims one; never raising."""
     key = _claimed_key(request)
     if key is None:
         return
+    try:
+        write(key, request.id)
+    except Exception:  # the lease runs out by itself
+        logger.exception("safetynet: could not %s the idempotency claim of %s", what, request.id)
+
+
+def _expire_claims(request: Any) -> None:
+    """The process running the request is dead: its idempotency claim may be taken over at once."""
     from safetynet import idempotency
 
-    try:
-        idempotency.expire_task(key, request.id)
-    except Exception:  # the lease runs out by itself
-        logger.exception("safetynet: could not expire the idempotency claim of %s", request.id)
+    _write_claim(request, idempotency.expire_task, "expire")
 
 
 def _release_claims(request: Any, why: str) -> None:
     """The request was dead-lettered here: its claim is failed, so a replay can claim it."""
-    key = _claimed_key(request)
-    if key is None:
-        return
     from safetynet import idempotency
 
-    try:
-        idempotency.release_task(key, request.id, why)
-    except Exception:  # the lease runs out by itself
-        logger.exception("safetynet: could not release the idempotency claim of %s", request.id)
+    _write_claim(request, lambda key, task_id: idempotency.release_task(key, task_id, why), "release")
 
 
 def _message_fields(message: Any) -> dict[str, Any]:
