@@ -29,6 +29,7 @@ from typing import Any
 import celery
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
+from celery.utils import uuid as new_task_id
 from django.db import Error as DatabaseError
 from django.db import transaction
 
@@ -221,8 +222,6 @@ class SafetyTask(celery.Task):
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         key = self._idempotency.render(args, kwargs)  # a bad key fails the caller, not a worker
         if self.unique_for and "safetynet_replay_of" not in headers:  # a replay is sent as asked
-            from celery.utils import uuid as new_task_id
-
             from safetynet import shared
 
             task_id = task_id or new_task_id()
@@ -247,8 +246,6 @@ class SafetyTask(celery.Task):
         # A chain, chord or callback does not travel in the recorded copy: such a task is not recorded.
         if grace is None or any(enqueue_options.get(name) for name in ("link", "link_error", "chain", "chord")):
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
-        from celery.utils import uuid as new_task_id
-
         task_id = task_id or new_task_id()
         result = super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         self._track_sent(key, task_id, args, kwargs, enqueue_options, grace)
@@ -387,14 +384,11 @@ class SafetyTask(celery.Task):
         )
         idempotency.release(held, error)
         state = self._state(started)
-        entry = self._entry(state, started, clock.now(), error, Dead("crash_loop", str(error)))
-        logger.warning("%s[%s] gave up: crash_loop (%s)", self.name, request.id, error,
-                       extra={"task_name": self.name, "task_id": request.id, "attempt": state.attempt,
-                              "reason": "crash_loop", "detail": str(error)})
+        decision = Dead("crash_loop", str(error))
         # Like a crash loop the worker's main process finds, this one is announced by
         # dead_letter_recorded only (task_dead is for the retry decisions).
-        if not request.is_eager:
-            self._record_dead(request, "crash_loop", str(error), error, state.with_entry(entry), state.omitted)
+        self._give_up(state, self._entry(state, started, clock.now(), error, decision), decision, error,
+                      send_task_dead=False)
         request._safetynet_settled = error
         raise error
 
@@ -586,7 +580,8 @@ class SafetyTask(celery.Task):
                                   retry_kwargs.get("exc"), state.with_entry(dead_entry), state.omitted)
             raise
 
-    def _give_up(self, state: AttemptState, entry: dict[str, Any], decision: Dead, exc: BaseException | None) -> None:
+    def _give_up(self, state: AttemptState, entry: dict[str, Any], decision: Dead, exc: BaseException | None,
+                 *, send_task_dead: bool = True) -> None:
         request = self.request
         history = state.with_entry(entry)
         logger.warning(
@@ -597,6 +592,8 @@ class SafetyTask(celery.Task):
         )
         if not request.is_eager:
             self._record_dead(request, decision.reason, decision.detail, exc, history, state.omitted)
+        if not send_task_dead:
+            return
         for receiver, response in signals.task_dead.send_robust(
             sender=self, task_id=request.id, reason=decision.reason, detail=decision.detail, exception=exc,
             history=history, omitted=state.omitted, args=request.args, kwargs=request.kwargs,
