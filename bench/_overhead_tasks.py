@@ -10,9 +10,7 @@ Environment (all optional):
 
     SAFETYNET_BENCH_REDIS        broker URL                (default redis://127.0.0.1:6379/9)
     SAFETYNET_BENCH_OVERHEAD_DB  database name             (default safetynet_bench_overhead)
-    SAFETYNET_BENCH_DB_HOST      PostgreSQL host           (default 127.0.0.1)
-    SAFETYNET_BENCH_DB_PORT      PostgreSQL port           (default 5432)
-    SAFETYNET_BENCH_DB_USER      PostgreSQL user           (default postgres)
+    and the PostgreSQL server's, read in ``_postgres.py``
 """
 
 from __future__ import annotations
@@ -24,10 +22,10 @@ import django
 from celery import Celery, shared_task
 from django.conf import settings
 
+from _postgres import DB_HOST, DB_PORT, DB_USER, django_database
+from _postgres import ensure_database as create_database_if_missing
+
 DB_NAME = os.environ.get("SAFETYNET_BENCH_OVERHEAD_DB", "safetynet_bench_overhead")
-DB_HOST = os.environ.get("SAFETYNET_BENCH_DB_HOST", "127.0.0.1")
-DB_PORT = os.environ.get("SAFETYNET_BENCH_DB_PORT", "5432")
-DB_USER = os.environ.get("SAFETYNET_BENCH_DB_USER", "postgres")
 
 if not settings.configured:
     from safetynet import conf as safetynet_conf
@@ -39,15 +37,7 @@ if not settings.configured:
         safetynet_settings["SPOOL_DIR"] = os.environ["SAFETYNET_BENCH_SPOOL"]
     settings.configure(
         INSTALLED_APPS=["safetynet"],
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "NAME": DB_NAME,
-                "HOST": DB_HOST,
-                "PORT": DB_PORT,
-                "USER": DB_USER,
-            }
-        },
+        DATABASES={"default": django_database(DB_NAME)},
         DEBUG=False,  # with DEBUG, Django would keep every query in memory
         SAFETYNET=safetynet_settings,
         USE_TZ=True,
@@ -131,12 +121,9 @@ def ensure_database() -> None:
     """Create the benchmark's database when it is missing, and migrate it (safetynet's tables)."""
     import psycopg
     from django.core.management import call_command
-    from psycopg import sql
 
     try:
-        with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname="postgres", autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone():
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
+        create_database_if_missing(DB_NAME)
     except psycopg.OperationalError as error:
         raise SystemExit(
             f"overhead.py: the idempotent no-op needs PostgreSQL at {DB_HOST}:{DB_PORT} (user {DB_USER}): {error}"

@@ -7,9 +7,7 @@ no results. Nothing here runs a worker: the benchmark measures publishing only.
 Environment (all optional):
 
     SAFETYNET_BENCH_DB         database name            (default safetynet_bench)
-    SAFETYNET_BENCH_DB_HOST    PostgreSQL host          (default 127.0.0.1)
-    SAFETYNET_BENCH_DB_PORT    PostgreSQL port          (default 5432)
-    SAFETYNET_BENCH_DB_USER    PostgreSQL user          (default postgres)
+    and the PostgreSQL server's, read in ``_postgres.py``
     SAFETYNET_BENCH_REPLAY_REDIS   broker URL           (default redis://127.0.0.1:6379/8)
 """
 
@@ -21,10 +19,10 @@ import django
 from celery import Celery
 from django.conf import settings
 
+from _postgres import DB_HOST, DB_PORT, django_database  # noqa: F401  (replay.py prints DB_HOST, DB_PORT)
+from _postgres import ensure_database as create_database_if_missing
+
 DB_NAME = os.environ.get("SAFETYNET_BENCH_DB", "safetynet_bench")
-DB_HOST = os.environ.get("SAFETYNET_BENCH_DB_HOST", "127.0.0.1")
-DB_PORT = os.environ.get("SAFETYNET_BENCH_DB_PORT", "5432")
-DB_USER = os.environ.get("SAFETYNET_BENCH_DB_USER", "postgres")
 BROKER_URL = os.environ.get("SAFETYNET_BENCH_REPLAY_REDIS", "redis://127.0.0.1:6379/8")
 QUEUE = "bench.replay"
 TASK_NAME = "bench.replay_noop"
@@ -32,14 +30,7 @@ TASK_NAME = "bench.replay_noop"
 
 def ensure_database() -> bool:
     """Create the benchmark's database when it is missing; return True if it was created."""
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname="postgres", autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone():
-            return False
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB_NAME)))
-        return True
+    return create_database_if_missing(DB_NAME)
 
 
 if not settings.configured:
@@ -48,15 +39,7 @@ if not settings.configured:
         DEBUG=False,  # with DEBUG, Django would keep every query in memory
         USE_TZ=True,
         INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "safetynet"],
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "NAME": DB_NAME,
-                "HOST": DB_HOST,
-                "PORT": DB_PORT,
-                "USER": DB_USER,
-            }
-        },
+        DATABASES={"default": django_database(DB_NAME)},
         SAFETYNET={},
         LOGGING_CONFIG=None,
     )
