@@ -31,7 +31,17 @@ Every key, its default and its meaning::
     IDEMPOTENCY_LEASE_SECONDS  how long a claim outlives its last heartbeat (renewed every third of it)
     LOST_MESSAGE_SECONDS  an idempotent task not started this long after it was sent (or whose claim
                           expired with no run taking it over) is sent again by the workers' sweeper;
-                          None: idempotent tasks are not recorded when sent, nothing is sent again
+                          None: idempotent tasks are not recorded when sent, nothing is sent again;
+                          also how long a relayed message may wait for a worker before it is sent again
+    DURABLE_RETRY_SECONDS a retry delayed at least this long waits in the database (the durable schedule)
+                          instead of in a worker's memory as an ETA message; None: every retry is an ETA message
+    ENQUEUE               how delay()/apply_async() send a safetynet task: "now" (Celery's way), "on_commit"
+                          (after the caller's transaction commits) or "outbox" (written in that transaction,
+                          published by the relay once it commits); a task's enqueue= option wins
+    RELAY_IN_WORKERS      every worker runs a relay thread that publishes due scheduled and outbox messages
+                          (False: run ``manage.py safetynet relay`` yourself)
+    RELAY_POLL_SECONDS    how often a relay looks for due messages (a due message waits at most about this long)
+    SCHEDULE_KEEP_SECONDS how long a published message's row is kept, to drop a late second copy of it
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from safetynet.core.classify import Matcher, as_matchers, http_status, is_networ
 from safetynet.core.policy import Exponential, RetryPolicy
 from safetynet.exceptions import ConfigurationError
 
-__all__ = ["DEFAULTS", "Settings", "get", "version"]
+__all__ = ["DEFAULTS", "ENQUEUE_MODES", "Settings", "get", "version"]
 
 DEFAULTS: dict[str, Any] = {
     "DEFAULT_POLICY": RetryPolicy(max_attempts=5, backoff=Exponential(1.0, 2.0), jitter="full", max_delay=600.0),
@@ -83,7 +93,15 @@ DEFAULTS: dict[str, Any] = {
     "MAX_DELIVERIES": 3,
     "IDEMPOTENCY_LEASE_SECONDS": 30,
     "LOST_MESSAGE_SECONDS": 900,
+    "DURABLE_RETRY_SECONDS": 5.0,
+    "ENQUEUE": "now",
+    "RELAY_IN_WORKERS": True,
+    "RELAY_POLL_SECONDS": 0.5,
+    "SCHEDULE_KEEP_SECONDS": 86_400,
 }
+
+#: How ``delay()``/``apply_async()`` can send a task (the ``ENQUEUE`` setting, the ``enqueue`` option).
+ENQUEUE_MODES = ("now", "on_commit", "outbox")
 
 
 @dataclass(frozen=True)
@@ -111,6 +129,11 @@ class Settings:
     max_deliveries: int
     idempotency_lease_seconds: float
     lost_message_seconds: float | None
+    durable_retry_seconds: float | None
+    enqueue: str
+    relay_in_workers: bool
+    relay_poll_seconds: float
+    schedule_keep_seconds: float
 
 
 _cached: Settings | None = None
@@ -202,9 +225,9 @@ def _optional_string(key: str, value: Any) -> str | None:
     return value
 
 
-def _lease(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 86_400:
-        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a number of seconds from 1 to 86400, got {value!r}")
+def _seconds(key: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a number of seconds from {low:g} to {high:g}, got {value!r}")
     return float(value)
 
 
@@ -226,6 +249,10 @@ def build(user: dict[str, Any]) -> Settings:
     if not isinstance(policy, RetryPolicy):
         raise ConfigurationError(
             f"SAFETYNET['DEFAULT_POLICY'] must be a RetryPolicy or a dict of its fields, got {policy!r}"
+        )
+    if merged["ENQUEUE"] not in ENQUEUE_MODES:
+        raise ConfigurationError(
+            f"SAFETYNET['ENQUEUE'] must be one of {', '.join(map(repr, ENQUEUE_MODES))}, got {merged['ENQUEUE']!r}"
         )
     if merged["UNCLASSIFIED"] not in ("retry", "fail"):
         raise ConfigurationError(f"SAFETYNET['UNCLASSIFIED'] must be 'retry' or 'fail', got {merged['UNCLASSIFIED']!r}")
@@ -250,9 +277,15 @@ def build(user: dict[str, Any]) -> Settings:
         prometheus_worker_address=str(merged["PROMETHEUS_WORKER_ADDRESS"]),
         redis_url=_optional_string("REDIS_URL", merged["REDIS_URL"]),
         max_deliveries=_positive_int("MAX_DELIVERIES", merged["MAX_DELIVERIES"]),
-        idempotency_lease_seconds=_lease("IDEMPOTENCY_LEASE_SECONDS", merged["IDEMPOTENCY_LEASE_SECONDS"]),
+        idempotency_lease_seconds=_seconds("IDEMPOTENCY_LEASE_SECONDS", merged["IDEMPOTENCY_LEASE_SECONDS"], 1, 86_400),
         lost_message_seconds=(None if merged["LOST_MESSAGE_SECONDS"] is None
-                              else _lease("LOST_MESSAGE_SECONDS", merged["LOST_MESSAGE_SECONDS"])),
+                              else _seconds("LOST_MESSAGE_SECONDS", merged["LOST_MESSAGE_SECONDS"], 1, 86_400)),
+        durable_retry_seconds=(None if merged["DURABLE_RETRY_SECONDS"] is None
+                               else _seconds("DURABLE_RETRY_SECONDS", merged["DURABLE_RETRY_SECONDS"], 0, 86_400)),
+        enqueue=merged["ENQUEUE"],
+        relay_in_workers=_boolean("RELAY_IN_WORKERS", merged["RELAY_IN_WORKERS"]),
+        relay_poll_seconds=_seconds("RELAY_POLL_SECONDS", merged["RELAY_POLL_SECONDS"], 0.05, 60),
+        schedule_keep_seconds=_seconds("SCHEDULE_KEEP_SECONDS", merged["SCHEDULE_KEEP_SECONDS"], 60, 90 * 86_400),
     )
 
 

@@ -185,3 +185,55 @@ class SharedKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key}={self.count or self.value}"
+
+
+class ScheduledMessage(models.Model):
+    """A task message that waits in the database until the relay publishes it.
+
+    Two kinds: a ``retry`` whose delay is long enough to go through the durable schedule instead
+    of an ETA message a worker would hold in memory, and an ``outbox`` message written in the
+    caller's transaction (published once that commits; never, if it rolls back). Times are seconds
+    since the epoch (floats), as for claims. Once published, ``due_at`` is when the relay sends
+    it again if no worker took it (``LOST_MESSAGE_SECONDS``); the first copy that reaches a worker
+    is recorded in ``consumed_token`` and any other copy is dropped, so each row runs once.
+    """
+
+    class Kind(models.TextChoices):
+        RETRY = "retry", "retry"
+        OUTBOX = "outbox", "outbox"
+
+    class State(models.TextChoices):
+        SCHEDULED = "scheduled", "scheduled"
+        PUBLISHED = "published", "published"
+        CONSUMED = "consumed", "consumed"
+
+    #: One row per logical send: the task id (outbox), or the task id and the number of the attempt
+    #: history entry that scheduled it (a retry): a redelivered attempt cannot schedule twice.
+    key = models.CharField(max_length=255, primary_key=True)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    task_name = models.CharField(max_length=255)
+    task_id = models.CharField(max_length=255)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.SCHEDULED)
+    due_at = models.FloatField()
+    #: Arguments and publishing options (kombu JSON), as ``apply_async`` would have published them.
+    message = models.TextField()
+    #: The token of the latest publish; the first copy to reach a worker leaves its own in ``consumed_token``.
+    token = models.CharField(max_length=32, blank=True)
+    consumed_token = models.CharField(max_length=32, blank=True)
+    publishes = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    created_at = models.FloatField()
+    updated_at = models.FloatField()
+
+    class Meta:
+        indexes = [
+            # The relay's query: what is due (or published and not taken in time).
+            models.Index(fields=["due_at"], name="safetynet_scheduled_due",
+                         condition=Q(state__in=["scheduled", "published"])),
+            # Retention: rows done with are deleted after SCHEDULE_KEEP_SECONDS.
+            models.Index(fields=["updated_at"], name="safetynet_scheduled_done",
+                         condition=Q(state__in=["published", "consumed"])),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.task_name}[{self.task_id}] {self.state}"

@@ -47,6 +47,7 @@ SAFETYNET = {
     "LOST_MESSAGE_SECONDS": float(os.environ.get("SAFETYNET_TEST_LOST_MESSAGE_SECONDS") or 900),
     "ALERT_MAIL_ADMINS": True,
     "SPOOL_FLUSH_SECONDS": 2,
+    "DURABLE_RETRY_SECONDS": float(os.environ.get("SAFETYNET_TEST_DURABLE_RETRY_SECONDS") or 5),
 }
 ADMINS = [("Ops", "ops@example.com")]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -26,7 +26,7 @@ __all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "Resolved", "check_known
 #: Options safetynet adds to a task.
 SAFETYNET_OPTIONS = frozenset(
     {"retry_policy", "retry_on", "fail_on", "idempotency_key", "idempotency_lease", "idempotency_atomic",
-     "unique_for", "max_deliveries"}
+     "unique_for", "max_deliveries", "enqueue"}
 )
 
 #: Celery's own options about retrying; declaring any of them means "Celery semantics".
@@ -102,6 +102,11 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     value = options.get("max_deliveries")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigurationError(f"{where}: max_deliveries must be a whole number >= 1, got {value!r}")
+    mode = options.get("enqueue")
+    if mode is not None and mode not in conf.ENQUEUE_MODES:
+        raise ConfigurationError(
+            f"{where}: enqueue must be one of {', '.join(map(repr, conf.ENQUEUE_MODES))}, got {mode!r}"
+        )
     if "idempotency_atomic" in options and not isinstance(options["idempotency_atomic"], bool):
         raise ConfigurationError(f"{where}: idempotency_atomic must be True or False, got {options['idempotency_atomic']!r}")
     needs_key = sorted({"idempotency_lease", "idempotency_atomic", "unique_for"} & {

@@ -27,13 +27,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import celery
+from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject
 from celery.exceptions import Retry as CeleryRetry
 from celery.utils import uuid as new_task_id
 from django.db import Error as DatabaseError
 from django.db import transaction
 
-from safetynet import conf, idempotency, signals
+from safetynet import conf, idempotency, scheduler, signals
 from safetynet.core.classify import ALWAYS_RETRY
 from safetynet.core.decision import Dead, Decision, Retry, decide
 from safetynet.core.policy import Fixed, RetryPolicy
@@ -64,6 +65,8 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
         def guarded(self: SafetyTask, *args: Any, **kwargs: Any) -> Any:
             _attempt.started = started = clock.now()
             try:
+                if self.request.headers:
+                    self._drop_second_copy()
                 if self._idempotency is None:
                     return body(*args, **kwargs)
                 return self._run_claimed(functools.partial(body, *args, **kwargs), args, kwargs, started)
@@ -82,6 +85,8 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
         def guarded(self: SafetyTask, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
             _attempt.started = started = clock.now()
             try:
+                if self.request.headers:
+                    self._drop_second_copy()
                 if self._idempotency is None:
                     return body(self, *args, **kwargs)
                 return self._run_claimed(functools.partial(body, self, *args, **kwargs), args, kwargs, started)
@@ -113,8 +118,8 @@ def _seconds_until(eta: datetime | str, now: float) -> float:
     return max(0.0, eta.timestamp() - now)
 
 
-class SafetyTask(celery.Task):
-    """Celery ``Task`` base with retry policies, error classification and attempt history."""
+class SafetyTask(DjangoTask):
+    """Celery's (Django) ``Task`` base with retry policies, error classification and attempt history."""
 
     #: The worker-side request: records a hard time limit as a dead letter.
     Request = "safetynet.runtime.worker:SafetyRequest"
@@ -136,6 +141,8 @@ class SafetyTask(celery.Task):
     unique_for: float | None = None
     #: A task that kills its worker this many times is dead-lettered (None: ``MAX_DELIVERIES``).
     max_deliveries: int | None = None
+    #: How ``delay()``/``apply_async()`` send it: "now", "on_commit" or "outbox" (None: ``ENQUEUE``).
+    enqueue: str | None = None
 
     #: The compiled ``idempotency_key``; None for a task that is not idempotent.
     _idempotency: idempotency.KeyTemplate | None = None
@@ -214,13 +221,89 @@ class SafetyTask(celery.Task):
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     **enqueue_options: Any) -> Any:
-        """Celery's ``apply_async``; an idempotent task's key is checked here, and made unique if asked."""
-        if self._idempotency is None:
+        """Celery's ``apply_async``, sent as the task's ``enqueue`` mode says: now, on commit or
+        through the outbox; a long retry goes through the durable schedule; an idempotent task's
+        key is checked here, and made unique if asked."""
+        mode = enqueue_options.pop("enqueue", None)
+        headers = enqueue_options.get("headers") or {}
+        if scheduler.RELAYED_HEADER in headers or self._get_app().conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
+        if HEADER in headers:  # a retry: its idempotency claim, if any, was handed over with it
+            return self._send_retry(args, kwargs, task_id, enqueue_options)
+        if mode is None:
+            mode = self.enqueue or conf.get().enqueue
+        elif mode not in conf.ENQUEUE_MODES:
+            raise ConfigurationError(f"task {self.name}: enqueue must be one of "
+                                     f"{', '.join(map(repr, conf.ENQUEUE_MODES))}, got {mode!r}")
+        # A bad key fails the caller, not a worker.
+        key = None if self._idempotency is None else self._idempotency.render(args, kwargs)
+        if mode == "now":
+            return self._send_unique(key, args, kwargs, task_id, enqueue_options)
+        task_id = task_id or new_task_id()
+        using = scheduler.database()
+        if mode == "on_commit":
+            transaction.on_commit(
+                functools.partial(self._send_unique, key, args, kwargs, task_id, enqueue_options), using=using
+            )
+            return self.AsyncResult(task_id)
+        now = time.time()
+        options = {**{name: value for name, value in self._get_exec_options().items() if value is not None},
+                   **enqueue_options, "task_id": task_id}
+        scheduler.schedule(key=task_id, kind="outbox", task_name=self.name, task_id=task_id,
+                           due_at=now + scheduler.delay_of(options, now),
+                           message=scheduler.pack(args, kwargs, options, now), using=using)
+        transaction.on_commit(functools.partial(self._publish_outbox, key, task_id), using=using, robust=True)
+        return self.AsyncResult(task_id)
+
+    def _publish_outbox(self, key: str | None, task_id: str) -> None:
+        """Once the outbox row has committed: take the ``unique_for`` window, then try to publish at once."""
+        if key is not None and self.unique_for:
+            from safetynet import shared
+            from safetynet.models import ScheduledMessage
+
+            existing = shared.add(f"unique:{key}", task_id, self.unique_for)
+            if existing is not None and existing != task_id:
+                ScheduledMessage.objects.using(scheduler.database()).filter(
+                    key=task_id, state=ScheduledMessage.State.SCHEDULED).delete()
+                logger.info("%s: idempotency key %r was enqueued as %s within %ss; outbox message %s dropped",
+                            self.name, key, existing, self.unique_for, task_id,
+                            extra={"task_name": self.name, "task_id": task_id, "idempotency_key": key})
+                return
+        scheduler.publish_now(self._get_app(), [task_id])
+
+    def _send_retry(self, args: Any, kwargs: Any, task_id: str | None, enqueue_options: dict[str, Any]) -> Any:
+        """Publish a retry: as an ETA message, or, when it waits long enough, through the durable schedule."""
+        now = time.time()
+        delay = scheduler.delay_of(enqueue_options, now)
+        if not scheduler.is_durable(delay):
+            return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
+        task_id = task_id or new_task_id()
+        state = AttemptState.from_headers(enqueue_options["headers"], now)
+        options = {**enqueue_options, "task_id": task_id}
+        row = {"key": f"{task_id}#{state.omitted + len(state.history)}", "kind": "retry", "task_name": self.name,
+               "task_id": task_id, "due_at": now + delay}
+
+        def write() -> None:
+            try:
+                scheduler.schedule(message=scheduler.pack(args, kwargs, options, now), **row,
+                                   outside_transaction=True)
+            except Exception as error:  # not written: the retry must still happen, as Celery would send it
+                logger.warning("%s[%s]: could not put the retry in the durable schedule (%r); published as an "
+                               "ETA message", self.name, task_id, error,
+                               extra={"task_name": self.name, "task_id": task_id, "action": "retry"})
+                super(SafetyTask, self).apply_async(args, kwargs, task_id=task_id, **enqueue_options)
+
+        # A retry scheduled inside an idempotent body's transaction is written once it has ended (a
+        # failure rolls it back).
+        self._after_body_transaction(write)
+        return self.AsyncResult(task_id)
+
+    def _send_unique(self, key: str | None, args: Any, kwargs: Any, task_id: str | None,
+                     enqueue_options: dict[str, Any]) -> Any:
+        """Publish now; an idempotent task declared ``unique_for`` is sent once per window."""
+        if key is None:
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
         headers = enqueue_options.get("headers") or {}
-        if HEADER in headers:  # a retry: its claim was handed over with it
-            return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)
-        key = self._idempotency.render(args, kwargs)  # a bad key fails the caller, not a worker
         if self.unique_for and "safetynet_replay_of" not in headers:  # a replay is sent as asked
             from safetynet import shared
 
@@ -286,6 +369,26 @@ class SafetyTask(celery.Task):
                                  self.name, task_id)
 
         transaction.on_commit(record, using=idempotency.database_for_claims())
+
+    def _drop_second_copy(self) -> None:
+        """A message the relay published: run only the first copy of it that reached a worker."""
+        request = self.request
+        relayed = request.headers.get(scheduler.RELAYED_HEADER)
+        if not relayed or request.called_directly:
+            return
+        try:
+            key, token = relayed
+            accepted = scheduler.accept(str(key), str(token))
+        except (ValueError, TypeError):
+            return  # not a header safetynet wrote
+        except DatabaseError as error:  # cannot tell: run it (a second copy is rare; a lost one is worse)
+            logger.warning("%s[%s]: could not check its relayed copy (%r); running it", self.name, request.id, error,
+                           extra={"task_name": self.name, "task_id": request.id})
+            return
+        if not accepted:
+            logger.warning("%s[%s]: a second copy of relayed message %s reached a worker; dropped", self.name,
+                           request.id, key, extra={"task_name": self.name, "task_id": request.id, "action": "drop"})
+            raise Ignore()
 
     # -- idempotent runs --------------------------------------------------------------------
 

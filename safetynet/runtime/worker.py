@@ -10,7 +10,8 @@
 - an unknown task name (``task_unknown``), a message the worker refuses (``task_rejected``)
   and a body that cannot be decoded (the consumer's ``on_decode_error``, wrapped at
   ``worker_ready``) are recorded as ``unknown_task``, ``undecodable`` or ``rejected``;
-- every worker runs a small thread that moves spooled dead letters into the database.
+- every worker runs small threads: one moves spooled dead letters into the database, one sends
+  lost idempotent messages again, one relays due scheduled retries and outbox messages.
 
 Each of these only acts on a failure; nothing here runs for a task that succeeds.
 """
@@ -349,6 +350,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
         consumer.on_decode_error = on_decode_error
     _start_spool_flusher()
     _start_lost_message_sweeper(getattr(consumer, "app", None))
+    _start_relay(getattr(consumer, "app", None))
 
 
 _flusher: threading.Thread | None = None
@@ -405,6 +407,21 @@ def _start_lost_message_sweeper(app: Any) -> None:
 
     _sweeper = threading.Thread(target=loop, name="safetynet-lost-message-sweeper", daemon=True)
     _sweeper.start()
+
+
+_relay: threading.Thread | None = None
+
+
+def _start_relay(app: Any) -> None:
+    """Every worker publishes due scheduled retries and outbox messages (see safetynet.scheduler)."""
+    from safetynet import conf, scheduler
+
+    global _relay
+    if app is None or not conf.get().relay_in_workers or (_relay is not None and _relay.is_alive()):
+        return
+    _relay = threading.Thread(target=scheduler.run_forever, args=(app,), kwargs={"stop": threading.Event()},
+                              name="safetynet-relay", daemon=True)
+    _relay.start()
 
 
 def connect() -> None:
