@@ -27,7 +27,6 @@ times before it is dead-lettered.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -138,44 +137,30 @@ def schedule(*, key: str, kind: str, task_name: str, task_id: str, due_at: float
     using = using or database()
     now = time.time()
     connection = connections[using]
-    if outside_transaction and connection.in_atomic_block:
+    independent = outside_transaction and connection.in_atomic_block
+    if independent:
         connection = _independent(using)
-    with connection.cursor() as cursor:
-        # ON CONFLICT DO NOTHING: a redelivered attempt schedules nothing twice.
-        cursor.execute(
-            f"INSERT INTO {_table(using)} (key, kind, task_name, task_id, state, due_at, message, token, "
-            f"consumed_token, publishes, last_error, created_at, updated_at) "
-            f"VALUES (%s, %s, %s, %s, 'scheduled', %s, %s, '', '', 0, '', %s, %s) ON CONFLICT (key) DO NOTHING",
-            [key[:255], kind, task_name, task_id, due_at, message, now, now],
-        )
-        return cursor.rowcount > 0
-
-
-_local = threading.local()
-_inherited: list[Any] = []
-
-
-def _forget_inherited() -> None:
-    """In a forked child: never use, nor close, the parent's second connections (their sockets are shared)."""
-    global _local
-    _inherited.append(_local)
-    _local = threading.local()
-
-
-os.register_at_fork(after_in_child=_forget_inherited)
+    try:
+        with connection.cursor() as cursor:
+            # ON CONFLICT DO NOTHING: a redelivered attempt schedules nothing twice.
+            cursor.execute(
+                f"INSERT INTO {_table(using)} (key, kind, task_name, task_id, state, due_at, message, token, "
+                f"consumed_token, publishes, last_error, created_at, updated_at) "
+                f"VALUES (%s, %s, %s, %s, 'scheduled', %s, %s, '', '', 0, '', %s, %s) ON CONFLICT (key) DO NOTHING",
+                [key[:255], kind, task_name, task_id, due_at, message, now, now],
+            )
+            return cursor.rowcount > 0
+    finally:
+        if independent:
+            connection.close()
 
 
 def _independent(using: str) -> Any:
-    """A second connection to ``using`` (one per thread), in autocommit, for writes that must not join
-    the transaction open on Django's connection."""
+    """A new connection to ``using``, in autocommit, for a write that must not join the transaction open
+    on Django's connection (the caller closes it; this is rare: a retry scheduled inside an atomic block)."""
     if connections[using].vendor == "sqlite":  # one writer at a time: it would wait for the open transaction
         raise ConfigurationError("SQLite cannot write outside the open transaction (it holds the only write lock)")
-    independent = getattr(_local, using, None)
-    if independent is None:
-        independent = connections.create_connection(using)
-        setattr(_local, using, independent)
-    independent.close_if_unusable_or_obsolete()
-    return independent
+    return connections.create_connection(using)
 
 
 # -- the relay ---------------------------------------------------------------------------------

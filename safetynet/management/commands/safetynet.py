@@ -10,6 +10,12 @@ Commands:
     dead discard                 mark them handled without running them (--id, filters or --all; --dry-run)
     dead purge --older-than 30d  delete old rows (--status, --dry-run)
     dead flush                   move records spooled while the database was down into it
+    keys show <key> | keys purge the claim of an idempotency key; delete old settled claims
+    relay                        publish due scheduled retries and outbox messages until stopped
+                                 (--once: one pass; --poll, --limit)
+    schedule list                scheduled retries and outbox messages waiting, soonest first
+                                 (--task, --kind, --limit, --json)
+    schedule due-now             make waiting messages due at once (--key, --task or --all; --dry-run)
 """
 
 from __future__ import annotations
@@ -51,6 +57,18 @@ def _seconds(value: float) -> str:
 
 def _span(low: float, high: float) -> str:
     return _seconds(low) if low == high else f"{_seconds(low)}–{_seconds(high)}"
+
+
+def _waits_as(delay: tuple[float, float] | None, threshold: float | None) -> str:
+    """How a retry of this delay waits: in the durable schedule, or as an ETA message."""
+    if delay is None:
+        return "-"
+    low, high = delay
+    if threshold is None or high < threshold:
+        return "ETA message"
+    if low >= threshold:
+        return "durable schedule"
+    return f"durable schedule if ≥ {_seconds(threshold)}"
 
 
 # -- dead letters: parsing the options -----------------------------------------------------
@@ -179,7 +197,8 @@ def _os_user() -> str:
 class Command(BaseCommand):
     help = ("See what safetynet will do: `safetynet explain <dotted.task.name>`; "
             "handle dead letters: `safetynet dead list|show|replay|discard|purge|flush`; "
-            "idempotency claims: `safetynet keys show|purge`.")
+            "idempotency claims: `safetynet keys show|purge`; durable schedule and outbox: "
+            "`safetynet relay`, `safetynet schedule list|due-now`.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -189,6 +208,36 @@ class Command(BaseCommand):
         explain.add_argument("--limit", type=int, default=30, help="most attempts to list (default 30)")
         self.add_dead_arguments(commands)
         self.add_keys_arguments(commands)
+        self.add_schedule_arguments(commands)
+
+    def add_schedule_arguments(self, commands: Any) -> None:
+        """``relay`` and ``schedule list|due-now``."""
+        relay = commands.add_parser(
+            "relay", help="publish due scheduled retries and outbox messages",
+            description="Publish the scheduled retries and outbox messages that are due, until stopped (SIGTERM "
+                        "or Ctrl-C ends it after the current pass). Every worker runs one already "
+                        "(RELAY_IN_WORKERS); run this one too, or instead, as you like: any number can run.")
+        relay.add_argument("--once", action="store_true", help="one pass, then exit (prints what it did)")
+        relay.add_argument("--poll", type=float, default=None, metavar="SECONDS",
+                           help="seconds between passes (default: SAFETYNET['RELAY_POLL_SECONDS'])")
+        relay.add_argument("--limit", type=_positive, default=500, help="most messages per pass (default 500)")
+        schedule = commands.add_parser("schedule", help="inspect the durable schedule and the outbox",
+                                       description="Inspect the scheduled retries and outbox messages.")
+        actions = schedule.add_subparsers(dest="schedule_command", metavar="action", required=True)
+        listing = actions.add_parser("list", help="messages waiting, soonest first",
+                                     description="List the messages waiting to be published (and those published "
+                                                 "but not yet taken by a worker), soonest first.")
+        listing.add_argument("--task", help="only this task name")
+        listing.add_argument("--kind", choices=["retry", "outbox"], help="only retries or outbox messages")
+        listing.add_argument("--limit", type=_positive, default=50, help="most rows to list (default 50)")
+        listing.add_argument("--json", action="store_true", help="print a JSON list instead")
+        due = actions.add_parser("due-now", help="make waiting messages due at once",
+                                 description="Make the selected scheduled messages due now: the next relay pass "
+                                             "publishes them (a retry waiting hours, after the cause is fixed).")
+        due.add_argument("--key", action="append", help="a row key (repeatable), as `schedule list` prints it")
+        due.add_argument("--task", help="every waiting message of this task name")
+        due.add_argument("--all", action="store_true", help="every waiting message")
+        due.add_argument("--dry-run", action="store_true", help="print how many would be made due; change nothing")
 
     def add_keys_arguments(self, commands: Any) -> None:
         """``keys show|purge``."""
@@ -267,6 +316,10 @@ class Command(BaseCommand):
             getattr(self, f"dead_{options['dead_command']}")(options)
         elif options["command"] == "keys":
             getattr(self, f"keys_{options['keys_command']}")(options)
+        elif options["command"] == "relay":
+            self.relay(options)
+        elif options["command"] == "schedule":
+            getattr(self, f"schedule_{options['schedule_command'].replace('-', '_')}")(options)
 
     def explain(self, name: str, limit: int) -> None:
         """Print the schedule of ``name``'s policy."""
@@ -301,16 +354,28 @@ class Command(BaseCommand):
               + (", ".join(describe_matcher(m) for m in rules.default_fail_on) or "-")
               + "; any other exception: " + rules.unclassified)
         self._explain_delivery(task, settings)
+        threshold = settings.durable_retry_seconds
+        write("Retries: " + ("every retry is an ETA message held by a worker (DURABLE_RETRY_SECONDS=None)"
+                             if threshold is None else
+                             f"a retry delayed {_seconds(threshold)} or more waits in the database (durable schedule) "
+                             "and a relay publishes it when due; a shorter one is an ETA message held by a worker"))
+        mode = task.enqueue or settings.enqueue
+        write("Enqueue: " + {"now": "delay()/apply_async() publish at once (Celery's way)",
+                             "on_commit": "delay()/apply_async() publish once the caller's transaction commits",
+                             "outbox": "delay()/apply_async() write the message in the caller's transaction; it is "
+                                       "published once that commits (by a relay if the broker is away)"}[mode]
+              + f"  (from {'the task' if task.enqueue else 'SAFETYNET[' + repr('ENQUEUE') + ']'})")
         if not resolved.explicit_policy:
             write(f"An explicit self.retry() without countdown waits default_retry_delay={task.default_retry_delay}s "
                   f"and allows max_retries={task.max_retries} (Celery's meaning).")
         write("")
-        rows = [("attempt", "starts at (after the first)", "then waits", "outcome")]
+        rows = [("attempt", "starts at (after the first)", "then waits", "outcome", "the retry waits as")]
         steps = schedule(policy, limit=limit)
         for step in steps:
             delay = "-" if step.delay is None else _span(*step.delay)
-            rows.append((str(step.attempt), "+" + _span(*step.starts), delay, step.outcome))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+            rows.append((str(step.attempt), "+" + _span(*step.starts), delay, step.outcome,
+                         _waits_as(step.delay, settings.durable_retry_seconds)))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
         for row in rows:
             write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         last = steps[-1]
@@ -389,6 +454,92 @@ class Command(BaseCommand):
         expired = shared.purge_expired()
         self.stdout.write(f"Deleted {count} settled claims last changed before {_local(before)}, and {expired} "
                           "expired shared counters.")
+
+    # -- the durable schedule and the outbox ----------------------------------------------
+
+    def relay(self, options: dict[str, Any]) -> None:
+        """Publish due messages: one pass, or until SIGTERM / Ctrl-C."""
+        import signal
+        import threading
+
+        from celery import current_app
+
+        from safetynet import scheduler
+
+        app = current_app._get_current_object()
+        if options["poll"] is not None and not 0.05 <= options["poll"] <= 60:
+            raise CommandError("--poll must be from 0.05 to 60 seconds")
+        if options["once"]:
+            try:
+                run = scheduler.relay(app, limit=options["limit"])
+            except (DatabaseError, InterfaceError) as error:
+                raise CommandError(f"The database cannot be reached: {error}") from None
+            self.stdout.write(f"Published {run.published}, sent again {run.resent}, could not publish {run.failed}, "
+                              f"gave up {run.given_up}.")
+            if run.error is not None:
+                raise CommandError(f"The broker refused a message: {run.error!r}; it is due again after a backoff.")
+            return
+        stop = threading.Event()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stop.set())
+        self.stdout.write(f"Relaying due scheduled retries and outbox messages through {app.conf.broker_url!r} "
+                          "(SIGTERM or Ctrl-C stops).")
+        scheduler.run_forever(app, stop=stop, poll=options["poll"], limit=options["limit"])
+        self.stdout.write("Relay stopped.")
+
+    def _waiting(self, options: dict[str, Any]) -> QuerySet:
+        from safetynet.models import ScheduledMessage
+
+        rows = ScheduledMessage.objects.filter(state__in=[ScheduledMessage.State.SCHEDULED,
+                                                          ScheduledMessage.State.PUBLISHED])
+        if options.get("task"):
+            rows = rows.filter(task_name=options["task"])
+        if options.get("kind"):
+            rows = rows.filter(kind=options["kind"])
+        return rows
+
+    def schedule_list(self, options: dict[str, Any]) -> None:
+        """Print waiting messages, soonest first."""
+        import time
+
+        rows = list(self._waiting(options).order_by("due_at")[: options["limit"]])
+        now = time.time()
+        listed = [{
+            "key": row.key, "kind": row.kind, "task_name": row.task_name, "task_id": row.task_id,
+            "state": row.state,
+            # A published row's due_at is when it is sent again if no worker took it.
+            "due_at": _when(row.due_at) if row.due_at < 1e17 else "-",
+            "due_in": _seconds(row.due_at - now) if row.due_at >= now and row.due_at < 1e17 else "-",
+            "publishes": row.publishes, "last_error": row.last_error,
+        } for row in rows]
+        if options["json"]:
+            self._write_json(listed)
+            return
+        if not listed:
+            self.stdout.write("Nothing is waiting: no scheduled retry, no unpublished outbox message.")
+            return
+        table = [("due at", "in", "kind", "state", "task", "key", "last error")] + [
+            (item["due_at"], item["due_in"], item["kind"],
+             "sent, not taken yet" if item["state"] == "published" else "waiting",
+             item["task_name"], item["key"], _one_line(item["last_error"], 40)) for item in listed]
+        for line in _table(table):
+            self.stdout.write(line)
+
+    def schedule_due_now(self, options: dict[str, Any]) -> None:
+        """Make the selected waiting messages due at once."""
+        from safetynet import scheduler
+        from safetynet.models import ScheduledMessage
+
+        if not (options["key"] or options["task"] or options["all"]):
+            raise CommandError("Say which: --key KEY (repeatable), --task NAME or --all.")
+        rows = self._waiting(options).filter(state=ScheduledMessage.State.SCHEDULED)
+        if options["key"]:
+            rows = rows.filter(key__in=options["key"])
+        if options["dry_run"]:
+            self.stdout.write(f"Dry run: would make {rows.count()} waiting messages due now.")
+            return
+        count = scheduler.bring_forward(rows)
+        self.stdout.write(f"Made {count} waiting messages due now; a relay publishes them within its poll interval.")
 
     # -- dead letters -------------------------------------------------------------------
 

@@ -1,0 +1,321 @@
+"""The durable schedule and the outbox, in process, against the real PostgreSQL and Redis broker.
+
+Messages are read back from the broker's Redis list of a queue of each test's own; the worker
+side (relay threads, kills, Redis stopped) is in tests/integration/test_scheduler.py.
+"""
+
+import json
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import redis
+from django.db import connection, transaction
+from django.test import override_settings
+
+import safetynet
+from safetynet import ConfigurationError, RetryPolicy, conf, scheduler
+from safetynet.models import DeadLetter, ScheduledMessage
+from safetynet.runtime.history import HEADER
+from tests.celery_app import app
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BROKER = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+
+
+@safetynet.task(name="tests.test_scheduler.add", retry_policy=RetryPolicy(max_attempts=3, backoff=3600))
+def add(x, y):
+    return x + y
+
+
+@safetynet.task(name="tests.test_scheduler.add_outbox", enqueue="outbox")
+def add_outbox(x, y):
+    return x + y
+
+
+@safetynet.task(name="tests.test_scheduler.pay_once", enqueue="outbox", idempotency_key="pay-{order_id}",
+                unique_for=60)
+def pay_once(order_id):
+    return order_id
+
+
+@pytest.fixture
+def queue():
+    name = f"safetynet-sched-{uuid.uuid4().hex[:8]}"
+    yield name
+    BROKER.delete(name)
+
+
+def sent(queue):
+    """The messages in ``queue``, oldest first: (task name, task id, headers)."""
+    messages = [json.loads(raw) for raw in reversed(BROKER.lrange(queue, 0, -1))]
+    return [(m["headers"]["task"], m["headers"]["id"], m["headers"]) for m in messages]
+
+
+def retry_headers(attempt=2):
+    return {HEADER: json.dumps({"attempt": attempt, "started_at": time.time(), "history": []})}
+
+
+def row(key):
+    return ScheduledMessage.objects.get(key=key)
+
+
+# -- a long retry waits in the database -----------------------------------------------------
+
+
+def test_a_long_retry_is_a_row_not_an_eta_message(queue):
+    result = add.apply_async((1, 2), queue=queue, countdown=3600, headers=retry_headers())
+    assert sent(queue) == []
+    rows = list(ScheduledMessage.objects.filter(task_id=result.id))
+    assert len(rows) == 1
+    assert rows[0].kind == "retry" and rows[0].state == "scheduled"
+    assert rows[0].due_at == pytest.approx(time.time() + 3600, abs=5)
+    args, kwargs, options = scheduler.unpack(rows[0].message)
+    assert args == [1, 2] and options["queue"] == queue and options["task_id"] == result.id
+    assert "countdown" not in options and HEADER in options["headers"]
+
+
+def test_a_short_retry_is_still_an_eta_message(queue):
+    add.apply_async((1, 2), queue=queue, countdown=1, headers=retry_headers())
+    assert [name for name, _, _ in sent(queue)] == ["tests.test_scheduler.add"]
+    assert not ScheduledMessage.objects.exists()
+
+
+def test_durable_retries_can_be_switched_off(queue):
+    with override_settings(SAFETYNET={"DURABLE_RETRY_SECONDS": None}):
+        add.apply_async((1, 2), queue=queue, countdown=3600, headers=retry_headers())
+    assert len(sent(queue)) == 1 and not ScheduledMessage.objects.exists()
+
+
+def test_the_same_retry_scheduled_twice_is_one_row(queue):
+    """A redelivered attempt decides its retry again: the row's key (task id + history entry) is the same."""
+    headers = retry_headers()
+    add.apply_async((1, 2), task_id="t-1", queue=queue, countdown=60, headers=headers)
+    add.apply_async((1, 2), task_id="t-1", queue=queue, countdown=60, headers=headers)
+    assert ScheduledMessage.objects.filter(task_id="t-1").count() == 1
+
+
+def test_a_retry_scheduled_inside_a_transaction_that_rolls_back_is_kept(queue):
+    """self.retry() inside the body's own atomic block: the Retry rolls it back, not the retry."""
+    with pytest.raises(RuntimeError), transaction.atomic():
+        add.apply_async((1, 2), task_id="t-rollback", queue=queue, countdown=60, headers=retry_headers())
+        raise RuntimeError("the body's transaction rolls back")
+    assert row("t-rollback#0").state == "scheduled"
+
+
+# -- the relay --------------------------------------------------------------------------------
+
+
+def test_the_relay_publishes_what_is_due_once_and_leaves_the_rest(queue):
+    add.apply_async((1, 2), task_id="due", queue=queue, countdown=60, headers=retry_headers())
+    add.apply_async((3, 4), task_id="later", queue=queue, countdown=3600, headers=retry_headers())
+    ScheduledMessage.objects.filter(task_id="due").update(due_at=time.time() - 1)
+    run = scheduler.relay(app)
+    assert (run.published, run.resent, run.failed) == (1, 0, 0)
+    [(name, task_id, headers)] = sent(queue)
+    assert (name, task_id) == ("tests.test_scheduler.add", "due")
+    key, token = headers[scheduler.RELAYED_HEADER]
+    assert key == "due#0" and token == row("due#0").token and row("due#0").state == "published"
+    assert HEADER in headers  # the attempt history travels on
+    assert scheduler.relay(app).taken == 0
+    assert len(sent(queue)) == 1 and row("later#0").state == "scheduled"
+
+
+def test_a_message_the_broker_refuses_is_put_back_with_its_error(queue):
+    add.apply_async((1, 2), task_id="refused", queue=queue, countdown=60, headers=retry_headers())
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    down = safetynet_app_on("redis://127.0.0.1:1/0")
+    try:
+        run = down.relay()
+    finally:
+        down.close()
+    assert (run.published, run.failed) == (0, 1) and run.error is not None
+    kept = row("refused#0")
+    assert kept.state == "scheduled" and kept.publishes == 0
+    assert "Error" in kept.last_error and kept.due_at > time.time()
+
+
+class safetynet_app_on:
+    """A second Celery app on another broker, with the test tasks registered on it."""
+
+    def __init__(self, broker):
+        from celery import Celery
+
+        self.app = Celery("relay-test", broker=broker, set_as_current=False)
+        self.app.conf.broker_connection_retry = False
+        self.app.conf.broker_connection_max_retries = 0
+
+    def relay(self):
+        return scheduler.relay(self.app)
+
+    def close(self):
+        self.app.close()
+
+
+def test_a_published_message_nobody_took_is_sent_again_with_a_new_token(queue):
+    add.apply_async((1, 2), task_id="lost", queue=queue, countdown=60, headers=retry_headers())
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    scheduler.relay(app)
+    first = row("lost#0").token
+    # LOST_MESSAGE_SECONDS later nobody has taken it (the broker lost it):
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    run = scheduler.relay(app)
+    assert run.resent == 1
+    again = row("lost#0")
+    assert again.publishes == 2 and again.token != first
+    tokens = [headers[scheduler.RELAYED_HEADER][1] for _, _, headers in sent(queue)]
+    assert tokens == [first, again.token]
+
+
+def test_a_message_sent_again_too_often_is_dead_lettered(queue):
+    add.apply_async((1, 2), task_id="nobody", queue=queue, countdown=60, headers=retry_headers())
+    ScheduledMessage.objects.update(state="published", publishes=scheduler.MAX_RESENDS + 1, due_at=time.time() - 1)
+    run = scheduler.relay(app)
+    assert run.given_up == 1 and sent(queue) == []
+    dead = DeadLetter.objects.get(task_id="nobody")
+    assert dead.reason == "rejected" and dead.exception_type == "safetynet.LostMessage"
+    assert row("nobody#0").state == "consumed"
+
+
+# -- one copy runs ---------------------------------------------------------------------------
+
+
+def test_the_first_copy_to_arrive_wins_and_its_redelivery_runs_too():
+    add.apply_async((1, 2), task_id="copies", countdown=60, headers=retry_headers())
+    assert scheduler.accept("copies#0", "token-a") is True
+    assert scheduler.accept("copies#0", "token-a") is True  # the broker redelivering the same copy
+    assert scheduler.accept("copies#0", "token-b") is False  # a second copy
+    assert row("copies#0").state == "consumed"
+    assert scheduler.accept("purged-long-ago#0", "token-c") is True  # no row: run it
+
+
+def test_a_second_copy_is_dropped_before_the_body_runs():
+    runs = []
+
+    @safetynet.task(name="tests.test_scheduler.counted", bind=True)
+    def counted(self):
+        runs.append(self.request.id)
+
+    counted.apply_async(task_id="twice", countdown=60, headers=retry_headers())
+    scheduler.accept("twice#0", "first")
+    second = counted.apply(task_id="twice", headers={scheduler.RELAYED_HEADER: ["twice#0", "second"]})
+    assert second.state == "IGNORED" and runs == []
+    first = counted.apply(task_id="twice", headers={scheduler.RELAYED_HEADER: ["twice#0", "first"]})
+    assert first.state == "SUCCESS" and runs == ["twice"]
+
+
+# -- enqueue modes ---------------------------------------------------------------------------
+
+
+def test_an_outbox_message_is_published_after_commit_and_never_after_a_rollback(queue):
+    with transaction.atomic():
+        kept = add_outbox.apply_async((1, 2), queue=queue)
+        assert sent(queue) == [] and row(kept.id).state == "scheduled"
+    assert [task_id for _, task_id, _ in sent(queue)] == [kept.id]
+    assert row(kept.id).state == "published"
+    with pytest.raises(RuntimeError), transaction.atomic():
+        dropped = add_outbox.apply_async((3, 4), queue=queue)
+        raise RuntimeError("rolled back")
+    assert not ScheduledMessage.objects.filter(key=dropped.id).exists()
+    assert len(sent(queue)) == 1
+
+
+def test_an_outbox_message_waits_for_the_relay_when_the_broker_is_away(queue):
+    from tests.integration.conftest import configure_app
+
+    broker, backend = app.conf.broker_url, app.conf.result_backend
+    configure_app("redis://127.0.0.1:1/0", backend)  # nothing listens there: connection refused
+    try:
+        result = add_outbox.apply_async((1, 2), queue=queue)
+    finally:
+        configure_app(broker, backend)
+    waiting = row(result.id)
+    assert waiting.state == "scheduled" and waiting.publishes == 0 and waiting.last_error
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    assert scheduler.relay(app).published == 1
+    assert [task_id for _, task_id, _ in sent(queue)] == [result.id]
+
+
+def test_an_outbox_countdown_waits_in_the_database(queue):
+    result = add_outbox.apply_async((1, 2), queue=queue, countdown=600)
+    assert sent(queue) == []
+    assert row(result.id).due_at == pytest.approx(time.time() + 600, abs=5)
+
+
+def test_on_commit_publishes_after_commit_only(queue):
+    with transaction.atomic():
+        result = add.apply_async((1, 2), queue=queue, enqueue="on_commit")
+        assert sent(queue) == []
+    assert [task_id for _, task_id, _ in sent(queue)] == [result.id]
+    with pytest.raises(RuntimeError), transaction.atomic():
+        add.delay_on_commit(3, 4)  # Celery's DjangoTask method works on a safetynet task
+        raise RuntimeError("rolled back")
+    assert len(sent(queue)) == 1
+
+
+def test_unique_for_in_outbox_mode_is_taken_at_commit(queue):
+    from safetynet import shared
+
+    key = f"pay-{uuid.uuid4().hex[:6]}"
+    order = key.removeprefix("pay-")
+    with transaction.atomic():
+        first = pay_once.apply_async((order,), queue=queue)
+    with transaction.atomic():
+        second = pay_once.apply_async((order,), queue=queue)
+    assert [task_id for _, task_id, _ in sent(queue)] == [first.id]
+    assert not ScheduledMessage.objects.filter(key=second.id).exists()
+    shared.delete(f"unique:{key}")
+
+
+def test_an_outbox_message_must_be_json(queue):
+    with pytest.raises(ConfigurationError, match="must be JSON"):
+        add_outbox.apply_async((object(), 2), queue=queue)
+
+
+def test_bad_enqueue_modes_are_refused():
+    with pytest.raises(ConfigurationError, match=r"enqueue must be one of 'now', 'on_commit', 'outbox'"):
+        @safetynet.task(enqueue="later")
+        def later():
+            pass
+    with pytest.raises(ConfigurationError, match="enqueue must be one of"):
+        add.apply_async((1, 2), enqueue="tomorrow")
+    for setting, value in (("ENQUEUE", "later"), ("DURABLE_RETRY_SECONDS", -1), ("RELAY_POLL_SECONDS", 0),
+                           ("RELAY_IN_WORKERS", "yes"), ("SCHEDULE_KEEP_SECONDS", 1)):
+        with pytest.raises(ConfigurationError, match=setting):
+            conf.build({setting: value})
+
+
+# -- housekeeping ----------------------------------------------------------------------------
+
+
+def test_rows_done_with_are_purged_after_the_keep_time(queue):
+    add.apply_async((1, 2), task_id="old", countdown=60, headers=retry_headers())
+    add.apply_async((1, 2), task_id="waiting", countdown=60, headers=retry_headers())
+    scheduler.accept("old#0", "t")
+    ScheduledMessage.objects.update(updated_at=time.time() - 90_000)
+    assert scheduler.purge(time.time() - 86_400) == 1
+    assert list(ScheduledMessage.objects.values_list("key", flat=True)) == ["waiting#0"]
+
+
+def test_pack_keeps_times_and_makes_a_relative_expiry_absolute():
+    eta = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    now = time.time()
+    text = scheduler.pack((1,), {"b": eta}, {"expires": 60, "producer": object(), "countdown": 5}, now)
+    args, kwargs, options = scheduler.unpack(text)
+    assert args == [1] and kwargs == {"b": eta}
+    assert "producer" not in options and "countdown" not in options
+    assert abs(options["expires"] - datetime.fromtimestamp(now + 60, tz=timezone.utc)) < timedelta(seconds=1)
+    assert scheduler.delay_of({"eta": eta}, now) == pytest.approx(eta.timestamp() - now)
+    assert scheduler.delay_of({"countdown": 7}, now) == 7
+
+
+def test_due_now_brings_waiting_retries_forward(queue):
+    add.apply_async((1, 2), task_id="hours", queue=queue, countdown=7200, headers=retry_headers())
+    assert scheduler.bring_forward(ScheduledMessage.objects.all()) == 1
+    assert scheduler.relay(app).published == 1
+    assert [task_id for _, task_id, _ in sent(queue)] == ["hours"]
+    with connection.cursor() as cursor:  # the table the relay reads is indexed on due time
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'safetynet_scheduled_due'")
+        assert "due_at" in cursor.fetchone()[0]
