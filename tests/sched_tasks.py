@@ -33,3 +33,18 @@ def outboxed(self, name):
     """Sent through the outbox: record the run."""
     record_run(self, name)
     return name
+
+
+@safetynet.task(bind=True, acks_late=True, reject_on_worker_lost=True,
+                retry_policy=RetryPolicy(max_attempts=3, backoff=Fixed(6), jitter="none"))
+def retry_later_acked_late(self, name, delay):
+    """Record every run, first attempt included; the first asks for a retry ``delay`` seconds later.
+
+    Acknowledged after the run: a worker killed mid-run gets the message delivered again, so a
+    redelivered first attempt runs (and schedules) again, and a redelivered retry runs again with
+    the same relay token.
+    """
+    record_run(self, name)
+    if self.attempt == 1:
+        raise self.retry(countdown=delay)
+    return self.attempt

@@ -191,13 +191,17 @@ def test_the_first_copy_to_arrive_wins_and_its_redelivery_runs_too():
     assert scheduler.accept("purged-long-ago#0", "token-c") is True  # no row: run it
 
 
+RUNS = []
+
+
+@safetynet.task(name="tests.test_scheduler.counted", bind=True)
+def counted(self):
+    RUNS.append(self.request.id)
+
+
 def test_a_second_copy_is_dropped_before_the_body_runs():
-    runs = []
-
-    @safetynet.task(name="tests.test_scheduler.counted", bind=True)
-    def counted(self):
-        runs.append(self.request.id)
-
+    runs = RUNS
+    runs.clear()
     counted.apply_async(task_id="twice", countdown=60, headers=retry_headers())
     scheduler.accept("twice#0", "first")
     second = counted.apply(task_id="twice", headers={scheduler.RELAYED_HEADER: ["twice#0", "second"]})
