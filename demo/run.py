@@ -80,8 +80,45 @@ CASES = [
     Case("f", "The same payment sent again while (e) runs: a double click",
          "shop.tasks.pay_order", (1001, 4200),
          note="the same key: deferred while (e) holds it, then (e)'s stored result, the body not run"),
+    Case("g", "Partner API: 429 with Retry-After: 3600; the retry waits in the database, then is brought forward",
+         "shop.tasks.export_report", ("q3-sales",),
+         note="retry_policy=RetryPolicy(max_attempts=3, backoff=60, max_delay=7200): a delay >= "
+              "DURABLE_RETRY_SECONDS goes to the durable schedule"),
 ]
 PAYMENT_KEY = "pay-order-1001"
+
+
+class LongRetry:
+    """Case (g): find its retry in the durable schedule, show it, and bring it forward as an operator would."""
+
+    def __init__(self) -> None:
+        self.case = next(case for case in CASES if case.key == "g")
+        self.due_in = 0.0
+        self.listing: list[str] = []
+        self.brought_forward_at = 0.0
+
+    def poll(self) -> None:
+        from django.core.management import call_command
+        from io import StringIO
+
+        from safetynet.models import ScheduledMessage
+
+        if self.brought_forward_at or self.case.result is None:
+            return
+        row = ScheduledMessage.objects.filter(task_id=self.case.result.id, state="scheduled").first()
+        if row is None:
+            return
+        self.due_in = row.due_at - time.time()
+        out = StringIO()
+        call_command("safetynet", "schedule", "list", stdout=out)
+        self.listing = out.getvalue().rstrip().splitlines()
+        time.sleep(1.0)  # it waits in the database meanwhile: the worker holds no ETA message for it
+        # The partner says it is back: `python manage.py safetynet schedule due-now --task shop.tasks.export_report`
+        call_command("safetynet", "schedule", "due-now", "--task", self.case.task_name, stdout=StringIO())
+        self.brought_forward_at = time.time()
+
+
+LONG_RETRY = LongRetry()
 
 
 def say(text: str = "") -> None:
@@ -192,10 +229,11 @@ def wait_for_claim(key: str, deadline: float) -> None:
         time.sleep(0.05)
 
 
-def wait_for_outcomes(deadline: float, started: float) -> None:
+def wait_for_outcomes(deadline: float, started: float, long_retry: LongRetry) -> None:
     from celery import states
 
     while True:
+        long_retry.poll()
         for case in CASES:
             state = case.result.state
             if state != case.state:
@@ -273,7 +311,7 @@ def print_attempts(case: Case) -> None:
             say(f"{pad}decision: dead ({row['reason']})")
 
 
-def print_server_side(case: Case, smtp: Any, api: Any, inventory: str, gateway: Any) -> None:
+def print_server_side(case: Case, smtp: Any, api: Any, inventory: str, gateway: Any, partner: Any) -> None:
     if case.key == "f":
         say(f"      ledger rows written by (f): {ledger_rows(1001, case.result.id)}; it did not call the gateway")
         return
@@ -287,6 +325,15 @@ def print_server_side(case: Case, smtp: Any, api: Any, inventory: str, gateway: 
     elif case.key == "d":
         say(f"      server side: nothing listens on {inventory} (connection refused)")
         return
+    elif case.key == "g":
+        seen = [(when, f"{request} -> {what}") for when, request, what in partner.events]
+        retry = LONG_RETRY
+        say(f"      the retry waited in the database (due in {retry.due_in / 60:.0f} min), not in the worker; "
+            "`safetynet schedule list` showed:")
+        for line in retry.listing:
+            say(f"        {line}")
+        say(f"      brought forward at +{retry.brought_forward_at - case.sent_at:.2f}s "
+            "(`safetynet schedule due-now --task shop.tasks.export_report`); the worker's relay published it")
     else:
         return
     say("      server side: " + "; ".join(f"+{when - case.sent_at:.2f}s {what}" for when, what in seen))
@@ -346,6 +393,18 @@ def check(case: Case, gateway: Any = None) -> list[str]:
         expect(ledger_rows(1001, case.result.id) == 0, "expected (f) to write no ledger row")
         expect(len(gateway.events) == 2 if gateway is not None else False,
                "expected the gateway to see (e)'s two requests only")
+    elif case.key == "g":
+        from safetynet.models import ScheduledMessage
+
+        scheduled = ScheduledMessage.objects.filter(task_id=case.result.id).first()
+        expect(case.state == "SUCCESS", f"expected SUCCESS, got {case.state}")
+        expect(actions == ["retry", "success"], f"expected retry (Retry-After: 3600), success; got {actions}")
+        expect(bool(rows) and (rows[0]["delay"] or 0) >= 3600, "expected a delay of at least Retry-After: 3600")
+        expect(scheduled is not None and scheduled.kind == "retry" and scheduled.state == "consumed"
+               and scheduled.publishes == 1, "expected one durable-schedule row, published once and consumed")
+        started = rows[-1].get("started") if rows else None
+        expect(bool(started) and 0 <= started - LONG_RETRY.brought_forward_at <= 1.5,
+               "expected the relay to publish the retry within 1.5s of it being due")
     if dead is not None:
         history = [entry["attempt"] for entry in dead.payload["history"]]
         expect(history == [*retrying, history[-1]] if history else False,
@@ -353,7 +412,8 @@ def check(case: Case, gateway: Any = None) -> list[str]:
     return problems
 
 
-def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, timings: dict[str, str]) -> list[str]:
+def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, partner: Any,
+           timings: dict[str, str]) -> list[str]:
     from celery import __version__ as celery_version
 
     import safetynet
@@ -383,7 +443,7 @@ def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, timings:
         if dead is not None:
             outcome += f"\n      given up: {dead.payload['reason']} ({dead.payload['detail']})"
         say(f"      outcome: {outcome}")
-        print_server_side(case, smtp, api, inventory, gateway)
+        print_server_side(case, smtp, api, inventory, gateway, partner)
         problems += [f"({case.key}) {problem}" for problem in check(case, gateway)]
     say()
     say("Times are seconds after the task was sent; attempts, raised exceptions, decisions and delays were recorded")
@@ -409,13 +469,15 @@ def main() -> int:
     smtp = SMTPStub(refusals=2).start()
     api = RateLimitedAPI(retry_after=2).start()
     gateway = PaymentGateway(stall_seconds=2).start()
+    partner = RateLimitedAPI(retry_after=3600).start()
     inventory = f"127.0.0.1:{unused_port()}"
     os.environ["DEMO_SMTP_PORT"] = str(smtp.port)
     os.environ["DEMO_API_URL"] = api.url
     os.environ["DEMO_INVENTORY_ADDRESS"] = inventory
     os.environ["DEMO_GATEWAY_URL"] = gateway.url
+    os.environ["DEMO_PARTNER_URL"] = partner.url
     say(f"  SMTP stub on 127.0.0.1:{smtp.port}, API stub on {api.url}, payment gateway on {gateway.url}, "
-        f"inventory service (down) at {inventory}")
+        f"inventory service (down) at {inventory}, partner API on {partner.url}")
 
     set_up_django()
     from django.core import checks
@@ -439,14 +501,15 @@ def main() -> int:
         timings["ready"] = f"{wait_until_ready(worker, deadline):.1f}s"
         say(f"  sending {len(CASES)} tasks; their states as the result backend reports them (seconds since start):")
         send_tasks(app)
-        wait_for_outcomes(deadline, started_wall)
+        wait_for_outcomes(deadline, started_wall, LONG_RETRY)
         collect_events(deadline + 10)
     finally:
         timings["stop"] = stop_worker(worker)
         smtp.stop()
         api.stop()
         gateway.stop()
-    problems = report(app, smtp, api, inventory, gateway, timings)
+        partner.stop()
+    problems = report(app, smtp, api, inventory, gateway, partner, timings)
     total = time.time() - started_wall
     if problems:
         say(f"\nUNEXPECTED ({len(problems)}), the demo failed after {total:.1f}s:")

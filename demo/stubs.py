@@ -118,10 +118,13 @@ class _APIHandler(BaseHTTPRequestHandler):
         if number == 1:
             status, headers = 429, {"Retry-After": str(api.retry_after)}
             body = {"error": "rate limited"}
-        else:
+        elif self.path.startswith("/rates/"):
             currency = self.path.rstrip("/").rsplit("/", 1)[-1]
             status, headers = 200, {}
             body = {"currency": currency, "rate": 1.0842, "request": number}
+        else:
+            status, headers = 200, {}
+            body = {"exported": self.path.rstrip("/").rsplit("/", 1)[-1], "request": number}
         api.events.append((time.time(), f"GET {self.path}", f"{status}" + (
             f" Retry-After: {headers['Retry-After']}" if "Retry-After" in headers else "")))
         data = json.dumps(body).encode()
@@ -135,7 +138,8 @@ class _APIHandler(BaseHTTPRequestHandler):
 
 
 class RateLimitedAPI:
-    """A local HTTP API that answers 429 with ``Retry-After`` to the first request for a path."""
+    """A local HTTP API that answers 429 with ``Retry-After`` to the first request for a path
+    (``/rates/<currency>``: an exchange rate; any other path: an export)."""
 
     def __init__(self, retry_after: int = 2) -> None:
         self.retry_after = retry_after

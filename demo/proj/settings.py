@@ -63,6 +63,7 @@ DEMO_SMTP_PORT = int(os.environ.get("DEMO_SMTP_PORT", "2525"))
 DEMO_API_URL = os.environ.get("DEMO_API_URL", "http://127.0.0.1:8025")
 DEMO_INVENTORY_ADDRESS = os.environ.get("DEMO_INVENTORY_ADDRESS", "127.0.0.1:9")
 DEMO_GATEWAY_URL = os.environ.get("DEMO_GATEWAY_URL", "http://127.0.0.1:8026")
+DEMO_PARTNER_URL = os.environ.get("DEMO_PARTNER_URL", "http://127.0.0.1:8027")
 DEMO_WORKER_READY_FILE = VAR_DIR / "worker.ready"
 
 LOGGING = {

@@ -85,3 +85,15 @@ def pay_order(self, order_id, amount_cents):
     Payment.objects.create(order_id=order_id, charge_id=charge["id"], amount_cents=amount_cents,
                            task_id=self.request.id)
     return charge["id"]
+
+
+# (g) A long wait: the partner's API says "come back in an hour" (429, Retry-After: 3600). The
+# retry waits in the database (the durable schedule), not in a worker's memory as an ETA message.
+@safetynet.task(
+    retry_policy=safetynet.RetryPolicy(max_attempts=3, backoff=60, jitter="none", max_delay=7200),
+    retry_on=[safetynet.http_status(429, 503)],
+)
+def export_report(report_id):
+    """Send a report to the partner's API."""
+    with urllib.request.urlopen(f"{settings.DEMO_PARTNER_URL}/exports/{report_id}", timeout=5) as response:
+        return json.load(response)
