@@ -38,6 +38,7 @@ from django.db import DatabaseError, InterfaceError, close_old_connections, tran
 from django.db.models import Min
 
 from safetynet import conf, signals
+from safetynet.scheduler import RELAYED_HEADER
 from safetynet.runtime.history import HEADER, qualified_name
 from safetynet.runtime.registry import UnknownTask
 
@@ -54,6 +55,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("safetynet")
+
+# Headers about one delivery, not the task: the attempt history (stored in its own field) and the
+# relay's copy token (a replay is a new message).
+_DELIVERY_HEADERS = (HEADER, RELAYED_HEADER)
 
 REDACTED = "[redacted]"
 #: Shorter sensitive values are not searched for in free text: they would blank unrelated text.
@@ -312,7 +317,7 @@ def record(
         entry["traceback"] = redact_text(scrub_values(entry.get("traceback") or "", secrets))
     delivery = dict(delivery_info or {})
     settings = conf.get()
-    kept_headers = {key: value for key, value in (headers or {}).items() if key != HEADER}
+    kept_headers = {key: value for key, value in (headers or {}).items() if key not in _DELIVERY_HEADERS}
     replay_of = kept_headers.get(REPLAY_OF_HEADER)
     kept_headers = _redact_value(kept_headers, "headers", settings, redacted)
     raw_text, detail = _safe_raw_body(raw_body, detail)
@@ -602,7 +607,7 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
         for row, task in sendable:
             new_id = str(uuid.uuid4())
             headers = {key: value for key, value in (row.headers or {}).items()
-                       if key != HEADER and value != REDACTED}
+                       if key not in _DELIVERY_HEADERS and value != REDACTED}
             headers[REPLAY_OF_HEADER] = str(row.id)
             options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
             if queue or row.queue:

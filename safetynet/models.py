@@ -221,6 +221,8 @@ class ScheduledMessage(models.Model):
     token = models.CharField(max_length=32, blank=True)
     consumed_token = models.CharField(max_length=32, blank=True)
     publishes = models.PositiveIntegerField(default=0)
+    #: Publishes that failed (the broker refused it); each waits longer before the next.
+    failures = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
     created_at = models.FloatField()
     updated_at = models.FloatField()

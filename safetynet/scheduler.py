@@ -145,8 +145,8 @@ def schedule(*, key: str, kind: str, task_name: str, task_id: str, due_at: float
             # ON CONFLICT DO NOTHING: a redelivered attempt schedules nothing twice.
             cursor.execute(
                 f"INSERT INTO {_table(using)} (key, kind, task_name, task_id, state, due_at, message, token, "
-                f"consumed_token, publishes, last_error, created_at, updated_at) "
-                f"VALUES (%s, %s, %s, %s, 'scheduled', %s, %s, '', '', 0, '', %s, %s) ON CONFLICT (key) DO NOTHING",
+                f"consumed_token, publishes, failures, last_error, created_at, updated_at) "
+                f"VALUES (%s, %s, %s, %s, 'scheduled', %s, %s, '', '', 0, 0, '', %s, %s) ON CONFLICT (key) DO NOTHING",
                 [key[:255], kind, task_name, task_id, due_at, message, now, now],
             )
             return cursor.rowcount > 0
@@ -244,17 +244,20 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
             try:
                 args, kwargs, options = unpack(message)
                 options["headers"] = {**(options.get("headers") or {}), RELAYED_HEADER: [key, token]}
+                options.update(producer=producer, retry=retry_publish)
                 task = app.tasks.get(task_name)
                 if task is not None:
-                    task.apply_async(args, kwargs, producer=producer, retry=retry_publish, **options)
+                    task.apply_async(args, kwargs, **options)
                 else:
-                    app.send_task(task_name, args, kwargs, producer=producer, retry=retry_publish, **options)
+                    app.send_task(task_name, args, kwargs, **options)
             except Exception as error:  # the broker is away (or this row cannot be sent): put the rest back
                 run.error = error
                 rest = pending[index:]
                 run.failed = len(rest)
-                _put_back(using, [row[0] for row in rest[:1]], error, backoff=min(300.0, 2.0 ** publishes))
-                _put_back(using, [row[0] for row in rest[1:]], error, backoff=1.0)
+                # The row that failed waits longer each time (it may be what fails: a poison row must
+                # not hold the others back); the rest are due again in a second.
+                _put_back(using, [row[0] for row in rest[:1]], error, failed=True)
+                _put_back(using, [row[0] for row in rest[1:]], error, failed=False)
                 logger.warning("safetynet: relay could not publish %s[%s]: %r; %s message(s) put back",
                                task_name, task_id, error, len(rest),
                                extra={"task_name": task_name, "task_id": task_id, "action": "relay"})
@@ -269,17 +272,21 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
                 run.published += 1
 
 
-def _put_back(using: str, keys: list[str], error: BaseException, *, backoff: float) -> None:
+def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool) -> None:
     if not keys:
         return
     table = _table(using)
     now = time.time()
+    # Due again after 2, 8, 18, 32 … up to 300 seconds for the row that failed (its failures counted), 1 s
+    # for the others.
+    due = ("%s + CASE WHEN failures >= 8 THEN 300 ELSE 2 * (failures + 1) * (failures + 1) END"
+           if failed else "%s + 1")
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET state = CASE WHEN publishes <= 1 THEN 'scheduled' ELSE 'published' END, "
-            f"publishes = publishes - 1, due_at = %s, last_error = %s, updated_at = %s "
-            f"WHERE key IN ({', '.join(['%s'] * len(keys))})",
-            [now + backoff, f"{type(error).__name__}: {error}"[:2000], now, *keys],
+            f"publishes = publishes - 1, due_at = {due}, failures = failures + %s, last_error = %s, "
+            f"updated_at = %s WHERE key IN ({', '.join(['%s'] * len(keys))})",
+            [now, int(failed), f"{type(error).__name__}: {error}"[:2000], now, *keys],
         )
 
 

@@ -133,8 +133,17 @@ def test_a_message_the_broker_refuses_is_put_back_with_its_error(queue):
         down.close()
     assert (run.published, run.failed) == (0, 1) and run.error is not None
     kept = row("refused#0")
-    assert kept.state == "scheduled" and kept.publishes == 0
-    assert "Error" in kept.last_error and kept.due_at > time.time()
+    assert kept.state == "scheduled" and kept.publishes == 0 and kept.failures == 1
+    assert "Error" in kept.last_error and kept.due_at == pytest.approx(time.time() + 2, abs=1)
+    # It may be the row itself that fails: each failure waits longer, so it holds nothing back.
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    down = safetynet_app_on("redis://127.0.0.1:1/0")
+    try:
+        down.relay()
+    finally:
+        down.close()
+    assert row("refused#0").failures == 2
+    assert row("refused#0").due_at == pytest.approx(time.time() + 8, abs=1)
 
 
 class safetynet_app_on:
@@ -323,3 +332,13 @@ def test_due_now_brings_waiting_retries_forward(queue):
     with connection.cursor() as cursor:  # the table the relay reads is indexed on due time
         cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'safetynet_scheduled_due'")
         assert "due_at" in cursor.fetchone()[0]
+
+
+def test_a_dead_letter_keeps_no_relay_token():
+    """A replay is a new message: the token of the copy that died must not travel with it."""
+    from safetynet import deadletter
+
+    deadletter.record(task_name="tests.test_scheduler.add", task_id="died-after-relay", reason="permanent_error",
+                      args=[1, 2], kwargs={}, headers={scheduler.RELAYED_HEADER: ["k#0", "t"], "tenant": "a"},
+                      exception_type="ValueError", exception_message="bad", failed_at=time.time())
+    assert DeadLetter.objects.get(task_id="died-after-relay").headers == {"tenant": "a"}
