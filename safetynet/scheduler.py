@@ -189,7 +189,7 @@ def _has_due(using: str, now: float) -> bool:
     ).exists()
 
 
-def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None, retry_publish: bool = False) -> RelayRun:
+def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None) -> RelayRun:
     """Publish the due rows (or only ``keys``, if due): one pass; see the module's docstring."""
     from safetynet import conf
 
@@ -221,7 +221,7 @@ def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None, retr
             )
             rows = cursor.fetchall()
         rows.sort(key=lambda row: row[0])
-        _publish(app, using, rows, token, run, retry_publish)
+        _publish(app, using, rows, token, run)
     if run.taken:
         logger.info("safetynet: relay published %s, sent again %s, failed %s, gave up %s",
                     run.published, run.resent, run.failed, run.given_up,
@@ -229,8 +229,7 @@ def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None, retr
     return run
 
 
-def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run: RelayRun,
-             retry_publish: bool) -> None:
+def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run: RelayRun) -> None:
     """Send the taken rows, inside the relay's transaction; put back the ones that could not be sent."""
     if not rows:
         return
@@ -242,9 +241,13 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
     with app.producer_or_acquire() as producer:
         for index, (key, kind, task_name, task_id, message, publishes) in enumerate(pending):
             try:
+                if index == 0:
+                    # One try to reach the broker, no retries: a relay, or a request that committed an
+                    # outbox message, does not wait for a broker that is away; the rows wait instead.
+                    producer.connection.ensure_connection(max_retries=0)
                 args, kwargs, options = unpack(message)
                 options["headers"] = {**(options.get("headers") or {}), RELAYED_HEADER: [key, token]}
-                options.update(producer=producer, retry=retry_publish)
+                options.update(producer=producer, retry=False)
                 task = app.tasks.get(task_name)
                 if task is not None:
                     task.apply_async(args, kwargs, **options)
