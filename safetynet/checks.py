@@ -8,7 +8,8 @@ E002      a task's retry options are invalid (a Celery task safetynet did not de
 W001      a task retries on every exception (``Exception``) with no bound on attempts or time
 W002      a task retries without limit (``max_retries=None``) and has no deadline
 W003      a retry delay can outlast the broker's ``visibility_timeout`` (Redis, SQS):
-          the message is delivered again and the task runs twice
+          the message is delivered again and the task runs twice (a safetynet task's retries
+          that wait in the durable schedule are not ETA messages: they do not count)
 W004      the pickle serializer is accepted: a message can run arbitrary code
 W005      a task acknowledges late (``acks_late``) but declares no ``idempotency_key``:
           a redelivered message runs its effect twice
@@ -140,13 +141,17 @@ def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
                 hint="Set max_retries, or RetryPolicy(max_attempts=None, deadline=<seconds>).",
             ))
         longest = longest_delay(policy)
+        durable = conf.get().durable_retry_seconds if isinstance(task, SafetyTask) else None
+        if durable is not None and durable <= (visibility or 0.0):
+            longest = min(longest, durable)  # longer retries wait in the durable schedule, not in the broker
         if visibility is not None and longest > visibility:
             messages.append(checks.Warning(
                 f"Task {name} can wait {longest:g}s before a retry, longer than the broker's "
                 f"visibility_timeout of {visibility:g}s: the retry would be delivered twice.",
                 obj=name, id="safetynet.W003",
-                hint="Lower the retry delay (max_delay / retry_backoff_max / countdown) or raise "
-                     "broker_transport_options['visibility_timeout'].",
+                hint="Lower the retry delay (max_delay / retry_backoff_max / countdown), raise "
+                     "broker_transport_options['visibility_timeout'], or (a safetynet task) let long retries "
+                     "wait in the durable schedule: SAFETYNET['DURABLE_RETRY_SECONDS'] below the timeout.",
             ))
     if app is not None:
         accepted = {str(item) for item in (app.conf.accept_content or [])}

@@ -28,12 +28,19 @@ def test_a_bounded_catch_all_is_fine():
 
 
 def test_delay_longer_than_visibility_timeout_warns():
-    assert "safetynet.W003" in messages_for("waits_two_hours")  # the test broker is Redis, 3600 s
-    app.conf.broker_transport_options = {"visibility_timeout": 10 * 3600}
-    try:
-        assert "safetynet.W003" not in messages_for("waits_two_hours")
-    finally:
-        app.conf.broker_transport_options = {}
+    with override_settings(SAFETYNET={"DURABLE_RETRY_SECONDS": None}):  # every retry an ETA message
+        assert "safetynet.W003" in messages_for("waits_two_hours")  # the test broker is Redis, 3600 s
+        app.conf.broker_transport_options = {"visibility_timeout": 10 * 3600}
+        try:
+            assert "safetynet.W003" not in messages_for("waits_two_hours")
+        finally:
+            app.conf.broker_transport_options = {}
+
+
+def test_long_retries_in_the_durable_schedule_do_not_outlast_the_visibility_timeout():
+    assert "safetynet.W003" not in messages_for("waits_two_hours")  # 2 h retries wait in the database
+    with override_settings(SAFETYNET={"DURABLE_RETRY_SECONDS": 7200}):  # above the 3600 s timeout
+        assert "safetynet.W003" in messages_for("waits_two_hours")
 
 
 def test_pickle_accepted_warns():
@@ -149,3 +156,19 @@ def test_keys_show_and_purge():
     assert "would delete 1 settled claims" in out.getvalue()
     call_command("safetynet", "keys", "purge", "--older-than", "7d", stdout=StringIO())
     assert list(IdempotencyClaim.objects.values_list("key", flat=True)) == ["show-2"]  # in progress: kept
+
+
+def test_explain_says_which_retries_wait_in_the_durable_schedule():
+    def explained():
+        out = io.StringIO()
+        call_command("safetynet", "explain", "tests.tasks.send_digest", stdout=out)
+        return out.getvalue()
+
+    rows = {line.split()[0]: line for line in explained().splitlines() if line[:1].isdigit()}
+    assert rows["1"].endswith("ETA message")  # waits 0–1 s
+    assert rows["4"].endswith("durable schedule if ≥ 5s")  # waits 0–8 s
+    assert "a retry delayed 5s or more waits in the database" in explained()
+    with override_settings(SAFETYNET={"DURABLE_RETRY_SECONDS": None, "ENQUEUE": "outbox"}):
+        text = explained()
+    assert "durable schedule" not in text and "every retry is an ETA message" in text
+    assert "Enqueue: delay()/apply_async() write the message in the caller's transaction" in text
