@@ -110,14 +110,6 @@ def _routing_of(delivery_info: Any, queue: Any = None) -> dict[str, Any]:
     return {name: value for name, value in (("exchange", exchange), ("routing_key", routing_key)) if value}
 
 
-def _seconds_until(eta: datetime | str, now: float) -> float:
-    if isinstance(eta, str):
-        eta = datetime.fromisoformat(eta)
-    if eta.tzinfo is None:  # Celery's default enable_utc=True reads naive times as UTC
-        eta = eta.replace(tzinfo=timezone.utc)
-    return max(0.0, eta.timestamp() - now)
-
-
 class SafetyTask(DjangoTask):
     """Celery's (Django) ``Task`` base with retry policies, error classification and attempt history."""
 
@@ -345,11 +337,7 @@ class SafetyTask(DjangoTask):
             if name in options and not isinstance(options[name], str):
                 options[name] = getattr(options[name], "name", str(options[name]))
         # Not before it is due: a countdown or an eta moves the grace on; an expiry travels as a time.
-        due = now
-        if enqueue_options.get("eta") is not None:
-            due = now + _seconds_until(enqueue_options["eta"], now)
-        elif enqueue_options.get("countdown") is not None:
-            due = now + max(0.0, float(enqueue_options["countdown"]))
+        due = now + scheduler.delay_of(enqueue_options, now)
         expires = enqueue_options.get("expires")
         if isinstance(expires, str):
             expires = datetime.fromisoformat(expires)
@@ -576,7 +564,7 @@ class SafetyTask(DjangoTask):
         else:
             max_attempts = None if self.max_retries is None else self.max_retries + 1
         if eta:
-            delay: float | None = _seconds_until(eta, now)
+            delay: float | None = scheduler.delay_of({"eta": eta}, now)
         elif countdown is not None:
             delay = max(0.0, float(countdown))
         elif resolved.explicit_policy:
