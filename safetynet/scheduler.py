@@ -49,6 +49,7 @@ __all__ = [
     "database",
     "delay_of",
     "is_durable",
+    "next_delivery_headers",
     "pack",
     "publish_now",
     "purge",
@@ -125,6 +126,13 @@ def unpack(text: str) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
     """Arguments, keyword arguments and options of a row's message."""
     message = loads(text)
     return list(message.get("args") or ()), dict(message.get("kwargs") or {}), dict(message.get("options") or {})
+
+
+def next_delivery_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """The headers of a retry made from a delivered message: without the relay's token of that
+    delivery (the retry is a new message, to be scheduled or published on its own)."""
+    headers.pop(RELAYED_HEADER, None)
+    return headers
 
 
 def schedule(*, key: str, kind: str, task_name: str, task_id: str, due_at: float, message: str,

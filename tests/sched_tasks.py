@@ -48,3 +48,12 @@ def retry_later_acked_late(self, name, delay):
     if self.attempt == 1:
         raise self.retry(countdown=delay)
     return self.attempt
+
+
+@safetynet.task(bind=True, retry_policy=RetryPolicy(max_attempts=3, backoff=Fixed(6), jitter="none"))
+def retry_twice(self, name, delay):
+    """Record every run; the first two attempts ask for a retry ``delay`` seconds later."""
+    record_run(self, name)
+    if self.attempt <= 2:
+        raise self.retry(countdown=delay)
+    return self.attempt

@@ -606,7 +606,8 @@ class SafetyTask(DjangoTask):
             entry, delay=decision.delay, consumes_attempt=decision.consumes_attempt,
             max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes,
         )
-        headers = {**(request.headers or {}), **(retry_kwargs.pop("headers", None) or {}), HEADER: header}
+        headers = scheduler.next_delivery_headers(
+            {**(request.headers or {}), **(retry_kwargs.pop("headers", None) or {}), HEADER: header})
         held = getattr(request, "_safetynet_claim", None)
         if held is not None and not request.is_eager:
             token = idempotency.new_handover_token()

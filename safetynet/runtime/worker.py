@@ -109,7 +109,7 @@ class SafetyRequest(Request):
 
     def _retry_after_time_limit(self, exc: TimeLimitExceeded) -> bool:
         """The hard limit used up an attempt; publish the next one if the policy allows it."""
-        from safetynet import conf, signals
+        from safetynet import conf, scheduler, signals
 
         task = self.task
         if not hasattr(task, "_resolved"):
@@ -134,7 +134,7 @@ class SafetyRequest(Request):
         try:
             task.signature_from_request(
                 request=context, countdown=decision.delay, retries=(context.retries or 0) + 1,
-                headers={**(context.headers or {}), HEADER: header},
+                headers=scheduler.next_delivery_headers({**(context.headers or {}), HEADER: header}),
             ).apply_async()
         except Exception:
             logger.exception("safetynet: could not publish the retry of %s[%s] after its hard time limit",
