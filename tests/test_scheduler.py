@@ -342,3 +342,47 @@ def test_a_dead_letter_keeps_no_relay_token():
                       args=[1, 2], kwargs={}, headers={scheduler.RELAYED_HEADER: ["k#0", "t"], "tenant": "a"},
                       exception_type="ValueError", exception_message="bad", failed_at=time.time())
     assert DeadLetter.objects.get(task_id="died-after-relay").headers == {"tenant": "a"}
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def command(*args):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("safetynet", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_schedule_list_shows_what_waits_and_when(queue):
+    assert "Nothing is waiting" in command("schedule", "list")
+    add.apply_async((1, 2), task_id="listed", queue=queue, countdown=3600, headers=retry_headers())
+    add_outbox.apply_async((1, 2), queue=queue, countdown=600)
+    text = command("schedule", "list")
+    assert "listed#0" in text and "retry" in text and "outbox" in text and "60m" in text
+    [item] = json.loads(command("schedule", "list", "--kind", "retry", "--json"))
+    assert item["key"] == "listed#0" and item["state"] == "scheduled" and item["task_name"] == add.name
+
+
+def test_schedule_due_now_needs_a_selection_and_can_be_dry(queue):
+    from django.core.management import CommandError
+
+    add.apply_async((1, 2), task_id="forward", queue=queue, countdown=3600, headers=retry_headers())
+    with pytest.raises(CommandError, match="--key KEY"):
+        command("schedule", "due-now")
+    assert "would make 1 waiting" in command("schedule", "due-now", "--all", "--dry-run")
+    assert row("forward#0").due_at > time.time() + 3000
+    assert "Made 1 waiting" in command("schedule", "due-now", "--key", "forward#0")
+    assert row("forward#0").due_at <= time.time()
+    assert "Published 1, sent again 0" in command("relay", "--once")
+    assert [task_id for _, task_id, _ in sent(queue)] == ["forward"]
+
+
+def test_relay_refuses_a_poll_interval_out_of_range():
+    from django.core.management import CommandError
+
+    with pytest.raises(CommandError, match="--poll must be from 0.05 to 60"):
+        command("relay", "--poll", "0")
