@@ -6,7 +6,9 @@ The public API is what ``__all__`` lists; everything else is private and may cha
 from safetynet.core.classify import http_status, is_network_error
 from safetynet.core.decision import Dead, Decision, Done, Retry, decide
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
+from safetynet.breakers import Breaker, breaker
 from safetynet.exceptions import (
+    BreakerOpen,
     ClaimLost,
     ConfigurationError,
     CrashLoop,
@@ -24,6 +26,8 @@ from safetynet.runtime.task import SafetyTask, task
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Breaker",
+    "BreakerOpen",
     "CeleryBackoff",
     "ClaimLost",
     "ConfigurationError",
@@ -45,6 +49,7 @@ __all__ = [
     "Transient",
     "__version__",
     "atomic",
+    "breaker",
     "decide",
     "http_status",
     "is_network_error",

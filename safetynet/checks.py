@@ -14,6 +14,7 @@ W004      the pickle serializer is accepted: a message can run arbitrary code
 W005      a task acknowledges late (``acks_late``) but declares no ``idempotency_key``:
           a redelivered message runs its effect twice
 E003      idempotent tasks are declared but the claims' database is neither PostgreSQL nor SQLite
+E004      a task goes through a breaker that ``SAFETYNET["BREAKERS"]`` does not declare
 ========  =====================================================================
 """
 
@@ -99,7 +100,7 @@ def _broker_visibility_timeout(app: Any) -> float | None:
 
 @checks.register("safetynet")
 def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E002, W001–W004 over every registered task and the Celery configuration."""
+    """E002–E004, W001–W005 over every registered task and the Celery configuration."""
     messages: list[checks.CheckMessage] = []
     try:
         conf.get()
@@ -111,7 +112,16 @@ def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     idempotent = [name for name, task in tasks.items() if getattr(task, "_idempotency", None) is not None]
     if idempotent:
         messages.extend(_check_claims_database(idempotent))
+    declared_breakers = conf.get().breakers
     for name, task in tasks.items():
+        breaker = getattr(task, "breaker", None) if isinstance(task, SafetyTask) else None
+        if breaker is not None and breaker not in declared_breakers:
+            known = ", ".join(sorted(declared_breakers)) or "none"
+            messages.append(checks.Error(
+                f"Task {name} goes through breaker {breaker!r}, which SAFETYNET['BREAKERS'] does not declare "
+                f"(declared: {known}).", obj=name, id="safetynet.E004",
+                hint=f"Declare it: SAFETYNET['BREAKERS'] = {{{breaker!r}: Breaker(...)}}, or fix the name.",
+            ))
         if getattr(task, "acks_late", False) and name not in idempotent:
             messages.append(checks.Warning(
                 f"Task {name} acknowledges late (acks_late=True) but declares no idempotency_key: a message "

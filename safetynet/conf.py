@@ -42,6 +42,7 @@ Every key, its default and its meaning::
                           (False: run ``manage.py safetynet relay`` yourself)
     RELAY_POLL_SECONDS    how often a relay looks for due messages (a due message waits at most about this long)
     SCHEDULE_KEEP_SECONDS how long a published message's row is kept, to drop a late second copy of it
+    BREAKERS              circuit breakers by name: {"smtp": Breaker(...) or a dict of its fields}
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_IN_WORKERS": True,
     "RELAY_POLL_SECONDS": 0.5,
     "SCHEDULE_KEEP_SECONDS": 86_400,
+    "BREAKERS": {},
 }
 
 #: How ``delay()``/``apply_async()`` can send a task (the ``ENQUEUE`` setting, the ``enqueue`` option).
@@ -134,6 +136,7 @@ class Settings:
     relay_in_workers: bool
     relay_poll_seconds: float
     schedule_keep_seconds: float
+    breakers: dict[str, Any]
 
 
 _cached: Settings | None = None
@@ -231,6 +234,41 @@ def _seconds(key: str, value: Any, low: float, high: float) -> float:
     return float(value)
 
 
+_BREAKER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+def _breakers(value: Any) -> dict[str, Any]:
+    """``BREAKERS``: each a ``Breaker`` or a dict of its fields, under a name."""
+    import dataclasses
+
+    from safetynet.breakers import Breaker
+
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            f"SAFETYNET['BREAKERS'] must be a dict of name -> Breaker(...) (or a dict of its fields), got {value!r}"
+        )
+    breakers = {}
+    fields = [item.name for item in dataclasses.fields(Breaker) if item.name != "name"]
+    for name, item in value.items():
+        if not isinstance(name, str) or not _BREAKER_NAME.match(name):
+            raise ConfigurationError(f"SAFETYNET['BREAKERS']: a breaker's name is 1 to 100 letters, digits or "
+                                     f"_ . : -, got {name!r}")
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - set(fields))
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], fields, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else f" Fields: {', '.join(fields)}."
+                raise ConfigurationError(f"SAFETYNET['BREAKERS'][{name!r}]: unknown field {unknown[0]!r}.{hint}")
+            item = Breaker(**item, name=name)
+        elif isinstance(item, Breaker):
+            item = dataclasses.replace(item, name=name)
+        else:
+            raise ConfigurationError(f"SAFETYNET['BREAKERS'][{name!r}] must be a Breaker(...) or a dict of its "
+                                     f"fields, got {item!r}")
+        breakers[name] = item
+    return breakers
+
+
 def build(user: dict[str, Any]) -> Settings:
     """Validate ``user`` (a SAFETYNET dict) over the defaults; raise ConfigurationError if wrong."""
     unknown = sorted(set(user) - set(DEFAULTS))
@@ -286,6 +324,7 @@ def build(user: dict[str, Any]) -> Settings:
         relay_in_workers=_boolean("RELAY_IN_WORKERS", merged["RELAY_IN_WORKERS"]),
         relay_poll_seconds=_seconds("RELAY_POLL_SECONDS", merged["RELAY_POLL_SECONDS"], 0.05, 60),
         schedule_keep_seconds=_seconds("SCHEDULE_KEEP_SECONDS", merged["SCHEDULE_KEEP_SECONDS"], 60, 90 * 86_400),
+        breakers=_breakers(merged["BREAKERS"]),
     )
 
 

@@ -12,6 +12,7 @@ The hierarchy::
           │    └── ClaimLost         another run took this run's idempotency claim over; its writes rolled back
           ├── Permanent              do not try again: dead-letter now
           └── Snooze                 try again after ``delay`` without using up an attempt
+               └── BreakerOpen       the upstream's breaker is open: not before it may half-open
 
 This module imports nothing, so the pure decision core can depend on it.
 """
@@ -19,6 +20,7 @@ This module imports nothing, so the pure decision core can depend on it.
 from __future__ import annotations
 
 __all__ = [
+    "BreakerOpen",
     "ClaimLost",
     "ConfigurationError",
     "CrashLoop",
@@ -104,3 +106,15 @@ class ClaimLost(Transient):
 
     def __reduce__(self):
         return (type(self), (self.message, self.retry_after))
+
+
+class BreakerOpen(Snooze):
+    """The breaker ``name`` is open: not now. In a task this defers it, without using an attempt,
+    for ``delay`` seconds (until it may half-open)."""
+
+    def __init__(self, name: str, delay: float, message: str = "") -> None:
+        self.name = name
+        super().__init__(delay, message or f"breaker {name!r} is open; it may half-open in {max(0.0, delay):.1f}s")
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.delay, self.message))

@@ -239,3 +239,21 @@ class ScheduledMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.task_name}[{self.task_id}] {self.state}"
+
+
+class BreakerState(models.Model):
+    """A circuit breaker's state when Redis is not configured (see safetynet.breakers)."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    state = models.CharField(max_length=16, default="closed")
+    #: While open: when the next call may probe (seconds since the epoch).
+    until = models.FloatField(default=0.0)
+    consecutive = models.PositiveIntegerField(default=0)
+    #: Calls and failures per bucket of the window: {bucket number: [calls, failures]}.
+    window = models.JSONField(default=dict)
+    #: Probes in flight while half-open: {token: expires at}.
+    probes = models.JSONField(default=dict)
+    changed = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.state}"

@@ -22,7 +22,7 @@ from typing import Any
 
 from safetynet import conf
 
-__all__ = ["add", "delete", "incr", "purge_expired", "redis_client"]
+__all__ = ["add", "delete", "incr", "purge_expired", "redis_client", "redis_errors"]
 
 logger = logging.getLogger("safetynet")
 
@@ -61,7 +61,8 @@ def redis_client() -> Any:
     return client
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis call raises when Redis is away (catch it and fall back to the database)."""
     import redis
 
     return (redis.RedisError, OSError)
@@ -77,7 +78,7 @@ def incr(key: str, ttl: float) -> int:
                 pipe.expire(_PREFIX + key, max(1, int(ttl)))
                 count, _ = pipe.execute()
             return int(count)
-        except _redis_errors() as error:
+        except redis_errors() as error:
             logger.warning("safetynet: Redis did not answer (%r); counting %s in the database", error, key)
     return _database_incr(key, ttl)
 
@@ -94,7 +95,7 @@ def add(key: str, value: str, ttl: float) -> str | None:
                 if existing is not None:
                     return existing.decode() if isinstance(existing, bytes) else str(existing)
             return None
-        except _redis_errors() as error:
+        except redis_errors() as error:
             logger.warning("safetynet: Redis did not answer (%r); keeping %s in the database", error, key)
     return _database_add(key, value, ttl)
 
@@ -106,7 +107,7 @@ def delete(key: str) -> None:
         try:
             client.delete(_PREFIX + key)
             return
-        except _redis_errors() as error:
+        except redis_errors() as error:
             logger.warning("safetynet: Redis did not answer (%r); deleting %s in the database", error, key)
     from django.db import router
 

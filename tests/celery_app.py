@@ -17,7 +17,7 @@ app.conf.update(
     result_serializer="json",
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
-    include=["tests.tasks", "tests.dl_tasks", "tests.idem_tasks", "tests.sched_tasks", *filter(None, os.environ.get("SAFETYNET_TEST_INCLUDE", "").split(","))],
+    include=["tests.tasks", "tests.dl_tasks", "tests.idem_tasks", "tests.sched_tasks", "tests.breaker_tasks", *filter(None, os.environ.get("SAFETYNET_TEST_INCLUDE", "").split(","))],
 )
 app.set_default()
 

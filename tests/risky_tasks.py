@@ -24,3 +24,8 @@ def waits_two_hours():
 @safetynet.task(retry_policy=RetryPolicy(max_attempts=3, deadline=600), retry_on=[Exception])
 def bounded_catch_all():
     pass
+
+
+@safetynet.task(breaker="nowhere")
+def through_an_unknown_breaker():
+    pass

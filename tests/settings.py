@@ -48,6 +48,8 @@ SAFETYNET = {
     "ALERT_MAIL_ADMINS": True,
     "SPOOL_FLUSH_SECONDS": 2,
     "DURABLE_RETRY_SECONDS": float(os.environ.get("SAFETYNET_TEST_DURABLE_RETRY_SECONDS") or 5),
+    # tests/breaker_tasks.py goes through it; the integration tests open it from one worker.
+    "BREAKERS": {"upstream": {"min_calls": 3, "failure_rate": 0.5, "open_seconds": 4}},
 }
 ADMINS = [("Ops", "ops@example.com")]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

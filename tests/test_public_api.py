@@ -11,9 +11,9 @@ import safetynet.testing
 
 def test_public_names():
     assert sorted(safetynet.__all__) == sorted([
-        "CeleryBackoff", "ClaimLost", "ConfigurationError", "CrashLoop", "Dead", "Decision", "Done", "Exponential",
+        "Breaker", "BreakerOpen", "CeleryBackoff", "ClaimLost", "ConfigurationError", "CrashLoop", "Dead", "Decision", "Done", "Exponential",
         "Fixed", "IdempotencyKeyError", "KeyInProgress", "Permanent", "Retry", "RetryPolicy", "SafetyTask",
-        "SafetynetError", "Snooze", "TaskSignal", "Transient", "__version__", "atomic", "decide", "http_status",
+        "SafetynetError", "Snooze", "TaskSignal", "Transient", "__version__", "atomic", "breaker", "decide", "http_status",
         "is_network_error", "task",
     ])
     for name in safetynet.__all__:

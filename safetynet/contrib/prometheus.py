@@ -103,6 +103,14 @@ DEAD_LETTERS_EVICTED = Counter(
     "safetynet_dead_letters_evicted", "Dead-letter rows deleted because the store was over DEAD_LETTER_MAX_ROWS.",
 )
 
+BREAKER_CHANGES = Counter(
+    "safetynet_breaker_changes", "Breaker state changes seen in this process, by breaker and new state.",
+    ["breaker", "state"],
+)
+BREAKER_REFUSED = Counter(
+    "safetynet_breaker_refused", "Calls (and task runs) a breaker refused, by breaker.", ["breaker"],
+)
+
 # Set on the Celery request in task_prerun; the request is per attempt, so nesting (an eager
 # retry runs inside the attempt that retried) and thread or green pools keep their own start.
 _STARTED = "_safetynet_prometheus_started"
@@ -170,6 +178,40 @@ def on_dead_letters_evicted(sender: Any = None, count: int = 0, **_: Any) -> Non
         DEAD_LETTERS_EVICTED.inc(count)
 
 
+def on_breaker_changed(sender: Any = None, name: str = "", state: str = "", **_: Any) -> None:
+    """``breaker_changed``: count the change (the state itself is read from the shared store at scrape time)."""
+    BREAKER_CHANGES.labels(name, state).inc()
+
+
+def on_breaker_refused(sender: Any = None, name: str = "", **_: Any) -> None:
+    """``breaker_refused``: count the refused call."""
+    BREAKER_REFUSED.labels(name).inc()
+
+
+class BreakerCollector:
+    """``safetynet_breaker_state{breaker,state}``: 1 for each breaker's current state, read from the shared store."""
+
+    name = "safetynet_breaker_state"
+    documentation = "The state every worker sees for each declared breaker (1 for the current state)."
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.documentation, labels=["breaker", "state"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from safetynet import breakers, conf
+
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["breaker", "state"])
+        for name in sorted(conf.get().breakers):
+            try:
+                current = breakers.state_of(name)["state"]
+            except Exception as error:  # the store is away: this breaker is left out of the scrape
+                logger.warning("safetynet: breaker %r left out of the scrape: %r", name, error)
+                continue
+            for state in (breakers.CLOSED, breakers.HALF_OPEN, breakers.OPEN):
+                family.add_metric([name, state], 1.0 if state == current else 0.0)
+        yield family
+
+
 # -- the dead-letter gauge, read at scrape time -----------------------------------------
 
 class DeadLetterCollector:
@@ -216,6 +258,7 @@ def collector_registry(*, dead_letters: bool = True) -> CollectorRegistry:
         registry.register(REGISTRY)  # the default registry: the project's own metrics are exposed too
     if dead_letters:
         registry.register(DeadLetterCollector())
+        registry.register(BreakerCollector())
     return registry
 
 
@@ -296,6 +339,8 @@ _SAFETYNET_RECEIVERS = (
     (signals.task_dead, on_task_dead),
     (signals.dead_letter_recorded, on_dead_letter_recorded),
     (signals.dead_letters_evicted, on_dead_letters_evicted),
+    (signals.breaker_changed, on_breaker_changed),
+    (signals.breaker_refused, on_breaker_refused),
 )
 
 

@@ -26,7 +26,7 @@ __all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "Resolved", "check_known
 #: Options safetynet adds to a task.
 SAFETYNET_OPTIONS = frozenset(
     {"retry_policy", "retry_on", "fail_on", "idempotency_key", "idempotency_lease", "idempotency_atomic",
-     "unique_for", "max_deliveries", "enqueue"}
+     "unique_for", "max_deliveries", "enqueue", "breaker"}
 )
 
 #: Celery's own options about retrying; declaring any of them means "Celery semantics".
@@ -102,6 +102,10 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     value = options.get("max_deliveries")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigurationError(f"{where}: max_deliveries must be a whole number >= 1, got {value!r}")
+    name = options.get("breaker")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigurationError(f"{where}: breaker must be the name of a breaker in SAFETYNET['BREAKERS'], "
+                                 f"got {name!r}")
     mode = options.get("enqueue")
     if mode is not None and mode not in conf.ENQUEUE_MODES:
         raise ConfigurationError(

@@ -67,9 +67,9 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
             try:
                 if self.request.headers:
                     self._drop_second_copy()
-                if self._idempotency is None:
+                if self._idempotency is None and self.breaker is None:
                     return body(*args, **kwargs)
-                return self._run_claimed(functools.partial(body, *args, **kwargs), args, kwargs, started)
+                return self._run_guarded(functools.partial(body, *args, **kwargs), args, kwargs, started)
             except Exception as exc:
                 self._after_failure(exc, started)
                 raise
@@ -87,9 +87,9 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
             try:
                 if self.request.headers:
                     self._drop_second_copy()
-                if self._idempotency is None:
+                if self._idempotency is None and self.breaker is None:
                     return body(self, *args, **kwargs)
-                return self._run_claimed(functools.partial(body, self, *args, **kwargs), args, kwargs, started)
+                return self._run_guarded(functools.partial(body, self, *args, **kwargs), args, kwargs, started)
             except Exception as exc:
                 self._after_failure(exc, started)
                 raise
@@ -135,6 +135,9 @@ class SafetyTask(DjangoTask):
     max_deliveries: int | None = None
     #: How ``delay()``/``apply_async()`` send it: "now", "on_commit" or "outbox" (None: ``ENQUEUE``).
     enqueue: str | None = None
+    #: The name of a breaker in ``SAFETYNET["BREAKERS"]``: while it is open the body is not run and
+    #: the task is deferred (no attempt used) until it may half-open.
+    breaker: str | None = None
 
     #: The compiled ``idempotency_key``; None for a task that is not idempotent.
     _idempotency: idempotency.KeyTemplate | None = None
@@ -377,6 +380,21 @@ class SafetyTask(DjangoTask):
             logger.warning("%s[%s]: a second copy of relayed message %s reached a worker; dropped", self.name,
                            request.id, key, extra={"task_name": self.name, "task_id": request.id, "action": "drop"})
             raise Ignore()
+
+    def _run_guarded(self, call: Callable[[], Any], args: Any, kwargs: Any, started: float) -> Any:
+        """Through the task's breaker (if any), then its idempotency claim (if any), run the body."""
+        if self.breaker is None or self.request.called_directly:
+            return self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
+        from safetynet import breakers
+
+        ticket = breakers.enter(self.breaker)  # BreakerOpen (a Snooze): deferred, no attempt used
+        try:
+            result = self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
+        except BaseException as exc:
+            breakers.leave(ticket, ok=breakers.outcome_of(self.breaker, exc))
+            raise
+        breakers.leave(ticket, ok=True)
+        return result
 
     # -- idempotent runs --------------------------------------------------------------------
 

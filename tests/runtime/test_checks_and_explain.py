@@ -172,3 +172,9 @@ def test_explain_says_which_retries_wait_in_the_durable_schedule():
         text = explained()
     assert "durable schedule" not in text and "every retry is an ETA message" in text
     assert "Enqueue: delay()/apply_async() write the message in the caller's transaction" in text
+
+
+def test_a_task_through_an_undeclared_breaker_is_an_error():
+    assert messages_for("through_an_unknown_breaker") == {"safetynet.E004"}
+    with override_settings(SAFETYNET={"BREAKERS": {"nowhere": {}}}):
+        assert messages_for("through_an_unknown_breaker") == set()

@@ -16,6 +16,9 @@ Commands:
     schedule list                scheduled retries and outbox messages waiting, soonest first
                                  (--task, --kind, --limit, --json)
     schedule due-now             make waiting messages due at once (--key, --task or --all; --dry-run)
+    breakers list                every declared breaker: state, calls and failures in its window,
+                                 when it may half-open (--json)
+    breakers open|close <name>   force a breaker open (--for SECONDS) or closed
 """
 
 from __future__ import annotations
@@ -198,7 +201,7 @@ class Command(BaseCommand):
     help = ("See what safetynet will do: `safetynet explain <dotted.task.name>`; "
             "handle dead letters: `safetynet dead list|show|replay|discard|purge|flush`; "
             "idempotency claims: `safetynet keys show|purge`; durable schedule and outbox: "
-            "`safetynet relay`, `safetynet schedule list|due-now`.")
+            "`safetynet relay`, `safetynet schedule list|due-now`; breakers: `safetynet breakers list|open|close`.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -209,6 +212,24 @@ class Command(BaseCommand):
         self.add_dead_arguments(commands)
         self.add_keys_arguments(commands)
         self.add_schedule_arguments(commands)
+        self.add_breaker_arguments(commands)
+
+    def add_breaker_arguments(self, commands: Any) -> None:
+        """``breakers list|open|close``."""
+        parser = commands.add_parser("breakers", help="list circuit breakers; open or close one by hand",
+                                     description="List the breakers of SAFETYNET['BREAKERS'] with their shared "
+                                                 "state; open or close one by hand.")
+        actions = parser.add_subparsers(dest="breakers_command", metavar="action", required=True)
+        listing = actions.add_parser("list", help="every declared breaker and its state")
+        listing.add_argument("--json", action="store_true", help="print a JSON list instead")
+        opening = actions.add_parser("open", help="open a breaker by hand: tasks through it wait",
+                                     description="Open a breaker by hand: tasks through it are deferred until it "
+                                                 "may half-open (after --for seconds, default its open_seconds).")
+        opening.add_argument("name")
+        opening.add_argument("--for", dest="seconds", type=float, default=None, metavar="SECONDS",
+                             help="how long it stays open before a probe (default: its open_seconds)")
+        closing = actions.add_parser("close", help="close a breaker by hand: calls go through again")
+        closing.add_argument("name")
 
     def add_schedule_arguments(self, commands: Any) -> None:
         """``relay`` and ``schedule list|due-now``."""
@@ -316,6 +337,8 @@ class Command(BaseCommand):
             getattr(self, f"dead_{options['dead_command']}")(options)
         elif options["command"] == "keys":
             getattr(self, f"keys_{options['keys_command']}")(options)
+        elif options["command"] == "breakers":
+            getattr(self, f"breakers_{options['breakers_command']}")(options)
         elif options["command"] == "relay":
             self.relay(options)
         elif options["command"] == "schedule":
@@ -454,6 +477,60 @@ class Command(BaseCommand):
         expired = shared.purge_expired()
         self.stdout.write(f"Deleted {count} settled claims last changed before {_local(before)}, and {expired} "
                           "expired shared counters.")
+
+    # -- breakers -------------------------------------------------------------------------
+
+    def breakers_list(self, options: dict[str, Any]) -> None:
+        """Print every declared breaker's shared state."""
+        import time
+
+        from safetynet import breakers
+
+        names = sorted(conf.get().breakers)
+        now = time.time()
+        states = [breakers.state_of(name) for name in names]
+        if options["json"]:
+            self._write_json(states)
+            return
+        if not states:
+            self.stdout.write("No breakers: declare them in SAFETYNET['BREAKERS'].")
+            return
+        rows = [("breaker", "state", "calls", "failures", "failure rate", "half-open in", "probes")]
+        for state, name in zip(states, names):
+            config = conf.get().breakers[name]
+            rate = f"{state['failures'] / state['calls']:.0%}" if state["calls"] else "-"
+            rows.append((name, state["state"].replace("_", "-"), str(state["calls"]), str(state["failures"]),
+                         f"{rate} (opens at {config.failure_rate:.0%} of >= {config.min_calls})",
+                         _seconds(max(0.0, state["until"] - now)) if state["state"] == "open" else "-",
+                         f"{state['probes']}/{config.half_open_probes}" if state["state"] == "half_open" else "-"))
+        for line in _table(rows):
+            self.stdout.write(line)
+
+    def _breaker_name(self, name: str) -> str:
+        from safetynet import breakers
+
+        try:
+            breakers.spec(name)
+        except ConfigurationError as error:
+            raise CommandError(str(error)) from None
+        return name
+
+    def breakers_open(self, options: dict[str, Any]) -> None:
+        from safetynet import breakers
+
+        name = self._breaker_name(options["name"])
+        seconds = options["seconds"]
+        if seconds is not None and not 0 < seconds <= 86_400:
+            raise CommandError("--for must be from 0 to 86400 seconds")
+        breakers.force(name, "open", seconds=seconds)
+        self.stdout.write(f"Breaker {name!r} is open; tasks through it wait until it may half-open.")
+
+    def breakers_close(self, options: dict[str, Any]) -> None:
+        from safetynet import breakers
+
+        name = self._breaker_name(options["name"])
+        breakers.force(name, "closed")
+        self.stdout.write(f"Breaker {name!r} is closed; calls go through again.")
 
     # -- the durable schedule and the outbox ----------------------------------------------
 
