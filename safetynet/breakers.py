@@ -34,7 +34,7 @@ from typing import Any
 
 from safetynet.exceptions import BreakerOpen, ConfigurationError, Snooze
 
-__all__ = ["Breaker", "BreakerOpen", "Ticket", "breaker", "enter", "force", "leave", "outcome_of", "state_of"]
+__all__ = ["Breaker", "BreakerOpen", "RetryBudget", "Ticket", "budgeted", "count_first_attempt", "breaker", "enter", "force", "leave", "outcome_of", "state_of"]
 
 logger = logging.getLogger("safetynet")
 
@@ -110,6 +110,53 @@ class Breaker:
             elif matcher(exception):
                 return True
         return False
+
+
+@dataclass(frozen=True)
+class RetryBudget:
+    """Retries through a breaker: at most ``ratio`` of its first attempts over the last ``window``
+    seconds, and always at least ``min_retries``; past it a retry waits longer (never dropped)."""
+
+    ratio: float = 0.2
+    min_retries: int = 3
+    window: float = 60.0
+
+    def __post_init__(self) -> None:
+        _number("RETRY_BUDGET: ratio", self.ratio, 0.0, 100.0)
+        _number("RETRY_BUDGET: min_retries", self.min_retries, 0, 1_000_000, whole=True)
+        _number("RETRY_BUDGET: window", self.window, 1, 86_400)
+
+
+def _budget_keys(scope: str, kind: str, now: float, window: float) -> list[str]:
+    bucket = math.floor(now / (window / 12))
+    return [f"budget:{scope}:{kind}:{number}" for number in range(bucket - 11, bucket + 1)]
+
+
+def count_first_attempt(scope: str) -> None:
+    """A first attempt went through ``scope`` (a breaker): it earns the retries of the budget."""
+    from safetynet import conf, shared
+
+    budget = conf.get().retry_budget
+    if budget is not None:
+        shared.incr(_budget_keys(scope, "first", time.time(), budget.window)[-1], ttl=budget.window * 2)
+
+
+def budgeted(scope: str, delay: float) -> tuple[float, bool]:
+    """Spend one retry of ``scope``'s budget: (``delay``, True) within it, else (a longer delay, False)."""
+    from safetynet import conf, shared
+
+    budget = conf.get().retry_budget
+    if budget is None:
+        return delay, True
+    now = time.time()
+    firsts = sum(shared.counts(_budget_keys(scope, "first", now, budget.window)))
+    retry_keys = _budget_keys(scope, "retry", now, budget.window)
+    retries = sum(shared.counts(retry_keys))
+    # Read, then counted: racing workers may overshoot by a few retries (as Envoy's budgets may).
+    if retries < max(budget.min_retries, budget.ratio * firsts):
+        shared.incr(retry_keys[-1], ttl=budget.window * 2)
+        return delay, True
+    return max(delay, budget.window / 4 + random.uniform(0, budget.window / 4)), False
 
 
 def declared() -> dict[str, Breaker]:

@@ -43,6 +43,8 @@ Every key, its default and its meaning::
     RELAY_POLL_SECONDS    how often a relay looks for due messages (a due message waits at most about this long)
     SCHEDULE_KEEP_SECONDS how long a published message's row is kept, to drop a late second copy of it
     BREAKERS              circuit breakers by name: {"smtp": Breaker(...) or a dict of its fields}
+    RETRY_BUDGET          retries through a breaker: {"ratio": 0.2, "min_retries": 3, "window": 60} of its first
+                          attempts; past it a retry waits longer. None: no budget
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_POLL_SECONDS": 0.5,
     "SCHEDULE_KEEP_SECONDS": 86_400,
     "BREAKERS": {},
+    "RETRY_BUDGET": {"ratio": 0.2, "min_retries": 3, "window": 60},
 }
 
 #: How ``delay()``/``apply_async()`` can send a task (the ``ENQUEUE`` setting, the ``enqueue`` option).
@@ -137,6 +140,7 @@ class Settings:
     relay_poll_seconds: float
     schedule_keep_seconds: float
     breakers: dict[str, Any]
+    retry_budget: Any
 
 
 _cached: Settings | None = None
@@ -269,6 +273,21 @@ def _breakers(value: Any) -> dict[str, Any]:
     return breakers
 
 
+def _retry_budget(value: Any) -> Any:
+    from safetynet.breakers import RetryBudget
+
+    if value is None or isinstance(value, RetryBudget):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"SAFETYNET['RETRY_BUDGET'] must be a dict (ratio, min_retries, window) or None, "
+                                 f"got {value!r}")
+    try:
+        return RetryBudget(**value)
+    except TypeError:
+        raise ConfigurationError(f"SAFETYNET['RETRY_BUDGET'] takes ratio, min_retries and window, got "
+                                 f"{sorted(value)}") from None
+
+
 def build(user: dict[str, Any]) -> Settings:
     """Validate ``user`` (a SAFETYNET dict) over the defaults; raise ConfigurationError if wrong."""
     unknown = sorted(set(user) - set(DEFAULTS))
@@ -325,6 +344,7 @@ def build(user: dict[str, Any]) -> Settings:
         relay_poll_seconds=_seconds("RELAY_POLL_SECONDS", merged["RELAY_POLL_SECONDS"], 0.05, 60),
         schedule_keep_seconds=_seconds("SCHEDULE_KEEP_SECONDS", merged["SCHEDULE_KEEP_SECONDS"], 60, 90 * 86_400),
         breakers=_breakers(merged["BREAKERS"]),
+        retry_budget=_retry_budget(merged["RETRY_BUDGET"]),
     )
 
 

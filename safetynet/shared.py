@@ -22,7 +22,7 @@ from typing import Any
 
 from safetynet import conf
 
-__all__ = ["add", "delete", "incr", "purge_expired", "redis_client", "redis_errors"]
+__all__ = ["add", "counts", "delete", "incr", "purge_expired", "redis_client", "redis_errors"]
 
 logger = logging.getLogger("safetynet")
 
@@ -98,6 +98,26 @@ def add(key: str, value: str, ttl: float) -> str | None:
         except redis_errors() as error:
             logger.warning("safetynet: Redis did not answer (%r); keeping %s in the database", error, key)
     return _database_add(key, value, ttl)
+
+
+def counts(keys: list[str]) -> list[int]:
+    """The current values of shared counters (0 for one that is not set or expired), in one round trip."""
+    if not keys:
+        return []
+    client = redis_client()
+    if client is not None:
+        try:
+            return [int(value or 0) for value in client.mget([_PREFIX + key for key in keys])]
+        except redis_errors() as error:
+            logger.warning("safetynet: Redis did not answer (%r); reading counters from the database", error)
+    from django.db import router
+
+    from safetynet.models import SharedKey
+
+    stored = {_column_key(key): key for key in keys}
+    found = dict(SharedKey.objects.using(router.db_for_write(SharedKey) or "default").filter(
+        key__in=list(stored), expires_at__gte=time.time()).values_list("key", "count"))
+    return [int(found.get(_column_key(key), 0)) for key in keys]
 
 
 def delete(key: str) -> None:

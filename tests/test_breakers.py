@@ -169,7 +169,7 @@ def test_staff_can_open_and_close_it_by_hand_and_changes_are_announced(declare):
 
 
 def test_unknown_breakers_and_bad_thresholds_are_configuration_errors():
-    with pytest.raises(ConfigurationError, match=r"unknown breaker 'nope'.*declared: none"):
+    with pytest.raises(ConfigurationError, match=r"unknown breaker 'nope'.*declared: upstream"):
         breakers.enter("nope")
     for fields, message in (({"failure_rate": 0}, "above 0"), ({"failure_rate": 1.5}, "from 0 to 1"),
                             ({"min_calls": 0}, "min_calls must be a whole number from 1"),
@@ -224,3 +224,24 @@ def test_prometheus_shows_every_breakers_state_and_counts_changes(declare):
     assert f'safetynet_breaker_state{{breaker="{name}",state="closed"}} 0.0' in text
     assert f'safetynet_breaker_changes_total{{breaker="{name}",state="open"}} 1.0' in text
     assert f'safetynet_breaker_refused_total{{breaker="{name}"}} 1.0' in text
+
+
+@pytest.mark.parametrize("store", [REDIS_URL, ""])
+def test_retries_through_a_breaker_are_budgeted_and_past_it_wait_longer(store):
+    scope = f"budget-{uuid.uuid4().hex[:8]}"
+    budget = {"ratio": 0.2, "min_retries": 3, "window": 60}
+    with override_settings(SAFETYNET={"REDIS_URL": store, "RETRY_BUDGET": budget}):
+        assert [breakers.budgeted(scope, 1.0) for _ in range(3)] == [(1.0, True)] * 3  # the minimum
+        delay, within = breakers.budgeted(scope, 1.0)
+        assert not within and 15 <= delay <= 30  # waits longer, is not dropped
+        for _ in range(25):
+            breakers.count_first_attempt(scope)
+        assert breakers.budgeted(scope, 1.0) == (1.0, True)  # 20 % of 25 first attempts: 5 retries
+        assert breakers.budgeted(scope, 1.0) == (1.0, True)
+        assert breakers.budgeted(scope, 1.0)[1] is False
+    with override_settings(SAFETYNET={"RETRY_BUDGET": None}):
+        assert breakers.budgeted(scope, 1.0) == (1.0, True)
+    with pytest.raises(ConfigurationError, match="RETRY_BUDGET: ratio"):
+        conf.build({"RETRY_BUDGET": {"ratio": -1}})
+    with pytest.raises(ConfigurationError, match="takes ratio, min_retries and window"):
+        conf.build({"RETRY_BUDGET": {"percent": 20}})

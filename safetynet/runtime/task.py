@@ -388,6 +388,8 @@ class SafetyTask(DjangoTask):
         from safetynet import breakers
 
         ticket = breakers.enter(self.breaker)  # BreakerOpen (a Snooze): deferred, no attempt used
+        if not self.request.headers or HEADER not in self.request.headers:  # a first attempt, not deferred
+            self._budget_safely(breakers.count_first_attempt, self.breaker)
         try:
             result = self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
         except BaseException as exc:
@@ -522,10 +524,29 @@ class SafetyTask(DjangoTask):
             resolved.policy, resolved.rules, state.attempt, exc, state.started_at, now,
             previous_delay=state.previous_delay, rng=clock.rng(),
         )
+        if isinstance(decision, Retry) and decision.consumes_attempt and self.breaker is not None:
+            decision = self._within_budget(decision)
         entry = self._entry(state, started, now, exc, decision)
         if isinstance(decision, Retry):
             self._publish_retry(state, entry, decision, exc=exc, countdown=decision.delay)
         self._give_up(state, entry, decision, exc)  # type: ignore[arg-type]
+
+    def _within_budget(self, decision: Retry) -> Retry:
+        """Spend a retry of the breaker's budget; past it, the retry waits longer (it is never dropped)."""
+        from safetynet import breakers
+
+        spent = self._budget_safely(breakers.budgeted, self.breaker, decision.delay)
+        if spent is None or spent[1]:
+            return decision
+        return dataclasses.replace(decision, delay=spent[0],
+                                   reason=f"{decision.reason}; retry budget of breaker {self.breaker!r} spent")
+
+    def _budget_safely(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except Exception as error:  # the budget is a guard: its store being away must not fail the task
+            logger.warning("%s: retry budget not applied: %r", self.name, error, extra={"task_name": self.name})
+            return None
 
     def retry(  # type: ignore[override]
         self,
