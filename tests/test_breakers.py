@@ -245,3 +245,15 @@ def test_retries_through_a_breaker_are_budgeted_and_past_it_wait_longer(store):
         conf.build({"RETRY_BUDGET": {"ratio": -1}})
     with pytest.raises(ConfigurationError, match="takes ratio, min_retries and window"):
         conf.build({"RETRY_BUDGET": {"percent": 20}})
+
+
+def test_explain_names_the_breaker_and_its_rule():
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    import tests.breaker_tasks  # noqa: F401  (registers the task)
+
+    out = StringIO()
+    call_command("safetynet", "explain", "tests.breaker_tasks.call_upstream", stdout=out)
+    assert "Breaker: upstream  (opens at 50% of >= 3 calls over 60s; open 4s, then 1 probe(s) at once" in out.getvalue()

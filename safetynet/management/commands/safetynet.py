@@ -382,6 +382,17 @@ class Command(BaseCommand):
                              if threshold is None else
                              f"a retry delayed {_seconds(threshold)} or more waits in the database (durable schedule) "
                              "and a relay publishes it when due; a shorter one is an ETA message held by a worker"))
+        if task.breaker is not None:
+            config = settings.breakers.get(task.breaker)
+            if config is None:
+                write(f"Breaker: {task.breaker!r}, which SAFETYNET['BREAKERS'] does not declare (safetynet.E004)")
+            else:
+                rule = f"{config.failure_rate:.0%} of >= {config.min_calls} calls over {_seconds(config.window)}"
+                if config.consecutive_failures:
+                    rule += f", or {config.consecutive_failures} failures in a row"
+                write(f"Breaker: {task.breaker}  (opens at {rule}; open {_seconds(config.open_seconds)}, then "
+                      f"{config.half_open_probes} probe(s) at once; while open the task is deferred, no attempt "
+                      "used)")
         mode = task.enqueue or settings.enqueue
         write("Enqueue: " + {"now": "delay()/apply_async() publish at once (Celery's way)",
                              "on_commit": "delay()/apply_async() publish once the caller's transaction commits",
