@@ -38,7 +38,7 @@ from safetynet import conf, idempotency, scheduler, signals
 from safetynet.core.classify import ALWAYS_RETRY
 from safetynet.core.decision import Dead, Decision, Retry, decide
 from safetynet.core.policy import Fixed, RetryPolicy
-from safetynet.exceptions import ConfigurationError, Permanent, Snooze, Transient
+from safetynet.exceptions import BreakerOpen, ConfigurationError, Permanent, Snooze, Transient
 from safetynet.runtime import clock, options
 from safetynet.runtime.history import HEADER, AttemptState, entry_for
 
@@ -387,16 +387,35 @@ class SafetyTask(DjangoTask):
             return self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
         from safetynet import breakers
 
-        ticket = breakers.enter(self.breaker)  # BreakerOpen (a Snooze): deferred, no attempt used
-        if not self.request.headers or HEADER not in self.request.headers:  # a first attempt, not deferred
-            self._budget_safely(breakers.count_first_attempt, self.breaker)
+        try:
+            ticket = breakers.enter(self.breaker)
+        except BreakerOpen:
+            raise  # a Snooze: deferred, no attempt used
+        except Exception as error:  # neither Redis nor the database answers: run without the breaker
+            logger.warning("%s[%s]: breaker %r not consulted (%r); running", self.name, self.request.id,
+                           self.breaker, error, extra={"task_name": self.name, "task_id": self.request.id})
+            ticket = None
+        if ticket is not None and (not self.request.headers or HEADER not in self.request.headers):
+            self._budget_safely(breakers.count_first_attempt, self.breaker)  # a first attempt, not deferred
         try:
             result = self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
         except BaseException as exc:
-            breakers.leave(ticket, ok=breakers.outcome_of(self.breaker, exc))
+            self._leave_breaker(ticket, breakers.outcome_of(self.breaker, exc))
             raise
-        breakers.leave(ticket, ok=True)
+        self._leave_breaker(ticket, True)
         return result
+
+    def _leave_breaker(self, ticket: Any, ok: bool | None) -> None:
+        """Report the run to the breaker; a store that does not answer must not change the task's outcome."""
+        from safetynet import breakers
+
+        if ticket is None:
+            return
+        try:
+            breakers.leave(ticket, ok=ok)
+        except Exception as error:
+            logger.warning("%s[%s]: could not report to breaker %r: %r", self.name, self.request.id, self.breaker,
+                           error, extra={"task_name": self.name, "task_id": self.request.id})
 
     # -- idempotent runs --------------------------------------------------------------------
 
