@@ -211,8 +211,11 @@ if redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
   return {1, 'half_open', '0', ARGV[4], transition}
 end
+-- Busy probing: come back soon (a probe usually ends well before its place expires).
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return {0, 'half_open', first[2] or tostring(now + 1), '', transition}
+local soon = now + math.max(0.5, tonumber(ARGV[3]) / 10)
+if first[2] and tonumber(first[2]) < soon then soon = tonumber(first[2]) end
+return {0, 'half_open', tostring(soon), '', transition}
 """
 
 # KEYS: state hash, window hash, probes zset. ARGV: now, ok (1/0), probe token, bucket seconds,
@@ -320,7 +323,8 @@ def _database_enter(name: str, config: Breaker, now: float, token: str) -> tuple
             row.probes = probes
             return True, HALF_OPEN, 0.0, token, transition
         row.probes = probes
-        return False, HALF_OPEN, min(probes.values()), "", transition
+        # Busy probing: come back soon (a probe usually ends well before its place expires).
+        return False, HALF_OPEN, min(*probes.values(), now + max(0.5, config.open_seconds / 10)), "", transition
 
     return _database_apply(name, change)
 
@@ -391,7 +395,9 @@ def enter(name: str) -> Ticket:
     if not allowed:
         _refused(name, state)
         # Spread the deferred tasks over a little while: they must not all come back at one instant.
-        raise BreakerOpen(name, max(0.0, retry_at - now) + random.uniform(0, min(5.0, config.open_seconds / 10)))
+        delay = max(0.0, retry_at - now) + random.uniform(0, min(5.0, config.open_seconds / 10))
+        raise BreakerOpen(name, delay, f"breaker {name!r} is open; it may half-open in {delay:.1f}s" if state == OPEN
+                          else f"breaker {name!r} is half-open and busy probing; try again in {delay:.1f}s")
     return Ticket(name=name, state=state, probe=probe, started=now)
 
 

@@ -78,8 +78,9 @@ def test_half_open_lets_a_probe_through_and_a_success_closes_it(declare):
     time.sleep(0.35)
     probe = breakers.enter(name)
     assert probe.state == "half_open" and probe.probe
-    with pytest.raises(BreakerOpen):  # one probe at a time
+    with pytest.raises(BreakerOpen, match="half-open and busy probing") as busy:  # one probe at a time
         breakers.enter(name)
+    assert busy.value.delay <= 0.5 + 0.03 + 0.05  # back soon, not a whole open_seconds later
     assert breakers.leave(probe, ok=True) == "closed"
     assert breakers.enter(name).state == "closed"
 
