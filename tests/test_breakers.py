@@ -258,3 +258,36 @@ def test_explain_names_the_breaker_and_its_rule():
     out = StringIO()
     call_command("safetynet", "explain", "tests.breaker_tasks.call_upstream", stdout=out)
     assert "Breaker: upstream  (opens at 50% of >= 3 calls over 60s; open 4s, then 1 probe(s) at once" in out.getvalue()
+
+
+FLAKY = []
+
+
+@safetynet.task(name="tests.test_breakers.budgeted_call", bind=True, retry_budget="partner-calls",
+                retry_policy=safetynet.RetryPolicy(max_attempts=2, backoff=1, jitter="none"))
+def budgeted_call(self):
+    FLAKY.append(self.attempt)
+    if self.attempt == 1:
+        raise ConnectionError("flaky")
+    return "ok"
+
+
+def test_a_task_can_spend_a_named_or_its_queues_budget():
+    entries = []
+
+    def receiver(sender, entry, **kwargs):
+        entries.append(entry)
+
+    signals.task_retrying.connect(receiver)
+    try:
+        with override_settings(SAFETYNET={"REDIS_URL": REDIS_URL,
+                                          "RETRY_BUDGET": {"ratio": 0, "min_retries": 0, "window": 60}}):
+            assert budgeted_call.apply().get() == "ok"
+    finally:
+        signals.task_retrying.disconnect(receiver)
+    [entry] = entries
+    assert "retry budget of budget 'partner-calls' spent" in entry["reason"] and entry["delay"] >= 15
+    with pytest.raises(ConfigurationError, match="retry_budget must be True"):
+        @safetynet.task(retry_budget=3)
+        def wrong():
+            pass

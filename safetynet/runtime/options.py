@@ -26,7 +26,7 @@ __all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "Resolved", "check_known
 #: Options safetynet adds to a task.
 SAFETYNET_OPTIONS = frozenset(
     {"retry_policy", "retry_on", "fail_on", "idempotency_key", "idempotency_lease", "idempotency_atomic",
-     "unique_for", "max_deliveries", "enqueue", "breaker"}
+     "unique_for", "max_deliveries", "enqueue", "breaker", "retry_budget"}
 )
 
 #: Celery's own options about retrying; declaring any of them means "Celery semantics".
@@ -106,6 +106,10 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigurationError(f"{where}: breaker must be the name of a breaker in SAFETYNET['BREAKERS'], "
                                  f"got {name!r}")
+    budget = options.get("retry_budget")
+    if budget is not None and not isinstance(budget, bool) and not (isinstance(budget, str) and budget):
+        raise ConfigurationError(f"{where}: retry_budget must be True (its queue's), a budget name or False, "
+                                 f"got {budget!r}")
     mode = options.get("enqueue")
     if mode is not None and mode not in conf.ENQUEUE_MODES:
         raise ConfigurationError(

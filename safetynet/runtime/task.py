@@ -67,7 +67,7 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
             try:
                 if self.request.headers:
                     self._drop_second_copy()
-                if self._idempotency is None and self.breaker is None:
+                if self._idempotency is None and self.breaker is None and not self.retry_budget:
                     return body(*args, **kwargs)
                 return self._run_guarded(functools.partial(body, *args, **kwargs), args, kwargs, started)
             except Exception as exc:
@@ -87,7 +87,7 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
             try:
                 if self.request.headers:
                     self._drop_second_copy()
-                if self._idempotency is None and self.breaker is None:
+                if self._idempotency is None and self.breaker is None and not self.retry_budget:
                     return body(self, *args, **kwargs)
                 return self._run_guarded(functools.partial(body, self, *args, **kwargs), args, kwargs, started)
             except Exception as exc:
@@ -138,6 +138,9 @@ class SafetyTask(DjangoTask):
     #: The name of a breaker in ``SAFETYNET["BREAKERS"]``: while it is open the body is not run and
     #: the task is deferred (no attempt used) until it may half-open.
     breaker: str | None = None
+    #: Whose retry budget its retries spend (``RETRY_BUDGET``): None, its breaker's (if it has one);
+    #: True, its queue's; a string, a budget of that name shared by the tasks naming it; False, none.
+    retry_budget: bool | str | None = None
 
     #: The compiled ``idempotency_key``; None for a task that is not idempotent.
     _idempotency: idempotency.KeyTemplate | None = None
@@ -383,27 +386,46 @@ class SafetyTask(DjangoTask):
 
     def _run_guarded(self, call: Callable[[], Any], args: Any, kwargs: Any, started: float) -> Any:
         """Through the task's breaker (if any), then its idempotency claim (if any), run the body."""
-        if self.breaker is None or self.request.called_directly:
-            return self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
-        from safetynet import breakers
+        request = self.request
+        if request.called_directly:
+            return call()
+        ticket = None
+        if self.breaker is not None:
+            from safetynet import breakers
 
-        try:
-            ticket = breakers.enter(self.breaker)
-        except BreakerOpen:
-            raise  # a Snooze: deferred, no attempt used
-        except Exception as error:  # neither Redis nor the database answers: run without the breaker
-            logger.warning("%s[%s]: breaker %r not consulted (%r); running", self.name, self.request.id,
-                           self.breaker, error, extra={"task_name": self.name, "task_id": self.request.id})
-            ticket = None
-        if ticket is not None and (not self.request.headers or HEADER not in self.request.headers):
-            self._budget_safely(breakers.count_first_attempt, self.breaker)  # a first attempt, not deferred
+            try:
+                ticket = breakers.enter(self.breaker)
+            except BreakerOpen:
+                raise  # a Snooze: deferred, no attempt used
+            except Exception as error:  # neither Redis nor the database answers: run without the breaker
+                logger.warning("%s[%s]: breaker %r not consulted (%r); running", self.name, request.id,
+                               self.breaker, error, extra={"task_name": self.name, "task_id": request.id})
+        scope = self._budget_scope()
+        if scope is not None and (not request.headers or HEADER not in request.headers):  # a first attempt
+            from safetynet import breakers
+
+            self._budget_safely(breakers.count_first_attempt, scope)
         try:
             result = self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
         except BaseException as exc:
-            self._leave_breaker(ticket, breakers.outcome_of(self.breaker, exc))
+            if ticket is not None:
+                from safetynet import breakers
+
+                self._leave_breaker(ticket, breakers.outcome_of(self.breaker, exc))
             raise
         self._leave_breaker(ticket, True)
         return result
+
+    def _budget_scope(self) -> str | None:
+        """Whose retry budget this task's retries spend: a named one, its queue's, its breaker's, or none."""
+        if isinstance(self.retry_budget, str):
+            return f"named:{self.retry_budget}"
+        if self.retry_budget:
+            info = self.request.delivery_info or {}
+            return f"queue:{info.get('routing_key') or self.queue or 'celery'}"
+        if self.breaker is not None and self.retry_budget is None:
+            return f"breaker:{self.breaker}"
+        return None
 
     def _leave_breaker(self, ticket: Any, ok: bool | None) -> None:
         """Report the run to the breaker; a store that does not answer must not change the task's outcome."""
@@ -543,7 +565,7 @@ class SafetyTask(DjangoTask):
             resolved.policy, resolved.rules, state.attempt, exc, state.started_at, now,
             previous_delay=state.previous_delay, rng=clock.rng(),
         )
-        if isinstance(decision, Retry) and decision.consumes_attempt and self.breaker is not None:
+        if isinstance(decision, Retry) and decision.consumes_attempt and (self.breaker or self.retry_budget):
             decision = self._within_budget(decision)
         entry = self._entry(state, started, now, exc, decision)
         if isinstance(decision, Retry):
@@ -554,11 +576,16 @@ class SafetyTask(DjangoTask):
         """Spend a retry of the breaker's budget; past it, the retry waits longer (it is never dropped)."""
         from safetynet import breakers
 
-        spent = self._budget_safely(breakers.budgeted, self.breaker, decision.delay)
+        scope = self._budget_scope()
+        if scope is None:
+            return decision
+        spent = self._budget_safely(breakers.budgeted, scope, decision.delay)
         if spent is None or spent[1]:
             return decision
+        kind, _, name = scope.partition(":")
+        whose = {"breaker": "breaker", "queue": "queue", "named": "budget"}[kind]
         return dataclasses.replace(decision, delay=spent[0],
-                                   reason=f"{decision.reason}; retry budget of breaker {self.breaker!r} spent")
+                                   reason=f"{decision.reason}; retry budget of {whose} {name!r} spent")
 
     def _budget_safely(self, call: Callable[..., Any], *args: Any) -> Any:
         try:
