@@ -213,6 +213,9 @@ class ScheduledMessage(models.Model):
     kind = models.CharField(max_length=8, choices=Kind.choices)
     task_name = models.CharField(max_length=255)
     task_id = models.CharField(max_length=255)
+    #: The broker it goes to (a digest of the sending app's broker URL): a relay publishes only the
+    #: rows of its own broker, so workers of apps on other brokers sharing the database leave them be.
+    broker = models.CharField(max_length=16)
     state = models.CharField(max_length=16, choices=State.choices, default=State.SCHEDULED)
     due_at = models.FloatField()
     #: Arguments and publishing options (kombu JSON), as ``apply_async`` would have published them.
@@ -230,7 +233,7 @@ class ScheduledMessage(models.Model):
     class Meta:
         indexes = [
             # The relay's query: what is due (or published and not taken in time).
-            models.Index(fields=["due_at"], name="safetynet_scheduled_due",
+            models.Index(fields=["broker", "due_at"], name="safetynet_scheduled_due",
                          condition=Q(state__in=["scheduled", "published"])),
             # Retention: rows done with are deleted after SCHEDULE_KEEP_SECONDS.
             models.Index(fields=["updated_at"], name="safetynet_scheduled_done",

@@ -8,7 +8,8 @@ delivered again, so a long retry bloats workers and can run twice. Here a retry 
 down at commit time loses nothing).
 
 The relay publishes due rows: a thread in every worker (``RELAY_IN_WORKERS``) and, if you like,
-``python manage.py safetynet relay``. Any number of relays can run::
+``python manage.py safetynet relay``. Any number of relays can run; each takes only the rows of
+its own app's broker (a digest of the broker URL is kept on each row)::
 
     take   UPDATE … SET state = 'published', token = <new> WHERE key IN
                (SELECT key … WHERE due_at <= now ORDER BY due_at LIMIT n FOR UPDATE SKIP LOCKED)
@@ -69,6 +70,13 @@ MAX_RESENDS = 5
 # apply_async options that are not part of the message (objects of the sending process).
 _LOCAL_OPTIONS = frozenset({"producer", "connection", "router", "publisher", "result_cls", "add_to_parent",
                             "countdown", "eta", "enqueue"})
+
+
+def broker_of(app: Any) -> str:
+    """Which broker a row goes to: a digest of ``app``'s broker URL (no password is stored)."""
+    import hashlib
+
+    return hashlib.sha256(str(app.conf.broker_url or "").encode()).hexdigest()[:16]
 
 
 def database() -> str:
@@ -135,7 +143,7 @@ def next_delivery_headers(headers: dict[str, Any]) -> dict[str, Any]:
     return headers
 
 
-def schedule(*, key: str, kind: str, task_name: str, task_id: str, due_at: float, message: str,
+def schedule(*, key: str, kind: str, task_name: str, task_id: str, broker: str, due_at: float, message: str,
              using: str | None = None, outside_transaction: bool = False) -> bool:
     """Write one row; False if ``key`` is there already.
 
@@ -152,10 +160,11 @@ def schedule(*, key: str, kind: str, task_name: str, task_id: str, due_at: float
         with connection.cursor() as cursor:
             # ON CONFLICT DO NOTHING: a redelivered attempt schedules nothing twice.
             cursor.execute(
-                f"INSERT INTO {_table(using)} (key, kind, task_name, task_id, state, due_at, message, token, "
+                f"INSERT INTO {_table(using)} (key, kind, task_name, task_id, broker, state, due_at, message, token, "
                 f"consumed_token, publishes, failures, last_error, created_at, updated_at) "
-                f"VALUES (%s, %s, %s, %s, 'scheduled', %s, %s, '', '', 0, 0, '', %s, %s) ON CONFLICT (key) DO NOTHING",
-                [key[:255], kind, task_name, task_id, due_at, message, now, now],
+                f"VALUES (%s, %s, %s, %s, %s, 'scheduled', %s, %s, '', '', 0, 0, '', %s, %s) "
+                f"ON CONFLICT (key) DO NOTHING",
+                [key[:255], kind, task_name, task_id, broker, due_at, message, now, now],
             )
             return cursor.rowcount > 0
     finally:
@@ -189,11 +198,11 @@ class RelayRun:
         return self.published + self.resent + self.failed + self.given_up
 
 
-def _has_due(using: str, now: float) -> bool:
+def _has_due(using: str, broker: str, now: float) -> bool:
     from safetynet.models import ScheduledMessage
 
     return ScheduledMessage.objects.using(using).filter(
-        state__in=[ScheduledMessage.State.SCHEDULED, ScheduledMessage.State.PUBLISHED], due_at__lte=now
+        broker=broker, state__in=[ScheduledMessage.State.SCHEDULED, ScheduledMessage.State.PUBLISHED], due_at__lte=now
     ).exists()
 
 
@@ -205,7 +214,8 @@ def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None) -> R
     now = time.time()
     run = RelayRun()
     key_list = None if keys is None else list(keys)
-    if key_list == [] or (key_list is None and not _has_due(using, now)):
+    broker = broker_of(app)
+    if key_list == [] or (key_list is None and not _has_due(using, broker, now)):
         return run
     grace = conf.get().lost_message_seconds
     token = uuid.uuid4().hex[:16]
@@ -213,7 +223,7 @@ def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None) -> R
     table = _table(using)
     skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     only = ""
-    params: list[Any] = [token, now + grace if grace is not None else 1e18, now, now]
+    params: list[Any] = [token, now + grace if grace is not None else 1e18, now, broker, now]
     if key_list is not None:
         only = f" AND key IN ({', '.join(['%s'] * len(key_list))})"
         params += key_list
@@ -222,8 +232,8 @@ def relay(app: Any, *, limit: int = 500, keys: Iterable[str] | None = None) -> R
         with connection.cursor() as cursor:
             cursor.execute(
                 f"UPDATE {table} SET state = 'published', token = %s, due_at = %s, publishes = publishes + 1, "
-                f"updated_at = %s WHERE key IN (SELECT key FROM {table} WHERE state IN ('scheduled', 'published') "
-                f"AND due_at <= %s{only} ORDER BY due_at LIMIT %s{skip_locked}) "
+                f"updated_at = %s WHERE key IN (SELECT key FROM {table} WHERE broker = %s "
+                f"AND state IN ('scheduled', 'published') AND due_at <= %s{only} ORDER BY due_at LIMIT %s{skip_locked}) "
                 f"RETURNING key, kind, task_name, task_id, message, publishes",
                 params,
             )

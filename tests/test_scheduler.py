@@ -124,43 +124,40 @@ def test_the_relay_publishes_what_is_due_once_and_leaves_the_rest(queue):
 
 
 def test_a_message_the_broker_refuses_is_put_back_with_its_error(queue):
-    add.apply_async((1, 2), task_id="refused", queue=queue, countdown=60, headers=retry_headers())
-    ScheduledMessage.objects.update(due_at=time.time() - 1)
-    down = safetynet_app_on("redis://127.0.0.1:1/0")
+    from tests.integration.conftest import configure_app
+
+    broker, backend = app.conf.broker_url, app.conf.result_backend
+    configure_app("redis://127.0.0.1:1/0", backend)  # nothing listens there: connection refused
     try:
-        run = down.relay()
+        add.apply_async((1, 2), task_id="refused", queue=queue, countdown=60, headers=retry_headers())
+        ScheduledMessage.objects.update(due_at=time.time() - 1)
+        run = scheduler.relay(app)
+        assert (run.published, run.failed) == (0, 1) and run.error is not None
+        kept = row("refused#0")
+        assert kept.state == "scheduled" and kept.publishes == 0 and kept.failures == 1
+        assert "Error" in kept.last_error and kept.due_at == pytest.approx(time.time() + 2, abs=1)
+        # It may be the row itself that fails: each failure waits longer, so it holds nothing back.
+        ScheduledMessage.objects.update(due_at=time.time() - 1)
+        scheduler.relay(app)
+        assert row("refused#0").failures == 2
+        assert row("refused#0").due_at == pytest.approx(time.time() + 8, abs=1)
     finally:
-        down.close()
-    assert (run.published, run.failed) == (0, 1) and run.error is not None
-    kept = row("refused#0")
-    assert kept.state == "scheduled" and kept.publishes == 0 and kept.failures == 1
-    assert "Error" in kept.last_error and kept.due_at == pytest.approx(time.time() + 2, abs=1)
-    # It may be the row itself that fails: each failure waits longer, so it holds nothing back.
+        configure_app(broker, backend)
+
+
+def test_a_relay_publishes_only_the_rows_of_its_own_broker(queue):
+    """Workers of an app on another broker share the database: they leave this broker's rows be."""
+    from celery import Celery
+
+    add.apply_async((1, 2), task_id="mine", queue=queue, countdown=60, headers=retry_headers())
     ScheduledMessage.objects.update(due_at=time.time() - 1)
-    down = safetynet_app_on("redis://127.0.0.1:1/0")
+    other = Celery("elsewhere", broker="redis://127.0.0.1:6379/12", set_as_current=False)
     try:
-        down.relay()
+        assert scheduler.relay(other).taken == 0
     finally:
-        down.close()
-    assert row("refused#0").failures == 2
-    assert row("refused#0").due_at == pytest.approx(time.time() + 8, abs=1)
-
-
-class safetynet_app_on:
-    """A second Celery app on another broker, with the test tasks registered on it."""
-
-    def __init__(self, broker):
-        from celery import Celery
-
-        self.app = Celery("relay-test", broker=broker, set_as_current=False)
-        self.app.conf.broker_connection_retry = False
-        self.app.conf.broker_connection_max_retries = 0
-
-    def relay(self):
-        return scheduler.relay(self.app)
-
-    def close(self):
-        self.app.close()
+        other.close()
+    assert row("mine#0").state == "scheduled"
+    assert scheduler.relay(app).published == 1
 
 
 def test_a_published_message_nobody_took_is_sent_again_with_a_new_token(queue):
@@ -246,7 +243,9 @@ def test_an_outbox_message_waits_for_the_relay_when_the_broker_is_away(queue):
         configure_app(broker, backend)
     waiting = row(result.id)
     assert waiting.state == "scheduled" and waiting.publishes == 0 and waiting.last_error
-    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    # The broker is back (here: the app points at the working broker again, a different URL than the
+    # closed port that played the broker being down, so the row is moved over to it).
+    ScheduledMessage.objects.update(due_at=time.time() - 1, broker=scheduler.broker_of(app))
     assert scheduler.relay(app).published == 1
     assert [task_id for _, task_id, _ in sent(queue)] == [result.id]
 

@@ -248,6 +248,7 @@ class SafetyTask(DjangoTask):
         options = {**{name: value for name, value in self._get_exec_options().items() if value is not None},
                    **enqueue_options, "task_id": task_id}
         scheduler.schedule(key=task_id, kind="outbox", task_name=self.name, task_id=task_id,
+                           broker=scheduler.broker_of(self._get_app()),
                            due_at=now + scheduler.delay_of(options, now),
                            message=scheduler.pack(args, kwargs, options, now), using=using)
         transaction.on_commit(functools.partial(self._publish_outbox, key, task_id), using=using, robust=True)
@@ -279,7 +280,7 @@ class SafetyTask(DjangoTask):
         state = AttemptState.from_headers(enqueue_options["headers"], now)
         options = {**enqueue_options, "task_id": task_id}
         row = {"key": f"{task_id}#{state.omitted + len(state.history)}", "kind": "retry", "task_name": self.name,
-               "task_id": task_id, "due_at": now + delay}
+               "task_id": task_id, "broker": scheduler.broker_of(self._get_app()), "due_at": now + delay}
 
         def write() -> None:
             try:
