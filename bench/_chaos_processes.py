@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,34 +43,40 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 class RedisServer:
-    """A ``redis-server`` of the run's own, append-only file fsynced on every write.
+    """A ``redis-server`` of the run's own on a free port.
 
-    A SIGKILL and a start on the same directory bring back everything it had acknowledged:
-    queued messages, unacknowledged ones, scheduled retries.
+    ``durable=True`` (the chaos run): an append-only file fsynced on every write, so a SIGKILL and a
+    start on the same directory bring back everything it had acknowledged: queued messages,
+    unacknowledged ones, scheduled retries. ``durable=False``: in memory only.
     """
 
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+    def __init__(self, directory: Path, *, durable: bool = True) -> None:
+        self.directory, self.port, self.durable = directory, free_port(), durable
+        self.url = self.url_for(0)
         self.log = directory / "redis.log"
         self.process: subprocess.Popen | None = None
         self.restarts = 0
 
+    def url_for(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
     def start(self, timeout: float = 30.0) -> None:
-        command = [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-            "--auto-aof-rewrite-percentage", "0",  # the whole history stays in the file, for lost_in_transport
-            "--logfile", str(self.log),
-        ]
+        if shutil.which("redis-server") is None:
+            raise SystemExit("this benchmark needs redis-server on the PATH (it runs a private one)")
+        persistence = (["--appendonly", "yes", "--appendfsync", "always",
+                        "--auto-aof-rewrite-percentage", "0"]  # the whole history stays, for lost_in_transport
+                       if self.durable else ["--appendonly", "no"])
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                   *persistence, "--save", "", "--daemonize", "no", "--logfile", str(self.log)]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready(timeout)
 
-    def client(self):
+    def client(self, db: int = 0, socket_timeout: float = 5, decode_responses: bool = False):
         import redis
 
-        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
+        return redis.Redis.from_url(self.url_for(db), socket_timeout=socket_timeout, socket_connect_timeout=2,
+                                    decode_responses=decode_responses)
 
     def wait_ready(self, timeout: float) -> None:
         import redis
@@ -87,6 +94,15 @@ class RedisServer:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} not ready after {timeout}s:\n{tail(self.log)}")
             time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        if self.process is not None and self.process.poll() is None:
+            _kill_group(self.process, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
     def restart(self, down_seconds: float) -> float:
         """SIGKILL it, leave it down ``down_seconds``, start it again; return how long it was away."""

@@ -6,80 +6,16 @@ process and its pool children, and nothing else.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# The private Redis, a free port and a log's tail are the chaos benchmark's.
+from _chaos_processes import RedisServer, _kill_group, free_port, tail  # noqa: F401
+
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _kill_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-class RedisServer:
-    """A ``redis-server`` of the run's own on a free port, in memory only (nothing here must survive it)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log = directory / "redis.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        import redis
-
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                   "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", str(self.log)]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        client = self.client()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}:\n{tail(self.log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} not ready after {timeout}s:\n{tail(self.log)}")
-            time.sleep(0.05)
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=2, decode_responses=True)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            _kill_group(self.process, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.process, signal.SIGKILL)
-                self.process.wait(timeout=10)
 
 
 class Worker:

@@ -138,7 +138,7 @@ def run_system(system: str, args: argparse.Namespace, redis_server: RedisServer,
     run = Run(system)
     log_dir = work_dir / system
     log_dir.mkdir()
-    client = redis_server.client()
+    client = redis_server.client(socket_timeout=10, decode_responses=True)
     client.flushall()  # the server is the run's own: queues, breaker state and records start empty
     queue = f"outage.{args.run_id}.{system}"
     task = tasks.safetynet_call if system == "safetynet" else tasks.celery_call
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     work_dir = Path(tempfile.mkdtemp(prefix="safetynet-outage-"))
-    redis_server = RedisServer(work_dir)
+    redis_server = RedisServer(work_dir, durable=False)
     database = f"bench_outage_{os.getpid()}"
     created = False
     began = time.monotonic()
