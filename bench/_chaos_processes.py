@@ -42,6 +42,23 @@ def tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
+def stop_worker(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
+    """A worker's warm shutdown, then SIGKILL for whatever is left of its process group."""
+    if process is None:
+        return
+    if process.poll() is None:
+        _kill_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(process, signal.SIGKILL)  # pool children the warm shutdown left behind, if any
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class RedisServer:
     """A ``redis-server`` of the run's own on a free port.
 
@@ -165,21 +182,7 @@ class Worker:
             self.process.wait(timeout=10)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """A warm shutdown, then SIGKILL for whatever is left of the group."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            _kill_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(process, signal.SIGKILL)  # pool children the warm shutdown left behind, if any
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_worker(self.process, timeout)
 
 
 class Chaos(threading.Thread):

@@ -6,14 +6,13 @@ process and its pool children, and nothing else.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 # The private Redis, a free port and a log's tail are the chaos benchmark's.
-from _chaos_processes import RedisServer, _kill_group, free_port, tail  # noqa: F401
+from _chaos_processes import RedisServer, free_port, stop_worker, tail  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,18 +51,4 @@ class Worker:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        """A warm shutdown, then SIGKILL for whatever is left of the group."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None:
-            _kill_group(process, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(process, signal.SIGKILL)  # pool children the warm shutdown left behind, if any
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_worker(self.process, timeout)

@@ -124,3 +124,13 @@ def wait_for(result, timeout):
             return seen
         time.sleep(0.2)
     raise AssertionError(f"{result.id} not ready after {timeout}s; states seen {seen}")
+
+
+def wait_until(condition, timeout, what):
+    """Poll ``condition`` every 0.1 s until it is true; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")

@@ -20,7 +20,7 @@ from django.db import connection
 
 from safetynet.models import DeadLetter, IdempotencyClaim
 from tests import idem_tasks, recording, tasks
-from tests.integration.conftest import BROKERS, Worker, configure_app
+from tests.integration.conftest import BROKERS, Worker, configure_app, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -64,15 +64,6 @@ def workers(tmp_path, worker_database, spool_dir, app):
 
 def order():
     return f"o-{uuid.uuid4().hex[:10]}"
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def test_a_duplicate_in_progress_is_deferred_then_gets_the_stored_result(workers, ledger):

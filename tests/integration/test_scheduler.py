@@ -31,7 +31,7 @@ from django.db import connection, transaction
 
 from safetynet.models import ScheduledMessage
 from tests import sched_tasks
-from tests.integration.conftest import BROKERS, ROOT, Worker, configure_app
+from tests.integration.conftest import BROKERS, ROOT, Worker, configure_app, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -63,15 +63,6 @@ def ledger():
                 for name, task_id, attempt, relayed, ran_at in rows]
 
     return runs
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def free_port():
