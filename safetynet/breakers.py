@@ -101,8 +101,10 @@ class Breaker:
 
         if isinstance(exception, (Permanent, Snooze)):
             return False
+        from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
         matchers = as_matchers(self.count_on, name="count_on") if self.count_on is not None else (
-            is_network_error, http_status(408, 429, *range(500, 600)))
+            is_network_error, http_status(408, 429, *range(500, 600)), SoftTimeLimitExceeded, TimeLimitExceeded)
         for matcher in matchers:
             if isinstance(matcher, type):
                 if isinstance(exception, matcher):
@@ -227,7 +229,8 @@ local ok = ARGV[2] == '1'
 local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
 if ARGV[3] ~= '' then
   local held = redis.call('ZREM', KEYS[3], ARGV[3])
-  if state ~= 'half_open' or held == 0 then return {state, ''} end
+  -- A probe that outlived its place (a hanging upstream) still reopens the breaker when it fails.
+  if state ~= 'half_open' or (held == 0 and ok) then return {state, ''} end
   if ok then
     redis.call('HSET', KEYS[1], 'state', 'closed', 'changed', ARGV[1], 'consecutive', '0')
     redis.call('DEL', KEYS[2], KEYS[3])
@@ -243,6 +246,9 @@ redis.call('HINCRBY', KEYS[2], 'c:' .. bucket, 1)
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[4]) * tonumber(ARGV[5]) * 2000))
 if ok then
   redis.call('HSET', KEYS[1], 'consecutive', '0')
+  -- The bucket that just left the window goes (failures prune them all below).
+  local gone = bucket - tonumber(ARGV[5])
+  redis.call('HDEL', KEYS[2], 'c:' .. gone, 'f:' .. gone)
   return {'closed', ''}
 end
 redis.call('HINCRBY', KEYS[2], 'f:' .. bucket, 1)
@@ -335,7 +341,8 @@ def _database_leave(name: str, config: Breaker, now: float, ok: bool, probe: str
             probes = dict(row.probes or {})
             held = probes.pop(probe, None)
             row.probes = probes
-            if row.state != HALF_OPEN or held is None:
+            # A probe that outlived its place (a hanging upstream) still reopens the breaker when it fails.
+            if row.state != HALF_OPEN or (held is None and ok):
                 return row.state, ""
             row.probes, row.window, row.consecutive, row.changed = {}, {}, 0, now
             if ok:
@@ -467,14 +474,30 @@ def _free_probe(ticket: Ticket) -> None:
 
 
 @contextlib.contextmanager
-def _guarded(name: str) -> Iterator[Ticket]:
-    ticket = enter(name)
+def _guarded(name: str) -> Iterator[Ticket | None]:
+    try:
+        ticket: Ticket | None = enter(name)
+    except BreakerOpen:
+        raise
+    except Exception as error:  # neither Redis nor the database answers: the call goes through, unguarded
+        logger.warning("safetynet: breaker %r not consulted (%r); calling without it", name, error)
+        ticket = None
     try:
         yield ticket
     except BaseException as exc:
-        leave(ticket, ok=outcome_of(name, exc))
+        _report(ticket, exc)
         raise
-    leave(ticket, ok=True)
+    _report(ticket, True)
+
+
+def _report(ticket: Ticket | None, outcome: bool | BaseException) -> None:
+    """``leave``, without letting the store (or a count_on that raises) change the call's own outcome."""
+    if ticket is None:
+        return
+    try:
+        leave(ticket, ok=outcome_of(ticket.name, outcome) if isinstance(outcome, BaseException) else outcome)
+    except Exception as error:
+        logger.warning("safetynet: could not report to breaker %r: %r", ticket.name, error)
 
 
 class breaker(contextlib.ContextDecorator):  # noqa: N801 - used like a function: with safetynet.breaker("smtp")

@@ -180,6 +180,14 @@ def _independent(using: str) -> Any:
     return connections.create_connection(using)
 
 
+def settled(key: str, using: str | None = None) -> bool:
+    """True if the row ``key`` belongs to a message already consumed (or given up): a task id used again."""
+    from safetynet.models import ScheduledMessage
+
+    return ScheduledMessage.objects.using(using or database()).filter(
+        key=key[:255], state=ScheduledMessage.State.CONSUMED).exists()
+
+
 # -- the relay ---------------------------------------------------------------------------------
 
 
@@ -259,6 +267,8 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
     with app.producer_or_acquire() as producer:
         for index, (key, kind, task_name, task_id, message, publishes) in enumerate(pending):
             try:
+                if _expired(message, key, task_name, task_id, using):
+                    continue
                 if index == 0:
                     # One try to reach the broker, no retries: a relay, or a request that committed an
                     # outbox message, does not wait for a broker that is away; the rows wait instead.
@@ -291,6 +301,25 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
                 )
             else:
                 run.published += 1
+
+
+def _expired(message: str, key: str, task_name: str, task_id: str, using: str) -> bool:
+    """A message whose ``expires`` has passed is not published (a worker would discard it unrun, and the
+    relay would send it again and again): the row is settled, as Celery would have settled it."""
+    from safetynet.models import ScheduledMessage
+
+    expires = unpack(message)[2].get("expires")
+    if isinstance(expires, str):
+        expires = datetime.fromisoformat(expires)
+    if not isinstance(expires, datetime):
+        return False
+    if (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).timestamp() > time.time():
+        return False
+    ScheduledMessage.objects.using(using).filter(key=key).update(
+        state=ScheduledMessage.State.CONSUMED, consumed_token="-", updated_at=time.time())
+    logger.info("safetynet: %s[%s] expired before it was due; not published", task_name, task_id,
+                extra={"task_name": task_name, "task_id": task_id, "action": "expired"})
+    return True
 
 
 def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool) -> None:

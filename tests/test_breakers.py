@@ -291,3 +291,30 @@ def test_a_task_can_spend_a_named_or_its_queues_budget():
         @safetynet.task(retry_budget=3)
         def wrong():
             pass
+
+
+def test_a_failed_probe_that_outlived_its_place_still_reopens_it(declare):
+    name = declare(min_calls=1, open_seconds=0.3)
+    calls(name, [False])
+    time.sleep(0.35)
+    probe = breakers.enter(name)
+    time.sleep(0.35)  # the upstream hangs: the probe's place expires
+    assert breakers.leave(probe, ok=False) == "open"
+
+
+def test_a_count_on_that_raises_does_not_replace_the_calls_own_error(declare):
+    name = declare(min_calls=1, count_on=[lambda error: 1 / 0])
+    with pytest.raises(ConnectionError), safetynet.breaker(name):
+        raise ConnectionError("the call's own error")
+
+
+def test_an_eager_run_through_an_open_breaker_fails_instead_of_waiting():
+    from tests import breaker_tasks
+
+    breakers.force("upstream", "open", seconds=60)
+    try:
+        result = breaker_tasks.call_upstream.apply(("eager", False))
+    finally:
+        breakers.force("upstream", "closed")
+    assert result.state == "FAILURE" and "an eager run cannot wait" in str(result.result)
+    assert breaker_tasks.runs("eager") == 0

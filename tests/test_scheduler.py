@@ -385,3 +385,20 @@ def test_relay_refuses_a_poll_interval_out_of_range():
 
     with pytest.raises(CommandError, match="--poll must be from 0.05 to 60"):
         command("relay", "--poll", "0")
+
+
+def test_a_retry_whose_task_id_was_used_before_is_still_sent(queue):
+    """Task.replace or a fixed task id: the row key is taken by a consumed message, not a redelivery."""
+    headers = retry_headers()
+    add.apply_async((1, 2), task_id="reused", queue=queue, countdown=60, headers=headers)
+    scheduler.accept("reused#0", "old")
+    add.apply_async((1, 2), task_id="reused", queue=queue, countdown=60, headers=headers)
+    assert [task_id for _, task_id, _ in sent(queue)] == ["reused"]  # as an ETA message
+
+
+def test_an_expired_message_is_not_published(queue):
+    add.apply_async((1, 2), task_id="late", queue=queue, countdown=60, expires=1, headers=retry_headers())
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    time.sleep(1.1)
+    scheduler.relay(app)
+    assert sent(queue) == [] and row("late#0").state == "consumed"

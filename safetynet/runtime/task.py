@@ -247,11 +247,20 @@ class SafetyTask(DjangoTask):
         now = time.time()
         options = {**{name: value for name, value in self._get_exec_options().items() if value is not None},
                    **enqueue_options, "task_id": task_id}
-        scheduler.schedule(key=task_id, kind="outbox", task_name=self.name, task_id=task_id,
-                           broker=scheduler.broker_of(self._get_app()),
-                           due_at=now + scheduler.delay_of(options, now),
-                           message=scheduler.pack(args, kwargs, options, now), using=using)
-        transaction.on_commit(functools.partial(self._publish_outbox, key, task_id), using=using, robust=True)
+        written = scheduler.schedule(key=task_id, kind="outbox", task_name=self.name, task_id=task_id,
+                                     broker=scheduler.broker_of(self._get_app()),
+                                     due_at=now + scheduler.delay_of(options, now),
+                                     message=scheduler.pack(args, kwargs, options, now), using=using)
+        if not written and scheduler.settled(task_id, using):
+            # The task id was used by an earlier message (Task.replace, a fixed id): its row is taken, so
+            # this one is sent once the transaction commits, without the outbox.
+            logger.warning("%s[%s]: task id used before; sent on commit instead of through the outbox",
+                           self.name, task_id, extra={"task_name": self.name, "task_id": task_id})
+            transaction.on_commit(
+                functools.partial(self._send_unique, key, args, kwargs, task_id, enqueue_options), using=using)
+            return self.AsyncResult(task_id)
+        unique_key = None if "safetynet_replay_of" in (enqueue_options.get("headers") or {}) else key
+        transaction.on_commit(functools.partial(self._publish_outbox, unique_key, task_id), using=using, robust=True)
         return self.AsyncResult(task_id)
 
     def _publish_outbox(self, key: str | None, task_id: str) -> None:
@@ -284,8 +293,14 @@ class SafetyTask(DjangoTask):
 
         def write() -> None:
             try:
-                scheduler.schedule(message=scheduler.pack(args, kwargs, options, now), **row,
-                                   outside_transaction=True)
+                written = scheduler.schedule(message=scheduler.pack(args, kwargs, options, now), **row,
+                                             outside_transaction=True)
+                if not written and scheduler.settled(row["key"]):
+                    # Not a redelivered attempt scheduling again: the task id was used by an earlier
+                    # message (Task.replace, a fixed id) whose row is taken. Send it as Celery would.
+                    logger.warning("%s[%s]: task id used before; the retry is published as an ETA message",
+                                   self.name, task_id, extra={"task_name": self.name, "task_id": task_id})
+                    super(SafetyTask, self).apply_async(args, kwargs, task_id=task_id, **enqueue_options)
             except Exception as error:  # not written: the retry must still happen, as Celery would send it
                 logger.warning("%s[%s]: could not put the retry in the durable schedule (%r); published as an "
                                "ETA message", self.name, task_id, error,
@@ -396,25 +411,33 @@ class SafetyTask(DjangoTask):
 
             try:
                 ticket = breakers.enter(self.breaker)
-            except BreakerOpen:
+            except BreakerOpen as refused:
+                if request.is_eager:  # an eager run cannot wait (its retry would run at once, again and again)
+                    raise Transient(f"{refused}; an eager run cannot wait for it") from None
                 raise  # a Snooze: deferred, no attempt used
             except Exception as error:  # neither Redis nor the database answers: run without the breaker
                 logger.warning("%s[%s]: breaker %r not consulted (%r); running", self.name, request.id,
                                self.breaker, error, extra={"task_name": self.name, "task_id": request.id})
         scope = self._budget_scope()
-        if scope is not None and (not request.headers or HEADER not in request.headers):  # a first attempt
+        if scope is not None and self.attempt == 1:  # a first attempt (also after deferrals) earns budget
             from safetynet import breakers
 
             self._budget_safely(breakers.count_first_attempt, scope)
-        try:
-            result = self._run_claimed(call, args, kwargs, started) if self._idempotency is not None else call()
-        except BaseException as exc:
-            if ticket is not None:
-                from safetynet import breakers
+        ran = False
 
-                self._leave_breaker(ticket, breakers.outcome_of(self.breaker, exc))
+        def body() -> Any:
+            nonlocal ran
+            ran = True
+            return call()
+
+        try:
+            result = self._run_claimed(body, args, kwargs, started) if self._idempotency is not None else body()
+        except BaseException as exc:
+            # Only what the body did tells the breaker about the upstream (a stored result, a deferral
+            # or a claim error made no call).
+            self._leave_breaker(ticket, exc if ran else None)
             raise
-        self._leave_breaker(ticket, True)
+        self._leave_breaker(ticket, True if ran else None)
         return result
 
     def _budget_scope(self) -> str | None:
@@ -428,13 +451,15 @@ class SafetyTask(DjangoTask):
             return f"breaker:{self.breaker}"
         return None
 
-    def _leave_breaker(self, ticket: Any, ok: bool | None) -> None:
-        """Report the run to the breaker; a store that does not answer must not change the task's outcome."""
+    def _leave_breaker(self, ticket: Any, outcome: bool | BaseException | None) -> None:
+        """Report the run to the breaker (True, an exception, or None: no call made); a store that does
+        not answer, or a count_on that raises, must not change the task's outcome."""
         from safetynet import breakers
 
         if ticket is None:
             return
         try:
+            ok = breakers.outcome_of(self.breaker, outcome) if isinstance(outcome, BaseException) else outcome
             breakers.leave(ticket, ok=ok)
         except Exception as error:
             logger.warning("%s[%s]: could not report to breaker %r: %r", self.name, self.request.id, self.breaker,
