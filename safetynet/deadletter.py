@@ -360,6 +360,20 @@ def record(
     return True
 
 
+def record_lost_message(*, task_name: str, task_id: str, args: Any, kwargs: Any, headers: Mapping[str, Any],
+                        queue: str, detail: str, idempotency_key: str | None = None) -> None:
+    """A message sent again and again that no worker took: one ERROR line and a ``rejected`` dead letter."""
+    extra = {"task_name": task_name, "task_id": task_id, "reason": "rejected"}
+    if idempotency_key is not None:
+        extra["idempotency_key"] = idempotency_key
+    logger.error("safetynet: %s[%s] %s; dead-lettered", task_name, task_id, detail, extra=extra)
+    record_safely(
+        task_name=task_name, task_id=task_id, reason="rejected", args=args, kwargs=kwargs, headers=headers,
+        delivery_info={"routing_key": queue}, exception_type="safetynet.LostMessage", exception_message=detail,
+        detail=detail, failed_at=time.time(),
+    )
+
+
 def record_safely(**fields: Any) -> None:
     """``record``, but never raising: recording must not change a task's outcome or stop a worker."""
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from datetime import datetime
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Any
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, models, router, transaction
 
+from safetynet import scheduler
 from safetynet.exceptions import (
     ClaimLost,
     ConfigurationError,
@@ -515,7 +515,7 @@ def resend_lost(app: Any, *, grace: float, limit: int = 200) -> int:
         for key, task_name, task_id, state, message, resent, deliveries in rows:
             options = dict(message.get("options") or {})
             if isinstance(options.get("expires"), str):
-                options["expires"] = datetime.fromisoformat(options["expires"])
+                options["expires"] = scheduler.moment(options["expires"])
                 if options["expires"].timestamp() < now:  # Celery would not run it now: it is over
                     expired.append(key)
                     continue
@@ -564,13 +564,10 @@ def _give_up_lost(key: str, task_name: str, task_id: str, message: dict[str, Any
 
     detail = (f"its message was sent {resent + 1} times and no run claimed idempotency key {key!r}: no worker "
               "consumes its queue, or the task was revoked or is unknown there")
-    logger.error("safetynet: %s[%s] %s; dead-lettered", task_name, task_id, detail,
-                 extra={"task_name": task_name, "task_id": task_id, "idempotency_key": key, "reason": "rejected"})
-    deadletter.record_safely(
-        task_name=task_name, task_id=task_id, reason="rejected", args=message.get("args") or [],
-        kwargs=message.get("kwargs") or {}, headers=message.get("headers") or {},
-        delivery_info={"routing_key": (message.get("options") or {}).get("queue", "")},
-        exception_type="safetynet.LostMessage", exception_message=detail, detail=detail, failed_at=time.time(),
+    deadletter.record_lost_message(
+        task_name=task_name, task_id=task_id, args=message.get("args") or [], kwargs=message.get("kwargs") or {},
+        headers=message.get("headers") or {}, queue=(message.get("options") or {}).get("queue", ""), detail=detail,
+        idempotency_key=key,
     )
     _mark_failed(IdempotencyClaim.objects.using(using).filter(key=key, task_id=task_id), detail)
 

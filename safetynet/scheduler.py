@@ -43,6 +43,7 @@ from safetynet.exceptions import ConfigurationError
 
 __all__ = [
     "MAX_RESENDS",
+    "moment",
     "RELAYED_HEADER",
     "RelayRun",
     "accept",
@@ -95,15 +96,18 @@ def _table(using: str) -> str:
 # -- what goes in a row ------------------------------------------------------------------------
 
 
+def moment(value: datetime | str) -> datetime:
+    """An ``eta`` or ``expires`` as Celery reads it: a datetime or an ISO 8601 string, naive meaning UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)  # Celery's enable_utc
+
+
 def delay_of(options: dict[str, Any], now: float) -> float:
     """Seconds until a message sent with these ``apply_async`` options is due (countdown or eta)."""
     eta = options.get("eta")
     if eta is not None:
-        if isinstance(eta, str):
-            eta = datetime.fromisoformat(eta)
-        if eta.tzinfo is None:  # Celery reads a naive time as UTC (enable_utc)
-            eta = eta.replace(tzinfo=timezone.utc)
-        return max(0.0, eta.timestamp() - now)
+        return max(0.0, moment(eta).timestamp() - now)
     countdown = options.get("countdown")
     return max(0.0, float(countdown)) if countdown is not None else 0.0
 
@@ -267,13 +271,13 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
     with app.producer_or_acquire() as producer:
         for index, (key, kind, task_name, task_id, message, publishes) in enumerate(pending):
             try:
-                if _expired(message, key, task_name, task_id, using):
+                args, kwargs, options = unpack(message)
+                if _expired(options, key, task_name, task_id, using):
                     continue
                 if index == 0:
                     # One try to reach the broker, no retries: a relay, or a request that committed an
                     # outbox message, does not wait for a broker that is away; the rows wait instead.
                     producer.connection.ensure_connection(max_retries=0)
-                args, kwargs, options = unpack(message)
                 options["headers"] = {**(options.get("headers") or {}), RELAYED_HEADER: [key, token]}
                 options.update(producer=producer, retry=False)
                 task = app.tasks.get(task_name)
@@ -303,23 +307,24 @@ def _publish(app: Any, using: str, rows: list[tuple[Any, ...]], token: str, run:
                 run.published += 1
 
 
-def _expired(message: str, key: str, task_name: str, task_id: str, using: str) -> bool:
+def _expired(options: dict[str, Any], key: str, task_name: str, task_id: str, using: str) -> bool:
     """A message whose ``expires`` has passed is not published (a worker would discard it unrun, and the
     relay would send it again and again): the row is settled, as Celery would have settled it."""
-    from safetynet.models import ScheduledMessage
-
-    expires = unpack(message)[2].get("expires")
-    if isinstance(expires, str):
-        expires = datetime.fromisoformat(expires)
-    if not isinstance(expires, datetime):
+    expires = options.get("expires")
+    if not isinstance(expires, (str, datetime)) or moment(expires).timestamp() > time.time():
         return False
-    if (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).timestamp() > time.time():
-        return False
-    ScheduledMessage.objects.using(using).filter(key=key).update(
-        state=ScheduledMessage.State.CONSUMED, consumed_token="-", updated_at=time.time())
+    _settle(using, [key])
     logger.info("safetynet: %s[%s] expired before it was due; not published", task_name, task_id,
                 extra={"task_name": task_name, "task_id": task_id, "action": "expired"})
     return True
+
+
+def _settle(using: str, keys: list[str]) -> None:
+    """Mark rows consumed by nobody: a copy of them that still turns up is dropped."""
+    from safetynet.models import ScheduledMessage
+
+    ScheduledMessage.objects.using(using).filter(key__in=keys).update(
+        state=ScheduledMessage.State.CONSUMED, consumed_token="-", updated_at=time.time())
 
 
 def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool) -> None:
@@ -343,23 +348,16 @@ def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool
 def _give_up(using: str, rows: list[tuple[Any, ...]]) -> None:
     """Sent again and again, never taken: no worker consumes its queue. A dead letter, not a loop."""
     from safetynet import deadletter
-    from safetynet.models import ScheduledMessage
 
     for key, kind, task_name, task_id, message, publishes in rows:
         args, kwargs, options = unpack(message)
-        detail = (f"its {kind} message was published {publishes - 1} times and no worker took it: no worker "
-                  "consumes its queue, or the task was revoked or is unknown there")
-        logger.error("safetynet: %s[%s] %s; dead-lettered", task_name, task_id, detail,
-                     extra={"task_name": task_name, "task_id": task_id, "reason": "rejected"})
-        deadletter.record_safely(
-            task_name=task_name, task_id=task_id, reason="rejected", args=args, kwargs=kwargs,
-            headers=options.get("headers") or {}, delivery_info={"routing_key": options.get("queue", "")},
-            exception_type="safetynet.LostMessage", exception_message=detail, detail=detail, failed_at=time.time(),
+        deadletter.record_lost_message(
+            task_name=task_name, task_id=task_id, args=args, kwargs=kwargs, headers=options.get("headers") or {},
+            queue=options.get("queue", ""),
+            detail=f"its {kind} message was published {publishes - 1} times and no worker took it: no worker "
+                   "consumes its queue, or the task was revoked or is unknown there",
         )
-    # Consumed by nobody: any copy that still turns up is dropped.
-    ScheduledMessage.objects.using(using).filter(key__in=[row[0] for row in rows]).update(
-        state=ScheduledMessage.State.CONSUMED, consumed_token="-", updated_at=time.time()
-    )
+    _settle(using, [row[0] for row in rows])
 
 
 def publish_now(app: Any, keys: list[str]) -> None:

@@ -361,12 +361,10 @@ class SafetyTask(DjangoTask):
         # Not before it is due: a countdown or an eta moves the grace on; an expiry travels as a time.
         due = now + scheduler.delay_of(enqueue_options, now)
         expires = enqueue_options.get("expires")
-        if isinstance(expires, str):
-            expires = datetime.fromisoformat(expires)
         if isinstance(expires, (int, float)):
             options["expires"] = datetime.fromtimestamp(now + expires, tz=timezone.utc).isoformat()
-        elif isinstance(expires, datetime):  # Celery reads a naive time as UTC
-            options["expires"] = (expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)).isoformat()
+        elif isinstance(expires, (str, datetime)):
+            options["expires"] = scheduler.moment(expires).isoformat()
         message = {"args": list(args or ()), "kwargs": dict(kwargs or {}), "options": options,
                    "headers": dict(enqueue_options.get("headers") or {})}
 
