@@ -34,7 +34,8 @@ from typing import Any
 
 from safetynet.exceptions import BreakerOpen, ConfigurationError, Snooze
 
-__all__ = ["Breaker", "BreakerOpen", "RetryBudget", "Ticket", "budgeted", "count_first_attempt", "breaker", "enter", "force", "leave", "outcome_of", "state_of"]
+__all__ = ["Breaker", "BreakerOpen", "RetryBudget", "Ticket", "budgeted", "count_first_attempt", "enter_or_skip",
+           "report", "breaker", "enter", "force", "leave", "outcome_of", "state_of"]
 
 logger = logging.getLogger("safetynet")
 
@@ -473,25 +474,33 @@ def _free_probe(ticket: Ticket) -> None:
     _database_apply(ticket.name, change)
 
 
-@contextlib.contextmanager
-def _guarded(name: str) -> Iterator[Ticket | None]:
+def enter_or_skip(name: str) -> Ticket | None:
+    """``enter``, or None (with a warning) when neither Redis nor the database answers: the call then
+    goes through unguarded. BreakerOpen is raised as by ``enter``."""
     try:
-        ticket: Ticket | None = enter(name)
+        return enter(name)
     except BreakerOpen:
         raise
-    except Exception as error:  # neither Redis nor the database answers: the call goes through, unguarded
-        logger.warning("safetynet: breaker %r not consulted (%r); calling without it", name, error)
-        ticket = None
+    except Exception as error:
+        logger.warning("safetynet: breaker %r not consulted (%r); calling without it", name, error,
+                       extra={"breaker": name})
+        return None
+
+
+@contextlib.contextmanager
+def _guarded(name: str) -> Iterator[Ticket | None]:
+    ticket = enter_or_skip(name)
     try:
         yield ticket
     except BaseException as exc:
-        _report(ticket, exc)
+        report(ticket, exc)
         raise
-    _report(ticket, True)
+    report(ticket, True)
 
 
-def _report(ticket: Ticket | None, outcome: bool | BaseException) -> None:
-    """``leave``, without letting the store (or a count_on that raises) change the call's own outcome."""
+def report(ticket: Ticket | None, outcome: bool | BaseException | None) -> None:
+    """``leave`` with True, the exception the call raised, or None (no call made), without letting the
+    store (or a count_on that raises) change the call's own outcome."""
     if ticket is None:
         return
     try:

@@ -403,23 +403,18 @@ class SafetyTask(DjangoTask):
         request = self.request
         if request.called_directly:
             return call()
+        from safetynet import breakers
+
         ticket = None
         if self.breaker is not None:
-            from safetynet import breakers
-
             try:
-                ticket = breakers.enter(self.breaker)
+                ticket = breakers.enter_or_skip(self.breaker)
             except BreakerOpen as refused:
                 if request.is_eager:  # an eager run cannot wait (its retry would run at once, again and again)
                     raise Transient(f"{refused}; an eager run cannot wait for it") from None
                 raise  # a Snooze: deferred, no attempt used
-            except Exception as error:  # neither Redis nor the database answers: run without the breaker
-                logger.warning("%s[%s]: breaker %r not consulted (%r); running", self.name, request.id,
-                               self.breaker, error, extra={"task_name": self.name, "task_id": request.id})
         scope = self._budget_scope()
         if scope is not None and self.attempt == 1:  # a first attempt (also after deferrals) earns budget
-            from safetynet import breakers
-
             self._budget_safely(breakers.count_first_attempt, scope)
         ran = False
 
@@ -433,9 +428,9 @@ class SafetyTask(DjangoTask):
         except BaseException as exc:
             # Only what the body did tells the breaker about the upstream (a stored result, a deferral
             # or a claim error made no call).
-            self._leave_breaker(ticket, exc if ran else None)
+            breakers.report(ticket, exc if ran else None)
             raise
-        self._leave_breaker(ticket, True if ran else None)
+        breakers.report(ticket, True if ran else None)
         return result
 
     def _budget_scope(self) -> str | None:
@@ -448,20 +443,6 @@ class SafetyTask(DjangoTask):
         if self.breaker is not None and self.retry_budget is None:
             return f"breaker:{self.breaker}"
         return None
-
-    def _leave_breaker(self, ticket: Any, outcome: bool | BaseException | None) -> None:
-        """Report the run to the breaker (True, an exception, or None: no call made); a store that does
-        not answer, or a count_on that raises, must not change the task's outcome."""
-        from safetynet import breakers
-
-        if ticket is None:
-            return
-        try:
-            ok = breakers.outcome_of(self.breaker, outcome) if isinstance(outcome, BaseException) else outcome
-            breakers.leave(ticket, ok=ok)
-        except Exception as error:
-            logger.warning("%s[%s]: could not report to breaker %r: %r", self.name, self.request.id, self.breaker,
-                           error, extra={"task_name": self.name, "task_id": self.request.id})
 
     # -- idempotent runs --------------------------------------------------------------------
 
