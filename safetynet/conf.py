@@ -45,6 +45,15 @@ Every key, its default and its meaning::
     BREAKERS              circuit breakers by name: {"smtp": Breaker(...) or a dict of its fields}
     RETRY_BUDGET          retries through a breaker: {"ratio": 0.2, "min_retries": 3, "window": 60} of its first
                           attempts; past it a retry waits longer. None: no budget
+    STATS                 count runs, retries and deaths per task and minute for the dashboard (False: count nothing)
+    STATS_FLUSH_SECONDS   how often each process adds its counts to the database (one batch, not a write per task)
+    STATS_MINUTE_KEEP_SECONDS  how long per-minute rows are kept (the 1 h window reads them)
+    STATS_HOUR_KEEP_SECONDS    how long per-hour rows are kept (the 24 h and 7 d windows read them)
+    PROGRESS_ACCESS       a callable (or dotted path) (request, progress) -> bool: who may read a task's progress;
+                          None: its owner, and staff with the safetynet.view_taskprogress permission
+    PROGRESS_ERROR_MESSAGE  what a user is shown when a task failed and its exception has no public_message
+    PROGRESS_MIN_INTERVAL how often at most self.progress() writes (seconds; the last call of a run always lands)
+    PROGRESS_KEEP_SECONDS how long progress rows are kept after their last change
 """
 
 from __future__ import annotations
@@ -103,6 +112,14 @@ DEFAULTS: dict[str, Any] = {
     "SCHEDULE_KEEP_SECONDS": 86_400,
     "BREAKERS": {},
     "RETRY_BUDGET": {"ratio": 0.2, "min_retries": 3, "window": 60},
+    "STATS": True,
+    "STATS_FLUSH_SECONDS": 10.0,
+    "STATS_MINUTE_KEEP_SECONDS": 2 * 86_400,
+    "STATS_HOUR_KEEP_SECONDS": 90 * 86_400,
+    "PROGRESS_ACCESS": None,
+    "PROGRESS_ERROR_MESSAGE": "Sorry, this did not work. The team has been told.",
+    "PROGRESS_MIN_INTERVAL": 0.5,
+    "PROGRESS_KEEP_SECONDS": 7 * 86_400,
 }
 
 #: How ``delay()``/``apply_async()`` can send a task (the ``ENQUEUE`` setting, the ``enqueue`` option).
@@ -141,6 +158,14 @@ class Settings:
     schedule_keep_seconds: float
     breakers: dict[str, Any]
     retry_budget: Any
+    stats: bool
+    stats_flush_seconds: float
+    stats_minute_keep_seconds: float
+    stats_hour_keep_seconds: float
+    progress_access: Callable[..., bool] | None
+    progress_error_message: str
+    progress_min_interval: float
+    progress_keep_seconds: float
 
 
 _cached: Settings | None = None
@@ -229,6 +254,22 @@ def _port(key: str, value: Any) -> int | None:
 def _optional_string(key: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ConfigurationError(f"SAFETYNET[{key!r}] must be a string or None, got {value!r}")
+    return value
+
+
+def _optional_callable(key: str, value: Any) -> Callable[..., Any] | None:
+    if value is None:
+        return None
+    found = _callables(key, value)
+    if len(found) != 1:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] takes one callable or a dotted path to it, got {value!r}")
+    return found[0]
+
+
+def _text(key: str, value: Any, longest: int) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > longest:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a non-empty string of at most {longest} characters, "
+                                 f"got {value!r}")
     return value
 
 
@@ -345,6 +386,16 @@ def build(user: dict[str, Any]) -> Settings:
         schedule_keep_seconds=_seconds("SCHEDULE_KEEP_SECONDS", merged["SCHEDULE_KEEP_SECONDS"], 60, 90 * 86_400),
         breakers=_breakers(merged["BREAKERS"]),
         retry_budget=_retry_budget(merged["RETRY_BUDGET"]),
+        stats=_boolean("STATS", merged["STATS"]),
+        stats_flush_seconds=_seconds("STATS_FLUSH_SECONDS", merged["STATS_FLUSH_SECONDS"], 0.1, 3600),
+        stats_minute_keep_seconds=_seconds("STATS_MINUTE_KEEP_SECONDS", merged["STATS_MINUTE_KEEP_SECONDS"],
+                                           3600, 90 * 86_400),
+        stats_hour_keep_seconds=_seconds("STATS_HOUR_KEEP_SECONDS", merged["STATS_HOUR_KEEP_SECONDS"],
+                                         86_400, 3660 * 86_400),
+        progress_access=_optional_callable("PROGRESS_ACCESS", merged["PROGRESS_ACCESS"]),
+        progress_error_message=_text("PROGRESS_ERROR_MESSAGE", merged["PROGRESS_ERROR_MESSAGE"], 500),
+        progress_min_interval=_seconds("PROGRESS_MIN_INTERVAL", merged["PROGRESS_MIN_INTERVAL"], 0, 3600),
+        progress_keep_seconds=_seconds("PROGRESS_KEEP_SECONDS", merged["PROGRESS_KEEP_SECONDS"], 60, 3660 * 86_400),
     )
 
 

@@ -1,4 +1,5 @@
-"""Durable records: the dead-letter store, idempotency claims and the database fallback of shared counters."""
+"""Durable records: dead letters, idempotency claims, the schedule, shared counters, the dashboard's aggregates
+and user-facing progress."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from datetime import datetime
 from django.db import models
 from django.db.models import Q
 
-__all__ = ["DeadLetter", "DeadLetterQuerySet", "IdempotencyClaim", "SharedKey"]
+__all__ = ["BreakerState", "DeadLetter", "DeadLetterQuerySet", "IdempotencyClaim", "ScheduledMessage", "SharedKey",
+           "TaskProgress", "TaskStats"]
 
 
 class DeadLetterQuerySet(models.QuerySet):
@@ -260,3 +262,82 @@ class BreakerState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} {self.state}"
+
+
+class TaskStats(models.Model):
+    """What one task did in one period (a minute or an hour): the dashboard's aggregates.
+
+    Workers count in memory and add their counts to these rows in batches (see
+    ``safetynet.stats``), so a task run writes nothing itself. Each batch goes to the minute row
+    and to the hour row, so a long window reads few rows.
+    """
+
+    MINUTE = 60
+    HOUR = 3600
+
+    #: The period's length in seconds: 60 or 3600.
+    period = models.PositiveIntegerField()
+    #: When the period starts (aligned to its length).
+    start = models.DateTimeField()
+    task_name = models.CharField(max_length=255)
+    #: Attempts whose body ran and ended (success, retry or dead), and how each ended.
+    runs = models.PositiveBigIntegerField(default=0)
+    successes = models.PositiveBigIntegerField(default=0)
+    retries = models.PositiveBigIntegerField(default=0)
+    #: Deferrals that used no attempt (Snooze, an open breaker, a key in progress).
+    snoozes = models.PositiveBigIntegerField(default=0)
+    #: Tasks given up, and the same by dead-letter reason: {"retries_exhausted": 3, ...}.
+    dead = models.PositiveBigIntegerField(default=0)
+    dead_by_reason = models.JSONField(default=dict)
+    #: Run times: their sum (seconds), and counts per bucket of ``safetynet.stats.RUNTIME_BUCKETS``.
+    runtime_sum = models.FloatField(default=0.0)
+    runtime_buckets = models.JSONField(default=list)
+
+    class Meta:
+        verbose_name_plural = "task stats"
+        constraints = [
+            models.UniqueConstraint(fields=["period", "start", "task_name"], name="safetynet_stats_one_row"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.start:%Y-%m-%d %H:%M} ({self.period}s)"
+
+
+class TaskProgress(models.Model):
+    """What a user-facing task shows its user: state, progress, and its result or a safe error message.
+
+    Written by the worker (``self.progress(...)`` and the task's outcome), read by the progress
+    endpoint. ``owner`` is who may read it (``user:<pk>``, empty for nobody but staff allowed to
+    view progress); never a traceback, never the task's arguments.
+    """
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "queued"
+        RUNNING = "running", "running"
+        RETRYING = "retrying", "retrying"
+        SUCCEEDED = "succeeded", "succeeded"
+        FAILED = "failed", "failed"
+
+    task_id = models.CharField(max_length=255, primary_key=True)
+    task_name = models.CharField(max_length=255)
+    owner = models.CharField(max_length=255, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
+    current = models.FloatField(null=True, blank=True)
+    total = models.FloatField(null=True, blank=True)
+    message = models.CharField(max_length=255, blank=True)
+    #: The return value (JSON), when the task declared it may be shown (``progress_result=True``).
+    result = models.JSONField(null=True, blank=True)
+    #: The message shown when the task failed: its exception's ``public_message``, else the default.
+    error = models.CharField(max_length=500, blank=True)
+    attempt = models.PositiveIntegerField(default=1)
+    #: While retrying: when the next attempt is due.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "task progress"
+        indexes = [models.Index(fields=["updated_at"], name="safetynet_progress_updated")]
+
+    def __str__(self) -> str:
+        return f"{self.task_name}[{self.task_id}] {self.state}"
