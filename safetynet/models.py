@@ -116,6 +116,8 @@ class DeadLetter(models.Model):
             models.Index(fields=["status", "fingerprint"], name="safetynet_dl_status_fp"),
             models.Index(fields=["last_failed_at"], name="safetynet_dl_last_failed"),
             models.Index(fields=["created_at"], name="safetynet_dl_dead_created", condition=Q(status="dead")),
+            # The dashboard's list: one status, newest first.
+            models.Index(fields=["status", "-last_failed_at", "-id"], name="safetynet_dl_status_recent"),
         ]
 
     def __str__(self) -> str:

@@ -10,6 +10,10 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
+        migrations.AddIndex(
+            model_name="deadletter",
+            index=models.Index(fields=["status", "-last_failed_at", "-id"], name="safetynet_dl_status_recent"),
+        ),
         migrations.CreateModel(
             name='TaskProgress',
             fields=[
