@@ -10,7 +10,6 @@ are passed through the redaction rules once more on display, never the other way
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,35 +34,6 @@ __all__ = ["DeadLetterAdmin", "FingerprintFilter"]
 
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return datetime.fromtimestamp(value, tz=timezone.utc)
-        except (OverflowError, OSError, ValueError):
-            return None
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    return None
-
-
-def _group_refusals(outcomes: list[deadletter.ReplayOutcome]) -> dict[str, list[int]]:
-    """Refused rows grouped by their error, so a thousand alike refusals make one message."""
-    grouped: dict[str, list[int]] = defaultdict(list)
-    for outcome in outcomes:
-        if outcome.error:
-            grouped[outcome.error].append(outcome.dead_letter_id)
-    return grouped
-
-
-def _ids(ids: list[int], most: int = 20) -> str:
-    shown = ", ".join(f"#{pk}" for pk in ids[:most])
-    return shown + (f" and {len(ids) - most} more" if len(ids) > most else "")
 
 
 class FingerprintFilter(admin.SimpleListFilter):
@@ -181,13 +151,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="timeline")
     def timeline_display(self, row: DeadLetter) -> SafeString:
-        entries = []
-        for entry in row.history or []:
-            if not isinstance(entry, dict):
-                continue
-            entries.append({**entry, "started_at": _as_datetime(entry.get("started"))})
         return render_to_string("safetynet/admin/deadletter/timeline.html",
-                                {"entries": entries, "omitted": row.omitted_attempts})
+                                {"entries": deadletter.history_entries(row), "omitted": row.omitted_attempts})
 
     @admin.display(description="args / kwargs")
     def arguments_display(self, row: DeadLetter) -> SafeString:
@@ -209,14 +174,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="audit trail")
     def audit_display(self, row: DeadLetter) -> SafeString:
-        events = []
-        for event in row.audit or []:
-            if not isinstance(event, dict):
-                continue
-            extra = {key: value for key, value in event.items() if key not in ("action", "at", "by", "nonce")}
-            events.append({"action": event.get("action", "?"), "at": _as_datetime(event.get("at")),
-                           "by": event.get("by") or "", "extra": _pretty(extra) if extra else ""})
-        return render_to_string("safetynet/admin/deadletter/audit.html", {"events": events})
+        return render_to_string("safetynet/admin/deadletter/audit.html", {"events": deadletter.audit_events(row)})
 
     # -- actions --------------------------------------------------------------------
 
@@ -236,19 +194,15 @@ class DeadLetterAdmin(admin.ModelAdmin):
             self.message_user(request, f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as "
                                        "they were; see the log for any sent but not marked.", messages.ERROR)
             return
-        replayed = [outcome for outcome in outcomes if outcome.new_task_id]
         by_id = {row.id: row for row in rows}
-        for outcome in replayed:
-            self.log_change(request, by_id[outcome.dead_letter_id], f"Replayed as task {outcome.new_task_id}.")
-        if replayed:
-            noun = "dead letter" if len(replayed) == 1 else "dead letters"
-            self.message_user(request, f"Replayed {len(replayed)} {noun}: "
-                                       + ", ".join(f"#{o.dead_letter_id} as {o.new_task_id}" for o in replayed[:20])
-                                       + (f" and {len(replayed) - 20} more" if len(replayed) > 20 else "")
-                                       + ".", messages.SUCCESS)
-        for error, ids in _group_refusals(outcomes).items():
-            self.message_user(request, f"Not replayed, left as {'it was' if len(ids) == 1 else 'they were'}: "
-                                       f"{_ids(ids)}: {error}", messages.ERROR)
+        for outcome in outcomes:
+            if outcome.new_task_id:
+                self.log_change(request, by_id[outcome.dead_letter_id], f"Replayed as task {outcome.new_task_id}.")
+        done, refusals = deadletter.replay_summary(outcomes)
+        if done:
+            self.message_user(request, done, messages.SUCCESS)
+        for refusal in refusals:
+            self.message_user(request, refusal, messages.ERROR)
 
     def _discard(self, request: HttpRequest, rows: Any) -> None:
         rows = list(rows)
@@ -262,7 +216,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
                               messages.SUCCESS)
         skipped = [row.id for row in rows if row.id not in dead]
         if skipped:
-            self.message_user(request, f"Not discarded, already handled: {_ids(skipped)}.", messages.WARNING)
+            self.message_user(request, f"Not discarded, already handled: {deadletter.ids_text(skipped)}.", messages.WARNING)
 
     # -- detail page buttons ----------------------------------------------------------
 
