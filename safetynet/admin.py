@@ -9,7 +9,6 @@ are passed through the redaction rules once more on display, never the other way
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,10 +29,6 @@ from safetynet import deadletter
 from safetynet.models import DeadLetter, IdempotencyClaim
 
 __all__ = ["DeadLetterAdmin", "FingerprintFilter"]
-
-
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
 class FingerprintFilter(admin.SimpleListFilter):
@@ -157,13 +152,13 @@ class DeadLetterAdmin(admin.ModelAdmin):
     @admin.display(description="args / kwargs")
     def arguments_display(self, row: DeadLetter) -> SafeString:
         return render_to_string("safetynet/admin/deadletter/arguments.html", {
-            "args": _pretty(row.args), "kwargs": _pretty(row.kwargs), "redacted": row.redacted,
+            "args": deadletter.shown_json(row.args), "kwargs": deadletter.shown_json(row.kwargs), "redacted": row.redacted,
             "placeholder": deadletter.REDACTED,
         })
 
     @admin.display(description="headers")
     def headers_display(self, row: DeadLetter) -> SafeString:
-        return format_html("<pre>{}</pre>", _pretty(deadletter.masked_headers(row.headers))) if row.headers else "-"
+        return format_html("<pre>{}</pre>", deadletter.shown_json(deadletter.masked_headers(row.headers))) if row.headers else "-"
 
     @admin.display(description="raw body")
     def raw_body_display(self, row: DeadLetter) -> str:

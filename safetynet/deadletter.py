@@ -750,6 +750,11 @@ def shown_moment(value: Any) -> datetime | None:
     return None
 
 
+def shown_json(value: Any) -> str:
+    """A stored value as staff read it: indented JSON, keys sorted."""
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
 def history_entries(row: Any) -> list[dict[str, Any]]:
     """The row's attempt history, each entry with ``started_at`` as a datetime (for display)."""
     return [{**entry, "started_at": shown_moment(entry.get("started"))}
@@ -765,8 +770,7 @@ def audit_events(row: Any) -> list[dict[str, Any]]:
         extra = {key: value for key, value in event.items() if key not in ("action", "at", "by", "nonce")}
         events.append({"action": event.get("action", "?"), "at": shown_moment(event.get("at")),
                        "by": event.get("by") or "",
-                       "extra": json.dumps(extra, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-                       if extra else ""})
+                       "extra": shown_json(extra) if extra else ""})
     return events
 
 
