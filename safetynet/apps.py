@@ -1,4 +1,5 @@
-"""Django app configuration: registers the system checks, the worker-side receivers and the installed integrations."""
+"""Django app configuration: registers the system checks, the worker-side receivers, the dashboard's counters
+and the installed integrations."""
 
 import importlib.util
 
@@ -14,9 +15,11 @@ class SafetynetConfig(AppConfig):
 
     def ready(self) -> None:
         from safetynet import checks  # noqa: F401  (registers the system checks)
+        from safetynet import stats
         from safetynet.runtime import worker
 
         worker.connect()
+        stats.connect()
         self.install_integrations()
 
     @staticmethod

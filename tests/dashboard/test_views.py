@@ -1,0 +1,326 @@
+"""The staff dashboard: who may see it, what each page shows, and its actions (POST, CSRF, permission)."""
+
+import re
+import time
+import uuid
+
+import pytest
+from django.urls import reverse
+
+from safetynet import breakers, stats
+from safetynet.models import DeadLetter, ScheduledMessage, TaskStats
+from tests.dashboard.conftest import logged_in, person
+from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
+
+pytestmark = pytest.mark.django_db
+
+PAGES = ["overview", "failures", "dead_letters", "schedule", "breakers"]
+
+
+def url(name, *args):
+    return reverse(f"safetynet_dashboard:{name}", args=args)
+
+
+def notices(response):
+    return [str(message) for message in response.context["notices"]]
+
+
+def text(response):
+    return response.content.decode()
+
+
+# -- who may see it -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("page", PAGES)
+def test_anonymous_visitors_are_sent_to_log_in(client, page):
+    response = client.get(url(page))
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/?next=/safetynet/")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_user_who_is_not_staff_is_refused_even_with_the_permissions(page):
+    user = person("shopper", "view_taskstats", "view_deadletter", "view_scheduledmessage", "view_breakerstate",
+                  staff=False)
+    assert logged_in(user).get(url(page)).status_code == 403
+
+
+def test_staff_see_only_the_pages_their_permissions_allow():
+    client = logged_in(person("support", "view_deadletter"))
+    assert client.get(url("overview")).status_code == 403
+    assert client.get(url("breakers")).status_code == 403
+    response = client.get(url("dead_letters"))
+    assert response.status_code == 200
+    titles = [item["title"] for item in response.context["navigation"]]
+    assert titles == ["Failures", "Dead letters"]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_a_superuser_sees_every_page(admin_client_, page):
+    response = admin_client_.get(url(page))
+    assert response.status_code == 200
+    assert response["Cache-Control"].startswith("max-age=0")
+
+
+def test_an_inactive_staff_user_is_refused():
+    user = person("gone", superuser=True)
+    client = logged_in(user)
+    user.is_active = False
+    user.save()
+    assert client.get(url("dead_letters")).status_code in (302, 403)
+
+
+# -- overview -------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_stats_yet():
+    """Counts other tests of this process left pending are written, then every stats row is gone."""
+    stats.flush()
+    TaskStats.objects.all().delete()
+
+
+def test_the_overview_shows_each_task_and_three_charts(admin_client_, no_stats_yet):
+    now = time.time()
+    for _ in range(8):
+        stats.record("shop.send_mail", "success", runtime=0.2, at=now)
+    stats.record("shop.send_mail", "retry", runtime=1.5, at=now)
+    stats.record("shop.charge", "dead", runtime=0.1, reason="permanent_error", at=now)
+    stats.record("shop.charge", "dead", runtime=0.1, reason="retries_exhausted", at=now)
+    stats.flush()
+
+    response = admin_client_.get(url("overview"), {"window": "1h"})
+    assert response.status_code == 200
+    page = text(response)
+    for chart in ("chart-successes", "chart-retries", "chart-dead"):
+        svg = re.search(rf'<svg class="chart" id="{chart}".*?</svg>', page, re.S)
+        assert svg, chart
+        assert len(re.findall(r"<rect ", svg.group(0))) == 60  # one bar a minute
+    successes = re.search(r'<svg class="chart" id="chart-successes".*?</svg>', page, re.S).group(0)
+    assert 'data-value="8"' in successes
+    table = re.search(r'<table id="task-table">.*?</table>', page, re.S).group(0)
+    assert "shop.send_mail" in table and "shop.charge" in table
+    assert "permanent_error" in table and "retries_exhausted" in table
+    # 8 of the 10 tasks that ended succeeded (the retried one has not ended)
+    assert response.context["total_success"] == "80 %"
+
+
+def test_the_overview_of_one_task(admin_client_, no_stats_yet):
+    stats.record("shop.a", "success", runtime=0.1)
+    stats.record("shop.b", "success", runtime=0.1)
+    stats.flush()
+    response = admin_client_.get(url("overview"), {"window": "7d", "task": "shop.a"})
+    assert [row.task_name for row in response.context["data"].tasks] == ["shop.a"]
+    assert len(response.context["charts"][0].bars) == 168
+
+
+def test_an_unknown_window_is_refused_with_a_message(admin_client_):
+    response = admin_client_.get(url("overview"), {"window": "5y"})
+    assert response.status_code == 400
+    assert "Unknown window '5y'" in notices(response)[0]
+    assert response.context["window"] == "24h"
+
+
+# -- dead letters ----------------------------------------------------------------------------
+
+def test_the_list_filters_by_reason_task_and_search(admin_client_):
+    make_dead_letter("tests.tasks.ping", reason="retries_exhausted", exception=ConnectionError("smtp refused"))
+    make_dead_letter("tests.tasks.ping", reason="permanent_error", exception=ValueError("order 12 is gone"))
+    make_dead_letter("tests.tasks.other", reason="permanent_error", exception=ValueError("bad sku"))
+
+    def listed(**filters):
+        response = admin_client_.get(url("dead_letters"), filters)
+        assert response.status_code == 200
+        return sorted((row.task_name, row.reason) for row in response.context["rows"])
+
+    assert len(listed()) == 3
+    assert listed(reason="permanent_error") == [("tests.tasks.other", "permanent_error"),
+                                                ("tests.tasks.ping", "permanent_error")]
+    assert listed(reason="permanent_error", task="tests.tasks.ping") == [("tests.tasks.ping", "permanent_error")]
+    assert listed(task="tests.tasks.*") == listed()
+    assert listed(q="gone") == [("tests.tasks.ping", "permanent_error")]
+    assert listed(q="SMTP") == [("tests.tasks.ping", "retries_exhausted")]
+
+
+def test_a_bad_filter_is_reported_and_left_out(admin_client_):
+    make_dead_letter()
+    response = admin_client_.get(url("dead_letters"), {"reason": "bored", "page": "x"})
+    assert response.status_code == 200
+    assert len(response.context["rows"]) == 1
+    assert any("Filter 'reason' left out" in notice for notice in notices(response))
+
+
+def test_the_list_shows_dead_rows_by_default_and_every_row_when_asked(admin_client_):
+    dead, handled = make_dead_letter(), make_dead_letter()
+    handled.status = DeadLetter.Status.DISCARDED
+    handled.save()
+    assert [row.id for row in admin_client_.get(url("dead_letters")).context["rows"]] == [dead.id]
+    every = admin_client_.get(url("dead_letters"), {"status": "all"}).context["rows"]
+    assert sorted(row.id for row in every) == sorted([dead.id, handled.id])
+
+
+def test_the_list_is_paginated_in_the_database(admin_client_, django_assert_max_num_queries):
+    for _ in range(55):
+        make_dead_letter()
+    first = admin_client_.get(url("dead_letters"))
+    assert len(first.context["rows"]) == 50
+    assert first.context["page_obj"].paginator.count == 55
+    assert len(admin_client_.get(url("dead_letters"), {"page": 2}).context["rows"]) == 5
+    # session, user, count, page: the list does not load rows one by one
+    with django_assert_max_num_queries(6):
+        admin_client_.get(url("dead_letters"), {"page": 2})
+
+
+def test_the_detail_shows_the_timeline_and_never_a_redacted_value(admin_client_):
+    row = make_dead_letter(kwargs={"order_id": 7, "card_token": SECRET})
+    response = admin_client_.get(url("dead_letter", row.id))
+    page = text(response)
+    assert response.status_code == 200
+    assert SECRET not in page
+    assert "[redacted]" in page and "kwargs.card_token" in page
+    assert page.count("<tr>") >= 2  # one timeline row an attempt
+    assert "ConnectionError" in page and 'id="replay-form"' in page
+
+
+def test_staff_who_may_only_look_get_no_buttons_and_cannot_post():
+    row = make_dead_letter()
+    client = logged_in(person("viewer", "view_deadletter"))
+    page = text(client.get(url("dead_letter", row.id)))
+    assert 'id="replay-form"' not in page
+    assert client.post(url("dead_letter_action", row.id, "replay")).status_code == 403
+    assert client.post(url("dead_letter_action", row.id, "discard")).status_code == 403
+    assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
+
+
+def test_actions_are_post_only_and_csrf_checked(throwaway_queue):
+    row = make_dead_letter(delivery_info={"routing_key": throwaway_queue})
+    client = logged_in(person("operator", "view_deadletter", "change_deadletter"), enforce_csrf_checks=True)
+    assert client.get(url("dead_letter_action", row.id, "replay")).status_code == 405
+    assert client.post(url("dead_letter_action", row.id, "replay")).status_code == 403  # no CSRF token
+    assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
+    assert queued_messages(throwaway_queue) == []
+
+
+def test_replay_from_the_detail_page_sends_the_task_and_shows_it(throwaway_queue):
+    row = make_dead_letter("tests.tasks.ping", delivery_info={"routing_key": throwaway_queue})
+    client = logged_in(person("operator", "view_deadletter", "change_deadletter"))
+    response = client.post(url("dead_letter_action", row.id, "replay"), follow=True)
+    fresh = DeadLetter.objects.get(pk=row.pk)
+    assert fresh.status == DeadLetter.Status.REPLAYED
+    assert fresh.replayed_by == "operator (dashboard)"
+    assert [message["headers"]["id"] for message in queued_messages(throwaway_queue)] == [fresh.replayed_task_id]
+    assert any(f"#{row.id} as {fresh.replayed_task_id}" in notice for notice in notices(response))
+    page = text(response)
+    assert 'class="status status-replayed"' in page and fresh.replayed_task_id in page
+    assert 'id="replay-outcome"' in page
+
+
+def test_a_replay_that_died_again_is_shown_as_such(admin_client_):
+    row = make_dead_letter()
+    again = make_dead_letter()
+    row.status, row.replayed_task_id = DeadLetter.Status.REPLAYED, again.task_id
+    row.save()
+    response = admin_client_.get(url("dead_letter", row.id))
+    assert response.context["replay"] == {"state": "FAILURE", "text": "died again", "dead_letter": str(again.id)}
+
+
+def test_a_replay_refused_leaves_the_row_and_says_why(admin_client_):
+    row = make_dead_letter("tests.tasks.no_such_task")
+    response = admin_client_.post(url("dead_letter_action", row.id, "replay"), follow=True)
+    assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
+    assert any("Not replayed" in notice for notice in notices(response))
+
+
+def test_discard_from_the_detail_page(admin_client_):
+    row = make_dead_letter()
+    admin_client_.post(url("dead_letter_action", row.id, "discard"))
+    fresh = DeadLetter.objects.get(pk=row.pk)
+    assert fresh.status == DeadLetter.Status.DISCARDED
+    assert fresh.audit[-1]["by"] == "root (dashboard)"
+    response = admin_client_.post(url("dead_letter_action", row.id, "discard"), follow=True)
+    assert any("already discarded" in notice for notice in notices(response))
+
+
+def test_an_unknown_action_or_row_is_not_found(admin_client_):
+    row = make_dead_letter()
+    assert admin_client_.post(f"/safetynet/dead/{row.id}/explode/").status_code == 404
+    assert admin_client_.post(url("dead_letter_action", row.id + 1000, "replay")).status_code == 404
+    assert admin_client_.get(url("dead_letter", row.id + 1000)).status_code == 404
+
+
+# -- failures grouped by fingerprint ---------------------------------------------------------
+
+def test_failures_are_grouped_by_fingerprint_with_an_example(admin_client_):
+    for number in range(3):
+        make_dead_letter("tests.tasks.ping", exception=ConnectionError(f"connection {number} refused"))
+    make_dead_letter("tests.tasks.ping", exception=ValueError("order is gone"))
+    response = admin_client_.get(url("failures"))
+    groups = response.context["groups"]
+    assert [(group["count"], group["exception_type"]) for group in groups] == [(3, "ConnectionError"),
+                                                                               (1, "ValueError")]
+    assert groups[0]["first_seen"] <= groups[0]["last_seen"]
+    assert "Traceback" in groups[0]["example_row"].traceback
+    assert "traceback</summary>" in text(response)
+
+
+def test_a_group_is_replayed_or_discarded_whole(admin_client_, throwaway_queue):
+    routed = {"delivery_info": {"routing_key": throwaway_queue}}
+    alike = [make_dead_letter("tests.tasks.ping", exception=ConnectionError(f"refused {n}"), **routed)
+             for n in range(3)]
+    other = make_dead_letter("tests.tasks.ping", exception=ValueError("gone"), **routed)
+    fingerprint = alike[0].fingerprint
+    response = admin_client_.post(url("failure_group_action", fingerprint, "replay"), follow=True)
+    assert {row.status for row in DeadLetter.objects.filter(fingerprint=fingerprint)} == {"replayed"}
+    assert len(queued_messages(throwaway_queue)) == 3
+    assert DeadLetter.objects.get(pk=other.pk).status == "dead"
+    assert any(notice.startswith("Replayed 3 dead letters") for notice in notices(response))
+
+    admin_client_.post(url("failure_group_action", other.fingerprint, "discard"))
+    assert DeadLetter.objects.get(pk=other.pk).status == "discarded"
+    response = admin_client_.post(url("failure_group_action", other.fingerprint, "discard"), follow=True)
+    assert any("nothing done" in notice for notice in notices(response))
+
+
+# -- schedule and breakers -----------------------------------------------------------------------
+
+def _scheduled(key, due_in, kind="retry"):
+    now = time.time()
+    return ScheduledMessage.objects.create(key=key, kind=kind, task_name="tests.tasks.ping", task_id=key,
+                                           broker="b", due_at=now + due_in, message="{}", created_at=now,
+                                           updated_at=now)
+
+
+def test_the_schedule_lists_what_waits_soonest_first_and_brings_one_forward(admin_client_):
+    later, sooner = _scheduled(f"{uuid.uuid4()}#1", 3600), _scheduled(f"{uuid.uuid4()}", 60, kind="outbox")
+    response = admin_client_.get(url("schedule"))
+    assert [item["row"].key for item in response.context["rows"]] == [sooner.key, later.key]
+    assert response.context["counts"] == {"retry": 1, "outbox": 1}
+    assert [item["row"].key for item in admin_client_.get(url("schedule"), {"kind": "retry"}).context["rows"]] \
+        == [later.key]
+    admin_client_.post(url("schedule_due_now", later.key))
+    assert ScheduledMessage.objects.get(key=later.key).due_at <= time.time()
+
+
+def test_breakers_are_shown_and_opened_and_closed_by_hand(admin_client_):
+    breakers.force("upstream", breakers.CLOSED)
+    response = admin_client_.get(url("breakers"))
+    shown = {item["name"]: item for item in response.context["breakers"]}
+    assert shown["upstream"]["state"] == "closed"
+
+    admin_client_.post(url("breaker_action", "upstream", "open"), {"seconds": "120"})
+    shown = {item["name"]: item for item in admin_client_.get(url("breakers")).context["breakers"]}
+    assert shown["upstream"]["state"] == "open"
+    assert 100 < shown["upstream"]["half_open_in"] <= 120
+    overview = admin_client_.get(url("overview"))
+    assert [item["name"] for item in overview.context["breakers"]] == ["upstream"]
+
+    response = admin_client_.post(url("breaker_action", "upstream", "open"), {"seconds": "forever"}, follow=True)
+    assert any("seconds must be a number" in notice for notice in notices(response))
+    admin_client_.post(url("breaker_action", "upstream", "close"))
+    assert breakers.state_of("upstream")["state"] == "closed"
+    assert admin_client_.post(url("breaker_action", "nope", "close")).status_code == 404
+
+
+def test_breaker_actions_need_the_change_permission():
+    client = logged_in(person("viewer", "view_breakerstate"))
+    assert client.get(url("breakers")).status_code == 200
+    assert client.post(url("breaker_action", "upstream", "open")).status_code == 403
