@@ -1,0 +1,172 @@
+"""The dashboard's aggregates: counted in memory, added to TaskStats in batches, read back per window."""
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from django.db import DatabaseError, connection
+
+from safetynet import stats
+from safetynet.models import TaskStats
+from tests import tasks
+from tests.deadletter.conftest import make_dead_letter, private_spool  # noqa: F401  (a fixture)
+
+NOW = datetime(2026, 12, 4, 15, 30, 20, tzinfo=timezone.utc)
+AT = NOW.timestamp()
+
+
+@pytest.fixture(autouse=True)
+def empty():
+    """Counts left pending by other tests of this process are dropped, so each test counts its own."""
+    stats._take_pending()
+    yield
+    stats._take_pending()
+
+
+def rows(period):
+    return {row.task_name: row for row in TaskStats.objects.filter(period=period)}
+
+
+@pytest.mark.django_db
+def test_counts_land_in_the_minute_row_and_the_hour_row():
+    for _ in range(3):
+        stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    stats.record("shop.mail", "retry", runtime=1.0, at=AT)
+    stats.record("shop.mail", "snooze", at=AT)
+    stats.record("shop.mail", "dead", reason="permanent_error", runtime=0.1, at=AT + 60)
+    assert stats.flush() == 3  # minutes :30 and :31, and their hour
+    minutes = TaskStats.objects.filter(period=60, task_name="shop.mail").order_by("start")
+    assert [(row.start.minute, row.runs, row.successes, row.retries, row.snoozes, row.dead) for row in minutes] == [
+        (30, 4, 3, 1, 1, 0), (31, 1, 0, 0, 0, 1)]
+    hour = rows(3600)["shop.mail"]
+    assert hour.start == NOW.replace(minute=0, second=0)
+    assert (hour.runs, hour.successes, hour.retries, hour.snoozes, hour.dead) == (5, 3, 1, 1, 1)
+    assert hour.dead_by_reason == {"permanent_error": 1}
+    assert sum(hour.runtime_buckets) == 5 and hour.runtime_sum == pytest.approx(1.7)
+    assert stats.flush() == 0  # nothing pending twice
+
+
+@pytest.mark.django_db
+def test_flushes_add_to_what_is_there():
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    stats.flush()
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    stats.record("shop.mail", "dead", reason="crash_loop", at=AT)
+    stats.flush()
+    minute = rows(60)["shop.mail"]
+    assert (minute.successes, minute.dead, minute.dead_by_reason) == (2, 1, {"crash_loop": 1})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_flushes_add_up_exactly():
+    def work():
+        try:
+            for _ in range(20):
+                for _ in range(5):
+                    stats.record("shop.mail", "success", runtime=0.01, at=AT)
+                stats.flush()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats.flush()
+    assert rows(60)["shop.mail"].successes == 600
+    assert rows(3600)["shop.mail"].successes == 600
+
+
+@pytest.mark.django_db
+def test_a_flush_the_database_refuses_keeps_its_counts(monkeypatch):
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    original = TaskStats.objects.bulk_create
+
+    def refuse(*args, **kwargs):
+        raise DatabaseError("the database is away")
+
+    monkeypatch.setattr(TaskStats.objects, "bulk_create", refuse)
+    with pytest.raises(DatabaseError):
+        stats.flush()
+    monkeypatch.setattr(TaskStats.objects, "bulk_create", original)
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    stats.flush()
+    assert rows(60)["shop.mail"].successes == 2
+
+
+@pytest.mark.django_db
+def test_the_overview_window_is_aligned_and_has_a_point_per_step():
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    stats.record("shop.mail", "success", runtime=0.2, at=AT - 3 * 3600)  # outside 1h, inside 24h
+    stats.record("shop.charge", "dead", reason="retries_exhausted", at=AT - 120)
+    stats.flush()
+    hour = stats.overview(3600, now=NOW)
+    assert hour.step == 60 and len(hour.points) == 60
+    assert hour.end == NOW.replace(minute=31, second=0) and hour.start == hour.end - timedelta(hours=1)
+    assert hour.successes[-1] == 1 and sum(hour.successes) == 1 and hour.dead[-3] == 1
+    assert [task.task_name for task in hour.tasks] == ["shop.charge", "shop.mail"]  # as many runs: by name
+    assert hour.totals.success_rate == 0.5
+    day = stats.overview(86_400, now=NOW)
+    assert day.step == 3600 and len(day.points) == 24 and sum(day.successes) == 2
+    week = stats.overview(7 * 86_400, now=NOW, task_name="shop.charge")
+    assert len(week.points) == 168 and [task.task_name for task in week.tasks] == ["shop.charge"]
+    assert week.totals.dead_by_reason == {"retries_exhausted": 1}
+
+
+@pytest.mark.django_db
+def test_percentiles_come_from_the_histogram():
+    for index in range(1, 101):  # 10 ms .. 1 s
+        stats.record("shop.mail", "success", runtime=index / 100, at=AT)
+    stats.flush()
+    summary = stats.overview(3600, now=NOW).tasks[0]
+    assert summary.p50 == pytest.approx(0.5, rel=0.2)
+    assert summary.p95 == pytest.approx(0.95, rel=0.2)
+    assert stats.percentile([], 0.5) is None
+
+
+@pytest.mark.django_db
+def test_prune_deletes_only_rows_past_their_keep(settings):
+    settings.SAFETYNET = {**settings.SAFETYNET, "STATS_MINUTE_KEEP_SECONDS": 3600, "STATS_HOUR_KEEP_SECONDS": 86_400}
+    stats.record("shop.mail", "success", at=AT - 2 * 3600)
+    stats.record("shop.mail", "success", at=AT)
+    stats.flush()
+    assert stats.prune(now=NOW) == 1  # the old minute row; its hour row is kept for a day
+    assert TaskStats.objects.filter(period=60).count() == 1
+    assert TaskStats.objects.filter(period=3600).count() == 2
+    assert stats.prune(now=NOW + timedelta(days=2)) == 3
+
+
+@pytest.mark.django_db
+def test_nothing_is_counted_when_stats_are_off(settings):
+    settings.SAFETYNET = {**settings.SAFETYNET, "STATS": False}
+    stats.record("shop.mail", "success", at=AT)
+    assert stats.flush() == 0
+
+
+def test_a_bad_outcome_is_refused():
+    with pytest.raises(ValueError, match="outcome must be one of"):
+        stats.record("shop.mail", "exploded")
+
+
+@pytest.mark.django_db
+def test_real_tasks_are_counted_once_per_outcome():
+    tasks.call_api.apply((2,))  # two retries, then a success
+    tasks.permanent.apply()  # given up at once
+    tasks.snoozer.apply((1,))  # a snooze, then a success
+    stats.flush()
+    counted = rows(60)
+    api, dead, snoozed = counted["tests.tasks.call_api"], counted["tests.tasks.permanent"], counted["tests.tasks.snoozer"]
+    assert (api.runs, api.successes, api.retries, api.dead) == (3, 1, 2, 0)
+    assert sum(api.runtime_buckets) == 3
+    assert (dead.runs, dead.dead, dead.dead_by_reason) == (1, 1, {"permanent_error": 1})
+    assert (snoozed.successes, snoozed.snoozes) == (1, 1)
+
+
+@pytest.mark.django_db
+def test_a_dead_letter_of_a_reason_without_task_dead_is_counted(private_spool):
+    make_dead_letter("tests.tasks.ping", reason="crash_loop", failed_at=time.time())
+    make_dead_letter("tests.tasks.ping", reason="retries_exhausted")  # task_dead counted that one already
+    stats.flush()
+    assert rows(60)["tests.tasks.ping"].dead_by_reason == {"crash_loop": 1}
