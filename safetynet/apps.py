@@ -15,11 +15,12 @@ class SafetynetConfig(AppConfig):
 
     def ready(self) -> None:
         from safetynet import checks  # noqa: F401  (registers the system checks)
-        from safetynet import stats
+        from safetynet import progress, stats
         from safetynet.runtime import worker
 
         worker.connect()
         stats.connect()
+        progress.connect()
         self.install_integrations()
 
     @staticmethod

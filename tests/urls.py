@@ -4,4 +4,5 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("safetynet/", include("safetynet.dashboard.urls")),
+    path("tasks/", include("safetynet.progress.urls")),
 ]

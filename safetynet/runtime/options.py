@@ -26,7 +26,7 @@ __all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "Resolved", "check_known
 #: Options safetynet adds to a task.
 SAFETYNET_OPTIONS = frozenset(
     {"retry_policy", "retry_on", "fail_on", "idempotency_key", "idempotency_lease", "idempotency_atomic",
-     "unique_for", "max_deliveries", "enqueue", "breaker", "retry_budget"}
+     "unique_for", "max_deliveries", "enqueue", "breaker", "retry_budget", "progress_result"}
 )
 
 #: Celery's own options about retrying; declaring any of them means "Celery semantics".
@@ -106,6 +106,9 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigurationError(f"{where}: breaker must be the name of a breaker in SAFETYNET['BREAKERS'], "
                                  f"got {name!r}")
+    shown = options.get("progress_result")
+    if shown is not None and not isinstance(shown, bool):
+        raise ConfigurationError(f"{where}: progress_result must be True or False, got {shown!r}")
     budget = options.get("retry_budget")
     if budget is not None and not isinstance(budget, bool) and not (isinstance(budget, str) and budget):
         raise ConfigurationError(f"{where}: retry_budget must be True (its queue's), a budget name or False, "

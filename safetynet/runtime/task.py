@@ -34,7 +34,7 @@ from celery.utils import uuid as new_task_id
 from django.db import Error as DatabaseError
 from django.db import transaction
 
-from safetynet import conf, idempotency, scheduler, signals
+from safetynet import conf, idempotency, progress, scheduler, signals
 from safetynet.core.classify import ALWAYS_RETRY
 from safetynet.core.decision import Dead, Decision, Retry, decide
 from safetynet.core.policy import Fixed, RetryPolicy
@@ -142,6 +142,9 @@ class SafetyTask(DjangoTask):
     #: True, its queue's; a string, a budget of that name shared by the tasks naming it; False, none.
     retry_budget: bool | str | None = None
 
+    #: Show the return value to the user who started the task (the progress endpoint's ``result``).
+    progress_result: bool = False
+
     #: The compiled ``idempotency_key``; None for a task that is not idempotent.
     _idempotency: idempotency.KeyTemplate | None = None
 
@@ -215,6 +218,10 @@ class SafetyTask(DjangoTask):
             request._safetynet_key = key
         return key
 
+    def progress(self, current: float, total: float | None = None, message: str = "") -> None:
+        """Tell the user who started this task how far it got (see safetynet.progress)."""
+        progress.report(self, current, total, message)
+
     # -- enqueueing -----------------------------------------------------------------------
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
@@ -223,6 +230,11 @@ class SafetyTask(DjangoTask):
         through the outbox; a long retry goes through the durable schedule; an idempotent task's
         key is checked here, and made unique if asked."""
         mode = enqueue_options.pop("enqueue", None)
+        progress_for = enqueue_options.pop("progress_for", None)
+        if progress_for is not None:  # shown to that user: the row first, then the message says it is tracked
+            task_id = task_id or new_task_id()
+            progress.track(task_id, self.name, progress.owner_of(progress_for), using=scheduler.database())
+            enqueue_options["headers"] = {**(enqueue_options.get("headers") or {}), progress.HEADER: 1}
         headers = enqueue_options.get("headers") or {}
         if scheduler.RELAYED_HEADER in headers or self._get_app().conf.task_always_eager:
             return super().apply_async(args, kwargs, task_id=task_id, **enqueue_options)

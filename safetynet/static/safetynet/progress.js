@@ -1,0 +1,80 @@
+/* safetynet progress widget: polls the progress endpoint, no framework. See docs/progress.md. */
+(function () {
+  "use strict";
+
+  function show(element, visible) { if (element) { element.hidden = !visible; } }
+
+  function render(widget, data) {
+    var bar = widget.querySelector(".safetynet-progress-bar");
+    var message = widget.querySelector(".safetynet-progress-message");
+    var done = widget.querySelector(".safetynet-progress-done");
+    var error = widget.querySelector(".safetynet-progress-error");
+    widget.setAttribute("data-state", data.state);
+    if (data.state === "succeeded") {
+      show(bar, false); show(message, false); show(error, false);
+      var text = widget.querySelector(".safetynet-progress-done-text");
+      if (text) { text.textContent = data.message || "Done"; }
+      show(done, true);
+      return;
+    }
+    if (data.state === "failed") {
+      show(bar, false); show(message, false); show(done, false);
+      error.textContent = data.error || "Sorry, this did not work.";
+      show(error, true);
+      return;
+    }
+    if (data.total) {
+      bar.max = data.total;
+      bar.value = data.current || 0;
+    } else {
+      bar.removeAttribute("value");  /* indeterminate */
+    }
+    var words = data.message || (data.state === "queued" ? "Waiting to start…" : "Working…");
+    if (data.state === "retrying") {
+      words = "Retrying (attempt " + data.attempt + ")" + (data.message ? ": " + data.message : "");
+    } else if (data.percent !== null && data.percent !== undefined) {
+      words = words + " (" + Math.round(data.percent) + " %)";
+    }
+    message.textContent = words;
+  }
+
+  function poll(widget) {
+    var interval = parseInt(widget.getAttribute("data-interval"), 10) || 1000;
+    var failures = 0;
+    function again(delay) { window.setTimeout(tick, delay); }
+    function tick() {
+      fetch(widget.getAttribute("data-url"), { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (response) {
+          if (response.status === 404 || response.status === 403) {
+            widget.setAttribute("data-state", "unknown");
+            widget.querySelector(".safetynet-progress-message").textContent = "This task cannot be found.";
+            show(widget.querySelector(".safetynet-progress-bar"), false);
+            return null;
+          }
+          if (!response.ok) { throw new Error("HTTP " + response.status); }
+          return response.json();
+        })
+        .then(function (data) {
+          if (data === null) { return; }
+          failures = 0;
+          render(widget, data);
+          if (!data.done) { again(interval); }
+        })
+        .catch(function () {
+          failures += 1;  /* the server or the network is away: back off, up to a minute */
+          again(Math.min(60000, interval * Math.pow(2, failures)));
+        });
+    }
+    tick();
+  }
+
+  function start() {
+    var widgets = document.querySelectorAll(".safetynet-progress:not([data-polling])");
+    for (var i = 0; i < widgets.length; i++) {
+      widgets[i].setAttribute("data-polling", "1");
+      poll(widgets[i]);
+    }
+  }
+
+  if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }
+})();
