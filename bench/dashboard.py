@@ -1,0 +1,224 @@
+"""How fast the dashboard answers on a large store: 100,000 dead letters and 30 days of aggregates.
+
+    .venv/bin/python bench/dashboard.py [--quick] [--rounds R] [--rebuild]
+
+The data is made once per size in a PostgreSQL database of its own and kept for the next run
+(``--rebuild`` makes it again): dead letters spread over 30 days (30 tasks, 9 reasons, about
+300 fingerprints; 80 % dead, 15 % replayed, 5 % discarded; each with a three-attempt history,
+tracebacks and arguments), and one ``TaskStats`` row per task and minute for 30 days plus the
+hour rows, as the workers' flushes leave them.
+
+Each round requests, as a logged-in superuser through Django's test client (the whole request:
+middleware, session, queries, template), in an order that alternates from round to round:
+
+- the dashboard's dead-letter list (``/safetynet/dead/``, the first page of 50, with its count),
+  and, as the baseline on the same rows, Django's admin changelist of the same model
+  (``/admin/safetynet/deadletter/``, the first page of 100: what staff used before);
+- the overview for 24 h (the default), and for 1 h and 7 d;
+- a filtered list (one reason), a search, page 500, and the failures-by-fingerprint page.
+
+The figures are medians over rounds, in milliseconds; the last line is
+``deadletter_list_ms=… overview_ms=… …`` (targets: both below 300).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import statistics
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import _dashboard_settings as bench  # noqa: E402
+
+TARGET_MS = 300.0
+DAYS = 30
+REASONS = ["retries_exhausted", "permanent_error", "deadline_exceeded", "time_limit", "crash_loop", "unknown_task",
+           "undecodable", "rejected", "worker_lost"]
+EXCEPTIONS = [("ConnectionError", "connection refused by {host}"), ("TimeoutError", "read timed out after 10s"),
+              ("ValueError", "order {n} does not exist"), ("KeyError", "'sku'"),
+              ("HTTPError", "503 Service Unavailable for {host}"), ("IntegrityError", "duplicate key value")]
+
+
+def _traceback(task: str, kind: str, message: str, line: int) -> str:
+    return ("Traceback (most recent call last):\n"
+            f'  File "/srv/app/{task.replace(".", "/")}.py", line {line}, in run\n    result = client.call(payload)\n'
+            '  File "/srv/app/clients/http.py", line 88, in call\n    response.raise_for_status()\n'
+            f"{kind}: {message}\n")
+
+
+def make_dead_letters(count: int, now: datetime, rng: random.Random) -> None:
+    """``count`` dead letters over 30 days, written with bulk_create in batches."""
+    from safetynet.models import DeadLetter
+
+    tasks = [f"shop.tasks.job_{index:02d}" for index in range(30)]
+    batch = []
+    for index in range(count):
+        task = tasks[int(rng.paretovariate(1.2)) % len(tasks)]
+        kind, template = EXCEPTIONS[(hash(task) + index % 10) % len(EXCEPTIONS)]
+        message = template.format(host=f"api-{index % 5}.example.com", n=index)
+        failed = now - timedelta(seconds=rng.uniform(0, DAYS * 86_400))
+        status = rng.choices(["dead", "replayed", "discarded"], weights=[80, 15, 5])[0]
+        history = [{"attempt": attempt, "started": failed.timestamp() - 60 * (3 - attempt), "duration": 0.3,
+                    "exception": kind, "message": message, "action": "dead" if attempt == 3 else "retry",
+                    "delay": None if attempt == 3 else 2.0 * attempt, "reason": "bench", "worker": "celery@w1",
+                    "traceback": _traceback(task, kind, message, 40 + attempt)} for attempt in (1, 2, 3)]
+        batch.append(DeadLetter(
+            task_name=task, task_id=str(uuid.UUID(int=rng.getrandbits(128))), args=[index],
+            kwargs={"order_id": index, "card_token": "[redacted]"}, redacted=["kwargs.card_token"],
+            queue="celery", reason=rng.choice(REASONS), exception_type=kind, exception_message=message,
+            traceback=_traceback(task, kind, message, 43), history=history, attempts=3,
+            first_failed_at=failed - timedelta(minutes=2), last_failed_at=failed, worker="celery@w1",
+            fingerprint=f"{(hash((task, kind)) & 0xffffffff):08x}" + "0" * 32, status=status,
+        ))
+        if len(batch) >= 5_000:
+            DeadLetter.objects.bulk_create(batch)
+            batch = []
+    DeadLetter.objects.bulk_create(batch)
+
+
+def make_aggregates(task_count: int, now: datetime, rng: random.Random) -> int:
+    """30 days of minute rows and hour rows for ``task_count`` tasks, loaded with COPY."""
+    import json
+
+    from django.db import connection
+
+    from safetynet import stats
+    from safetynet.models import DeadLetter, TaskStats
+
+    buckets = len(stats.RUNTIME_BUCKETS)
+    end = now.replace(second=0, microsecond=0)
+    minutes = DAYS * 1440
+    columns = ("period", "start", "task_name", "runs", "successes", "retries", "snoozes", "dead", "dead_by_reason",
+               "runtime_sum", "runtime_buckets")
+    table = TaskStats._meta.db_table
+    hours: dict[tuple[str, datetime], list] = {}
+    written = 0
+    with connection.cursor() as cursor:
+        for task_index in range(task_count):
+            task = f"shop.tasks.job_{task_index:02d}"
+            rate = 5 + 40 * rng.random()
+            rows = io.StringIO()
+            for minute in range(minutes):
+                start = end - timedelta(minutes=minutes - minute)
+                successes = int(rng.expovariate(1 / rate))
+                retries, dead = successes // 20, int(rng.random() < 0.05)
+                runs = successes + retries + dead
+                histogram = [0] * buckets
+                histogram[min(buckets - 1, 8 + task_index % 6)] = runs
+                reasons = {"retries_exhausted": dead} if dead else {}
+                rows.write("\t".join(map(str, (60, start.isoformat(), task, runs, successes, retries, 0, dead,
+                                               json.dumps(reasons), runs * 0.05, json.dumps(histogram)))) + "\n")
+                hour = hours.setdefault((task, start.replace(minute=0)), [0, 0, 0, 0, [0] * buckets])
+                hour[0] += runs
+                hour[1] += successes
+                hour[2] += retries
+                hour[3] += dead
+                hour[4] = [a + b for a, b in zip(hour[4], histogram, strict=True)]
+                written += 1
+            rows.seek(0)
+            with cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                copy.write(rows.read())
+        rows = io.StringIO()
+        for (task, start), (runs, successes, retries, dead, histogram) in hours.items():
+            reasons = {"retries_exhausted": dead} if dead else {}
+            rows.write("\t".join(map(str, (3600, start.isoformat(), task, runs, successes, retries, 0, dead,
+                                           json.dumps(reasons), runs * 0.05, json.dumps(histogram)))) + "\n")
+            written += 1
+        rows.seek(0)
+        with cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            copy.write(rows.read())
+        cursor.execute(f"ANALYZE {table}")
+        cursor.execute(f"ANALYZE {DeadLetter._meta.db_table}")
+    return written
+
+
+def prepare(dead_letters: int, tasks: int, rebuild: bool) -> None:
+    """Migrate, and make the data unless this database already holds it."""
+    from django.core.management import call_command
+
+    from safetynet.models import DeadLetter, TaskStats
+
+    call_command("migrate", verbosity=0, interactive=False)
+    if not rebuild and DeadLetter.objects.count() == dead_letters and TaskStats.objects.exists():
+        print(f"data: kept from an earlier run ({dead_letters} dead letters, "
+              f"{TaskStats.objects.count()} stats rows)", flush=True)
+        return
+    DeadLetter.objects.all().delete()
+    TaskStats.objects.all().delete()
+    rng = random.Random(20261204)
+    now = datetime.now(tz=timezone.utc)
+    began = time.perf_counter()
+    make_dead_letters(dead_letters, now, rng)
+    rows = make_aggregates(tasks, now, rng)
+    print(f"data: made {dead_letters} dead letters and {rows} stats rows in {time.perf_counter() - began:.0f}s",
+          flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20,000 dead letters, 5 tasks' aggregates, 8 rounds")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--rebuild", action="store_true", help="make the data again")
+    options = parser.parse_args()
+    dead_letters, tasks = (20_000, 5) if options.quick else (100_000, 20)
+    rounds = options.rounds or (8 if options.quick else 30)
+    bench.configure(f"{bench.DB_PREFIX}_{dead_letters}_{tasks}")
+    prepare(dead_letters, tasks, options.rebuild)
+
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    user = User.objects.filter(username="bench").first() or User.objects.create_superuser("bench", "", "x")
+    client = Client()
+    client.force_login(user)
+    pages = {
+        "deadletter_list": "/safetynet/dead/",
+        "admin_list": "/admin/safetynet/deadletter/",
+        "overview": "/safetynet/",
+        "overview_1h": "/safetynet/?window=1h",
+        "overview_7d": "/safetynet/?window=7d",
+        "filtered": "/safetynet/dead/?reason=crash_loop",
+        "search": "/safetynet/dead/?q=api-3",
+        "page_500": "/safetynet/dead/?page=500&status=all",
+        "failures": "/safetynet/failures/",
+    }
+    for name, path in pages.items():  # warm-up, and every page must answer 200
+        response = client.get(path)
+        if response.status_code != 200:
+            print(f"{name}: {path} answered {response.status_code}", file=sys.stderr)
+            return 1
+    timings: dict[str, list[float]] = {name: [] for name in pages}
+    for round_number in range(rounds):
+        order = list(pages) if round_number % 2 == 0 else list(reversed(pages))
+        for name in order:
+            began = time.perf_counter()
+            response = client.get(pages[name])
+            timings[name].append((time.perf_counter() - began) * 1000)
+            assert response.status_code == 200, (name, response.status_code)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    for name, values in timings.items():
+        print(f"{name:16s} median {medians[name]:7.1f} ms  min {min(values):7.1f}  max {max(values):7.1f}  "
+              f"({pages[name]})")
+    ratio = medians["deadletter_list"] / medians["admin_list"]
+    ok = medians["deadletter_list"] < TARGET_MS and medians["overview"] < TARGET_MS
+    print(f"target: dead-letter list and overview below {TARGET_MS:g} ms median: {'met' if ok else 'NOT met'}; "
+          f"the list against the admin's changelist on the same rows: {ratio:.2f}")
+    print(" ".join([f"deadletter_list_ms={medians['deadletter_list']:.1f}", f"overview_ms={medians['overview']:.1f}",
+                    f"overview_1h_ms={medians['overview_1h']:.1f}", f"overview_7d_ms={medians['overview_7d']:.1f}",
+                    f"failures_ms={medians['failures']:.1f}", f"search_ms={medians['search']:.1f}",
+                    f"admin_list_ms={medians['admin_list']:.1f}", f"list_vs_admin_ratio={ratio:.2f}",
+                    f"dead_letters={dead_letters}", f"rounds={rounds}"]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
