@@ -17,9 +17,13 @@ AT = NOW.timestamp()
 
 
 @pytest.fixture(autouse=True)
-def empty():
-    """Counts left pending by other tests of this process are dropped, so each test counts its own."""
+def empty(request):
+    """Counts left pending by other tests of this process are dropped, and rows that workers of the
+    integration tests wrote are gone, so each test counts its own."""
     stats._take_pending()
+    if "django_db" in request.keywords:
+        request.getfixturevalue("django_db_setup")
+        TaskStats.objects.all().delete()
     yield
     stats._take_pending()
 
