@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_DIR = Path(__file__).resolve().parent
-VAR_DIR = DEMO_DIR / "var"
+VAR_DIR = Path(os.environ.get("SAFETYNET_DEMO_VAR") or DEMO_DIR / "var").resolve()  # as proj/settings.py
 WORKER_LOG = VAR_DIR / "worker.log"
 READY_FILE = VAR_DIR / "worker.ready"
 
@@ -457,6 +457,52 @@ def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, partner:
 # -- main -----------------------------------------------------------------------------------
 
 
+#: The batch that fills the dashboard: (task, arguments) in the order sent.
+MIX = ([("shop.tasks.sync_catalog", (n,)) for n in range(40)] + [("shop.tasks.notify_customer", (n,)) for n in range(30)]
+       + [("shop.tasks.import_row", (n,)) for n in range(1, 29)]
+       + [("shop.tasks.refresh_partner_feed", (name,)) for name in ("acme", "globex", "initech")])
+#: The demo's users (made by every run): staff see the dashboard, the shopper only the reports.
+USERS = {"staff": "safetynet-demo", "shopper": "safetynet-demo"}
+
+
+def send_mix(app: Any, deadline: float) -> dict[str, int]:
+    """A realistic batch for the dashboard: chores that work, mails retried once, bad rows, a partner feed down."""
+    from celery import states
+
+    results = [app.send_task(name, args) for name, args in MIX]
+    while time.monotonic() < deadline:
+        if all(result.state in states.READY_STATES for result in results):
+            break
+        time.sleep(0.3)
+    else:
+        raise DemoError(f"the dashboard's batch of {len(MIX)} tasks did not finish in time; see {WORKER_LOG}")
+    counted: dict[str, int] = {}
+    for result in results:
+        counted[result.state] = counted.get(result.state, 0) + 1
+    return counted
+
+
+def make_users() -> None:
+    from django.contrib.auth.models import User
+
+    for name, password in USERS.items():
+        if name == "staff":
+            User.objects.create_superuser(name, f"{name}@shop.example", password)
+        else:
+            User.objects.create_user(name, f"{name}@shop.example", password)
+
+
+def point_to_the_dashboard(mix: dict[str, int]) -> None:
+    from safetynet.models import DeadLetter
+
+    say(f"\nThe dashboard: {sum(mix.values())} more tasks ran for it ({', '.join(f'{count} {state}' for state, count in sorted(mix.items()))}); "
+        f"{DeadLetter.objects.dead().count()} dead letters wait. See it, with a worker, live:")
+    say("    .venv/bin/python demo/serve.py        # then open http://127.0.0.1:8000/safetynet/")
+    say(f"  log in as staff / {USERS['staff']} (the dashboard) or shopper / {USERS['shopper']} "
+        "(http://127.0.0.1:8000/reports/: a report with a progress bar). The partner feed is back up now:")
+    say("  replay a shop.tasks.refresh_partner_feed dead letter and watch it succeed.")
+
+
 def main() -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
@@ -505,6 +551,8 @@ def main() -> int:
         send_tasks(app)
         wait_for_outcomes(deadline, started_wall, LONG_RETRY)
         collect_events(deadline + 10)
+        say(f"  sending {len(MIX)} more tasks for the dashboard…")
+        mix = send_mix(app, deadline)
     finally:
         timings["stop"] = stop_worker(worker)
         smtp.stop()
@@ -512,6 +560,11 @@ def main() -> int:
         gateway.stop()
         partner.stop()
     problems = report(app, smtp, api, inventory, gateway, partner, timings)
+    make_users()
+    from shop.tasks import partner_feed_flag
+
+    partner_feed_flag().touch()
+    point_to_the_dashboard(mix)
     total = time.time() - started_wall
     if problems:
         say(f"\nUNEXPECTED ({len(problems)}), the demo failed after {total:.1f}s:")

@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = DEMO_DIR / "var"
+#: Where the demo keeps its SQLite files and the worker log (the browser tests use a directory of their own).
+VAR_DIR = Path(os.environ.get("SAFETYNET_DEMO_VAR") or DEMO_DIR / "var").resolve()
 
 SECRET_KEY = "safetynet-demo-not-secret"
 DEBUG = False
-ALLOWED_HOSTS: list[str] = []
 USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -21,9 +21,31 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.auth",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
     "safetynet",
     "shop",
 ]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [{
+    "BACKEND": "django.template.backends.django.DjangoTemplates",
+    "APP_DIRS": True,
+    "OPTIONS": {"context_processors": ["django.template.context_processors.request",
+                                       "django.contrib.auth.context_processors.auth",
+                                       "django.contrib.messages.context_processors.messages"]},
+}]
+ROOT_URLCONF = "proj.urls"
+STATIC_URL = "/static/"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/reports/"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
 DATABASES = {
     "default": {
@@ -38,8 +60,9 @@ DATABASES = {
     }
 }
 
-# safetynet's own settings: the defaults are what the demo shows.
-SAFETYNET: dict = {}
+# safetynet's own settings: the defaults are what the demo shows, but for the dashboard's counts,
+# written every second so the pages fill while you look.
+SAFETYNET: dict = {"STATS_FLUSH_SECONDS": 1.0}
 
 # -- Celery (read by proj/celery.py with namespace="CELERY") ------------------------------
 REDIS_URL = os.environ.get("SAFETYNET_DEMO_REDIS_URL", "").strip()

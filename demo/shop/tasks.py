@@ -97,3 +97,69 @@ def export_report(report_id):
     """Send a report to the partner's API."""
     with urllib.request.urlopen(f"{settings.DEMO_PARTNER_URL}/exports/{report_id}", timeout=5) as response:
         return json.load(response)
+
+
+# -- The user-facing reports (the progress widget on /reports/) --------------------------------
+
+@safetynet.task(bind=True, progress_result=True)
+def build_sales_report(self, month):
+    """Five steps, each reported to the user who asked; the bar fills, then a check mark."""
+    import time
+
+    steps = 5
+    for step in range(1, steps + 1):
+        self.progress(step - 1, steps, message=f"Adding up {month}, part {step} of {steps}")
+        time.sleep(0.6)
+    self.progress(steps, steps, message=f"Sales report for {month} is ready")
+    return {"month": month, "rows": 1234}
+
+
+@safetynet.task(bind=True)
+def build_broken_report(self, month):
+    """Its template is broken: the user sees the safe message, never this exception's text."""
+    import time
+
+    self.progress(1, 4, message=f"Reading {month}")
+    time.sleep(0.8)
+    raise KeyError("template 'sales.html' has no field 'margin' (db password=demo-secret-42)")
+
+
+# -- The realistic mix the dashboard shows (run.py sends a batch of these) -------------------------
+
+@safetynet.task
+def sync_catalog(item):
+    """A chore that just works."""
+    return item
+
+
+@safetynet.task(bind=True, retry_policy=safetynet.RetryPolicy(max_attempts=3, backoff=0.2, jitter="none"),
+                retry_on=[ConnectionError])
+def notify_customer(self, customer):
+    """The mail relay drops every third customer's first attempt: a retry, then a success."""
+    if customer % 3 == 0 and self.attempt == 1:
+        raise ConnectionError("mail relay closed the connection")
+    return customer
+
+
+@safetynet.task
+def import_row(row):
+    """Every seventh row of the supplier's file is bad data: a permanent error, at once."""
+    if row % 7 == 0:
+        raise safetynet.Permanent(f"row {row}: price is not a number")
+    return row
+
+
+def partner_feed_flag():
+    """While this file is missing the partner's feed is down (run.py creates it: replays then succeed)."""
+    from pathlib import Path
+
+    return Path(settings.VAR_DIR) / "partner-feed-up"
+
+
+@safetynet.task(bind=True, retry_policy=safetynet.RetryPolicy(max_attempts=2, backoff=0.2, jitter="none"),
+                retry_on=[ConnectionError])
+def refresh_partner_feed(self, partner):
+    """Down during the run: retries exhausted, a dead letter; replayed once the feed is back, it succeeds."""
+    if not partner_feed_flag().exists():
+        raise ConnectionError(f"partner {partner}: feed.example.com refused the connection")
+    return partner
