@@ -1,0 +1,190 @@
+"""End to end in a real headless Chromium against the demo's pages, served with a live worker.
+
+The session runs the demo (``demo/run.py``, which fills the dashboard with a realistic mix) in a
+data directory of its own, serves it with ``demo/serve.py``, and drives Debian's Chromium through
+Playwright. Screenshots go to ``$SAFETYNET_E2E_SCREENSHOTS`` (default ``tests/e2e/screenshots/``).
+Without Chromium the tests are skipped locally and fail in CI (``CI=true``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "demo"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = Path(os.environ.get("SAFETYNET_E2E_SCREENSHOTS") or Path(__file__).parent / "screenshots")
+PASSWORD = "safetynet-demo"
+# Chromium on a closed network: no background connections, no sandbox (root), a fresh profile each run.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_site(tmp_path_factory):
+    """The demo's data made by a run of the demo, served with a worker; its base URL."""
+    if not Path(CHROMIUM).exists():
+        message = f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    var = tmp_path_factory.mktemp("demo-var")
+    env = {**os.environ, "SAFETYNET_DEMO_VAR": str(var)}
+    env.pop("SAFETYNET_DEMO_REDIS_URL", None)
+    seeded = subprocess.run([sys.executable, str(DEMO / "run.py")], env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert seeded.returncode == 0, f"the demo failed:\n{seeded.stdout[-3000:]}\n{seeded.stderr[-3000:]}"
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, str(DEMO / "serve.py"), "--port", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        started = time.monotonic()
+        line = server.stdout.readline()
+        while line and not line.startswith("serving the demo"):
+            if time.monotonic() - started > 90:
+                break
+            line = server.stdout.readline()
+        assert line.startswith("serving the demo"), f"demo/serve.py did not start: {line!r}"
+        urllib.request.urlopen(f"{base}/accounts/login/", timeout=5).close()
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@pytest.fixture(scope="session")
+def browser(demo_site):
+    from playwright.sync_api import sync_playwright
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {SCREENSHOTS}")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(20_000)
+    yield context.new_page()
+    context.close()
+
+
+def log_in(page, base: str, user: str, then: str) -> None:
+    page.goto(f"{base}{then}")
+    assert "/accounts/login/" in page.url  # sent to log in first
+    page.fill("#id_username", user)
+    page.fill("#id_password", PASSWORD)
+    page.click("#log-in")
+    page.wait_for_load_state()
+
+
+def shot(page, name: str) -> None:
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 5_000
+
+
+def test_staff_see_the_overview_with_its_charts(page, demo_site):
+    log_in(page, demo_site, "staff", "/safetynet/")
+    assert page.url.endswith("/safetynet/")
+    for chart in ("chart-successes", "chart-retries", "chart-dead"):
+        assert page.locator(f"svg#{chart} rect").count() == 24
+    bars = page.locator("svg#chart-successes rect").evaluate_all("bars => bars.map(b => +b.dataset.value)")
+    assert sum(bars) > 50  # the demo's mix
+    assert sum(page.locator("svg#chart-dead rect").evaluate_all("bars => bars.map(b => +b.dataset.value)")) >= 5
+    table = page.locator("#task-table").inner_text()
+    assert "shop.tasks.sync_catalog" in table and "shop.tasks.import_row" in table
+    assert "permanent_error" in table and "retries_exhausted" in table
+    assert int(page.locator("#total-runs").inner_text()) > 100
+    shot(page, "1-overview")
+
+
+def test_staff_filter_dead_letters_replay_one_and_see_it_succeed(page, demo_site):
+    log_in(page, demo_site, "staff", "/safetynet/dead/")
+    every = page.locator("tr.dead-letter").count()
+    assert every >= 7
+    page.select_option("#filters select[name=reason]", "retries_exhausted")
+    page.fill("#filters input[name=task]", "shop.tasks.refresh_partner_feed")
+    page.click("#filters button[type=submit]")
+    page.wait_for_load_state()
+    rows = page.locator("tr.dead-letter")
+    assert 0 < rows.count() < every
+    assert set(rows.evaluate_all("rows => rows.map(r => r.dataset.reason)")) == {"retries_exhausted"}
+    assert "shop.tasks.import_row" not in page.locator("#dead-letters").inner_text()
+    shot(page, "2-dead-letters-filtered")
+
+    rows.first.locator("a").first.click()
+    page.wait_for_load_state()
+    assert "refresh_partner_feed" in page.content()
+    assert page.locator("#timeline tbody tr").count() >= 2  # two attempts
+    page.click("#replay-form button[type=submit]")
+    page.wait_for_load_state()
+    assert page.locator("span.status.status-replayed").count() == 1
+    assert re.search(r"Replayed 1 dead letter", page.content())
+    deadline = time.monotonic() + 30
+    while page.locator("#replay-outcome").get_attribute("data-state") != "SUCCESS" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        page.reload()
+    assert page.locator("#replay-outcome").get_attribute("data-state") == "SUCCESS"
+    assert page.locator("#replay-outcome").inner_text() == "succeeded"
+    shot(page, "3-replayed-and-succeeded")
+
+
+def test_a_user_who_is_not_staff_is_refused(page, demo_site):
+    log_in(page, demo_site, "shopper", "/safetynet/")
+    response = page.goto(f"{demo_site}/safetynet/dead/")
+    assert response.status == 403
+    assert "dead-letters" not in page.content()
+    shot(page, "4-refused")
+
+
+def test_the_progress_widget_turns_into_a_check_mark(page, demo_site):
+    log_in(page, demo_site, "shopper", "/reports/")
+    page.click("#sales-report")
+    widget = page.locator(".safetynet-progress")
+    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'running'")
+    assert page.locator("progress.safetynet-progress-bar").is_visible()
+    shot(page, "5-progress-running")
+    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'succeeded'")
+    assert page.locator(".safetynet-progress-done").is_visible()
+    assert not page.locator("progress.safetynet-progress-bar").is_visible()
+    assert "✓" in widget.inner_text() and "is ready" in widget.inner_text()
+    shot(page, "6-progress-done")
+
+
+def test_the_progress_widget_shows_an_error_for_a_task_that_dies(page, demo_site):
+    log_in(page, demo_site, "shopper", "/reports/")
+    page.click("#broken-report")
+    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'failed'")
+    error = page.locator(".safetynet-progress-error")
+    assert error.is_visible()
+    assert error.inner_text() == "Sorry, this did not work. The team has been told."
+    content = page.content()
+    for leak in ("demo-secret-42", "Traceback", "KeyError", "no field 'margin'", "sales.html"):
+        assert leak not in content
+    shot(page, "7-progress-failed")
