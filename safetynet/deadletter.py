@@ -37,7 +37,7 @@ from typing import Any
 from django.db import DatabaseError, InterfaceError, close_old_connections, transaction
 from django.db.models import Min
 
-from safetynet import conf, signals
+from safetynet import conf, progress, signals
 from safetynet.scheduler import RELAYED_HEADER
 from safetynet.runtime.history import HEADER, qualified_name
 from safetynet.runtime.registry import UnknownTask
@@ -626,6 +626,8 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
             options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
             if queue or row.queue:
                 options["queue"] = queue or row.queue
+            if headers.get(progress.HEADER):  # the user who watched the first run sees the replay too
+                progress.carry_over(row.task_id, new_id, row.task_name)
             try:
                 task.apply_async(list(args) if args is not None else row.args,
                                  dict(kwargs) if kwargs is not None else row.kwargs, **options)

@@ -201,6 +201,20 @@ def prune(*, now: datetime | None = None) -> int:
     return minutes + hours
 
 
+def _housekeeping() -> None:
+    """Once an hour in each worker process: drop old stats rows and old progress rows."""
+    from django.db import close_old_connections
+
+    from safetynet import progress
+
+    for name, job in (("stats prune", prune), ("progress purge", progress.purge)):
+        try:
+            job()
+        except Exception as error:  # the database may be away: the next hour tries again
+            logger.info("safetynet: %s postponed: %r", name, error)
+    close_old_connections()
+
+
 def _flush_safely(why: str) -> None:
     from django.db import close_old_connections
 
@@ -227,10 +241,7 @@ def _start_flusher() -> None:
                 _flush_safely("periodic")
                 if time.time() - pruned > 3600:
                     pruned = time.time()
-                    try:
-                        prune()
-                    except Exception as error:
-                        logger.info("safetynet: stats prune postponed: %r", error)
+                    _housekeeping()
 
         _thread = threading.Thread(target=loop, name="safetynet-stats-flusher", daemon=True)
         _thread.start()

@@ -26,7 +26,7 @@ from typing import Any
 
 from safetynet import conf
 
-__all__ = ["HEADER", "as_json", "can_see", "connect", "owner_of", "purge", "report", "status_of", "track"]
+__all__ = ["HEADER", "as_json", "can_see", "carry_over", "connect", "owner_of", "purge", "report", "status_of", "track"]
 
 logger = logging.getLogger("safetynet")
 
@@ -54,6 +54,15 @@ def track(task_id: str, task_name: str, owner: str, *, using: str | None = None)
 
     TaskProgress.objects.using(using).update_or_create(
         task_id=task_id, defaults={"task_name": task_name, "owner": owner, "state": TaskProgress.State.QUEUED})
+
+
+def carry_over(old_task_id: str, new_task_id: str, task_name: str) -> None:
+    """A replay of ``old_task_id`` (a dead letter) is shown to the same owner (before its message is sent)."""
+    from safetynet.models import TaskProgress
+
+    owner = TaskProgress.objects.filter(task_id=old_task_id).values_list("owner", flat=True).first()
+    if owner:
+        track(new_task_id, task_name, owner)
 
 
 def _is_tracked(request: Any) -> bool:
@@ -256,9 +265,14 @@ def status_of(task_id: str) -> dict[str, Any] | None:
     return None if progress is None else as_json(progress)
 
 
-def purge(older_than: datetime) -> int:
-    """Delete progress rows not changed since ``older_than``; return how many."""
+def purge(older_than: datetime | None = None) -> int:
+    """Delete progress rows not changed since ``older_than`` (default: PROGRESS_KEEP_SECONDS ago); return how many.
+
+    Workers call it once an hour (with the stats flush); ``manage.py safetynet progress purge`` too.
+    """
     from safetynet.models import TaskProgress
 
+    if older_than is None:
+        older_than = datetime.now(tz=timezone.utc) - timedelta(seconds=conf.get().progress_keep_seconds)
     deleted, _ = TaskProgress.objects.filter(updated_at__lt=older_than).delete()
     return deleted

@@ -7,7 +7,7 @@ from django.test import Client
 from django.urls import reverse
 
 from safetynet import progress
-from safetynet.models import TaskProgress
+from safetynet.models import DeadLetter, TaskProgress
 from tests import progress_tasks
 from tests.celery_app import app
 
@@ -162,3 +162,74 @@ def test_purge_deletes_old_rows(alice):
     progress_tasks.build_report.apply_async((1,), progress_for=alice)
     assert progress.purge(datetime.now(tz=timezone.utc) - timedelta(days=1)) == 0
     assert progress.purge(datetime.now(tz=timezone.utc) + timedelta(seconds=1)) == 1
+
+
+def _age_rows(days: float) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    TaskProgress.objects.update(updated_at=datetime.now(tz=timezone.utc) - timedelta(days=days))
+
+
+def test_purge_defaults_to_progress_keep_seconds(alice, settings):
+    settings.SAFETYNET = {**getattr(settings, "SAFETYNET", {}), "PROGRESS_KEEP_SECONDS": 2 * 86_400}
+    progress_tasks.build_report.apply_async((1,), progress_for=alice)
+    _age_rows(1)
+    assert progress.purge() == 0
+    _age_rows(3)
+    assert progress.purge() == 1
+    assert not TaskProgress.objects.exists()
+
+
+def test_the_purge_command(alice):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    progress_tasks.build_report.apply_async((1,), progress_for=alice)
+    _age_rows(10)  # older than the default 7 days
+    out = StringIO()
+    call_command("safetynet", "progress", "purge", "--dry-run", stdout=out)
+    assert "would delete 1 progress rows" in out.getvalue() and TaskProgress.objects.count() == 1
+    call_command("safetynet", "progress", "purge", "--older-than", "30d", stdout=out)
+    assert "Deleted 0 progress rows" in out.getvalue() and TaskProgress.objects.count() == 1
+    call_command("safetynet", "progress", "purge", stdout=out)
+    assert "Deleted 1 progress rows" in out.getvalue() and not TaskProgress.objects.exists()
+    with pytest.raises(CommandError, match="older-than"):
+        call_command("safetynet", "progress", "purge", "--older-than", "soon")
+
+
+def test_worker_housekeeping_purges_progress_and_survives_errors(alice, monkeypatch, caplog):
+    from safetynet import stats
+
+    progress_tasks.build_report.apply_async((1,), progress_for=alice)
+    _age_rows(10)
+
+    def broken_prune(**_):
+        raise RuntimeError("stats table away")
+
+    monkeypatch.setattr(stats, "prune", broken_prune)
+    monkeypatch.setattr("django.db.close_old_connections", lambda: None)  # it would close the test's transaction
+    with caplog.at_level("INFO", logger="safetynet"):
+        stats._housekeeping()
+    assert not TaskProgress.objects.exists()  # the progress purge ran although the prune failed
+    assert "stats prune postponed" in caplog.text
+
+
+def test_a_replayed_dead_letter_is_shown_to_the_same_user(alice):
+    import time
+    import uuid
+
+    from safetynet import deadletter
+
+    first = str(uuid.uuid4())
+    progress.track(first, "tests.progress_tasks.build_report", progress.owner_of(alice))
+    assert deadletter.record(task_name="tests.progress_tasks.build_report", task_id=first, reason="retries_exhausted",
+                             args=[2], kwargs={}, exception=ConnectionError("warehouse down"), history=[],
+                             failed_at=time.time(), worker="celery@worker-1", headers={progress.HEADER: 1})
+    [outcome] = deadletter.replay(DeadLetter.objects.filter(task_id=first), by="ops")
+    assert outcome.new_task_id
+    replayed = TaskProgress.objects.get(task_id=outcome.new_task_id)
+    assert replayed.owner == progress.owner_of(alice)
+    answer = status(client_for(alice), outcome.new_task_id).json()
+    assert answer["state"] == "succeeded" and answer["message"] == "step 2 of 2"
+    assert status(client_for(User.objects.create_user("bob")), outcome.new_task_id).status_code == 404

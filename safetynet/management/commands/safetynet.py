@@ -213,6 +213,7 @@ class Command(BaseCommand):
         self.add_keys_arguments(commands)
         self.add_schedule_arguments(commands)
         self.add_breaker_arguments(commands)
+        self.add_progress_arguments(commands)
 
     def add_breaker_arguments(self, commands: Any) -> None:
         """``breakers list|open|close``."""
@@ -279,6 +280,20 @@ class Command(BaseCommand):
                            help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
         purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
 
+    def add_progress_arguments(self, commands: Any) -> None:
+        """``progress purge``."""
+        progress = commands.add_parser("progress", help="purge old progress rows",
+                                       description="Purge the progress rows of finished tasks.")
+        actions = progress.add_subparsers(dest="progress_command", metavar="action", required=True)
+        purge = actions.add_parser(
+            "purge", help="delete progress rows not changed for an age",
+            description="Delete progress rows not changed since --older-than (default: "
+                        "SAFETYNET['PROGRESS_KEEP_SECONDS'] ago). Workers do this once an hour; a user who opens "
+                        "the page of a purged task is told it cannot be found.")
+        purge.add_argument("--older-than", type=moment, metavar="AGE",
+                           help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
+        purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
+
     def add_dead_arguments(self, commands: Any) -> None:
         """``dead list|show|replay|discard|purge|flush``."""
         dead = commands.add_parser("dead", help="inspect, replay, discard and purge dead letters",
@@ -339,6 +354,8 @@ class Command(BaseCommand):
             getattr(self, f"keys_{options['keys_command']}")(options)
         elif options["command"] == "breakers":
             getattr(self, f"breakers_{options['breakers_command']}")(options)
+        elif options["command"] == "progress":
+            self.progress_purge(options)
         elif options["command"] == "relay":
             self.relay(options)
         elif options["command"] == "schedule":
@@ -488,6 +505,21 @@ class Command(BaseCommand):
         expired = shared.purge_expired()
         self.stdout.write(f"Deleted {count} settled claims last changed before {_local(before)}, and {expired} "
                           "expired shared counters.")
+
+    # -- progress -------------------------------------------------------------------------
+
+    def progress_purge(self, options: dict[str, Any]) -> None:
+        """Delete progress rows older than --older-than (default PROGRESS_KEEP_SECONDS)."""
+        from safetynet import progress
+        from safetynet.models import TaskProgress
+
+        before = options["older_than"] or timezone.now() - timedelta(seconds=conf.get().progress_keep_seconds)
+        if options["dry_run"]:
+            count = TaskProgress.objects.filter(updated_at__lt=before).count()
+            self.stdout.write(f"Dry run: would delete {count} progress rows last changed before {_local(before)}.")
+            return
+        count = progress.purge(before)
+        self.stdout.write(f"Deleted {count} progress rows last changed before {_local(before)}.")
 
     # -- breakers -------------------------------------------------------------------------
 
