@@ -9,8 +9,8 @@ from django.urls import reverse
 
 from safetynet import breakers, stats
 from safetynet.models import DeadLetter, ScheduledMessage, TaskStats
-from tests.dashboard.conftest import logged_in, person
 from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
+from tests.web import logged_in, person
 
 pytestmark = pytest.mark.django_db
 

@@ -5,13 +5,14 @@ import time
 
 import pytest
 from django.contrib.admin.models import LogEntry
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
 from safetynet import deadletter
 from safetynet.models import DeadLetter
 from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
+from tests.web import logged_in, person
 
 pytestmark = pytest.mark.django_db
 
@@ -23,22 +24,14 @@ def url(name, row=None):
 
 
 def user(name, *permissions, staff=True):
-    person = User.objects.create_user(name, is_staff=staff)
-    person.user_permissions.set(Permission.objects.filter(content_type__app_label="safetynet",
-                                                          codename__in=[f"{p}_deadletter" for p in permissions]))
-    return person
-
-
-def client_for(person, **options):
-    client = Client(**options)
-    client.force_login(person)
-    return client
+    """A user with these permissions on dead letters (``view``, ``change``, ``delete``)."""
+    return person(name, *(f"{p}_deadletter" for p in permissions), staff=staff)
 
 
 @pytest.fixture
 def operator():
     """Staff with view and change permissions: may look, replay and discard."""
-    return client_for(user("operator", "view", "change"))
+    return logged_in(user("operator", "view", "change"))
 
 
 @pytest.fixture
@@ -74,7 +67,7 @@ def test_anonymous_is_sent_to_the_login_page(row):
 
 
 def test_a_user_who_is_not_staff_is_refused_even_with_the_permissions(row):
-    client = client_for(user("customer", "view", "change", "delete", staff=False))
+    client = logged_in(user("customer", "view", "change", "delete", staff=False))
     before = state(row)
     for response in (client.get(reverse(CHANGELIST)), client.post(url("replay", row)),
                      client.post(url("discard", row)), act(client, "replay_selected", row)):
@@ -83,7 +76,7 @@ def test_a_user_who_is_not_staff_is_refused_even_with_the_permissions(row):
 
 
 def test_staff_without_the_model_permissions_is_refused(row):
-    client = client_for(user("intern"))
+    client = logged_in(user("intern"))
     before = state(row)
     assert client.get(reverse(CHANGELIST)).status_code == 403
     assert client.get(url("change", row)).status_code == 403
@@ -94,7 +87,7 @@ def test_staff_without_the_model_permissions_is_refused(row):
 
 
 def test_view_permission_shows_rows_but_cannot_replay_or_discard(row, throwaway_queue):
-    client = client_for(user("auditor", "view"))
+    client = logged_in(user("auditor", "view"))
     before = state(row)
     listing = client.get(reverse(CHANGELIST))
     assert listing.status_code == 200 and "tests.tasks.ping" in listing.text
@@ -119,7 +112,7 @@ def test_rows_are_read_only(row, operator):
 
 def test_delete_needs_the_delete_permission(row, operator):
     assert operator.get(url("delete", row)).status_code == 403
-    deleter = client_for(user("janitor", "view", "delete"))
+    deleter = logged_in(user("janitor", "view", "delete"))
     assert deleter.post(url("delete", row), {"post": "yes"}).status_code == 302
     assert not DeadLetter.objects.filter(pk=row.pk).exists()
 
@@ -132,7 +125,7 @@ def test_the_buttons_only_take_post(row, operator):
 
 
 def test_a_post_without_the_csrf_token_is_rejected(row, throwaway_queue):
-    client = client_for(user("operator", "view", "change"), enforce_csrf_checks=True)
+    client = logged_in(user("operator", "view", "change"), enforce_csrf_checks=True)
     before = state(row)
     assert client.post(url("replay", row)).status_code == 403
     assert client.post(url("discard", row)).status_code == 403
@@ -337,7 +330,7 @@ def test_idempotency_claims_are_listed_read_only():
     held = idempotency.claim("admin-key-1", task_name="shop.charge", task_id="tid-admin", lease=30, max_deliveries=3)
     idempotency.mark_succeeded(held, {"charge": "ch_admin"})
     viewer = User.objects.create_superuser("claims-admin")
-    client = client_for(viewer)
+    client = logged_in(viewer)
     listing = client.get(reverse("admin:safetynet_idempotencyclaim_changelist") + "?q=admin-key-1")
     assert listing.status_code == 200 and b"admin-key-1" in listing.content and b"tid-admin" in listing.content
     from safetynet.models import IdempotencyClaim

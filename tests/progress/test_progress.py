@@ -10,6 +10,7 @@ from safetynet import progress
 from safetynet.models import DeadLetter, TaskProgress
 from tests import progress_tasks
 from tests.celery_app import app
+from tests.web import logged_in
 
 pytestmark = pytest.mark.django_db
 
@@ -28,19 +29,13 @@ def alice():
     return User.objects.create_user("alice", password="pw")
 
 
-def client_for(user):
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def status(client, task_id):
     return client.get(reverse("safetynet_progress:status", args=[task_id]))
 
 
 def test_the_owner_sees_a_report_run_to_the_end(alice):
     result = progress_tasks.build_report.apply_async((3,), progress_for=alice)
-    response = status(client_for(alice), result.id)
+    response = status(logged_in(alice), result.id)
     assert response.status_code == 200 and "no-store" in response["Cache-Control"]
     assert response.json() == {
         "task_id": result.id, "state": "succeeded", "current": 3.0, "total": 3.0, "percent": 100.0,
@@ -51,7 +46,7 @@ def test_the_owner_sees_a_report_run_to_the_end(alice):
 
 def test_another_user_gets_the_same_404_as_for_an_unknown_task(alice):
     result = progress_tasks.build_report.apply_async((1,), progress_for=alice)
-    bob = client_for(User.objects.create_user("bob"))
+    bob = logged_in(User.objects.create_user("bob"))
     theirs, unknown = status(bob, result.id), status(bob, "no-such-task")
     assert theirs.status_code == unknown.status_code == 404
     assert theirs.content == unknown.content == b'{"error": "not found"}'
@@ -60,16 +55,16 @@ def test_another_user_gets_the_same_404_as_for_an_unknown_task(alice):
 def test_anonymous_visitors_and_posts_are_refused(alice):
     result = progress_tasks.build_report.apply_async((1,), progress_for=alice)
     assert status(Client(), result.id).status_code == 403
-    assert client_for(alice).post(reverse("safetynet_progress:status", args=[result.id])).status_code == 405
+    assert logged_in(alice).post(reverse("safetynet_progress:status", args=[result.id])).status_code == 405
 
 
 def test_staff_need_the_view_permission(alice):
     result = progress_tasks.build_report.apply_async((1,), progress_for=alice)
     staff = User.objects.create_user("ops", is_staff=True)
-    assert status(client_for(staff), result.id).status_code == 404
+    assert status(logged_in(staff), result.id).status_code == 404
     staff.user_permissions.add(Permission.objects.get(codename="view_taskprogress"))
     staff = User.objects.get(pk=staff.pk)
-    assert status(client_for(staff), result.id).status_code == 200
+    assert status(logged_in(staff), result.id).status_code == 200
 
 
 def test_progress_access_decides_when_set(alice, settings):
@@ -80,7 +75,7 @@ def test_progress_access_decides_when_set(alice, settings):
 
 def test_a_failure_shows_the_safe_message_and_nothing_else(alice):
     result = progress_tasks.leaky_report.apply_async(kwargs={"card_token": "tok_live_SECRET"}, progress_for=alice)
-    response = status(client_for(alice), result.id)
+    response = status(logged_in(alice), result.id)
     body = response.content.decode()
     assert response.json()["state"] == "failed" and response.json()["done"] is True
     assert response.json()["error"] == "Sorry, this did not work. The team has been told."
@@ -91,8 +86,8 @@ def test_a_failure_shows_the_safe_message_and_nothing_else(alice):
 
 def test_a_public_message_is_shown(alice):
     result = progress_tasks.large_report.apply_async(progress_for=alice)
-    assert status(client_for(alice), result.id).json()["error"] == "Your report is too large; pick fewer months."
-    assert "9 GB" not in status(client_for(alice), result.id).content.decode()
+    assert status(logged_in(alice), result.id).json()["error"] == "Your report is too large; pick fewer months."
+    assert "9 GB" not in status(logged_in(alice), result.id).content.decode()
 
 
 def test_the_tracking_header_survives_retries(alice):
@@ -114,7 +109,7 @@ def test_an_untracked_task_reports_for_staff_only(alice):
     result = progress_tasks.untracked_report.apply_async()
     row = TaskProgress.objects.get(task_id=result.id)
     assert (row.owner, row.state, row.current, row.total, row.message) == ("", "succeeded", 10.0, 10.0, "on my own")
-    assert status(client_for(alice), result.id).status_code == 404
+    assert status(logged_in(alice), result.id).status_code == 404
 
 
 def test_a_task_sent_without_progress_for_and_never_reporting_writes_nothing():
@@ -230,6 +225,6 @@ def test_a_replayed_dead_letter_is_shown_to_the_same_user(alice):
     assert outcome.new_task_id
     replayed = TaskProgress.objects.get(task_id=outcome.new_task_id)
     assert replayed.owner == progress.owner_of(alice)
-    answer = status(client_for(alice), outcome.new_task_id).json()
+    answer = status(logged_in(alice), outcome.new_task_id).json()
     assert answer["state"] == "succeeded" and answer["message"] == "step 2 of 2"
-    assert status(client_for(User.objects.create_user("bob")), outcome.new_task_id).status_code == 404
+    assert status(logged_in(User.objects.create_user("bob")), outcome.new_task_id).status_code == 404
