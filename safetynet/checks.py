@@ -41,13 +41,21 @@ _PICKLE = {"pickle", "application/x-python-serialize"}
 
 @checks.register("safetynet")
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001: the SAFETYNET settings dict is valid."""
+    """E001: the SAFETYNET settings dict is valid. E005: Django keeps times timezone-aware."""
+    from django.conf import settings
+
+    messages: list[checks.CheckMessage] = []
+    if not settings.USE_TZ:
+        messages.append(checks.Error(
+            "USE_TZ is False: safetynet writes and compares timezone-aware times (dead letters, the schedule, "
+            "the dashboard's per-minute counts), which Django then stores as local times or refuses.",
+            hint="Set USE_TZ = True (Django's default since 5.0).", id="safetynet.E005"))
     try:
         conf.build(conf._user_settings())
     except (ConfigurationError, ImportError) as error:
-        return [checks.Error(str(error), hint="Fix settings.SAFETYNET; docs/settings.md lists every key.",
-                             id="safetynet.E001")]
-    return []
+        messages.append(checks.Error(str(error), hint="Fix settings.SAFETYNET; docs/settings.md lists every key.",
+                                     id="safetynet.E001"))
+    return messages
 
 
 def longest_delay(policy: RetryPolicy) -> float:

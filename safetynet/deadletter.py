@@ -783,11 +783,16 @@ def discard(rows: Any, *, by: str = "") -> int:
     at = _now().isoformat()
     changed = 0
     for batch in _batches(rows, 500):
-        dead = [row for row in batch if row.status == DeadLetter.Status.DEAD]
-        for row in dead:
-            row.status = DeadLetter.Status.DISCARDED
-            row.audit = [*row.audit, {"action": "discard", "by": by, "at": at}]
-        DeadLetter.objects.bulk_update(dead, ["status", "audit"])
+        with transaction.atomic():
+            # Read again under a lock: a replay committing meanwhile must not be overwritten, and a row a
+            # replay holds right now is skipped (that replay marks it).
+            dead = list(DeadLetter.objects.select_for_update(skip_locked=True)
+                        .filter(id__in=[row.id for row in batch], status=DeadLetter.Status.DEAD)
+                        .only("id", "status", "audit"))
+            for row in dead:
+                row.status = DeadLetter.Status.DISCARDED
+                row.audit = [*row.audit, {"action": "discard", "by": by, "at": at}]
+            DeadLetter.objects.bulk_update(dead, ["status", "audit"])
         changed += len(dead)
     return changed
 

@@ -80,6 +80,8 @@ def _sum_lists(left: list[int], right: list[int]) -> list[int]:
 
 
 _lock = threading.Lock()
+#: Held for a whole flush: the flush at exit waits for one the thread has under way (its counts are taken).
+_flushing = threading.Lock()
 #: (minute start as epoch seconds, task name) -> counts not yet in the database.
 _pending: dict[tuple[int, str], _Counts] = {}
 _thread: threading.Thread | None = None
@@ -107,7 +109,7 @@ def record(task_name: str, outcome: str, *, runtime: float | None = None, reason
         if runtime is not None:
             counts.runtime_sum += runtime
             counts.runtime_buckets[bisect.bisect_left(RUNTIME_BUCKETS, max(0.0, runtime))] += 1
-    if _thread_pid != os.getpid():
+    if _thread_pid != os.getpid() or _thread is None or not _thread.is_alive():
         _start_flusher()
 
 
@@ -135,6 +137,11 @@ def flush() -> int:
 
     If the database refuses, the counts stay pending (merged with newer ones) for the next flush.
     """
+    with _flushing:
+        return _flush()
+
+
+def _flush() -> int:
     from django.db import transaction
 
     from safetynet.models import TaskStats
@@ -150,17 +157,20 @@ def flush() -> int:
             merged.add(counts)
     try:
         with transaction.atomic():
+            # Inserted and locked in one order, so two flushes never wait for each other in a circle.
             TaskStats.objects.bulk_create(
                 [TaskStats(period=period, start=start, task_name=name, dead_by_reason={}, runtime_buckets=[])
-                 for period, start, name in by_row], ignore_conflicts=True)
-            # Locked in one order, so two flushes never wait for each other in a circle.
+                 for period, start, name in sorted(by_row)], ignore_conflicts=True)
             condition = _rows_matching(by_row)
             rows = list(TaskStats.objects.select_for_update().filter(condition).order_by("period", "start",
                                                                                            "task_name"))
+            unmatched = set(by_row)
             for row in rows:
-                counts = by_row.get((row.period, row.start, row.task_name))
+                key = (row.period, row.start, row.task_name)
+                counts = by_row.get(key)
                 if counts is None:
                     continue
+                unmatched.discard(key)
                 for name in _COUNTERS:
                     setattr(row, name, getattr(row, name) + getattr(counts, name))
                 reasons = dict(row.dead_by_reason or {})
@@ -170,10 +180,16 @@ def flush() -> int:
                 row.runtime_sum += counts.runtime_sum
                 row.runtime_buckets = _sum_lists(list(row.runtime_buckets or []), counts.runtime_buckets)
             TaskStats.objects.bulk_update(rows, [*_COUNTERS, "dead_by_reason", "runtime_sum", "runtime_buckets"])
+            if unmatched:  # a prune deleted the row between the insert and the lock: count it next time
+                raise _RowsVanished(sorted(unmatched))
     except Exception:
         _put_back(taken)
         raise
     return len(rows)
+
+
+class _RowsVanished(RuntimeError):
+    """Rows inserted for this flush were gone when it locked them; the flush is undone and tried again."""
 
 
 def _rows_matching(keys: Iterable[tuple[int, datetime, str]]) -> Any:
@@ -237,11 +253,15 @@ def _start_flusher() -> None:
         def loop() -> None:
             pruned = 0.0
             while True:
-                time.sleep(conf.get().stats_flush_seconds)
-                _flush_safely("periodic")
-                if time.time() - pruned > 3600:
-                    pruned = time.time()
-                    _housekeeping()
+                try:
+                    time.sleep(conf.get().stats_flush_seconds)
+                    _flush_safely("periodic")
+                    if time.time() - pruned > 3600:
+                        pruned = time.time()
+                        _housekeeping()
+                except Exception as error:  # never let the thread die: counts would pile up unwritten
+                    logger.warning("safetynet: stats flusher: %r", error)
+                    time.sleep(1)
 
         _thread = threading.Thread(target=loop, name="safetynet-stats-flusher", daemon=True)
         _thread.start()
@@ -249,8 +269,9 @@ def _start_flusher() -> None:
 
 def _forget_parent_counts() -> None:
     """In a forked child: the parent's pending counts are the parent's to write."""
-    global _pending, _lock, _thread
+    global _pending, _lock, _flushing, _thread
     _lock = threading.Lock()
+    _flushing = threading.Lock()
     _pending = {}
     _thread = None
 

@@ -191,6 +191,15 @@ def test_discard_marks_handled_and_is_idempotent():
     assert row.status == "discarded" and row.audit[-1]["by"] == "ann"
 
 
+def test_discard_never_overwrites_a_replay_that_committed_meanwhile():
+    stale = record()  # read while dead, as a discard of a page of rows reads it
+    DeadLetter.objects.filter(pk=stale.pk).update(
+        status="replayed", audit=[{"action": "replay", "by": "bob", "new_task_id": "t-2"}])
+    assert deadletter.discard([stale], by="ann") == 0
+    stale.refresh_from_db()
+    assert stale.status == "replayed" and stale.audit == [{"action": "replay", "by": "bob", "new_task_id": "t-2"}]
+
+
 def test_an_undecodable_body_is_kept_redacted_and_a_binary_one_only_by_hash():
     text = record(reason="undecodable", raw_body=b'{"card_token": "tok_live_SECRET123", "n": 1}', body_unknown=True)
     import base64

@@ -64,23 +64,51 @@ def test_flushes_add_to_what_is_there():
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_flushes_add_up_exactly():
-    def work():
+    errors = []
+
+    def work(order):
         try:
             for _ in range(20):
-                for _ in range(5):
+                for n in order:  # several rows, new ones in each flush, as in separate worker processes
+                    stats.record(f"shop.mail.{n}", "success", runtime=0.01, at=AT + 60 * (n % 3))
                     stats.record("shop.mail", "success", runtime=0.01, at=AT)
-                stats.flush()
+                stats._flush()  # not flush(): past the process's own lock, as separate processes are
+        except Exception as error:  # a deadlock between two flushes, say
+            errors.append(error)
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=work) for _ in range(6)]
+    # Each thread meets the rows in another order: only sorted inserts and locks keep them from a deadlock.
+    threads = [threading.Thread(target=work, args=(list(range(5))[::1 if i % 2 else -1],)) for i in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert errors == []
     stats.flush()
-    assert rows(60)["shop.mail"].successes == 600
+    assert TaskStats.objects.filter(period=60, task_name="shop.mail").get().successes == 600
     assert rows(3600)["shop.mail"].successes == 600
+    assert sum(rows(3600)[f"shop.mail.{n}"].successes for n in range(5)) == 600
+
+
+@pytest.mark.django_db
+def test_counts_whose_row_vanished_before_the_lock_are_kept_for_the_next_flush(monkeypatch):
+    from django.db.models import Q
+
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    original = stats._rows_matching
+    monkeypatch.setattr(stats, "_rows_matching", lambda keys: Q(pk__in=[]))  # as if a prune deleted them
+    with pytest.raises(stats._RowsVanished):
+        stats.flush()
+    monkeypatch.setattr(stats, "_rows_matching", original)
+    assert stats.flush() == 2
+    assert rows(60)["shop.mail"].successes == rows(3600)["shop.mail"].successes == 1
+
+
+def test_a_dead_flusher_thread_is_started_again(monkeypatch):
+    monkeypatch.setattr(stats, "_thread", None)
+    stats.record("shop.mail", "success", runtime=0.2, at=AT)
+    assert stats._thread is not None and stats._thread.is_alive()
 
 
 @pytest.mark.django_db

@@ -147,6 +147,9 @@ def overview(request: HttpRequest) -> HttpResponse:
         _tell(request, "error", f"Unknown window {request.GET['window']!r}: choose one of "
                                 f"{', '.join(stats.WINDOWS)}. Showing 24h.")
     task = request.GET.get("task") or None
+    if task is not None and not _storable(task):
+        status, task = 400, None
+        _tell(request, "error", "That task name cannot exist; showing every task.")
     data = stats.overview(stats.WINDOWS[window], task_name=task)
     charts = [
         bar_chart("chart-successes", "Successes", data.points, data.successes, data.step),
@@ -240,11 +243,20 @@ class DeadLetterFilters(forms.Form):
     fingerprint = forms.CharField(required=False, max_length=40, widget=forms.HiddenInput)
 
 
+#: Past this page a failures list is empty anyway; a larger number would overflow the database's OFFSET.
+MAX_PAGE = 100_000
+
+
 def _page_number(request: HttpRequest) -> int:
     try:
-        return max(1, int(request.GET.get("page") or 1))
+        return min(MAX_PAGE, max(1, int(request.GET.get("page") or 1)))
     except ValueError:
         return 1
+
+
+def _storable(text: str | None) -> bool:
+    """A value PostgreSQL can compare with a text column (no NUL character) and of a sane length."""
+    return text is not None and "\x00" not in text and len(text) <= 1000
 
 
 @require_safe
@@ -348,6 +360,8 @@ def schedule(request: HttpRequest) -> HttpResponse:
 @staff_action("safetynet.change_scheduledmessage")
 def schedule_due_now(request: HttpRequest, key: str) -> HttpResponse:
     """POST: make one scheduled message due now (the relay publishes it within a poll)."""
+    if not _storable(key):
+        raise Http404("no such scheduled message")
     changed = scheduler.bring_forward(ScheduledMessage.objects.filter(key=key))
     _tell(request, "success" if changed else "warning",
           f"{key} is due now; a relay publishes it within a poll." if changed

@@ -324,3 +324,13 @@ def test_breaker_actions_need_the_change_permission():
     client = logged_in(person("viewer", "view_breakerstate"))
     assert client.get(url("breakers")).status_code == 200
     assert client.post(url("breaker_action", "upstream", "open")).status_code == 403
+
+
+def test_odd_input_gets_an_answer_not_a_server_error(admin_client_):
+    make_dead_letter("tests.tasks.ping")
+    for page in ("99999999999999999999", "-3", "x"):
+        assert admin_client_.get(url("failures"), {"page": page}).status_code == 200
+        assert admin_client_.get(url("dead_letters"), {"page": page}).status_code == 200
+    response = admin_client_.get(url("overview"), {"task": "tests.tasks.ping\x00"})
+    assert response.status_code == 400 and "cannot exist" in response.content.decode()
+    assert admin_client_.post(url("schedule_due_now", "a\x00b")).status_code == 404

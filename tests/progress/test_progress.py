@@ -50,6 +50,8 @@ def test_another_user_gets_the_same_404_as_for_an_unknown_task(alice):
     theirs, unknown = status(bob, result.id), status(bob, "no-such-task")
     assert theirs.status_code == unknown.status_code == 404
     assert theirs.content == unknown.content == b'{"error": "not found"}'
+    for odd in ("a\x00b", "x" * 300):
+        assert status(bob, odd).content == unknown.content
 
 
 def test_anonymous_visitors_and_posts_are_refused(alice):

@@ -58,6 +58,13 @@ def test_invalid_settings_are_an_error_at_startup():
     assert message.id == "safetynet.E001" and "jitter must be one of" in message.msg
 
 
+def test_naive_times_are_an_error():
+    assert checks.check_settings() == []
+    with override_settings(USE_TZ=False):
+        [message] = checks.check_settings()
+    assert message.id == "safetynet.E005" and "USE_TZ" in message.msg
+
+
 def test_invalid_celery_retry_options_on_a_plain_task_are_an_error():
     import celery
 

@@ -3,6 +3,7 @@
   "use strict";
 
   function show(element, visible) { if (element) { element.hidden = !visible; } }
+  function say(element, text) { if (element) { element.textContent = text; } }  /* text, never HTML */
 
   function render(widget, data) {
     var bar = widget.querySelector(".safetynet-progress-bar");
@@ -13,20 +14,20 @@
     if (data.state === "succeeded") {
       show(bar, false); show(message, false); show(error, false);
       var text = widget.querySelector(".safetynet-progress-done-text");
-      if (text) { text.textContent = data.message || "Done"; }
+      say(text, data.message || "Done");
       show(done, true);
       return;
     }
     if (data.state === "failed") {
       show(bar, false); show(message, false); show(done, false);
-      error.textContent = data.error || "Sorry, this did not work.";
+      say(error, data.error || "Sorry, this did not work.");
       show(error, true);
       return;
     }
-    if (data.total) {
+    if (bar && data.total) {
       bar.max = data.total;
       bar.value = data.current || 0;
-    } else {
+    } else if (bar) {
       bar.removeAttribute("value");  /* indeterminate */
     }
     var words = data.message || (data.state === "queued" ? "Waiting to start…" : "Working…");
@@ -35,7 +36,7 @@
     } else if (data.percent !== null && data.percent !== undefined) {
       words = words + " (" + Math.round(data.percent) + " %)";
     }
-    message.textContent = words;
+    say(message, words);
   }
 
   function poll(widget) {
@@ -47,7 +48,7 @@
         .then(function (response) {
           if (response.status === 404 || response.status === 403) {
             widget.setAttribute("data-state", "unknown");
-            widget.querySelector(".safetynet-progress-message").textContent = "This task cannot be found.";
+            say(widget.querySelector(".safetynet-progress-message"), "This task cannot be found.");
             show(widget.querySelector(".safetynet-progress-bar"), false);
             return null;
           }
