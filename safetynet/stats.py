@@ -66,12 +66,19 @@ class _Counts:
     runtime_buckets: list[int] = field(default_factory=lambda: [0] * len(RUNTIME_BUCKETS))
 
     def add(self, other: _Counts) -> None:
-        for name in _COUNTERS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for reason, count in other.dead_by_reason.items():
-            self.dead_by_reason[reason] = self.dead_by_reason.get(reason, 0) + count
-        self.runtime_sum += other.runtime_sum
-        self.runtime_buckets = _sum_lists(self.runtime_buckets, other.runtime_buckets)
+        _add_into(self, other)
+
+
+def _add_into(target: Any, counts: _Counts) -> None:
+    """Add ``counts`` to ``target``: another _Counts, or a TaskStats row (the same field names)."""
+    for name in _COUNTERS:
+        setattr(target, name, getattr(target, name) + getattr(counts, name))
+    reasons = dict(target.dead_by_reason or {})
+    for reason, count in counts.dead_by_reason.items():
+        reasons[reason] = reasons.get(reason, 0) + count
+    target.dead_by_reason = reasons
+    target.runtime_sum += counts.runtime_sum
+    target.runtime_buckets = _sum_lists(list(target.runtime_buckets or []), counts.runtime_buckets)
 
 
 def _sum_lists(left: list[int], right: list[int]) -> list[int]:
@@ -164,24 +171,11 @@ def _flush() -> int:
             condition = _rows_matching(by_row)
             rows = list(TaskStats.objects.select_for_update().filter(condition).order_by("period", "start",
                                                                                            "task_name"))
-            unmatched = set(by_row)
-            for row in rows:
-                key = (row.period, row.start, row.task_name)
-                counts = by_row.get(key)
-                if counts is None:
-                    continue
-                unmatched.discard(key)
-                for name in _COUNTERS:
-                    setattr(row, name, getattr(row, name) + getattr(counts, name))
-                reasons = dict(row.dead_by_reason or {})
-                for reason, count in counts.dead_by_reason.items():
-                    reasons[reason] = reasons.get(reason, 0) + count
-                row.dead_by_reason = reasons
-                row.runtime_sum += counts.runtime_sum
-                row.runtime_buckets = _sum_lists(list(row.runtime_buckets or []), counts.runtime_buckets)
+            for row in rows:  # the condition matches exactly the rows of by_row
+                _add_into(row, by_row[(row.period, row.start, row.task_name)])
             TaskStats.objects.bulk_update(rows, [*_COUNTERS, "dead_by_reason", "runtime_sum", "runtime_buckets"])
-            if unmatched:  # a prune deleted the row between the insert and the lock: count it next time
-                raise _RowsVanished(sorted(unmatched))
+            if len(rows) < len(by_row):  # a prune deleted a row between the insert and the lock: count it next time
+                raise _RowsVanished(sorted(set(by_row) - {(row.period, row.start, row.task_name) for row in rows}))
     except Exception:
         _put_back(taken)
         raise

@@ -6,7 +6,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
-from safetynet import progress
+from safetynet import conf, progress
 from safetynet.models import TaskProgress
 
 __all__ = ["status"]
@@ -16,7 +16,7 @@ __all__ = ["status"]
 @require_safe
 def status(request: HttpRequest, task_id: str) -> JsonResponse:
     """GET: the state of ``task_id``; 403 to anonymous visitors, 404 alike for unknown and not-yours."""
-    if not request.user.is_authenticated and progress.conf.get().progress_access is None:
+    if not request.user.is_authenticated and conf.get().progress_access is None:
         return JsonResponse({"error": "log in to see this task"}, status=403)
     # A NUL or an overlong id names no task (and PostgreSQL would refuse to compare it).
     row = (TaskProgress.objects.filter(task_id=task_id).first()
