@@ -21,6 +21,8 @@ services:
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check safetynet tests bench demo
+	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed services lint
 	$(PY) -m pytest $(PYTEST_ARGS)

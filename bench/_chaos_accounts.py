@@ -92,6 +92,12 @@ def _claim_table() -> str:
     return IdempotencyClaim._meta.db_table
 
 
+def _schedule_table() -> str:
+    from safetynet.models import ScheduledMessage
+
+    return ScheduledMessage._meta.db_table
+
+
 def dead_rows(conn: psycopg.Connection, system: str) -> list[tuple[int | None, str]]:
     """(order id, reason) of each final failure the system recorded."""
     if system == "safetynet":
@@ -155,7 +161,7 @@ class Outcome:
     duplicate_ledger: int = 0
     orders_with_duplicate_rows: int = 0
     claims: dict[str, int] = field(default_factory=dict)
-    resent_claims: int = 0  # safetynet: tasks whose message its lost-message sweeper sent again
+    resent_claims: int = 0  # safetynet: tasks whose message its relay sent again (nobody took it in time)
     resent_messages: int = 0
     lost_orders: set[int] = field(default_factory=set)
     #: (order, reason, detail, exception) of dead letters whose order succeeded all the same.
@@ -185,8 +191,9 @@ def outcome(conn: psycopg.Connection, system: str, order_ids: range) -> Outcome:
     if system == "safetynet":
         query = sql.SQL("SELECT state, count(*) FROM {} GROUP BY state").format(sql.Identifier(_claim_table()))
         result.claims = dict(conn.execute(query).fetchall())
-        query = sql.SQL("SELECT count(*), coalesce(sum(resent), 0) FROM {} WHERE resent > 0").format(
-            sql.Identifier(_claim_table()))
+        # Messages the relay sent again (no worker took them in time): one table for every kept message.
+        query = sql.SQL("SELECT count(*), coalesce(sum(publishes - 1), 0) FROM {} WHERE publishes > 1").format(
+            sql.Identifier(_schedule_table()))
         result.resent_claims, result.resent_messages = conn.execute(query).fetchone()
         query = sql.SQL(
             "SELECT (kwargs->>'order_id')::integer, reason, detail, exception_type || ': ' || exception_message, "

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _chaos_processes import tail
+from _chaos_processes import RedisServer, tail
 
 HERE = Path(__file__).resolve().parent
 CONCURRENCY = 2

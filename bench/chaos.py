@@ -290,7 +290,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
               "append-only file. No task code runs in that window; --broker rabbitmq has none.")
     for run in runs:
         if run.system == "safetynet" and run.outcome.claims:
-            print(f"safetynet idempotency claims at the end: "
+            print("safetynet idempotency claims at the end: "
                   + ", ".join(f"{k}={v}" for k, v in sorted(run.outcome.claims.items()))
                   + f"; sent again by the lost-message sweeper: {run.outcome.resent_messages} message(s) of "
                     f"{run.outcome.resent_claims} task(s)")

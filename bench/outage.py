@@ -278,7 +278,7 @@ def cycles_of(run: Run, args: argparse.Namespace) -> Cycles:
     starts = [run.went_down, *half_opens]
     ends = [*half_opens, run.came_back + 1e-9]
     calls = run.outage_calls
-    counts = [sum(1 for call in calls if start <= call.at < end) for start, end in zip(starts, ends)]
+    counts = [sum(1 for call in calls if start <= call.at < end) for start, end in zip(starts, ends, strict=True)]
     # The failure rate over the window needs, with S successes still in it, F failures with
     # F >= rate * (S + F) and S + F >= min_calls. S is counted over a window and one bucket
     # (the window is kept in 12 buckets; the oldest leaves whole), so this is an upper bound.

@@ -57,7 +57,7 @@ def _migrate() -> None:
 
 
 def _history(index: int, failed_at: float) -> list[dict]:
-    """Three attempts as the runtime records them (``runtime.history.entry_for``)."""
+    """Three attempts as the runtime records them (``safetynet.protocol.history.entry_for``)."""
     traceback = (
         "Traceback (most recent call last):\n"
         '  File "/srv/app/billing/tasks.py", line 42, in charge\n'

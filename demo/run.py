@@ -222,8 +222,7 @@ def send_tasks(app: Any) -> None:
 def wait_for_claim(key: str, deadline: float) -> None:
     from safetynet.models import IdempotencyClaim
 
-    # In progress, not merely queued: (e)'s row is written as "queued" when it is sent (lost-message
-    # tracking), before a worker has claimed it; (f) must be sent once (e) holds the claim.
+    # (f) must be sent once (e) holds the claim: its run has claimed the key, not merely been sent.
     while not IdempotencyClaim.objects.filter(key=key, state=IdempotencyClaim.State.IN_PROGRESS).exists():
         if time.monotonic() > deadline:
             raise DemoError(f"the payment task did not claim {key!r} in time. The end of {WORKER_LOG}:\n"

@@ -1,12 +1,18 @@
 """safetynet: reliable background tasks for Django, built on Celery.
 
-The public API is what ``__all__`` lists; everything else is private and may change.
+The public API is what ``__all__`` lists; everything else is private and may change. The values
+(policies, exceptions, the decision core) import without Django being set up, so a settings module
+can use them; the task decorator and the rest load when first used.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from safetynet.core.classify import http_status, is_network_error
 from safetynet.core.decision import Dead, Decision, Done, Retry, decide
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
-from safetynet.breakers import Breaker, breaker
+from safetynet.core.upstream import Breaker
 from safetynet.exceptions import (
     BreakerOpen,
     ClaimLost,
@@ -20,8 +26,11 @@ from safetynet.exceptions import (
     TaskSignal,
     Transient,
 )
-from safetynet.idempotency import atomic
-from safetynet.runtime.task import SafetyTask, task
+
+if TYPE_CHECKING:
+    from safetynet.breakers import breaker
+    from safetynet.idempotency import atomic
+    from safetynet.runtime.task import SafetyTask, task
 
 __version__ = "0.1.0.dev0"
 
@@ -55,3 +64,26 @@ __all__ = [
     "is_network_error",
     "task",
 ]
+
+# Loaded on first use: they need Django's apps (models) to be ready.
+_LAZY = {
+    "SafetyTask": "safetynet.runtime.task",
+    "task": "safetynet.runtime.task",
+    "atomic": "safetynet.idempotency",
+    "breaker": "safetynet.breakers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'safetynet' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

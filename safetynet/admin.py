@@ -18,14 +18,20 @@ from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.db import DatabaseError
 from django.db.models import Count, Max, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
 from django.template.loader import render_to_string
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from kombu.exceptions import OperationalError
 
-from safetynet import deadletter
+from safetynet import deadletter, redaction
+from safetynet.dashboard import display
 from safetynet.models import DeadLetter, IdempotencyClaim
 
 __all__ = ["DeadLetterAdmin", "FingerprintFilter"]
@@ -106,7 +112,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="detail")
     def detail_display(self, row: DeadLetter) -> str:
-        return deadletter.redact_text(row.detail) if row.detail else "-"
+        return redaction.redact_text(row.detail) if row.detail else "-"
 
     @admin.display(description="attempts")
     def attempts_display(self, row: DeadLetter) -> str:
@@ -147,18 +153,18 @@ class DeadLetterAdmin(admin.ModelAdmin):
     @admin.display(description="timeline")
     def timeline_display(self, row: DeadLetter) -> SafeString:
         return render_to_string("safetynet/admin/deadletter/timeline.html",
-                                {"entries": deadletter.history_entries(row), "omitted": row.omitted_attempts})
+                                {"entries": display.history_entries(row), "omitted": row.omitted_attempts})
 
     @admin.display(description="args / kwargs")
     def arguments_display(self, row: DeadLetter) -> SafeString:
         return render_to_string("safetynet/admin/deadletter/arguments.html", {
-            "args": deadletter.shown_json(row.args), "kwargs": deadletter.shown_json(row.kwargs), "redacted": row.redacted,
+            "args": display.shown_json(row.args), "kwargs": display.shown_json(row.kwargs), "redacted": row.redacted,
             "placeholder": deadletter.REDACTED,
         })
 
     @admin.display(description="headers")
     def headers_display(self, row: DeadLetter) -> SafeString:
-        return format_html("<pre>{}</pre>", deadletter.shown_json(deadletter.masked_headers(row.headers))) if row.headers else "-"
+        return format_html("<pre>{}</pre>", display.shown_json(redaction.masked_headers(row.headers))) if row.headers else "-"
 
     @admin.display(description="raw body")
     def raw_body_display(self, row: DeadLetter) -> str:
@@ -169,7 +175,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="audit trail")
     def audit_display(self, row: DeadLetter) -> SafeString:
-        return render_to_string("safetynet/admin/deadletter/audit.html", {"events": deadletter.audit_events(row)})
+        return render_to_string("safetynet/admin/deadletter/audit.html", {"events": display.audit_events(row)})
 
     # -- actions --------------------------------------------------------------------
 
@@ -193,7 +199,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         for outcome in outcomes:
             if outcome.new_task_id:
                 self.log_change(request, by_id[outcome.dead_letter_id], f"Replayed as task {outcome.new_task_id}.")
-        done, refusals = deadletter.replay_summary(outcomes)
+        done, refusals = display.replay_summary(outcomes)
         if done:
             self.message_user(request, done, messages.SUCCESS)
         for refusal in refusals:
@@ -211,7 +217,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
                               messages.SUCCESS)
         skipped = [row.id for row in rows if row.id not in dead]
         if skipped:
-            self.message_user(request, f"Not discarded, already handled: {deadletter.ids_text(skipped)}.", messages.WARNING)
+            self.message_user(request, f"Not discarded, already handled: {display.ids_text(skipped)}.", messages.WARNING)
 
     # -- detail page buttons ----------------------------------------------------------
 
@@ -275,15 +281,13 @@ class IdempotencyClaimAdmin(admin.ModelAdmin):
     list_filter = ("state",)  # (a task-name filter would read every row for its choices)
     search_fields = ("=key", "=task_id")  # the key is the primary key; a task id search reads the table
     ordering = ("-pk",)  # indexed: the table has no index on times (every run writes them)
-    readonly_fields = ("key", "state", "task_name", "task_id", "owner", "lease", "deliveries", "resent",
+    readonly_fields = ("key", "state", "task_name", "task_id", "owner", "lease", "deliveries",
                        "result_stored", "result", "error", "created", "updated")
-    # ``message`` holds the task's arguments unredacted (to send it again if it is lost): not shown.
-    exclude = ("lease_until", "created_at", "updated_at", "message")
+    exclude = ("lease_until", "created_at", "updated_at")
 
-    @admin.display(description="lease until / resend at (UTC)")
+    @admin.display(description="lease until (UTC)")
     def lease(self, claim: IdempotencyClaim) -> str:
-        unsettled = (IdempotencyClaim.State.IN_PROGRESS, IdempotencyClaim.State.QUEUED)
-        return _epoch(claim.lease_until) if claim.state in unsettled else "-"
+        return _epoch(claim.lease_until) if claim.state == IdempotencyClaim.State.IN_PROGRESS else "-"
 
     @admin.display(description="created (UTC)")
     def created(self, claim: IdempotencyClaim) -> str:

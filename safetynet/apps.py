@@ -1,5 +1,5 @@
-"""Django app configuration: registers the system checks, the worker-side receivers, the dashboard's counters
-and the installed integrations."""
+"""Django app configuration: the system checks, the worker's receivers, the consumers of the terminal event, and
+the integrations whose package is installed."""
 
 import importlib.util
 
@@ -14,13 +14,14 @@ class SafetynetConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from safetynet import checks  # noqa: F401  (registers the system checks)
-        from safetynet import progress, stats
-        from safetynet.runtime import worker
+        from safetynet import alerts, checks, signals, stats  # noqa: F401  (checks: registers the system checks)
+        from safetynet.progress.plugin import on_task_ended
+        from safetynet.runtime import consumer
 
-        worker.connect()
+        consumer.connect()
         stats.connect()
-        progress.connect()
+        alerts.connect()
+        signals.task_ended.connect(on_task_ended, dispatch_uid="safetynet.progress.ended", weak=False)
         self.install_integrations()
 
     @staticmethod

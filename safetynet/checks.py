@@ -73,7 +73,7 @@ def longest_delay(policy: RetryPolicy) -> float:
 def _policy_and_catch_all(task: Any) -> tuple[RetryPolicy | None, bool]:
     """The task's retry policy (None if it never retries on its own) and whether it retries everything."""
     if isinstance(task, SafetyTask):
-        resolved = task._resolved()
+        resolved = options.resolved(task)
         matchers = resolved.rules.retry_on + resolved.rules.default_retry_on
         catch_all = resolved.rules.unclassified == "retry" or any(m in (Exception, BaseException) for m in matchers)
         return resolved.policy, catch_all

@@ -58,6 +58,7 @@ Every key, its default and its meaning::
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Callable
@@ -69,6 +70,7 @@ from django.utils.module_loading import import_string
 
 from safetynet.core.classify import Matcher, as_matchers, http_status, is_network_error
 from safetynet.core.policy import Exponential, RetryPolicy
+from safetynet.core.upstream import Breaker, RetryBudget
 from safetynet.exceptions import ConfigurationError
 
 __all__ = ["DEFAULTS", "ENQUEUE_MODES", "Settings", "get", "version"]
@@ -284,10 +286,6 @@ _BREAKER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 def _breakers(value: Any) -> dict[str, Any]:
     """``BREAKERS``: each a ``Breaker`` or a dict of its fields, under a name."""
-    import dataclasses
-
-    from safetynet.breakers import Breaker
-
     if not isinstance(value, dict):
         raise ConfigurationError(
             f"SAFETYNET['BREAKERS'] must be a dict of name -> Breaker(...) (or a dict of its fields), got {value!r}"
@@ -315,8 +313,6 @@ def _breakers(value: Any) -> dict[str, Any]:
 
 
 def _retry_budget(value: Any) -> Any:
-    from safetynet.breakers import RetryBudget
-
     if value is None or isinstance(value, RetryBudget):
         return value
     if not isinstance(value, dict):

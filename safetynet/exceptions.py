@@ -67,14 +67,14 @@ class Transient(TaskSignal):
         super().__init__(message)
         self.retry_after = None if retry_after is None else _seconds("Transient.retry_after", retry_after)
 
-    def __reduce__(self):  # keep retry_after across pickling (prefork pool, result backends)
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:  # keep retry_after across pickling
         return (type(self), (self.message, self.retry_after))
 
 
 class Permanent(TaskSignal):
     """A failure that no retry can fix (bad data, a deleted row): the task is dead at once."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.message,))
 
 
@@ -85,7 +85,7 @@ class Snooze(TaskSignal):
         self.delay = _seconds("Snooze.delay", delay)
         super().__init__(message or f"snoozed for {self.delay:g}s")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.delay, self.message))
 
 
@@ -104,7 +104,7 @@ class CrashLoop(SafetynetError):
 class ClaimLost(Transient):
     """Another run took the idempotency claim over while this one worked; this run's database writes were rolled back."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.message, self.retry_after))
 
 
@@ -116,5 +116,5 @@ class BreakerOpen(Snooze):
         self.name = name
         super().__init__(delay, message or f"breaker {name!r} is open; it may half-open in {max(0.0, delay):.1f}s")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.name, self.delay, self.message))

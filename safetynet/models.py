@@ -8,6 +8,8 @@ from datetime import datetime
 from django.db import models
 from django.db.models import Q
 
+from safetynet.protocol.reasons import Reason
+
 __all__ = ["BreakerState", "DeadLetter", "DeadLetterQuerySet", "IdempotencyClaim", "ScheduledMessage", "SharedKey",
            "TaskProgress", "TaskStats"]
 
@@ -53,16 +55,8 @@ class DeadLetterQuerySet(models.QuerySet):
 class DeadLetter(models.Model):
     """A task that finally failed: everything needed to understand it and to run it again."""
 
-    class Reason(models.TextChoices):
-        RETRIES_EXHAUSTED = "retries_exhausted", "retries exhausted"
-        PERMANENT_ERROR = "permanent_error", "permanent error"
-        DEADLINE_EXCEEDED = "deadline_exceeded", "deadline exceeded"
-        TIME_LIMIT = "time_limit", "hard time limit"
-        CRASH_LOOP = "crash_loop", "crash loop"
-        UNKNOWN_TASK = "unknown_task", "unknown task"
-        UNDECODABLE = "undecodable", "undecodable message"
-        REJECTED = "rejected", "rejected"
-        WORKER_LOST = "worker_lost", "worker lost"
+    #: Why the task was given up (``safetynet.protocol.reasons.Reason``, as model choices).
+    Reason = models.TextChoices("Reason", [(member.name, (member.value, member.label)) for member in Reason])
 
     class Status(models.TextChoices):
         DEAD = "dead", "dead"
@@ -129,13 +123,11 @@ class IdempotencyClaim(models.Model):
 
     Times are seconds since the epoch (floats) so the claim SQL is the same on PostgreSQL and
     SQLite. ``lease_until`` is moved on by a heartbeat while the body runs; a claim whose lease
-    ran out belongs to a run that died, and the next delivery takes it over. A queued claim
-    (recorded when the task was sent) whose lease ran out was never started: its message is
-    sent again.
+    ran out belongs to a run that died, and the next delivery takes it over (the task's row in
+    ``ScheduledMessage`` says what to send again).
     """
 
     class State(models.TextChoices):
-        QUEUED = "queued", "queued"
         IN_PROGRESS = "in_progress", "in progress"
         SUCCEEDED = "succeeded", "succeeded"
         FAILED = "failed", "failed"
@@ -156,19 +148,14 @@ class IdempotencyClaim(models.Model):
     result = models.JSONField(null=True, blank=True)
     result_stored = models.BooleanField(default=False)
     error = models.TextField(blank=True)
-    #: The message to send again if it is lost (queued, or a retry handed over): task arguments,
-    #: headers and routing, kept until the claim is settled. None when LOST_MESSAGE_SECONDS is None.
-    message = models.JSONField(null=True, blank=True)
-    #: How many times the lost-message sweeper sent it again.
-    resent = models.PositiveIntegerField(default=0)
     created_at = models.FloatField()
     updated_at = models.FloatField()
 
     class Meta:
         indexes = [
-            # The lost-message sweeper's query; settled claims leave it.
+            # The orphan sweep's query (a run that died); settled claims leave it.
             models.Index(fields=["lease_until"], name="safetynet_claim_unsettled",
-                         condition=Q(state__in=["queued", "in_progress"])),
+                         condition=Q(state="in_progress")),
         ]
 
     def __str__(self) -> str:
@@ -192,27 +179,29 @@ class SharedKey(models.Model):
 
 
 class ScheduledMessage(models.Model):
-    """A task message that waits in the database until the relay publishes it.
+    """A task message safetynet must see taken by a worker: one row per task id, kept in the database.
 
-    Two kinds: a ``retry`` whose delay is long enough to go through the durable schedule instead
-    of an ETA message a worker would hold in memory, and an ``outbox`` message written in the
-    caller's transaction (published once that commits; never, if it rolls back). Times are seconds
-    since the epoch (floats), as for claims. Once published, ``due_at`` is when the relay sends
-    it again if no worker took it (``LOST_MESSAGE_SECONDS``); the first copy that reaches a worker
-    is recorded in ``consumed_token`` and any other copy is dropped, so each row runs once.
+    Three kinds: a ``retry`` whose delay is long enough to go through the durable schedule instead
+    of an ETA message a worker would hold in memory; an ``outbox`` message written in the caller's
+    transaction (published once that commits; never, if it rolls back); and a message ``sent`` at
+    once for an idempotent task, kept to send it again if the broker loses it. Times are seconds
+    since the epoch (floats), as for claims. Once published, ``due_at`` is when the relay sends it
+    again if no worker took it (``LOST_MESSAGE_SECONDS``); the copy of the latest publish that first
+    reaches a worker is recorded in ``consumed_token`` and any other copy is dropped, so each
+    message runs once. A retry of the same task writes over its row (see ``safetynet.schedule``).
     """
 
     class Kind(models.TextChoices):
         RETRY = "retry", "retry"
         OUTBOX = "outbox", "outbox"
+        SENT = "sent", "sent"
 
     class State(models.TextChoices):
         SCHEDULED = "scheduled", "scheduled"
         PUBLISHED = "published", "published"
         CONSUMED = "consumed", "consumed"
 
-    #: One row per logical send: the task id (outbox), or the task id and the number of the attempt
-    #: history entry that scheduled it (a retry): a redelivered attempt cannot schedule twice.
+    #: The task id (rows written before 0.1 keyed a retry by task id and history entry: ``<id>#<n>``).
     key = models.CharField(max_length=255, primary_key=True)
     kind = models.CharField(max_length=8, choices=Kind.choices)
     task_name = models.CharField(max_length=255)
@@ -231,6 +220,13 @@ class ScheduledMessage(models.Model):
     #: Publishes that failed (the broker refused it); each waits longer before the next.
     failures = models.PositiveIntegerField(default=0)
     last_error = models.TextField(blank=True)
+    #: The idempotency key of the task ("" if it has none): its claim tells whether a run took the message.
+    claim_key = models.CharField(max_length=255, blank=True, default="")
+    #: When the task's first attempt started (0 for a message that has not run yet): with ``entry``, which
+    #: message of a task id this is (a redelivered attempt writes the same; a later attempt a larger entry).
+    origin = models.FloatField(default=0.0)
+    #: How many attempt-history entries the message carries (0 for a first attempt).
+    entry = models.PositiveIntegerField(default=0)
     created_at = models.FloatField()
     updated_at = models.FloatField()
 

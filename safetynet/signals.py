@@ -1,12 +1,18 @@
-"""Signals safetynet sends: the task signals with ``sender`` the task object, the dead-letter
-signals with ``sender`` the ``DeadLetter`` model.
+"""Signals safetynet sends: the task signals with ``sender`` the task object (None when the task ended
+outside the process that ran it), the dead-letter signals with ``sender`` the ``DeadLetter`` model.
 
+``task_ended``: a task ended, once, however it ended. kwargs: ``event``, a
+    ``safetynet.typing.TaskEnded`` (outcome succeeded or dead, reason, detail, attempts, run time,
+    exception, history, arguments, and for a death what the dead-letter store kept). Sent in the
+    worker child for a success and for a death the core decided, in the worker's main process for a
+    hard time limit, a lost worker or a crash loop, by the consumer for an unknown task or a message
+    it cannot decode, and by the relay for a message no worker took.
 ``task_retrying``: an attempt failed and another is scheduled.
     kwargs: task_id, attempt, delay (seconds), reason, exception, entry (the history entry), args, kwargs
-``task_dead``: a task was given up; its original exception is what fails it.
+``task_dead``: a task was given up by the decision core; its original exception is what fails it.
     kwargs: task_id, reason (retries_exhausted, permanent_error, deadline_exceeded), detail,
     exception, history (every attempt kept, the last one included), omitted (attempts dropped
-    from the bounded history), args, kwargs
+    from the bounded history), args, kwargs. Sent with ``task_ended``, for those deaths only.
 
 ``dead_letter_recorded``: a new DeadLetter row was stored. kwargs: dead_letter
 ``task_replayed``: a dead letter was sent again. kwargs: dead_letter, new_task_id, by
@@ -20,11 +26,21 @@ Receivers run where the event happens (mostly the worker); one that raises is lo
 does not change the outcome.
 """
 
+from __future__ import annotations
+
+import logging
+
 from django.dispatch import Signal
 
-__all__ = ["breaker_changed", "breaker_refused", "dead_letter_recorded", "dead_letters_evicted", "task_dead",
-           "task_replayed", "task_retrying"]
+from safetynet.protocol.events import TaskEnded
+from safetynet.protocol import reasons
 
+__all__ = ["announce", "breaker_changed", "breaker_refused", "dead_letter_recorded", "dead_letters_evicted",
+           "task_dead", "task_ended", "task_replayed", "task_retrying"]
+
+logger = logging.getLogger("safetynet")
+
+task_ended = Signal()
 task_retrying = Signal()
 task_dead = Signal()
 dead_letter_recorded = Signal()
@@ -32,3 +48,19 @@ task_replayed = Signal()
 dead_letters_evicted = Signal()
 breaker_changed = Signal()
 breaker_refused = Signal()
+
+
+def announce(event: TaskEnded) -> None:
+    """Send the terminal event (once per task: the caller's duty), and ``task_dead`` for a death the core decided."""
+    for receiver, response in task_ended.send_robust(sender=event.task, event=event):
+        if isinstance(response, Exception):
+            logger.error("safetynet: task_ended receiver %r failed: %r", receiver, response,
+                         exc_info=(type(response), response, response.__traceback__))
+    if event.dead and event.task is not None and event.reason in reasons.DECIDED:
+        for receiver, response in task_dead.send_robust(
+            sender=event.task, task_id=event.task_id, reason=str(event.reason), detail=event.detail,
+            exception=event.exception, history=list(event.history), omitted=event.omitted, args=event.args,
+            kwargs=event.kwargs,
+        ):
+            if isinstance(response, Exception):
+                logger.error("safetynet: task_dead receiver %r failed: %r", receiver, response)

@@ -10,6 +10,7 @@ from django.test import override_settings
 
 import safetynet
 from safetynet import Breaker, BreakerOpen, ConfigurationError, Permanent, breakers, conf, signals
+from safetynet.breakers import budgets
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -232,16 +233,16 @@ def test_retries_through_a_breaker_are_budgeted_and_past_it_wait_longer(store):
     scope = f"budget-{uuid.uuid4().hex[:8]}"
     budget = {"ratio": 0.2, "min_retries": 3, "window": 60}
     with override_settings(SAFETYNET={"REDIS_URL": store, "RETRY_BUDGET": budget}):
-        assert [breakers.budgeted(scope, 1.0) for _ in range(3)] == [(1.0, True)] * 3  # the minimum
-        delay, within = breakers.budgeted(scope, 1.0)
+        assert [budgets.budgeted(scope, 1.0) for _ in range(3)] == [(1.0, True)] * 3  # the minimum
+        delay, within = budgets.budgeted(scope, 1.0)
         assert not within and 15 <= delay <= 30  # waits longer, is not dropped
         for _ in range(25):
-            breakers.count_first_attempt(scope)
-        assert breakers.budgeted(scope, 1.0) == (1.0, True)  # 20 % of 25 first attempts: 5 retries
-        assert breakers.budgeted(scope, 1.0) == (1.0, True)
-        assert breakers.budgeted(scope, 1.0)[1] is False
+            budgets.count_first_attempt(scope)
+        assert budgets.budgeted(scope, 1.0) == (1.0, True)  # 20 % of 25 first attempts: 5 retries
+        assert budgets.budgeted(scope, 1.0) == (1.0, True)
+        assert budgets.budgeted(scope, 1.0)[1] is False
     with override_settings(SAFETYNET={"RETRY_BUDGET": None}):
-        assert breakers.budgeted(scope, 1.0) == (1.0, True)
+        assert budgets.budgeted(scope, 1.0) == (1.0, True)
     with pytest.raises(ConfigurationError, match="RETRY_BUDGET: ratio"):
         conf.build({"RETRY_BUDGET": {"ratio": -1}})
     with pytest.raises(ConfigurationError, match="takes ratio, min_retries and window"):

@@ -53,3 +53,75 @@ def test_users_test_suites_get_the_fixtures_with_no_configuration(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+# The supported modules and what each exposes: nothing more (a helper imported there is not API), nothing less.
+PUBLIC_MODULES = {
+    "safetynet.signals": [
+        "announce", "breaker_changed", "breaker_refused", "dead_letter_recorded", "dead_letters_evicted",
+        "task_dead", "task_ended", "task_replayed", "task_retrying",
+    ],
+    "safetynet.typing": [
+        "Attempt", "Dead", "DeadLetterFacts", "Decision", "Done", "HistoryEntry", "Matcher", "Outcome", "Outgoing",
+        "Plugin", "Reason", "Retry", "TaskEnded",
+    ],
+    "safetynet.deadletter": [
+        "NOT_READ_BY_REPLAY", "REDACTED", "Failure", "ReplayOutcome", "discard", "enforce_cap", "fingerprint",
+        "flush_spool", "give_up", "normalise_message", "purge", "record", "replay", "replay_refusal",
+    ],
+    "safetynet.contrib.prometheus": [
+        "ATTEMPTS", "BREAKER_CHANGES", "BREAKER_REFUSED", "DEAD", "DEAD_LETTERS_EVICTED", "RETRY_DELAY", "RUNTIME",
+        "BreakerCollector", "DeadLetterCollector", "PORT_ENVIRONMENT_VARIABLE", "RETRY_DELAY_BUCKETS",
+        "RUNTIME_BUCKETS", "collector_registry", "install", "metrics_view", "multiprocess_dir", "on_breaker_changed",
+        "on_breaker_refused", "on_dead_letters_evicted", "on_task_ended", "on_task_retrying", "on_worker_ready",
+        "start_worker_http_server", "uninstall", "worker_http_address",
+    ],
+    "safetynet.contrib.sentry": [
+        "DECIDED_REASONS", "MIN_SECRET_LENGTH", "SafetynetIntegration", "dead_letter_fingerprint", "install",
+        "redact_event", "uninstall",
+    ],
+}
+
+# What a module may hold besides its API: imported modules, typing helpers, its logger.
+_NOT_API = {"annotations", "logger", "TYPE_CHECKING", "Any", "ClassVar", "cast"}
+
+
+def _public(module):
+    """The public names a module defines (an object imported from elsewhere is its home module's API)."""
+    import types
+
+    found = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in _NOT_API or isinstance(value, types.ModuleType):
+            continue
+        home = getattr(value, "__module__", None)
+        if home is None or home == module.__name__ or home.startswith(module.__name__ + "."):
+            found.append(name)
+    return sorted(found)
+
+
+def test_the_supported_modules_expose_exactly_their_api():
+    import importlib
+
+    for name, api in PUBLIC_MODULES.items():
+        module = importlib.import_module(name)
+        assert sorted(module.__all__) == sorted(api), name
+        for attribute in api:
+            assert getattr(module, attribute) is not None, (name, attribute)
+        leaked = [attribute for attribute in _public(module) if attribute not in api]
+        assert not leaked, f"{name} exposes names that are not its API: {leaked}"
+
+
+def test_the_package_and_testing_expose_exactly_their_api_once_loaded():
+    for module in (safetynet, safetynet.testing):
+        for attribute in module.__all__:
+            getattr(module, attribute)  # loads the lazy ones
+        public = sorted(name for name in vars(module) if not name.startswith("_") and name not in _NOT_API
+                        and not isinstance(vars(module)[name], type(safetynet)))
+        assert public == sorted(set(module.__all__) - {"__version__"}), module.__name__
+
+
+def test_the_package_is_typed():
+    import pathlib
+
+    assert (pathlib.Path(safetynet.__file__).parent / "py.typed").exists()

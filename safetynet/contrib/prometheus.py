@@ -12,13 +12,9 @@ Metrics (``task`` is the task name; no other per-task label)::
 
 Where each number comes from:
 
-- ``task_prerun``/``task_postrun`` (Celery, safetynet tasks only): the run time, and a
-  ``success`` when the attempt ended in state SUCCESS;
-- ``safetynet.signals.task_retrying``: a ``retry`` or ``snooze`` and the delay;
-- ``safetynet.signals.task_dead``: a ``dead`` (reasons retries_exhausted, permanent_error,
-  deadline_exceeded); ``dead_letter_recorded`` adds the reasons no task_dead is sent for
-  (time_limit, rejected, unknown_task, undecodable, crash_loop), so every task given up is
-  counted once;
+- ``safetynet.signals.task_ended`` (once per task, wherever it ended): a ``success`` with its run
+  time, or a ``dead`` by reason (a death in the worker child with its run time);
+- ``safetynet.signals.task_retrying``: a ``retry`` or ``snooze``, the attempt's run time and the delay;
 - ``safetynet.signals.dead_letters_evicted``: the evictions;
 - the ``DeadLetterCollector``: one GROUP BY query per scrape.
 
@@ -37,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,27 +40,44 @@ from celery import signals as celery_signals
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, multiprocess
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+)
 from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, start_http_server
 
-from safetynet import conf, signals
-from safetynet.core.decision import DEADLINE_EXCEEDED, PERMANENT_ERROR, RETRIES_EXHAUSTED
+from safetynet import breakers, conf, signals
 from safetynet.exceptions import ConfigurationError
-from safetynet.runtime.task import SafetyTask
+from safetynet.protocol.events import TaskEnded
 
 __all__ = [
     "ATTEMPTS",
+    "BREAKER_CHANGES",
+    "BREAKER_REFUSED",
     "DEAD",
     "DEAD_LETTERS_EVICTED",
+    "PORT_ENVIRONMENT_VARIABLE",
     "RETRY_DELAY",
+    "RETRY_DELAY_BUCKETS",
     "RUNTIME",
+    "RUNTIME_BUCKETS",
+    "BreakerCollector",
     "DeadLetterCollector",
     "collector_registry",
     "install",
     "metrics_view",
     "multiprocess_dir",
+    "on_breaker_changed",
+    "on_breaker_refused",
+    "on_dead_letters_evicted",
+    "on_task_ended",
+    "on_task_retrying",
+    "on_worker_ready",
     "start_worker_http_server",
     "uninstall",
     "worker_http_address",
@@ -75,9 +87,6 @@ logger = logging.getLogger("safetynet")
 
 #: Environment variable that starts the worker's metrics server on this port (overrides the setting).
 PORT_ENVIRONMENT_VARIABLE = "SAFETYNET_PROMETHEUS_WORKER_PORT"
-
-#: The reasons ``task_dead`` is sent for; other reasons are counted from ``dead_letter_recorded``.
-TASK_DEAD_REASONS = frozenset({RETRIES_EXHAUSTED, PERMANENT_ERROR, DEADLINE_EXCEEDED})
 
 RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    600.0, 1800.0, float("inf"))
@@ -111,18 +120,7 @@ BREAKER_REFUSED = Counter(
     "safetynet_breaker_refused", "Calls (and task runs) a breaker refused, by breaker.", ["breaker"],
 )
 
-# Set on the Celery request in task_prerun; the request is per attempt, so nesting (an eager
-# retry runs inside the attempt that retried) and thread or green pools keep their own start.
-_STARTED = "_safetynet_prometheus_started"
-
-
 # -- receivers: each is a label lookup and an increment or observe ---------------------
-
-def on_task_prerun(sender: Any = None, **_: Any) -> None:
-    """Celery ``task_prerun``: note when a safetynet task's attempt started."""
-    if isinstance(sender, SafetyTask):
-        setattr(sender.request, _STARTED, time.perf_counter())
-
 
 # The labelled children the happy path touches, per task name: a dict lookup, not labels() (~3 us each).
 _HAPPY_PATH: dict[str, tuple[Any, Any]] = {}
@@ -135,41 +133,30 @@ def _happy_path(task_name: str) -> tuple[Any, Any]:
     return children
 
 
-def on_task_postrun(sender: Any = None, state: str | None = None, **_: Any) -> None:
-    """Celery ``task_postrun``: observe the run time; count a success."""
-    if not isinstance(sender, SafetyTask):
+def on_task_ended(sender: Any = None, event: TaskEnded | None = None, **_: Any) -> None:
+    """``task_ended``: count a success (and observe its run time), or a task given up, by reason."""
+    if event is None:
         return
-    runtime, success = _happy_path(sender.name)
-    started = getattr(sender.request, _STARTED, None)
-    if started is not None:
-        runtime.observe(time.perf_counter() - started)
-    if state == "SUCCESS":
+    runtime, success = _happy_path(event.task_name)
+    if event.runtime is not None:
+        runtime.observe(event.runtime)
+    if not event.dead:
         success.inc()
+        return
+    ATTEMPTS.labels(event.task_name, "dead").inc()
+    DEAD.labels(event.task_name, str(event.reason or "unknown")).inc()
 
 
 def on_task_retrying(sender: Any = None, delay: float | None = None, entry: dict[str, Any] | None = None,
                      **_: Any) -> None:
-    """``task_retrying``: count a retry (or a snooze) and observe its delay."""
+    """``task_retrying``: count a retry (or a snooze), observe the attempt's run time and the delay."""
     outcome = "snooze" if entry is not None and entry.get("action") == "snooze" else "retry"
     ATTEMPTS.labels(sender.name, outcome).inc()
+    duration = (entry or {}).get("duration")
+    if isinstance(duration, (int, float)):
+        _happy_path(sender.name)[0].observe(duration)
     if delay is not None:
         RETRY_DELAY.labels(sender.name).observe(delay)
-
-
-def _count_dead(task_name: str, reason: str) -> None:
-    ATTEMPTS.labels(task_name, "dead").inc()
-    DEAD.labels(task_name, reason).inc()
-
-
-def on_task_dead(sender: Any = None, reason: str | None = None, **_: Any) -> None:
-    """``task_dead``: count a task given up by the decision core."""
-    _count_dead(sender.name, reason or "unknown")
-
-
-def on_dead_letter_recorded(sender: Any = None, dead_letter: Any = None, **_: Any) -> None:
-    """``dead_letter_recorded``: count the dead letters no ``task_dead`` was sent for (time limit, ...)."""
-    if dead_letter is not None and dead_letter.reason not in TASK_DEAD_REASONS:
-        _count_dead(dead_letter.task_name, dead_letter.reason)
 
 
 def on_dead_letters_evicted(sender: Any = None, count: int = 0, **_: Any) -> None:
@@ -198,8 +185,6 @@ class BreakerCollector:
         yield GaugeMetricFamily(self.name, self.documentation, labels=["breaker", "state"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from safetynet import breakers, conf
-
         family = GaugeMetricFamily(self.name, self.documentation, labels=["breaker", "state"])
         for name in sorted(conf.get().breakers):
             try:
@@ -330,14 +315,11 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
 # -- wiring ------------------------------------------------------------------------------
 
 _CELERY_RECEIVERS = (
-    (celery_signals.task_prerun, on_task_prerun),
-    (celery_signals.task_postrun, on_task_postrun),
     (celery_signals.worker_ready, on_worker_ready),
 )
 _SAFETYNET_RECEIVERS = (
     (signals.task_retrying, on_task_retrying),
-    (signals.task_dead, on_task_dead),
-    (signals.dead_letter_recorded, on_dead_letter_recorded),
+    (signals.task_ended, on_task_ended),
     (signals.dead_letters_evicted, on_dead_letters_evicted),
     (signals.breaker_changed, on_breaker_changed),
     (signals.breaker_refused, on_breaker_refused),

@@ -38,6 +38,7 @@ __all__ = [
     "describe_matcher",
     "http_status",
     "is_network_error",
+    "is_time_limit",
     "parse_retry_after",
     "retry_after_of",
     "status_of",
@@ -175,6 +176,15 @@ def is_network_error(exception: BaseException) -> bool:
     return False
 
 
+_TIME_LIMIT_NAMES = frozenset({"SoftTimeLimitExceeded", "TimeLimitExceeded"})
+
+
+def is_time_limit(exception: BaseException) -> bool:
+    """A task's soft or hard time limit (Celery's, raised by billiard), recognised without importing either."""
+    return any(klass.__name__ in _TIME_LIMIT_NAMES and klass.__module__.split(".")[0] in ("billiard", "celery")
+               for klass in type(exception).__mro__)
+
+
 def _is_exception_class(value: object) -> bool:
     return isinstance(value, type) and issubclass(value, BaseException)
 
@@ -199,7 +209,7 @@ def as_matchers(value: object, *, name: str) -> tuple[Matcher, ...]:
 def describe_matcher(matcher: Matcher) -> str:
     """A short name for a matcher, for logs and ``explain``."""
     if _is_exception_class(matcher):
-        return matcher.__name__  # type: ignore[union-attr]
+        return matcher.__name__
     if isinstance(matcher, http_status):
         return repr(matcher)
     return getattr(matcher, "__name__", repr(matcher))
@@ -207,10 +217,10 @@ def describe_matcher(matcher: Matcher) -> str:
 
 def _first_match(matchers: tuple[Matcher, ...], exception: BaseException) -> Matcher | None:
     for matcher in matchers:
-        if _is_exception_class(matcher):
-            if isinstance(exception, matcher):  # type: ignore[arg-type]
+        if isinstance(matcher, type):
+            if isinstance(exception, matcher):
                 return matcher
-        elif matcher(exception):  # type: ignore[operator]
+        elif matcher(exception):
             return matcher
     return None
 

@@ -13,7 +13,7 @@ import difflib
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from safetynet.exceptions import ConfigurationError
 
@@ -106,7 +106,7 @@ def _as_backoff(value: object) -> Backoff:
     if isinstance(value, (Fixed, Exponential, CeleryBackoff)) or (
         not isinstance(value, (int, float, str)) and isinstance(value, Backoff)
     ):
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Fixed(value)
     if value == "exponential":
@@ -182,7 +182,7 @@ class RetryPolicy:
             )
         return cls(max_attempts=max_attempts, backoff=Fixed(default_retry_delay), jitter="none", max_delay=None)
 
-    def replace(self, **changes: object) -> RetryPolicy:
+    def replace(self, **changes: Any) -> RetryPolicy:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
@@ -198,22 +198,22 @@ class RetryPolicy:
 
     def delay_for(self, attempt: int, *, previous: float | None = None, rng: random.Random | None = None) -> float:
         """The wait in seconds after attempt ``attempt`` failed; jitter drawn from ``rng``."""
-        rng = rng or random
+        source: random.Random | Any = rng or random  # the module draws from its shared generator
         delay = self._capped_base(attempt)
         if self.jitter == "none":
             return delay
         if self.jitter == "full":
             if self.whole_seconds and math.isfinite(delay):
-                return float(rng.randrange(int(delay) + 1))
-            return rng.uniform(0, delay)
+                return float(source.randrange(int(delay) + 1))
+            return source.uniform(0, delay)
         if self.jitter == "equal":
             half = delay / 2
-            value = half + rng.uniform(0, half)
+            value = half + source.uniform(0, half)
             return float(math.floor(value)) if self.whole_seconds and math.isfinite(value) else value
         # decorrelated (AWS): min(cap, uniform(base, previous * 3)), starting from the base delay.
         base = self._capped_base(1)
         upper = max(base, (previous if previous is not None else base) * 3)
-        value = self.capped(rng.uniform(base, upper))
+        value = self.capped(source.uniform(base, upper))
         return float(math.floor(value)) if self.whole_seconds and math.isfinite(value) else value
 
     def delay_range(self, attempt: int) -> tuple[float, float]:

@@ -40,7 +40,9 @@ from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_POST, require_safe
 from kombu.exceptions import OperationalError
 
-from safetynet import breakers, deadletter, scheduler, stats
+from safetynet import breakers, deadletter, redaction, stats
+from safetynet import schedule as durable_schedule
+from safetynet.dashboard import display
 from safetynet.dashboard.charts import bar_chart
 from safetynet.exceptions import ConfigurationError
 from safetynet.models import DeadLetter, ScheduledMessage
@@ -219,7 +221,7 @@ def _act(request: HttpRequest, action: str, rows: Any) -> None:
         _tell(request, "error", f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they "
                                 "were; see the log for any sent but not marked.")
         return
-    done, refusals = deadletter.replay_summary(outcomes)
+    done, refusals = display.replay_summary(outcomes)
     if done:
         _tell(request, "success", done)
     for refusal in refusals:
@@ -296,9 +298,9 @@ def dead_letter(request: HttpRequest, pk: int) -> HttpResponse:
     """One dead letter: what failed, every attempt, its arguments (redacted), what was done to it."""
     row = get_object_or_404(DeadLetter, pk=pk)
     return _render(request, "dead_letter.html", "dead_letters", {
-        "row": row, "entries": deadletter.history_entries(row), "events": deadletter.audit_events(row),
-        "headers": deadletter.masked_headers(row.headers), "detail": deadletter.redact_text(row.detail),
-        "args": deadletter.shown_json(row.args), "kwargs": deadletter.shown_json(row.kwargs),
+        "row": row, "entries": display.history_entries(row), "events": display.audit_events(row),
+        "headers": redaction.masked_headers(row.headers), "detail": redaction.redact_text(row.detail),
+        "args": display.shown_json(row.args), "kwargs": display.shown_json(row.kwargs),
         "placeholder": deadletter.REDACTED,
         "replay": _replay_outcome(row), "alike": DeadLetter.objects.filter(fingerprint=row.fingerprint).count(),
         "can_act": request.user.has_perm("safetynet.change_deadletter"),
@@ -362,7 +364,7 @@ def schedule_due_now(request: HttpRequest, key: str) -> HttpResponse:
     """POST: make one scheduled message due now (the relay publishes it within a poll)."""
     if not _storable(key):
         raise Http404("no such scheduled message")
-    changed = scheduler.bring_forward(ScheduledMessage.objects.filter(key=key))
+    changed = durable_schedule.bring_forward(ScheduledMessage.objects.filter(key=key))
     _tell(request, "success" if changed else "warning",
           f"{key} is due now; a relay publishes it within a poll." if changed
           else f"{key} is not waiting any more; nothing done.")

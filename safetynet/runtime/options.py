@@ -20,14 +20,16 @@ from safetynet import conf
 from safetynet.core.classify import Matcher, Rules, as_matchers
 from safetynet.core.policy import RetryPolicy
 from safetynet.exceptions import ConfigurationError
+from safetynet.runtime.plugins import PLUGINS
 
-__all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "Resolved", "check_known", "resolve", "validate"]
+__all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "KeyOption", "Resolved", "check_known", "declared",
+           "resolve", "resolved", "validate"]
 
-#: Options safetynet adds to a task.
-SAFETYNET_OPTIONS = frozenset(
-    {"retry_policy", "retry_on", "fail_on", "idempotency_key", "idempotency_lease", "idempotency_atomic",
-     "unique_for", "max_deliveries", "enqueue", "breaker", "retry_budget", "progress_result"}
-)
+#: Options the runtime reads itself.
+RUNTIME_OPTIONS = frozenset({"retry_policy", "retry_on", "fail_on", "max_deliveries", "enqueue"})
+
+#: Options safetynet adds to a task: the runtime's and its plug-ins'.
+SAFETYNET_OPTIONS = RUNTIME_OPTIONS.union(*(plugin.options for plugin in PLUGINS))
 
 #: Celery's own options about retrying; declaring any of them means "Celery semantics".
 CELERY_RETRY_OPTIONS = frozenset(
@@ -77,7 +79,10 @@ def check_known(options: Mapping[str, Any], where: str) -> None:
 
 
 def validate(options: Mapping[str, Any], where: str) -> None:
-    """Check the values of the options safetynet reads; raise ConfigurationError naming the field."""
+    """Check the values of the options safetynet reads; raise ConfigurationError naming the field.
+
+    The retry options are checked here; each plug-in checks its own (``Plugin.validate``).
+    """
     policy = options.get("retry_policy")
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise ConfigurationError(f"{where}: retry_policy must be a safetynet.RetryPolicy, got {policy!r}")
@@ -89,41 +94,14 @@ def validate(options: Mapping[str, Any], where: str) -> None:
                 f"{where}: give either retry_policy or Celery's {', '.join(clash)}, not both: "
                 "retry_policy=RetryPolicy(...) already says how many attempts and how long to wait."
             )
-    key = options.get("idempotency_key")
-    if key is not None and not (callable(key) or (isinstance(key, str) and key.strip())):
-        raise ConfigurationError(
-            f"{where}: idempotency_key must be a template such as 'order-{{order_id}}' or a callable, got {key!r}"
-        )
-    for name, low, high in (("idempotency_lease", 1, 86_400), ("unique_for", 1, 30 * 86_400)):
-        value = options.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not low <= value <= high):
-            raise ConfigurationError(f"{where}: {name} must be a number of seconds from {low} to {high}, got {value!r}")
     value = options.get("max_deliveries")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigurationError(f"{where}: max_deliveries must be a whole number >= 1, got {value!r}")
-    name = options.get("breaker")
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ConfigurationError(f"{where}: breaker must be the name of a breaker in SAFETYNET['BREAKERS'], "
-                                 f"got {name!r}")
-    shown = options.get("progress_result")
-    if shown is not None and not isinstance(shown, bool):
-        raise ConfigurationError(f"{where}: progress_result must be True or False, got {shown!r}")
-    budget = options.get("retry_budget")
-    if budget is not None and not isinstance(budget, bool) and not (isinstance(budget, str) and budget):
-        raise ConfigurationError(f"{where}: retry_budget must be True (its queue's), a budget name or False, "
-                                 f"got {budget!r}")
     mode = options.get("enqueue")
     if mode is not None and mode not in conf.ENQUEUE_MODES:
         raise ConfigurationError(
             f"{where}: enqueue must be one of {', '.join(map(repr, conf.ENQUEUE_MODES))}, got {mode!r}"
         )
-    if "idempotency_atomic" in options and not isinstance(options["idempotency_atomic"], bool):
-        raise ConfigurationError(f"{where}: idempotency_atomic must be True or False, got {options['idempotency_atomic']!r}")
-    needs_key = sorted({"idempotency_lease", "idempotency_atomic", "unique_for"} & {
-        name for name, value in options.items() if value is not None})
-    if needs_key and key is None:
-        raise ConfigurationError(f"{where}: {', '.join(needs_key)} needs idempotency_key=... to say what is unique")
     for name in ("retry_on", "fail_on"):
         if name in options:
             as_matchers(options[name], name=f"{where}: {name}")
@@ -137,6 +115,8 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     if any(name in options for name in ("max_retries", "retry_backoff", "retry_backoff_max", "retry_jitter",
                                         "default_retry_delay", "retry_kwargs")):
         celery_policy(options, where)
+    for plugin in PLUGINS:
+        plugin.validate(options, where)
 
 
 def celery_policy(options: Mapping[str, Any], where: str) -> RetryPolicy:
@@ -170,10 +150,21 @@ class KeyOption:
         return instance._current_idempotency_key()
 
 
-def declared(klass: type, stop: type) -> dict[str, Any]:
-    """The options a task class declares itself or inherits from classes below ``stop``."""
+def _below_base(klass: type) -> list[type]:
+    """``klass`` and its ancestors up to (not including) the safetynet base class, ``SafetyTask``."""
+    found = []
+    for ancestor in klass.__mro__:
+        if "_safetynet_base" in vars(ancestor):
+            break
+        found.append(ancestor)
+    return found
+
+
+def declared(klass: type) -> dict[str, Any]:
+    """The options a task class declares itself or inherits from classes between it and ``SafetyTask``
+    (a user's ``base=`` class among them)."""
     found: dict[str, Any] = {}
-    for ancestor in reversed(klass.__mro__[: klass.__mro__.index(stop)]):
+    for ancestor in reversed(_below_base(klass)):
         for name, value in vars(ancestor).items():
             if name in KNOWN_OPTIONS:
                 found[name] = value.spec if isinstance(value, KeyOption) else value
@@ -195,10 +186,18 @@ class Resolved:
     version: int
 
 
-def resolve(task: celery.Task, stop: type) -> Resolved:
+def resolved(task: Any) -> Resolved:
+    """``task``'s policy and rules under the current settings (resolved once per task and settings)."""
+    found = task.__dict__.get("_safetynet_resolved")
+    if found is None or found.version != conf.version():
+        found = task.__dict__["_safetynet_resolved"] = resolve(task)
+    return found  # type: ignore[no-any-return]
+
+
+def resolve(task: celery.Task[Any, Any]) -> Resolved:
     """Read a task's options over the project defaults: the one place precedence lives."""
     settings = conf.get()
-    options = declared(type(task), stop)
+    options = declared(type(task))
     retry_on: tuple[Matcher, ...] = as_matchers(options.get("retry_on"), name="retry_on") + tuple(
         options.get("autoretry_for") or ()
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 from celery import current_app
 
@@ -24,7 +24,7 @@ _importing = threading.local()
 
 
 def _app() -> Any:
-    app = current_app._get_current_object()
+    app = cast(Any, current_app)._get_current_object()
     # Celery's Django fixup runs the system checks while it imports the task modules, and
     # our checks come back here: import once, not recursively.
     if not getattr(_importing, "active", False):

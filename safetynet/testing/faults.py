@@ -10,7 +10,7 @@ from typing import Any
 
 from safetynet.core.classify import http_date
 from safetynet.exceptions import ConfigurationError
-from safetynet.runtime.task import SafetyTask, _wrap_run
+from safetynet.runtime.task import SafetyTask, body_replaced
 
 __all__ = ["FaultPlan", "HTTPStatusError", "http_error", "inject"]
 
@@ -75,39 +75,31 @@ def inject(
     ``ConnectionError``. Works for the simulator and eager runs in this process.
     """
     task = getattr(task, "_get_current_object", lambda: task)()
-    klass = type(task)
     if not isinstance(task, SafetyTask):
         raise ConfigurationError(f"inject() needs a safetynet task, got {task!r}")
     plan = FaultPlan(times, exception if exception is not None else ConnectionError("injected fault"))
-    wrapped = klass.__dict__.get("run")
-    original = getattr(wrapped, "_safetynet_body", None)
-    if original is None:
-        raise ConfigurationError(f"inject(): {klass.__qualname__} has no run() of its own to inject into")
-    if isinstance(original, staticmethod):
-        body = original.__func__
 
-        def faulty_static(*args: Any, **kwargs: Any) -> Any:
-            failure = plan.next_failure()
-            if failure is not None:
-                raise failure
-            return body(*args, **kwargs)
+    def faulty(original: Any) -> Any:
+        if isinstance(original, staticmethod):
+            body = original.__func__
 
-        replacement: Any = staticmethod(faulty_static)
-    else:
-        def faulty(self: Any, *args: Any, **kwargs: Any) -> Any:
+            def faulty_static(*args: Any, **kwargs: Any) -> Any:
+                failure = plan.next_failure()
+                if failure is not None:
+                    raise failure
+                return body(*args, **kwargs)
+
+            return staticmethod(faulty_static)
+
+        def faulty_bound(self: Any, *args: Any, **kwargs: Any) -> Any:
             failure = plan.next_failure()
             if failure is not None:
                 raise failure
             return original(self, *args, **kwargs)
 
-        replacement = faulty
-    # An instrumentation that wrapped run on the instance (Sentry's Celery integration does)
-    # would hide the class attribute: step it aside for the block.
-    shadow = task.__dict__.pop("run", None)
-    klass.run = _wrap_run(replacement)
-    try:
+        return faulty_bound
+
+    if getattr(type(task).__dict__.get("run"), "_safetynet_body", None) is None:
+        raise ConfigurationError(f"inject(): {type(task).__qualname__} has no run() of its own to inject into")
+    with body_replaced(task, faulty):
         yield plan
-    finally:
-        klass.run = wrapped
-        if shadow is not None:
-            task.__dict__["run"] = shadow

@@ -18,8 +18,9 @@ from celery.app.trace import build_tracer
 from celery.exceptions import Retry as CeleryRetry
 
 from safetynet import signals
+from safetynet.protocol.headers import HISTORY as HEADER
+from safetynet.protocol.history import History
 from safetynet.runtime import clock as runtime_clock
-from safetynet.runtime.history import HEADER, AttemptState
 
 __all__ = ["SimulatedAttempt", "Simulator", "Trace", "VirtualClock", "simulate"]
 
@@ -97,7 +98,7 @@ class Trace:
             rows.append((str(attempt.number), f"+{attempt.at:g}s", attempt.action, raised, str(attempt.retries),
                          attempt.next_step, delay, attempt.state))
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
         text = "\n".join(lines) + "\n"
         if file is not None:
             file.write(text)  # type: ignore[union-attr]
@@ -172,7 +173,7 @@ class Simulator:
                         headers, retries = options.get("headers"), int(options.get("retries", retries + 1))
                         clock.advance(delay)
                         continue
-                    number = AttemptState.from_headers(headers, 0.0).attempt
+                    number = History.from_headers(headers, 0.0).attempt
                     if state == states.SUCCESS:
                         trace.attempts.append(SimulatedAttempt(number, "success", None, retries, "done", None, state, at))
                         trace.result = retval

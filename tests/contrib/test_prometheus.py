@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from safetynet import signals  # noqa: E402
 from safetynet.contrib import prometheus  # noqa: E402
 from safetynet.exceptions import ConfigurationError  # noqa: E402
+from safetynet.protocol.events import Outcome, TaskEnded  # noqa: E402
+from safetynet.protocol.reasons import Reason  # noqa: E402
 from tests import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,28 +105,27 @@ def test_a_snooze_is_its_own_outcome():
     assert value("safetynet_task_attempts_total", task=SNOOZER, outcome="retry") == retries
 
 
-def test_task_dead_counts_a_dead_attempt_by_reason():
+def ended(task_name, reason=None, runtime=None):
+    outcome = Outcome.DEAD if reason else Outcome.SUCCEEDED
+    signals.announce(TaskEnded(task_name=task_name, task_id=str(uuid.uuid4()), outcome=outcome,
+                               reason=Reason(reason) if reason else None, runtime=runtime))
+
+
+def test_a_task_given_up_is_counted_by_reason_once():
     dead = value("safetynet_task_dead_total", task=PERMANENT, reason="permanent_error")
     attempts = value("safetynet_task_attempts_total", task=PERMANENT, outcome="dead")
-    signals.task_dead.send_robust(
-        sender=tasks.permanent, task_id="t-2", reason="permanent_error", detail="Permanent",
-        exception=None, history=[], omitted=0, args=[], kwargs={},
-    )
+    ended(PERMANENT, "permanent_error")
     assert value("safetynet_task_dead_total", task=PERMANENT, reason="permanent_error") == dead + 1
     assert value("safetynet_task_attempts_total", task=PERMANENT, outcome="dead") == attempts + 1
 
 
-def test_a_dead_letter_without_task_dead_is_counted_and_one_with_it_is_not_counted_twice():
-    from safetynet.models import DeadLetter
-
+def test_every_reason_is_counted_from_the_one_terminal_event():
     time_limit = value("safetynet_task_dead_total", task=PING, reason="time_limit")
     exhausted = value("safetynet_task_dead_total", task=PING, reason="retries_exhausted")
-    signals.dead_letter_recorded.send_robust(
-        sender=DeadLetter, dead_letter=DeadLetter(task_name=PING, reason="time_limit"))
-    signals.dead_letter_recorded.send_robust(
-        sender=DeadLetter, dead_letter=DeadLetter(task_name=PING, reason="retries_exhausted"))
+    ended(PING, "time_limit")
+    ended(PING, "retries_exhausted")
     assert value("safetynet_task_dead_total", task=PING, reason="time_limit") == time_limit + 1
-    assert value("safetynet_task_dead_total", task=PING, reason="retries_exhausted") == exhausted  # task_dead's
+    assert value("safetynet_task_dead_total", task=PING, reason="retries_exhausted") == exhausted + 1
 
 
 def test_eviction_is_counted():
@@ -187,14 +189,14 @@ def test_the_app_config_installs_the_receivers_when_prometheus_client_is_install
         django.setup()
         from celery import signals as celery_signals
         from safetynet import signals
-        uids = [key[0] for key, *_ in signals.task_dead.receivers + celery_signals.task_postrun.receivers]
+        uids = [key[0] for key, *_ in signals.task_ended.receivers + signals.task_retrying.receivers]
         print(sorted(uid for uid in uids if str(uid).startswith("safetynet.contrib.prometheus")))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        "['safetynet.contrib.prometheus.on_task_dead', 'safetynet.contrib.prometheus.on_task_postrun']"
+        "['safetynet.contrib.prometheus.on_task_ended', 'safetynet.contrib.prometheus.on_task_retrying']"
     ), "safetynet.apps.SafetynetConfig.ready() should call safetynet.contrib.prometheus.install()"
 
 
@@ -271,7 +273,8 @@ def test_a_time_limit_recorded_through_the_store_is_counted_once():
 
     before = value("safetynet_task_dead_total", task=PING, reason="time_limit")
     for _ in range(2):  # the same task id twice: one row, one count
-        deadletter.record(task_name=PING, task_id="time-limit-1", reason="time_limit", detail="hard time limit")
+        deadletter.give_up(deadletter.Failure(task_name=PING, task_id="time-limit-1", reason="time_limit",
+                                              detail="hard time limit"), log=False)
     assert value("safetynet_task_dead_total", task=PING, reason="time_limit") == before + 1
 
 
@@ -351,12 +354,15 @@ FORKING_SCRIPT = textwrap.dedent("""
     import django
     django.setup()
     from safetynet.contrib import prometheus
+    from safetynet.protocol.events import Outcome, TaskEnded
+    from safetynet.protocol.reasons import Reason
     from tests import tasks
 
     def work(times):
         for _ in range(times):
             prometheus.on_task_retrying(sender=tasks.flaky_once, delay=2.0, entry={"action": "retry"})
-            prometheus.on_task_dead(sender=tasks.permanent, reason="permanent_error")
+            prometheus.on_task_ended(event=TaskEnded(task_name=tasks.permanent.name, task_id="t",
+                                                      outcome=Outcome.DEAD, reason=Reason.PERMANENT_ERROR))
 
     work(1)  # the parent counts too, then forks like Celery's prefork pool
     children = [multiprocessing.get_context("fork").Process(target=work, args=(5,)) for _ in range(2)]

@@ -21,7 +21,7 @@ from sentry_sdk.integrations.dedupe import DedupeIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import Transport
 
-from safetynet import deadletter, signals
+from safetynet import deadletter, redaction, signals
 from safetynet.contrib import sentry as safetynet_sentry
 from safetynet.testing import simulate, simulator
 from tests import tasks
@@ -211,17 +211,17 @@ def test_the_fingerprint_tag_is_the_dead_letter_fingerprint(transport):
         signals.task_dead.disconnect(on_dead)
     [event] = error_events(transport)
     # What the worker records (the simulator runs eagerly, where the runtime records nothing).
-    deadletter.record(
+    deadletter.record(deadletter.Failure(
         task_name=seen["task"].name, task_id=seen["task_id"], reason=seen["reason"], args=seen["args"],
-        kwargs=seen["kwargs"], parameters=deadletter.parameter_names(seen["task"]), exception=seen["exception"],
+        kwargs=seen["kwargs"], parameters=redaction.parameter_names(seen["task"]), exception=seen["exception"],
         detail=seen["detail"], history=seen["history"],
-    )
+    ))
     from safetynet.models import DeadLetter
 
     row = DeadLetter.objects.get(task_id=seen["task_id"])
     assert event["tags"]["fingerprint"] == row.fingerprint
     assert event["tags"]["attempts"] == str(row.attempts)
-    assert len(error_events(transport)) == 1  # dead_letter_recorded does not report a decided death again
+    assert len(error_events(transport)) == 1  # storing the row does not report the death again
 
 
 @pytest.mark.django_db
@@ -233,10 +233,12 @@ def test_other_dead_letters_are_reported_from_the_stored_row(transport):
     try:
         raise TimeLimitExceeded(1.0)
     except TimeLimitExceeded as exc:
-        deadletter.record(task_name=slow.name, task_id="tl-1", reason="time_limit", kwargs={"card_token": SECRET},
-                          exception=exc, detail="hard time limit of 1s exceeded")
-    deadletter.record(task_name="nope.missing", task_id="unknown-1", reason="unknown_task",
-                      exception_type="KeyError", exception_message="'nope.missing'", detail="no task named")
+        deadletter.give_up(deadletter.Failure(task_name=slow.name, task_id="tl-1", reason="time_limit",
+                                              kwargs={"card_token": SECRET}, exception=exc,
+                                              detail="hard time limit of 1s exceeded"), log=False)
+    deadletter.give_up(deadletter.Failure(task_name="nope.missing", task_id="unknown-1", reason="unknown_task",
+                                          exception_type="KeyError", exception_message="'nope.missing'",
+                                          detail="no task named"), log=False)
     rows = {row.task_id: row for row in DeadLetter.objects.filter(task_id__in=["tl-1", "unknown-1"])}
     events = {event["contexts"]["safetynet"]["task_id"]: event for event in error_events(transport)}
     assert sorted(events) == ["tl-1", "unknown-1"]
@@ -375,7 +377,7 @@ def test_install_is_idempotent_and_works_before_init(init_sentry):
     safetynet_sentry.install()
     safetynet_sentry.install()
     assert sentry_sdk.scope.global_event_processors.count(safetynet_sentry._global_processor) == 1
-    dispatch = [entry for entry in signals.task_dead.receivers if entry[0][0] == "safetynet.contrib.sentry.task_dead"]
+    dispatch = [entry for entry in signals.task_ended.receivers if entry[0][0] == "safetynet.contrib.sentry.task_ended"]
     assert len(dispatch) == 1
     transport = init_sentry()  # a client made after install() gets the final pass at its first event
     sentry_sdk.capture_event({"message": "x", "extra": {"card_token": SECRET}})
@@ -390,14 +392,14 @@ def test_positional_parameters_are_read_from_the_class_even_when_sentry_wrapped_
     simulate(charge_positional, SECRET, 43)  # the Celery integration has now replaced task.run
     task = charge_positional._get_current_object()
     assert getattr(task, "_sentry_is_patched", False)
-    assert deadletter.parameter_names(task) == ["card_token", "order_id"]
-    assert deadletter.parameter_names(tasks.send_welcome_email._get_current_object()) == ["to"]
+    assert redaction.parameter_names(task) == ["card_token", "order_id"]
+    assert redaction.parameter_names(tasks.send_welcome_email._get_current_object()) == ["to"]
 
 
-def test_deadletter_parameter_names_under_the_celery_integration(init_sentry):
+def test_redaction_parameter_names_under_the_celery_integration(init_sentry):
     init_sentry(integrations=[CeleryIntegration()])
     simulate(charge_positional, SECRET, 43)
-    assert deadletter.parameter_names(charge_positional._get_current_object()) == ["card_token", "order_id"]
+    assert redaction.parameter_names(charge_positional._get_current_object()) == ["card_token", "order_id"]
 
 
 def test_uninstall_puts_everything_back(init_sentry):

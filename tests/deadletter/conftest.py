@@ -68,11 +68,11 @@ def make_dead_letter(task_name="tests.tasks.ping", *, reason="retries_exhausted"
     failed_at = failed_at if failed_at is not None else time.time()
     task_id = str(uuid.uuid4())
     exception = exception if exception is not None else ConnectionError("connection refused")
-    stored = deadletter.record(
+    ended = deadletter.give_up(deadletter.Failure(
         task_name=task_name, task_id=task_id, reason=reason, args=args, kwargs=kwargs or {},
         exception=exception, history=history(failed_at - 10 * attempts, attempts=attempts,
                                               message=str(exception)) if attempts else [],
         failed_at=failed_at, worker="celery@worker-1", **extra,
-    )
-    assert stored
+    ), log=False)
+    assert ended is not None and ended.dead_letter is not None and ended.dead_letter.id is not None
     return DeadLetter.objects.get(task_id=task_id)

@@ -9,6 +9,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
+from safetynet.protocol import headers as header_names
 from safetynet import deadletter
 from safetynet.models import DeadLetter
 from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
@@ -221,7 +222,7 @@ def test_the_detail_page_shows_the_timeline_traceback_arguments_and_audit(operat
 
 
 def test_the_detail_page_of_a_replay_links_to_its_origin(operator, row):
-    copy = make_dead_letter("tests.tasks.ping", headers={deadletter.REPLAY_OF_HEADER: str(row.pk)})
+    copy = make_dead_letter("tests.tasks.ping", headers={header_names.REPLAY_OF: str(row.pk)})
     page = operator.get(url("change", copy)).text
     assert f'this task was a replay of <a href="{url("change", row)}">#{row.pk}</a>' in page
 

@@ -44,7 +44,7 @@ def test_a_bind_and_self_retry_countdown(sent):
     ]
     # the attempts really were ~5 s apart
     starts = [e["started"] for e in dead["history"]]
-    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
     assert all(4.5 <= gap <= 15 for gap in gaps), gaps
 
 

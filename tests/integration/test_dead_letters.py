@@ -86,7 +86,7 @@ def succeeded(app, task_ids):
     keys = [app.backend.get_key_for_task(task_id) for task_id in ids]
     done = set()
     for start in range(0, len(keys), 500):
-        for task_id, raw in zip(ids[start:start + 500], app.backend.client.mget(keys[start:start + 500])):
+        for task_id, raw in zip(ids[start:start + 500], app.backend.client.mget(keys[start:start + 500]), strict=True):
             if raw and json.loads(raw)["status"] == "SUCCESS":
                 done.add(task_id)
     return done

@@ -18,7 +18,8 @@ import uuid
 import pytest
 from django.db import connection
 
-from safetynet.models import DeadLetter, IdempotencyClaim
+from safetynet import schedule
+from safetynet.models import DeadLetter, IdempotencyClaim, ScheduledMessage
 from tests import idem_tasks, recording, tasks
 from tests.integration.conftest import BROKERS, Worker, configure_app, wait_until
 
@@ -210,15 +211,18 @@ def test_a_message_the_broker_lost_is_sent_again_and_runs_once(tmp_path, worker_
                     extra_env={"SAFETYNET_TEST_LOST_MESSAGE_SECONDS": "2"})
     order_id = order()
     sent = idem_tasks.pay.apply_async((order_id,), queue=worker.queue)
-    row = IdempotencyClaim.objects.get(key=f"pay-{order_id}")
-    assert (row.state, row.task_id, row.message["args"]) == ("queued", sent.id, [order_id])
+    kept = ScheduledMessage.objects.get(key=sent.id)  # kept until a run claims it
+    assert (kept.kind, kept.state, kept.claim_key, schedule.unpack(kept.message)[0]) == (
+        "sent", "published", f"pay-{order_id}", [order_id])
+    assert not IdempotencyClaim.objects.filter(key=f"pay-{order_id}").exists()
     assert redis.Redis.from_url(BROKER).delete(worker.queue) == 1  # the message is gone from the broker
     worker.start(app)
     try:
         assert sent.get(timeout=60)["task_id"] == sent.id
         row = IdempotencyClaim.objects.get(key=f"pay-{order_id}")
-        assert (row.state, row.resent, row.deliveries, row.message) == ("succeeded", 1, 1, None)
+        assert (row.state, row.deliveries) == ("succeeded", 1)
+        assert ScheduledMessage.objects.get(key=sent.id).publishes == 2  # sent once more, by the relay
         assert ledger(order_id) == [sent.id]
-        assert "was not started in time: its message was lost; sent it again" in worker.log.read_text()
+        assert "was published and no worker took it in time; sent it again" in worker.log.read_text()
     finally:
         worker.stop()

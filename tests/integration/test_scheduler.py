@@ -199,7 +199,7 @@ def test_a_retry_longer_than_the_threshold_waits_in_the_database_and_runs_once_w
         eta_retry = sched_tasks.retry_later.apply_async((short, 3), queue=worker.queue)  # below the threshold
         wait_until(lambda: rows_of(long_retry.id), 30, "the long retry was written to the schedule")
         [row] = rows_of(long_retry.id)
-        assert (row["key"], row["kind"], row["state"]) == (f"{long_retry.id}#1", "retry", "scheduled")
+        assert (row["key"], row["kind"], row["state"]) == (long_retry.id, "retry", "scheduled")
         due_at = row["due_at"]
 
         def held_by_the_worker():
@@ -219,7 +219,7 @@ def test_a_retry_longer_than_the_threshold_waits_in_the_database_and_runs_once_w
         time.sleep(2)
         [(_, task_id, attempt, relayed, ran_at)] = ledger(durable)
         assert (task_id, attempt) == (long_retry.id, 2)
-        assert relayed is not None and relayed[0] == f"{long_retry.id}#1"
+        assert relayed is not None and relayed[0] == long_retry.id
         late = ran_at - due_at
         assert -0.05 <= late <= 1.5, f"ran {late:.2f}s after its due time"
         [row] = rows_of(long_retry.id)
@@ -253,9 +253,10 @@ def test_every_retry_of_a_task_waits_in_the_database_not_only_the_first(tmp_path
         runs = ledger(name)
         assert [attempt for _, _, attempt, _, _ in runs] == [1, 2, 3]
         [(_, _, _, first, _), (_, _, _, second, _), (_, _, _, third, _)] = runs
-        assert first is None and second is not None and second[0] == f"{sent.id}#1"
-        assert (sent.id not in held, keys, third and third[0]) == (True, [f"{sent.id}#1", f"{sent.id}#2"],
-                                                                   f"{sent.id}#2"), (
+        assert first is None and second is not None and second[0] == sent.id
+        # One row per task: the second retry wrote over the first's (its history entry is later).
+        assert (sent.id not in held, keys, third and third[0], third and third[1] != second[1]) == (
+            True, [sent.id], sent.id, True), (
             f"the second retry was held by the worker as an ETA message: {sent.id in held}; rows {keys}; "
             f"attempt 3 arrived with relay header {third} (attempt 2's was {second})")
     finally:
@@ -427,7 +428,7 @@ def test_two_relays_killed_at_random_publish_every_scheduled_retry_exactly_once(
     runs = ledger(run_id, prefix=True)
     first_runs = Counter(name for name, _, attempt, _, _ in runs if attempt == 1)
     retry_tokens = defaultdict(Counter)
-    for name, task_id, attempt, relayed, _ in runs:
+    for name, _task_id, attempt, relayed, _ in runs:
         if attempt >= 2:
             retry_tokens[name][relayed] += 1
     rows = {row["task_id"]: row for row in ScheduledMessage.objects.filter(task_id__in=task_ids.values()).values(
@@ -473,7 +474,7 @@ def test_two_relays_killed_at_random_publish_every_scheduled_retry_exactly_once(
     for name, task_id in task_ids.items():
         row = rows[task_id]
         [(key, token)] = retry_tokens[name]
-        if (key, row["key"], row["state"], row["consumed_token"]) != (f"{task_id}#1",) * 2 + ("consumed", token):
+        if (key, row["key"], row["state"], row["consumed_token"]) != (task_id,) * 2 + ("consumed", token):
             wrong.append((name, row, key, token))
     assert not wrong, (wrong[:5], summary)
 
@@ -482,21 +483,22 @@ def test_two_relays_killed_at_random_publish_every_scheduled_retry_exactly_once(
 
 # A relay pass in a process of its own that gets SIGKILL right after sending its messages, before
 # its transaction commits: the moment the chaos test can only hope to hit. Everything else is the
-# real relay (safetynet.scheduler.relay) on the real broker and database.
+# real relay (safetynet.schedule.relay) on the real broker and database.
 DIE_BEFORE_COMMIT = """
 import os, signal
 import tests.celery_app
-from safetynet import scheduler
+from safetynet import schedule
+from safetynet.schedule import _relay
 
-send = scheduler._publish
+send = _relay._publish
 
 def send_then_die(app, using, rows, token, *args, **kwargs):
     send(app, using, rows, token, *args, **kwargs)
     print("sent with token", token, "; dying before the commit", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
-scheduler._publish = send_then_die
-scheduler.relay(tests.celery_app.app)
+_relay._publish = send_then_die
+schedule.relay(tests.celery_app.app)
 """
 
 

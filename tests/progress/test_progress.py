@@ -126,14 +126,10 @@ def test_a_task_sent_without_progress_for_and_never_reporting_writes_nothing():
     (("many",), TypeError), ((-1,), ValueError), ((5, 2), ValueError), ((1, 2, 3), TypeError), ((True,), TypeError),
 ])
 def test_bad_progress_values_are_refused_clearly(args, error):
-    class Request:
-        called_directly = False
-
-    class Task:
-        request = Request()
+    from safetynet.progress.plugin import report
 
     with pytest.raises(error, match="progress\\(\\)"):
-        progress.report(Task(), *args)
+        report(None, *args)  # checked before anything else, even outside a run
 
 
 def test_progress_for_must_be_a_user_or_an_id():
@@ -197,6 +193,7 @@ def test_the_purge_command(alice):
 
 def test_worker_housekeeping_purges_progress_and_survives_errors(alice, monkeypatch, caplog):
     from safetynet import stats
+    from safetynet.runtime import consumer
 
     progress_tasks.build_report.apply_async((1,), progress_for=alice)
     _age_rows(10)
@@ -205,9 +202,8 @@ def test_worker_housekeeping_purges_progress_and_survives_errors(alice, monkeypa
         raise RuntimeError("stats table away")
 
     monkeypatch.setattr(stats, "prune", broken_prune)
-    monkeypatch.setattr("django.db.close_old_connections", lambda: None)  # it would close the test's transaction
     with caplog.at_level("INFO", logger="safetynet"):
-        stats._housekeeping()
+        consumer._housekeeping()
     assert not TaskProgress.objects.exists()  # the progress purge ran although the prune failed
     assert "stats prune postponed" in caplog.text
 
@@ -220,9 +216,10 @@ def test_a_replayed_dead_letter_is_shown_to_the_same_user(alice):
 
     first = str(uuid.uuid4())
     progress.track(first, "tests.progress_tasks.build_report", progress.owner_of(alice))
-    assert deadletter.record(task_name="tests.progress_tasks.build_report", task_id=first, reason="retries_exhausted",
-                             args=[2], kwargs={}, exception=ConnectionError("warehouse down"), history=[],
-                             failed_at=time.time(), worker="celery@worker-1", headers={progress.HEADER: 1})
+    assert deadletter.record(deadletter.Failure(
+        task_name="tests.progress_tasks.build_report", task_id=first, reason="retries_exhausted", args=[2],
+        exception=ConnectionError("warehouse down"), failed_at=time.time(), worker="celery@worker-1",
+        headers={progress.HEADER: 1}))
     [outcome] = deadletter.replay(DeadLetter.objects.filter(task_id=first), by="ops")
     assert outcome.new_task_id
     replayed = TaskProgress.objects.get(task_id=outcome.new_task_id)

@@ -9,9 +9,10 @@ from django.db import connection
 from django.test import override_settings
 
 import safetynet
-from safetynet import ConfigurationError, idempotency, shared
+from safetynet import ConfigurationError, idempotency, schedule, shared
 from safetynet.idempotency import CRASH_LOOP, IN_PROGRESS, SUCCEEDED, WON, IdempotencyKeyError
-from safetynet.models import IdempotencyClaim
+from safetynet.models import IdempotencyClaim, ScheduledMessage
+from safetynet.protocol import headers
 from tests import tasks
 
 # -- declaring a key -----------------------------------------------------------------------
@@ -381,110 +382,6 @@ def test_expired_shared_rows_are_purged():
     assert list(SharedKey.objects.values_list("key", flat=True)) == ["kept"]
 
 
-class _App:
-    """Stands for the Celery app the sweeper publishes with: records what it would send."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send_task(self, name, args=(), kwargs=None, task_id=None, headers=None, **options):
-        self.sent.append((name, list(args), kwargs, task_id, headers, options))
-
-
-@pytest.mark.django_db
-def test_a_sent_task_is_queued_and_sent_again_once_its_grace_runs_out():
-    message = {"args": [7], "kwargs": {}, "options": {"queue": "q1"}, "headers": {"h": 1}}
-    idempotency.track("lost-1", task_name="shop.pay", task_id="tid-lost", message=message, grace=60)
-    app = _App()
-    assert idempotency.resend_lost(app, grace=60) == 0  # not yet due
-    IdempotencyClaim.objects.filter(key="lost-1").update(lease_until=time.time() - 1)
-    assert idempotency.resend_lost(app, grace=60) == 1
-    assert app.sent == [("shop.pay", [7], {}, "tid-lost", {"h": 1, "safetynet_resent": 1}, {"queue": "q1"})]
-    assert idempotency.resend_lost(app, grace=60) == 0  # due again only after another grace
-    row = IdempotencyClaim.objects.get(key="lost-1")
-    assert (row.state, row.resent) == ("queued", 1)
-    held = _claim("lost-1", task_id="tid-lost")
-    assert (held.outcome, held.deliveries) == (WON, 1)
-    assert idempotency.mark_succeeded(held, "ok")
-    assert IdempotencyClaim.objects.get(key="lost-1").message is None
-
-
-@pytest.mark.django_db
-def test_a_run_already_claimed_or_failed_is_not_queued_again_by_a_late_record():
-    held = _claim("lost-2", task_id="tid-2")
-    idempotency.track("lost-2", task_name="t", task_id="tid-2", message={"args": []}, grace=60)
-    assert IdempotencyClaim.objects.get(key="lost-2").state == "in_progress"
-    idempotency.release(held, ValueError("bad"))
-    idempotency.track("lost-2", task_name="t", task_id="tid-2", message={"args": []}, grace=60)  # its own late record
-    assert IdempotencyClaim.objects.get(key="lost-2").state == "failed"
-    idempotency.track("lost-2", task_name="t", task_id="tid-3", message={"args": []}, grace=60)  # a new task: a replay
-    assert IdempotencyClaim.objects.get(key="lost-2").state == "queued"
-
-
-@pytest.mark.django_db
-def test_an_orphaned_claim_with_its_message_is_sent_again_and_counts_the_dead_run():
-    idempotency.track("lost-3", task_name="t", task_id="tid-4", message={"args": [1]}, grace=60)
-    held = _claim("lost-3", task_id="tid-4")
-    assert held.deliveries == 1
-    IdempotencyClaim.objects.filter(key="lost-3").update(lease_until=time.time() - 1)  # its worker died
-    app = _App()
-    assert idempotency.resend_lost(app, grace=60) == 1
-    again = _claim("lost-3", task_id="tid-4")
-    assert (again.outcome, again.deliveries) == (WON, 2)
-
-
-@pytest.mark.django_db
-def test_a_late_retry_resent_keeps_its_hand_over_and_counts_no_crash():
-    held = _claim("lost-4", task_id="tid-5")
-    token = idempotency.new_handover_token()
-    retry = {"args": [1], "headers": {idempotency.HANDOVER_HEADER: token}}
-    assert idempotency.hand_over(held, token, until=time.time() - 1, message=retry)  # the retry is late
-    app = _App()
-    for _ in range(3):
-        assert idempotency.resend_lost(app, grace=60) == 1
-        IdempotencyClaim.objects.filter(key="lost-4").update(lease_until=time.time() - 1)
-    assert [sent[4][idempotency.HANDOVER_HEADER] for sent in app.sent] == [token] * 3
-    taken = idempotency.claim("lost-4", task_name="t", task_id="tid-5", lease=30, max_deliveries=3, handover=token)
-    assert (taken.outcome, taken.deliveries) == (WON, 1)
-
-
-@pytest.mark.django_db
-def test_a_message_nobody_takes_is_dead_lettered_after_max_resends_and_an_expired_one_is_dropped():
-    from safetynet.models import DeadLetter
-
-    idempotency.track("lost-5", task_name="shop.pay", task_id="tid-6", message={"args": [9], "options": {}},
-                      grace=60)
-    app = _App()
-    for _ in range(idempotency.MAX_RESENDS + 1):
-        IdempotencyClaim.objects.filter(key="lost-5").update(lease_until=time.time() - 1)
-        idempotency.resend_lost(app, grace=60)
-    assert len(app.sent) == idempotency.MAX_RESENDS
-    row = DeadLetter.objects.get(task_id="tid-6")
-    assert row.reason == "rejected" and "no run claimed idempotency key 'lost-5'" in row.detail and row.args == [9]
-    assert IdempotencyClaim.objects.get(key="lost-5").state == "failed"
-
-    past = "2020-01-01T00:00:00+00:00"
-    idempotency.track("lost-6", task_name="t", task_id="tid-7", message={"args": [], "options": {"expires": past}},
-                      grace=60)
-    IdempotencyClaim.objects.filter(key="lost-6").update(lease_until=time.time() - 1)
-    assert idempotency.resend_lost(app, grace=60) == 0
-    assert IdempotencyClaim.objects.get(key="lost-6").state == "failed"
-
-
-@pytest.mark.django_db
-def test_a_task_sent_with_a_countdown_is_not_resent_before_it_is_due(monkeypatch, settings,
-                                                                     django_capture_on_commit_callbacks):
-    monkeypatch.setattr("celery.app.task.Task.apply_async", lambda self, *a, task_id=None, **k: None)
-    settings.SAFETYNET = {**settings.SAFETYNET, "LOST_MESSAGE_SECONDS": 60}
-    with django_capture_on_commit_callbacks(execute=True) as callbacks:  # recorded once the sender commits
-        tasks.idempotent_charge.apply_async(args=(777,), countdown=3600, expires=7200, queue="payments")
-        assert not IdempotencyClaim.objects.filter(key="charge-777").exists()
-    assert len(callbacks) == 1
-    row = IdempotencyClaim.objects.get(key="charge-777")
-    assert row.state == "queued" and 3600 + 55 < row.lease_until - time.time() < 3600 + 65
-    assert row.message["options"]["queue"] == "payments" and "expires" in row.message["options"]
-
-
 @pytest.mark.django_db
 def test_a_claim_the_database_cannot_take_is_transient(monkeypatch):
     from django.db import OperationalError
@@ -492,7 +389,7 @@ def test_a_claim_the_database_cannot_take_is_transient(monkeypatch):
     def database_away(*args, **kwargs):
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr(idempotency, "claim", database_away)
+    monkeypatch.setattr("safetynet.idempotency._claims.claim", database_away)
     tasks.RUNS.clear()
     result = tasks.idempotent_charge.apply(args=(103,))
     assert isinstance(result.result, safetynet.Transient) and "could not claim" in str(result.result)
@@ -504,34 +401,16 @@ def test_self_retry_inside_the_body_transaction_still_hands_the_claim_over(monke
     from celery import uuid as new_id
     from celery.app.trace import build_tracer
 
-    published = []
-    monkeypatch.setattr("celery.canvas.Signature.apply_async", lambda sig, *a, **k: published.append(sig.options))
     task = tasks.idempotent_self_retry._get_current_object()
     task_id = new_id()
     tracer = build_tracer(task.name, task, eager=False, propagate=False, app=task._get_app())
     request = {"id": task_id, "task": task.name, "args": [1], "kwargs": {}, "retries": 0, "is_eager": False,
                "hostname": "w", "delivery_info": {"routing_key": "celery"}, "called_directly": False}
     assert tracer(task_id, [1], {}, request).info.state == "RETRY"
-    [options] = published
-    token = options["headers"][idempotency.HANDOVER_HEADER]
+    _, _, options = schedule.unpack(ScheduledMessage.objects.get(key=task_id).message)  # its 5 s retry: a row
+    token = options["headers"][headers.HANDOVER]
     row = IdempotencyClaim.objects.get(key="self-retry-1")
     assert (row.state, row.owner, row.deliveries) == ("in_progress", token, 1)  # not rolled back with the body
     retry = idempotency.claim("self-retry-1", task_name=task.name, task_id=task_id, lease=30, max_deliveries=3,
                               handover=token)
     assert (retry.outcome, retry.deliveries) == (WON, 1)
-
-
-@pytest.mark.django_db
-def test_a_resend_the_broker_refuses_is_tried_again_after_the_grace():
-    class _DownApp(_App):
-        def send_task(self, *args, **kwargs):
-            raise ConnectionError("broker down")
-
-    idempotency.track("lost-7", task_name="t", task_id="tid-8", message={"args": [3]}, grace=60)
-    IdempotencyClaim.objects.filter(key="lost-7").update(lease_until=time.time() - 1)
-    assert idempotency.resend_lost(_DownApp(), grace=60) == 0
-    row = IdempotencyClaim.objects.get(key="lost-7")
-    assert row.state == "queued" and row.lease_until > time.time() + 50 and row.message == {"args": [3]}
-    IdempotencyClaim.objects.filter(key="lost-7").update(lease_until=time.time() - 1)
-    app = _App()
-    assert idempotency.resend_lost(app, grace=60) == 1 and app.sent[0][3] == "tid-8"

@@ -8,7 +8,7 @@ import pytest
 from django.test import override_settings
 
 from safetynet import signals
-from safetynet.runtime.history import HEADER
+from safetynet.protocol.headers import HISTORY as HEADER
 from safetynet.testing import Simulator, http_error, inject, simulate
 from tests import tasks
 
@@ -144,7 +144,7 @@ def test_urllib_connection_failures_are_network_errors():
 
 
 def test_history_bound_of_one_keeps_the_latest_entry():
-    from safetynet.runtime.history import _bounded
+    from safetynet.protocol.history import _bounded
 
     entries = [{"attempt": n, "traceback": "t" * 50} for n in range(1, 6)]
     kept, dropped = _bounded(entries, 1, 10_000)

@@ -54,11 +54,18 @@ def test_invalid_values_name_the_field(options, message):
         safetynet.task(**options)(lambda: None)
 
 
-def test_base_must_be_a_safety_task():
+def test_base_must_be_a_celery_task_class():
     import celery
 
-    with pytest.raises(ConfigurationError, match="base must be SafetyTask"):
-        safetynet.task(base=celery.Task)
+    with pytest.raises(ConfigurationError, match="base must be a Celery Task class"):
+        safetynet.task(base=object)
+    with pytest.raises(ConfigurationError, match="base must be a Celery Task class"):
+        safetynet.task(base="celery.Task")
+    from celery.contrib.django.task import DjangoTask
+
+    from safetynet.runtime.task import adopt
+
+    assert adopt(celery.Task) is adopt(DjangoTask) is safetynet.SafetyTask  # safetynet's base already is one
 
 
 def test_class_based_task_validates_and_is_wrapped():

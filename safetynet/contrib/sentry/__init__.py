@@ -3,11 +3,11 @@
 Imported only when ``sentry-sdk`` is installed; does nothing until the project has called
 ``sentry_sdk.init(...)``. ``install()`` (idempotent) connects it::
 
-    task_dead             ──▶ one error event for a death the core decided (retries_exhausted,
-                              permanent_error, deadline_exceeded), sent from the worker child
-                              with the original exception, its stack and the task's scope
-    dead_letter_recorded  ──▶ one error event for every other dead letter (time_limit,
-                              unknown_task, undecodable, rejected, ...), built from the stored row
+    task_ended (a death)  ──▶ one error event per task given up: for a death the core decided
+                              (retries_exhausted, permanent_error, deadline_exceeded), sent from
+                              the worker child with the original exception, its stack and the
+                              task's scope; for every other one (time_limit, unknown_task,
+                              undecodable, rejected, ...), built from what the store kept
     final pass            ──▶ wrapped around the client's ``before_send`` (and
                               ``before_send_transaction``/``before_send_log``): drops the
                               duplicates Sentry's own integrations send for a failure safetynet
@@ -30,11 +30,7 @@ and after serialisation, so it sees the event as it will be sent. The user's own
 
 from __future__ import annotations
 
-import ast
-import functools
-import inspect
 import logging
-import re
 import sys
 import threading
 from collections import OrderedDict
@@ -43,22 +39,27 @@ from typing import Any
 
 import sentry_sdk
 from sentry_sdk.integrations import Integration
-from sentry_sdk.scope import add_global_event_processor, global_event_processors
+from sentry_sdk import scope as sentry_scope
+from sentry_sdk.scope import add_global_event_processor
 from sentry_sdk.utils import event_from_exception
 
-from safetynet import conf, deadletter, signals
-from safetynet.runtime.history import qualified_name
+from safetynet import deadletter, redaction, signals
+from safetynet.contrib.sentry._redaction import redact_event
+from safetynet.protocol.events import TaskEnded
+from safetynet.protocol.history import qualified_name
+from safetynet.protocol import reasons
+from safetynet.runtime.task import SafetyTask
+from safetynet.runtime.worker import SafetyRequest, killed_by_time_limit
 
 __all__ = [
-    "DECIDED_REASONS", "SafetynetIntegration", "dead_letter_fingerprint", "install", "redact_event",
-    "uninstall",
+    "DECIDED_REASONS", "MIN_SECRET_LENGTH", "SafetynetIntegration", "dead_letter_fingerprint", "install",
+    "redact_event", "uninstall",
 ]
 
 logger = logging.getLogger("safetynet")
 
-#: The reasons of the deaths the decision core makes: each comes with ``task_dead``, which reports it.
-#: Every other dead letter (time limit, unknown task, ...) is reported from ``dead_letter_recorded``.
-DECIDED_REASONS = frozenset({"retries_exhausted", "permanent_error", "deadline_exceeded"})
+#: The reasons of the deaths the decision core makes: reported with their live exception and stack.
+DECIDED_REASONS = reasons.DECIDED
 
 #: Where safetynet's own events keep what the final pass needs (tags, grouping, exact secrets).
 _HINT_KEY = "safetynet"
@@ -67,16 +68,8 @@ _REPORTED_ATTRIBUTE = "_safetynet_sentry_reported"
 #: Marks a hook wrapped by ``_final_pass``.
 _WRAPPED_ATTRIBUTE = "_safetynet_final_pass"
 #: Values shorter than this are not scrubbed as free text (they would blank out unrelated digits).
-MIN_SECRET_LENGTH = deadletter.MIN_SECRET_LENGTH
+MIN_SECRET_LENGTH = redaction.MIN_SECRET_LENGTH
 
-# Parts of an event that hold no user data (and that redaction must not change).
-_STRUCTURAL = frozenset({
-    "event_id", "timestamp", "start_timestamp", "platform", "type", "level", "sdk", "modules", "debug_meta",
-    "fingerprint", "release", "dist", "environment", "server_name", "_meta",
-})
-# Source lines of stack frames: only exact secrets are scrubbed there, ``key=value`` text is code.
-_SOURCE_CONTEXT = frozenset({"pre_context", "context_line", "post_context"})
-_MAX_DEPTH = 64
 
 _install_lock = threading.Lock()
 _installed = False
@@ -96,12 +89,9 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
-        signals.task_dead.connect(_on_task_dead, dispatch_uid="safetynet.contrib.sentry.task_dead", weak=False)
+        signals.task_ended.connect(_on_task_ended, dispatch_uid="safetynet.contrib.sentry.task_ended", weak=False)
         signals.task_retrying.connect(
             _on_task_retrying, dispatch_uid="safetynet.contrib.sentry.task_retrying", weak=False
-        )
-        signals.dead_letter_recorded.connect(
-            _on_dead_letter_recorded, dispatch_uid="safetynet.contrib.sentry.dead_letter_recorded", weak=False
         )
         add_global_event_processor(_global_processor)
         _installed = True
@@ -112,11 +102,10 @@ def uninstall() -> None:
     """Undo ``install()``: no reports, no redaction, the active client's own hooks put back."""
     global _installed
     with _install_lock:
-        signals.task_dead.disconnect(dispatch_uid="safetynet.contrib.sentry.task_dead")
+        signals.task_ended.disconnect(dispatch_uid="safetynet.contrib.sentry.task_ended")
         signals.task_retrying.disconnect(dispatch_uid="safetynet.contrib.sentry.task_retrying")
-        signals.dead_letter_recorded.disconnect(dispatch_uid="safetynet.contrib.sentry.dead_letter_recorded")
-        while _global_processor in global_event_processors:
-            global_event_processors.remove(_global_processor)
+        while _global_processor in sentry_scope.global_event_processors:
+            sentry_scope.global_event_processors.remove(_global_processor)
         _installed = False
     client = sentry_sdk.get_client()
     if client.is_active():
@@ -200,27 +189,31 @@ def _wrap_log_hook(user_hook: Callable[..., Any] | None) -> Callable[..., Any]:
 
 def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
                             history: list[dict[str, Any]] | None, secrets: list[str] = ()) -> str:  # type: ignore[assignment]
-    """The fingerprint ``deadletter.record`` stores for this failure (same inputs, same redaction)."""
+    """The fingerprint the dead-letter store keeps for this failure (same inputs, same redaction)."""
     exception_type = qualified_name(exception) if exception is not None else ""
     message = str(exception) if exception is not None else ""
     traceback = (history[-1].get("traceback") or "") if history else ""
 
     def clean(text: str) -> str:
-        return deadletter.redact_text(deadletter.scrub_values(text, list(secrets)))
+        return redaction.redact_text(redaction.scrub_values(text, list(secrets)))
 
     return deadletter.fingerprint(task_name, exception_type, clean(message), clean(traceback))
 
 
-def _on_task_dead(sender: Any, task_id: str | None = None, reason: str = "", detail: str = "",
-                  exception: BaseException | None = None, history: list[dict[str, Any]] | None = None,
-                  omitted: int = 0, args: Any = None, kwargs: Any = None, **_: Any) -> None:
-    if not sentry_sdk.get_client().is_active():
+def _on_task_ended(sender: Any, event: TaskEnded | None = None, **_: Any) -> None:
+    """One event per task given up: from the live exception when the core decided it in the process that ran it,
+    else from what the dead-letter store kept (a hard time limit, a crash loop, an unknown task, …)."""
+    if event is None or not event.dead or not sentry_sdk.get_client().is_active():
         return
     try:
-        _report_task_dead(sender, task_id, reason, detail, exception, list(history or []), omitted, args, kwargs)
+        if event.reason in DECIDED_REASONS and event.task is not None and event.exception is not None:
+            _report_task_dead(event.task, event.task_id, str(event.reason), event.detail, event.exception,
+                              list(event.history), event.omitted, event.args, event.kwargs)
+        else:
+            _report_dead_letter(event)
     except Exception:  # reporting must never change the task's outcome
-        logger.exception("safetynet: could not report the dead task %s[%s] to Sentry",
-                         getattr(sender, "name", sender), task_id)
+        logger.exception("safetynet: could not report the dead task %s[%s] to Sentry", event.task_name,
+                         event.task_id)
 
 
 def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, exception: BaseException | None,
@@ -228,7 +221,7 @@ def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, 
     client = sentry_sdk.get_client()
     task_name = task.name
     attempts = int(history[-1].get("attempt") or 1) if history else 1
-    secrets = deadletter.sensitive_values(args, kwargs, deadletter.parameter_names(task))
+    secrets = redaction.sensitive_values(args, kwargs, redaction.parameter_names(task))
     fingerprint = dead_letter_fingerprint(task_name, exception, history, secrets)
     if exception is not None:
         event, hint = event_from_exception(
@@ -256,41 +249,36 @@ def _on_task_retrying(sender: Any, args: Any = None, kwargs: Any = None, **_: An
     try:
         if args is None and kwargs is None:
             args, kwargs = sender.request.args, sender.request.kwargs
-        _remember_secrets(deadletter.sensitive_values(args, kwargs, deadletter.parameter_names(sender)))
+        _remember_secrets(redaction.sensitive_values(args, kwargs, redaction.parameter_names(sender)))
     except Exception:
         logger.exception("safetynet: could not note the sensitive arguments of %s", getattr(sender, "name", sender))
 
 
-def _on_dead_letter_recorded(sender: Any, dead_letter: Any = None, **_: Any) -> None:
-    if dead_letter is None or dead_letter.reason in DECIDED_REASONS:
-        return  # task_dead reported it, from the worker child, with the live exception
-    if not sentry_sdk.get_client().is_active():
-        return
-    try:
-        _report_dead_letter(dead_letter)
-    except Exception:
-        logger.exception("safetynet: could not report dead letter %s to Sentry", getattr(dead_letter, "pk", None))
-
-
-def _report_dead_letter(row: Any) -> None:
-    """An event made from the stored (already redacted) row: no frames, no local variables."""
+def _report_dead_letter(ended: TaskEnded) -> None:
+    """An event made from what the store kept (already redacted): no frames, no local variables."""
+    facts = ended.dead_letter
+    exception_type = facts.exception_type if facts is not None else ""
     event: dict[str, Any] = {"level": "error"}
-    if row.exception_type:
-        module, _, name = row.exception_type.rpartition(".")
-        value: dict[str, Any] = {"type": name, "value": row.exception_message,
+    if exception_type:
+        module, _, name = exception_type.rpartition(".")
+        value: dict[str, Any] = {"type": name, "value": facts.exception_message if facts is not None else "",
                                  "mechanism": {"type": "safetynet", "handled": False}}
         if module:
             value["module"] = module
         event["exception"] = {"values": [value]}
     else:
-        event["message"] = f"{row.task_name}: {row.reason} ({row.detail})"
+        event["message"] = f"{ended.task_name}: {ended.reason} ({facts.detail if facts is not None else ''})"
+    fingerprint = facts.fingerprint if facts is not None else ""
     event["contexts"] = {"safetynet": {
-        "task": row.task_name, "task_id": row.task_id, "reason": row.reason, "detail": row.detail,
-        "attempts": row.attempts, "fingerprint": row.fingerprint, "dead_letter_id": row.pk, "queue": row.queue,
-        "worker": row.worker, "redacted_arguments": list(row.redacted or []), "traceback": row.traceback,
+        "task": ended.task_name, "task_id": ended.task_id, "reason": str(ended.reason),
+        "detail": facts.detail if facts is not None else "", "attempts": ended.attempts, "fingerprint": fingerprint,
+        "dead_letter_id": facts.id if facts is not None else None, "queue": facts.queue if facts is not None else "",
+        "worker": facts.worker if facts is not None else "",
+        "redacted_arguments": list(facts.redacted) if facts is not None else [],
+        "traceback": facts.traceback if facts is not None else "",
     }}
-    _mark_reported(None, row.task_id)
-    _capture(event, {}, row.task_name, row.attempts, row.reason, row.fingerprint, ())
+    _mark_reported(None, ended.task_id)
+    _capture(event, {}, ended.task_name, ended.attempts, str(ended.reason), fingerprint, ())
 
 
 def _capture(event: dict[str, Any], hint: dict[str, Any], task_name: str, attempts: int, reason: str,
@@ -387,8 +375,6 @@ def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | N
     if name == "celery.worker.request" and message.startswith("Hard time limit") and len(params) >= 2:
         from celery import current_app
 
-        from safetynet.runtime.task import SafetyTask
-
         return isinstance(current_app.tasks.get(str(params[1]).strip("'\"")), SafetyTask)
     if name == "celery.worker.request" and message.startswith("Task handler raised error"):
         request = _timed_out_request(exception)
@@ -396,9 +382,7 @@ def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | N
             return False
         return True
     if name == "multiprocessing" and message.startswith("Process ") and len(params) >= 2:
-        from safetynet.runtime.worker import time_limited_children
-
-        return time_limited_children.forget(params[1])
+        return killed_by_time_limit(params[1])
     return False
 
 
@@ -414,8 +398,6 @@ def _timed_out_request(exception: BaseException | None) -> Any:
     # (recorded as crash_loop): safetynet reports the final ones from their dead letters.
     if exception is None or type(exception).__name__ not in ("TimeLimitExceeded", "WorkerLostError", "CrashLoop"):
         return None
-    from safetynet.runtime.worker import SafetyRequest
-
     frame = sys._getframe(1)
     for _ in range(80):
         if frame is None:
@@ -425,113 +407,3 @@ def _timed_out_request(exception: BaseException | None) -> Any:
             return candidate
         frame = frame.f_back
     return None
-
-
-# -- redaction ----------------------------------------------------------------------------
-
-
-
-def redact_event(event: dict[str, Any], secrets: Iterable[str] = ()) -> dict[str, Any]:
-    """Redact a (serialized) Sentry event in place and return it.
-
-    Values under a key named in REDACT_KEYS or matching REDACT_PATTERNS become "[redacted]"
-    anywhere (extra, contexts, tags, request data and headers, breadcrumbs, frame variables);
-    ``key=value`` pairs in text are blanked like dead-letter messages; ``secrets`` (exact
-    values) are replaced in every string; a task's positional arguments (``celery-job``,
-    Celery's log lines) are redacted by the task's parameter names.
-    """
-    settings = conf.get()
-    pattern = _secrets_pattern(tuple(dict.fromkeys(secret for secret in secrets if secret)))
-
-    def scrub(text: str) -> str:
-        return pattern.sub(deadletter.REDACTED, text) if pattern is not None else text
-
-    def walk(value: Any, depth: int) -> Any:
-        if isinstance(value, str):
-            return deadletter.redact_text(scrub(value))
-        if depth > _MAX_DEPTH:
-            return deadletter.REDACTED if isinstance(value, (Mapping, list, tuple)) else value
-        if isinstance(value, Mapping):
-            if "args" in value:
-                value = _redact_task_arguments(value, settings)
-            result = {}
-            for key, item in value.items():
-                if isinstance(key, str) and deadletter.is_sensitive(key, settings):
-                    result[key] = deadletter.REDACTED
-                elif key in _SOURCE_CONTEXT:
-                    result[key] = source(item)
-                else:
-                    result[key] = walk(item, depth + 1)
-            return result
-        if isinstance(value, (list, tuple)):
-            return [walk(item, depth + 1) for item in value]
-        return value
-
-    def source(value: Any) -> Any:
-        if isinstance(value, str):
-            return scrub(value)
-        if isinstance(value, list):
-            return [source(item) for item in value]
-        return value
-
-    for key in list(event):
-        if key not in _STRUCTURAL:
-            event[key] = walk(event[key], 0)
-    return event
-
-
-_TASK_NAME_KEYS = ("task_name", "name", "task")
-
-
-@functools.lru_cache(maxsize=32)
-def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One regex for all exact values, longest first (a secret that contains another goes whole)."""
-    if not secrets:
-        return None
-    return re.compile("|".join(re.escape(secret) for secret in sorted(secrets, key=len, reverse=True)))
-
-
-def _redact_task_arguments(mapping: Mapping[str, Any], settings: conf.Settings) -> Mapping[str, Any]:
-    """A task's positional arguments, redacted by its parameter names.
-
-    Celery's log lines ("Task x[id] received", their ``data``: name, args as a repr) and the
-    Celery integration's ``celery-job`` extra (task_name, args) carry them; a repr that cannot
-    be read back is redacted whole when the task has a sensitive positional parameter.
-    """
-    args = mapping.get("args")
-    name = next((mapping[key] for key in _TASK_NAME_KEYS if isinstance(mapping.get(key), str)), None)
-    if name is None or not isinstance(args, (list, tuple, str)):
-        return mapping
-    task = _registered_task(name)
-    if task is None:
-        return mapping
-    sensitive = {index for index, parameter in enumerate(deadletter.parameter_names(task)) if deadletter.is_sensitive(parameter, settings)}
-    if not sensitive:
-        return mapping
-
-    def redacted(values: Any) -> list[Any]:
-        return [deadletter.REDACTED if index in sensitive else value for index, value in enumerate(values)]
-
-    if isinstance(args, str):
-        try:
-            parsed = ast.literal_eval(args)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            parsed = None
-        if isinstance(parsed, tuple):
-            safe: Any = repr(tuple(redacted(parsed)))
-        elif isinstance(parsed, list):
-            safe = repr(redacted(parsed))
-        else:
-            safe = deadletter.REDACTED
-    else:
-        safe = redacted(args)
-    return {**mapping, "args": safe}
-
-
-def _registered_task(name: str) -> Any:
-    try:
-        from celery import current_app
-
-        return current_app.tasks.get(name)
-    except Exception:
-        return None

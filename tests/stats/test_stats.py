@@ -8,6 +8,8 @@ import pytest
 from django.db import DatabaseError, connection
 
 from safetynet import stats
+from safetynet.background import runner
+from safetynet.stats import _counting as counting
 from safetynet.models import TaskStats
 from tests import tasks
 from tests.deadletter.conftest import make_dead_letter, private_spool  # noqa: F401  (a fixture)
@@ -20,12 +22,12 @@ AT = NOW.timestamp()
 def empty(request):
     """Counts left pending by other tests of this process are dropped, and rows that workers of the
     integration tests wrote are gone, so each test counts its own."""
-    stats._take_pending()
+    counting._take_pending()
     if "django_db" in request.keywords:
         request.getfixturevalue("django_db_setup")
         TaskStats.objects.all().delete()
     yield
-    stats._take_pending()
+    counting._take_pending()
 
 
 def rows(period):
@@ -72,7 +74,7 @@ def test_concurrent_flushes_add_up_exactly():
                 for n in order:  # several rows, new ones in each flush, as in separate worker processes
                     stats.record(f"shop.mail.{n}", "success", runtime=0.01, at=AT + 60 * (n % 3))
                     stats.record("shop.mail", "success", runtime=0.01, at=AT)
-                stats._flush()  # not flush(): past the process's own lock, as separate processes are
+                counting._flush()  # not flush(): past the process's own lock, as separate processes are
         except Exception as error:  # a deadlock between two flushes, say
             errors.append(error)
         finally:
@@ -96,19 +98,22 @@ def test_counts_whose_row_vanished_before_the_lock_are_kept_for_the_next_flush(m
     from django.db.models import Q
 
     stats.record("shop.mail", "success", runtime=0.2, at=AT)
-    original = stats._rows_matching
-    monkeypatch.setattr(stats, "_rows_matching", lambda keys: Q(pk__in=[]))  # as if a prune deleted them
-    with pytest.raises(stats._RowsVanished):
+    original = counting._rows_matching
+    monkeypatch.setattr(counting, "_rows_matching", lambda keys: Q(pk__in=[]))  # as if a prune deleted them
+    with pytest.raises(counting._RowsVanished):
         stats.flush()
-    monkeypatch.setattr(stats, "_rows_matching", original)
+    monkeypatch.setattr(counting, "_rows_matching", original)
     assert stats.flush() == 2
     assert rows(60)["shop.mail"].successes == rows(3600)["shop.mail"].successes == 1
 
 
-def test_a_dead_flusher_thread_is_started_again(monkeypatch):
-    monkeypatch.setattr(stats, "_thread", None)
+def test_the_first_count_of_a_process_starts_its_flush_job(monkeypatch):
+    monkeypatch.setattr(counting, "_job_pid", 0)  # as in a process that has counted nothing yet (a forked child)
+    runner.stop()
+    assert not runner.has("stats flush")
     stats.record("shop.mail", "success", runtime=0.2, at=AT)
-    assert stats._thread is not None and stats._thread.is_alive()
+    assert runner.has("stats flush")
+    assert any(thread.name == "safetynet-background" and thread.is_alive() for thread in threading.enumerate())
 
 
 @pytest.mark.django_db
@@ -197,8 +202,13 @@ def test_real_tasks_are_counted_once_per_outcome():
 
 
 @pytest.mark.django_db
-def test_a_dead_letter_of_a_reason_without_task_dead_is_counted(private_spool):
-    make_dead_letter("tests.tasks.ping", reason="crash_loop", failed_at=time.time())
-    make_dead_letter("tests.tasks.ping", reason="retries_exhausted")  # task_dead counted that one already
+def test_every_death_is_counted_once_whatever_its_reason(private_spool):
+    from safetynet import deadletter
+
+    crash = make_dead_letter("tests.tasks.ping", reason="crash_loop", failed_at=time.time())
+    make_dead_letter("tests.tasks.ping", reason="retries_exhausted")
+    # The same task given up again (a redelivered message that died again): stored and counted once.
+    assert deadletter.give_up(deadletter.Failure(task_name="tests.tasks.ping", task_id=crash.task_id,
+                                                 reason="crash_loop"), log=False) is None
     stats.flush()
-    assert rows(60)["tests.tasks.ping"].dead_by_reason == {"crash_loop": 1}
+    assert rows(60)["tests.tasks.ping"].dead_by_reason == {"crash_loop": 1, "retries_exhausted": 1}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from safetynet.core.policy import RetryPolicy
 
-__all__ = ["Step", "schedule"]
+__all__ = ["Step", "forecast"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Step:
     outcome: str
 
 
-def schedule(policy: RetryPolicy, *, limit: int = 50) -> list[Step]:
+def forecast(policy: RetryPolicy, *, limit: int = 50) -> list[Step]:
     """The attempts ``policy`` allows when every attempt fails, at most ``limit`` of them."""
     steps: list[Step] = []
     low = high = 0.0

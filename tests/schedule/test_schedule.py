@@ -15,9 +15,13 @@ from django.db import connection, transaction
 from django.test import override_settings
 
 import safetynet
-from safetynet import ConfigurationError, RetryPolicy, conf, scheduler
+from safetynet import ConfigurationError, RetryPolicy, conf
+from safetynet import schedule as scheduler
 from safetynet.models import DeadLetter, ScheduledMessage
-from safetynet.runtime.history import HEADER
+from safetynet.protocol.attempt import Attempt
+from safetynet.protocol.headers import HISTORY as HEADER
+from safetynet.protocol.headers import RELAYED
+from safetynet.runtime import sending
 from tests.celery_app import app
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,8 +58,31 @@ def sent(queue):
     return [(m["headers"]["task"], m["headers"]["id"], m["headers"]) for m in messages]
 
 
-def retry_headers(attempt=2):
-    return {HEADER: json.dumps({"attempt": attempt, "started_at": time.time(), "history": []})}
+def retry_headers(started=None):
+    """The headers of a delivered first attempt's message (none), or of a message of a task that started then."""
+    return {} if started is None else {HEADER: {"attempt": 2, "started_at": started, "history": [{}]}}
+
+
+def retry(task, args, *, task_id=None, queue=None, countdown=60, headers=None, expires=None):
+    """Publish the retry of an attempt of ``task`` that failed, as the act step does; return the task id."""
+    from celery.app.task import Context
+
+    task = task._get_current_object()
+    task_id = task_id or str(uuid.uuid4())
+    delivered = headers or {}
+    request = Context({"id": task_id, "args": list(args), "kwargs": {}, "retries": 0, "headers": delivered,
+                       "delivery_info": {"exchange": "", "routing_key": queue} if queue else {},
+                       "called_directly": False})
+    attempt = Attempt(task=task, request=request, args=tuple(args), kwargs={}, started=time.time(), started_perf=0.0)
+    next_headers = {**delivered, HEADER: {"attempt": attempt.number + 1, "started_at": attempt.history.started_at,
+                                          "history": [*attempt.history.entries, {"attempt": attempt.number}]}}
+    options = {"countdown": countdown, "headers": next_headers, "task_id": task_id}
+    if queue:
+        options["queue"] = queue
+    if expires is not None:
+        options["expires"] = expires
+    sending.send_retry(attempt, task.signature(list(args), {}, options), countdown)
+    return task_id
 
 
 def row(key):
@@ -66,61 +93,66 @@ def row(key):
 
 
 def test_a_long_retry_is_a_row_not_an_eta_message(queue):
-    result = add.apply_async((1, 2), queue=queue, countdown=3600, headers=retry_headers())
+    task_id = retry(add, (1, 2), queue=queue, countdown=3600)
     assert sent(queue) == []
-    rows = list(ScheduledMessage.objects.filter(task_id=result.id))
+    rows = list(ScheduledMessage.objects.filter(task_id=task_id))
     assert len(rows) == 1
     assert rows[0].kind == "retry" and rows[0].state == "scheduled"
     assert rows[0].due_at == pytest.approx(time.time() + 3600, abs=5)
     args, kwargs, options = scheduler.unpack(rows[0].message)
-    assert args == [1, 2] and options["queue"] == queue and options["task_id"] == result.id
+    assert args == [1, 2] and options["queue"] == queue and options["task_id"] == task_id
     assert "countdown" not in options and HEADER in options["headers"]
 
 
 def test_a_short_retry_is_still_an_eta_message(queue):
-    add.apply_async((1, 2), queue=queue, countdown=1, headers=retry_headers())
+    retry(add, (1, 2), queue=queue, countdown=1)
     assert [name for name, _, _ in sent(queue)] == ["tests.test_scheduler.add"]
     assert not ScheduledMessage.objects.exists()
 
 
 def test_durable_retries_can_be_switched_off(queue):
     with override_settings(SAFETYNET={"DURABLE_RETRY_SECONDS": None}):
-        add.apply_async((1, 2), queue=queue, countdown=3600, headers=retry_headers())
+        retry(add, (1, 2), queue=queue, countdown=3600)
     assert len(sent(queue)) == 1 and not ScheduledMessage.objects.exists()
 
 
 def test_the_same_retry_scheduled_twice_is_one_row(queue):
-    """A redelivered attempt decides its retry again: the row's key (task id + history entry) is the same."""
-    headers = retry_headers()
-    add.apply_async((1, 2), task_id="t-1", queue=queue, countdown=60, headers=headers)
-    add.apply_async((1, 2), task_id="t-1", queue=queue, countdown=60, headers=headers)
-    assert ScheduledMessage.objects.filter(task_id="t-1").count() == 1
+    """A redelivered attempt decides its retry again: the task's row keeps the first one; a later attempt's
+    retry writes over it."""
+    headers = retry_headers(started=time.time() - 60)
+    retry(add, (1, 2), task_id="t-1", queue=queue, countdown=60, headers=headers)
+    first = row("t-1")
+    retry(add, (1, 2), task_id="t-1", queue=queue, countdown=600, headers=headers)
+    assert ScheduledMessage.objects.filter(task_id="t-1").count() == 1 and row("t-1").due_at == first.due_at
+    later = {HEADER: {**headers[HEADER], "attempt": 3, "history": [{}, {}]}}
+    retry(add, (1, 2), task_id="t-1", queue=queue, countdown=600, headers=later)
+    assert row("t-1").entry == first.entry + 1 and row("t-1").due_at > first.due_at + 500
 
 
 def test_a_retry_scheduled_inside_a_transaction_that_rolls_back_is_kept(queue):
     """self.retry() inside the body's own atomic block: the Retry rolls it back, not the retry."""
     with pytest.raises(RuntimeError), transaction.atomic():
-        add.apply_async((1, 2), task_id="t-rollback", queue=queue, countdown=60, headers=retry_headers())
+        retry(add, (1, 2), task_id="t-rollback", queue=queue, countdown=60)
         raise RuntimeError("the body's transaction rolls back")
-    assert row("t-rollback#0").state == "scheduled"
+    assert row("t-rollback").state == "scheduled"
 
 
 # -- the relay --------------------------------------------------------------------------------
 
 
 def test_the_relay_publishes_what_is_due_once_and_leaves_the_rest(queue):
-    add.apply_async((1, 2), task_id="due", queue=queue, countdown=60, headers=retry_headers())
-    add.apply_async((3, 4), task_id="later", queue=queue, countdown=3600, headers=retry_headers())
+    retry(add, (1, 2), task_id="due", queue=queue, countdown=60)
+    retry(add, (3, 4), task_id="later", queue=queue, countdown=3600)
     ScheduledMessage.objects.filter(task_id="due").update(due_at=time.time() - 1)
     run = scheduler.relay(app)
     assert (run.published, run.resent, run.failed) == (1, 0, 0)
     [(name, task_id, headers)] = sent(queue)
     assert (name, task_id) == ("tests.test_scheduler.add", "due")
-    key, token = headers[scheduler.RELAYED_HEADER]
-    assert key == "due#0" and token == row("due#0").token and row("due#0").state == "published"
+    key, token = headers[RELAYED]
+    assert key == "due" and token == row("due").token and row("due").state == "published"
     assert HEADER in headers  # the attempt history travels on
     assert scheduler.relay(app).taken == 0
-    assert len(sent(queue)) == 1 and row("later#0").state == "scheduled"
+    assert len(sent(queue)) == 1 and row("later").state == "scheduled"
 
 
 def test_a_message_the_broker_refuses_is_put_back_with_its_error(queue):
@@ -129,18 +161,18 @@ def test_a_message_the_broker_refuses_is_put_back_with_its_error(queue):
     broker, backend = app.conf.broker_url, app.conf.result_backend
     configure_app("redis://127.0.0.1:1/0", backend)  # nothing listens there: connection refused
     try:
-        add.apply_async((1, 2), task_id="refused", queue=queue, countdown=60, headers=retry_headers())
+        retry(add, (1, 2), task_id="refused", queue=queue, countdown=60)
         ScheduledMessage.objects.update(due_at=time.time() - 1)
         run = scheduler.relay(app)
         assert (run.published, run.failed) == (0, 1) and run.error is not None
-        kept = row("refused#0")
+        kept = row("refused")
         assert kept.state == "scheduled" and kept.publishes == 0 and kept.failures == 1
         assert "Error" in kept.last_error and kept.due_at == pytest.approx(time.time() + 2, abs=1)
         # It may be the row itself that fails: each failure waits longer, so it holds nothing back.
         ScheduledMessage.objects.update(due_at=time.time() - 1)
         scheduler.relay(app)
-        assert row("refused#0").failures == 2
-        assert row("refused#0").due_at == pytest.approx(time.time() + 8, abs=1)
+        assert row("refused").failures == 2
+        assert row("refused").due_at == pytest.approx(time.time() + 8, abs=1)
     finally:
         configure_app(broker, backend)
 
@@ -149,52 +181,54 @@ def test_a_relay_publishes_only_the_rows_of_its_own_broker(queue):
     """Workers of an app on another broker share the database: they leave this broker's rows be."""
     from celery import Celery
 
-    add.apply_async((1, 2), task_id="mine", queue=queue, countdown=60, headers=retry_headers())
+    retry(add, (1, 2), task_id="mine", queue=queue, countdown=60)
     ScheduledMessage.objects.update(due_at=time.time() - 1)
     other = Celery("elsewhere", broker="redis://127.0.0.1:6379/12", set_as_current=False)
     try:
         assert scheduler.relay(other).taken == 0
     finally:
         other.close()
-    assert row("mine#0").state == "scheduled"
+    assert row("mine").state == "scheduled"
     assert scheduler.relay(app).published == 1
 
 
 def test_a_published_message_nobody_took_is_sent_again_with_a_new_token(queue):
-    add.apply_async((1, 2), task_id="lost", queue=queue, countdown=60, headers=retry_headers())
+    retry(add, (1, 2), task_id="lost", queue=queue, countdown=60)
     ScheduledMessage.objects.update(due_at=time.time() - 1)
     scheduler.relay(app)
-    first = row("lost#0").token
+    first = row("lost").token
     # LOST_MESSAGE_SECONDS later nobody has taken it (the broker lost it):
     ScheduledMessage.objects.update(due_at=time.time() - 1)
     run = scheduler.relay(app)
     assert run.resent == 1
-    again = row("lost#0")
+    again = row("lost")
     assert again.publishes == 2 and again.token != first
-    tokens = [headers[scheduler.RELAYED_HEADER][1] for _, _, headers in sent(queue)]
+    tokens = [headers[RELAYED][1] for _, _, headers in sent(queue)]
     assert tokens == [first, again.token]
 
 
 def test_a_message_sent_again_too_often_is_dead_lettered(queue):
-    add.apply_async((1, 2), task_id="nobody", queue=queue, countdown=60, headers=retry_headers())
+    retry(add, (1, 2), task_id="nobody", queue=queue, countdown=60)
     ScheduledMessage.objects.update(state="published", publishes=scheduler.MAX_RESENDS + 1, due_at=time.time() - 1)
     run = scheduler.relay(app)
     assert run.given_up == 1 and sent(queue) == []
     dead = DeadLetter.objects.get(task_id="nobody")
     assert dead.reason == "rejected" and dead.exception_type == "safetynet.LostMessage"
-    assert row("nobody#0").state == "consumed"
+    assert row("nobody").state == "consumed"
 
 
 # -- one copy runs ---------------------------------------------------------------------------
 
 
-def test_the_first_copy_to_arrive_wins_and_its_redelivery_runs_too():
-    add.apply_async((1, 2), task_id="copies", countdown=60, headers=retry_headers())
-    assert scheduler.accept("copies#0", "token-a") is True
-    assert scheduler.accept("copies#0", "token-a") is True  # the broker redelivering the same copy
-    assert scheduler.accept("copies#0", "token-b") is False  # a second copy
-    assert row("copies#0").state == "consumed"
-    assert scheduler.accept("purged-long-ago#0", "token-c") is True  # no row: run it
+def test_the_first_copy_of_the_latest_publish_wins_and_its_redelivery_runs_too():
+    retry(add, (1, 2), task_id="copies", countdown=60)
+    ScheduledMessage.objects.filter(key="copies").update(state="published", token="token-a")
+    assert scheduler.accept("copies", "token-old") is False  # a copy of an earlier publish
+    assert scheduler.accept("copies", "token-a") is True
+    assert scheduler.accept("copies", "token-a") is True  # the broker redelivering the same copy
+    assert scheduler.accept("copies", "token-b") is False  # a second copy
+    assert row("copies").state == "consumed"
+    assert scheduler.accept("purged-long-ago", "token-c") is True  # no row: run it
 
 
 RUNS = []
@@ -208,11 +242,12 @@ def counted(self):
 def test_a_second_copy_is_dropped_before_the_body_runs():
     runs = RUNS
     runs.clear()
-    counted.apply_async(task_id="twice", countdown=60, headers=retry_headers())
-    scheduler.accept("twice#0", "first")
-    second = counted.apply(task_id="twice", headers={scheduler.RELAYED_HEADER: ["twice#0", "second"]})
+    retry(counted, (), task_id="twice", countdown=60)
+    ScheduledMessage.objects.filter(key="twice").update(state="published", token="first")
+    scheduler.accept("twice", "first")
+    second = counted.apply(task_id="twice", headers={RELAYED: ["twice", "second"]})
     assert second.state == "IGNORED" and runs == []
-    first = counted.apply(task_id="twice", headers={scheduler.RELAYED_HEADER: ["twice#0", "first"]})
+    first = counted.apply(task_id="twice", headers={RELAYED: ["twice", "first"]})
     assert first.state == "SUCCESS" and runs == ["twice"]
 
 
@@ -303,12 +338,13 @@ def test_bad_enqueue_modes_are_refused():
 
 
 def test_rows_done_with_are_purged_after_the_keep_time(queue):
-    add.apply_async((1, 2), task_id="old", countdown=60, headers=retry_headers())
-    add.apply_async((1, 2), task_id="waiting", countdown=60, headers=retry_headers())
-    scheduler.accept("old#0", "t")
+    retry(add, (1, 2), task_id="old", countdown=60)
+    retry(add, (1, 2), task_id="waiting", countdown=60)
+    ScheduledMessage.objects.filter(key="old").update(state="published", token="t")
+    scheduler.accept("old", "t")
     ScheduledMessage.objects.update(updated_at=time.time() - 90_000)
     assert scheduler.purge(time.time() - 86_400) == 1
-    assert list(ScheduledMessage.objects.values_list("key", flat=True)) == ["waiting#0"]
+    assert list(ScheduledMessage.objects.values_list("key", flat=True)) == ["waiting"]
 
 
 def test_pack_keeps_times_and_makes_a_relative_expiry_absolute():
@@ -324,7 +360,7 @@ def test_pack_keeps_times_and_makes_a_relative_expiry_absolute():
 
 
 def test_due_now_brings_waiting_retries_forward(queue):
-    add.apply_async((1, 2), task_id="hours", queue=queue, countdown=7200, headers=retry_headers())
+    retry(add, (1, 2), task_id="hours", queue=queue, countdown=7200)
     assert scheduler.bring_forward(ScheduledMessage.objects.all()) == 1
     assert scheduler.relay(app).published == 1
     assert [task_id for _, task_id, _ in sent(queue)] == ["hours"]
@@ -337,9 +373,10 @@ def test_a_dead_letter_keeps_no_relay_token():
     """A replay is a new message: the token of the copy that died must not travel with it."""
     from safetynet import deadletter
 
-    deadletter.record(task_name="tests.test_scheduler.add", task_id="died-after-relay", reason="permanent_error",
-                      args=[1, 2], kwargs={}, headers={scheduler.RELAYED_HEADER: ["k#0", "t"], "tenant": "a"},
-                      exception_type="ValueError", exception_message="bad", failed_at=time.time())
+    deadletter.record(deadletter.Failure(
+        task_name="tests.test_scheduler.add", task_id="died-after-relay", reason="permanent_error", args=[1, 2],
+        headers={RELAYED: ["k", "t"], "tenant": "a"}, exception_type="ValueError", exception_message="bad",
+        failed_at=time.time()))
     assert DeadLetter.objects.get(task_id="died-after-relay").headers == {"tenant": "a"}
 
 
@@ -358,24 +395,24 @@ def command(*args):
 
 def test_schedule_list_shows_what_waits_and_when(queue):
     assert "Nothing is waiting" in command("schedule", "list")
-    add.apply_async((1, 2), task_id="listed", queue=queue, countdown=3600, headers=retry_headers())
+    retry(add, (1, 2), task_id="listed", queue=queue, countdown=3600)
     add_outbox.apply_async((1, 2), queue=queue, countdown=600)
     text = command("schedule", "list")
-    assert "listed#0" in text and "retry" in text and "outbox" in text and "60m" in text
+    assert "listed" in text and "retry" in text and "outbox" in text and "60m" in text
     [item] = json.loads(command("schedule", "list", "--kind", "retry", "--json"))
-    assert item["key"] == "listed#0" and item["state"] == "scheduled" and item["task_name"] == add.name
+    assert item["key"] == "listed" and item["state"] == "scheduled" and item["task_name"] == add.name
 
 
 def test_schedule_due_now_needs_a_selection_and_can_be_dry(queue):
     from django.core.management import CommandError
 
-    add.apply_async((1, 2), task_id="forward", queue=queue, countdown=3600, headers=retry_headers())
+    retry(add, (1, 2), task_id="forward", queue=queue, countdown=3600)
     with pytest.raises(CommandError, match="--key KEY"):
         command("schedule", "due-now")
     assert "would make 1 waiting" in command("schedule", "due-now", "--all", "--dry-run")
-    assert row("forward#0").due_at > time.time() + 3000
-    assert "Made 1 waiting" in command("schedule", "due-now", "--key", "forward#0")
-    assert row("forward#0").due_at <= time.time()
+    assert row("forward").due_at > time.time() + 3000
+    assert "Made 1 waiting" in command("schedule", "due-now", "--key", "forward")
+    assert row("forward").due_at <= time.time()
     assert "Published 1, sent again 0" in command("relay", "--once")
     assert [task_id for _, task_id, _ in sent(queue)] == ["forward"]
 
@@ -387,18 +424,23 @@ def test_relay_refuses_a_poll_interval_out_of_range():
         command("relay", "--poll", "0")
 
 
-def test_a_retry_whose_task_id_was_used_before_is_still_sent(queue):
-    """Task.replace or a fixed task id: the row key is taken by a consumed message, not a redelivery."""
-    headers = retry_headers()
-    add.apply_async((1, 2), task_id="reused", queue=queue, countdown=60, headers=headers)
-    scheduler.accept("reused#0", "old")
-    add.apply_async((1, 2), task_id="reused", queue=queue, countdown=60, headers=headers)
-    assert [task_id for _, task_id, _ in sent(queue)] == ["reused"]  # as an ETA message
+def test_a_retry_whose_task_id_was_used_before_is_still_scheduled(queue):
+    """Task.replace or a fixed task id: the row belongs to an earlier message that was taken; the new message
+    (another first attempt) takes the row over. A redelivered attempt of the earlier one changes nothing."""
+    earlier = retry_headers(started=time.time() - 3600)
+    retry(add, (1, 2), task_id="reused", queue=queue, countdown=60, headers=earlier)
+    ScheduledMessage.objects.filter(key="reused").update(state="published", token="old")
+    scheduler.accept("reused", "old")
+    retry(add, (1, 2), task_id="reused", queue=queue, countdown=60, headers=earlier)  # the earlier one, redelivered
+    assert row("reused").state == "consumed"
+    retry(add, (3, 4), task_id="reused", queue=queue, countdown=60, headers=retry_headers(started=time.time()))
+    taken = row("reused")
+    assert taken.state == "scheduled" and scheduler.unpack(taken.message)[0] == [3, 4]
 
 
 def test_an_expired_message_is_not_published(queue):
-    add.apply_async((1, 2), task_id="late", queue=queue, countdown=60, expires=1, headers=retry_headers())
+    retry(add, (1, 2), task_id="late", queue=queue, countdown=60, expires=1)
     ScheduledMessage.objects.update(due_at=time.time() - 1)
     time.sleep(1.1)
     scheduler.relay(app)
-    assert sent(queue) == [] and row("late#0").state == "consumed"
+    assert sent(queue) == [] and row("late").state == "consumed"

@@ -1,0 +1,289 @@
+"""Recording: every task given up is stored once, as one ``DeadLetter`` row, and announced once.
+
+``give_up(failure)`` is the one door every death goes through, wherever it is found (the worker
+child after the core decided, the worker's main process for a hard time limit, a lost worker or a
+crash loop, the consumer for a message no task can run, the relay for a message no worker took):
+one log line, one row (spooled to local disk while the database does not answer) and one
+terminal event (``signals.task_ended``). Rows are keyed by task id, so a death recorded twice (a
+redelivered message that died again, a spool flushed by two workers) is stored and announced once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from django.db import DatabaseError, InterfaceError, close_old_connections
+from django.db.models import Min
+
+from safetynet import conf, signals
+from safetynet.deadletter import _spool
+from safetynet.deadletter._fingerprints import fingerprint
+from safetynet.models import DeadLetter
+from safetynet.protocol import headers as header_names
+from safetynet.protocol.events import DeadLetterFacts, Outcome, TaskEnded
+from safetynet.protocol.history import HistoryEntry, qualified_name
+from safetynet.protocol.reasons import Reason
+from safetynet.redaction import (
+    redact,
+    redact_text,
+    redact_value,
+    scrub_values,
+    sensitive_values,
+)
+
+__all__ = ["Failure", "enforce_cap", "flush_spool", "give_up", "record"]
+
+logger = logging.getLogger("safetynet")
+
+
+@dataclass
+class Failure:
+    """A task given up, with what the dead-letter store keeps of it (redacted when stored)."""
+
+    task_name: str
+    task_id: str
+    reason: Reason
+    #: What the decision or the worker said about it.
+    detail: str = ""
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: The task's positional parameter names (a positional argument is redacted by its name).
+    parameters: Sequence[str] = ()
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    delivery_info: Mapping[str, Any] = field(default_factory=dict)
+    #: The exception that ended it; or, without one, its class and text.
+    exception: BaseException | None = None
+    exception_type: str = ""
+    exception_message: str = ""
+    #: Every attempt kept, the last one included, and how many were dropped from the bounded history.
+    history: Sequence[HistoryEntry] = ()
+    omitted: int = 0
+    worker: str = ""
+    #: The body of a message that could not be decoded; True when its arguments are unknown.
+    raw_body: bytes | None = None
+    body_unknown: bool = False
+    #: When it failed (seconds since the epoch; now when None).
+    failed_at: float | None = None
+
+    @property
+    def attempts(self) -> int:
+        """The number of the attempt that ended it."""
+        return int((self.history[-1].get("attempt") if self.history else 1) or 1)
+
+
+def _as_datetime(value: float | datetime | None) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return datetime.fromtimestamp(value if value is not None else time.time(), tz=timezone.utc)
+
+
+def _safe_raw_body(raw: bytes | None, detail: str) -> tuple[str, str]:
+    """A body that could not be decoded, as redacted text; a binary body is not kept (only its size and hash)."""
+    import hashlib
+
+    if not raw:
+        return "", detail
+    try:
+        return redact_text(raw.decode("utf-8")), detail
+    except UnicodeDecodeError:
+        note = f"binary body of {len(raw)} bytes not kept (sha256 {hashlib.sha256(raw).hexdigest()})"
+        return "", f"{detail}; {note}" if detail else note
+
+
+def fields_of(failure: Failure) -> dict[str, Any]:
+    """The row's fields, redacted: what is stored (or spooled)."""
+    history = [dict(entry) for entry in failure.history]  # redacted below: the caller's copy stays as it was
+    exception_type, exception_message = failure.exception_type, failure.exception_message
+    if failure.exception is not None:
+        exception_type = exception_type or qualified_name(failure.exception)
+        exception_message = exception_message or str(failure.exception)
+    traceback = str(history[-1].get("traceback") or "") if history else ""
+    parameters = list(failure.parameters)
+    safe_args, safe_kwargs, redacted = redact(failure.args, failure.kwargs, parameters)
+    if failure.body_unknown:
+        redacted.append("body")  # the arguments could not be read: replay needs them given by hand
+    # A message may repeat a secret argument's value ("declined: tok_live_…"): blank the values too.
+    secrets = sensitive_values(failure.args, failure.kwargs, parameters)
+    exception_message = redact_text(scrub_values(exception_message, secrets))
+    traceback = redact_text(scrub_values(traceback, secrets))
+    detail = scrub_values(failure.detail, secrets)
+    for entry in history:
+        entry["message"] = redact_text(scrub_values(entry.get("message") or "", secrets))
+        entry["traceback"] = redact_text(scrub_values(entry.get("traceback") or "", secrets))
+    delivery = dict(failure.delivery_info or {})
+    kept_headers = {key: value for key, value in (failure.headers or {}).items() if key not in header_names.DELIVERY}
+    replay_of = kept_headers.get(header_names.REPLAY_OF)
+    kept_headers = redact_value(kept_headers, "headers", redacted)
+    raw_text, detail = _safe_raw_body(failure.raw_body, detail)
+    first = history[0].get("started") if history else None
+    failed_at = failure.failed_at
+    return {
+        "task_name": failure.task_name,
+        "task_id": failure.task_id,
+        "args": safe_args,
+        "kwargs": safe_kwargs,
+        "redacted": redacted,
+        "headers": json.loads(json.dumps(kept_headers, default=str)),
+        "queue": str(delivery.get("routing_key") or delivery.get("queue") or ""),
+        "exchange": str(delivery.get("exchange") or ""),
+        "routing_key": str(delivery.get("routing_key") or ""),
+        "reason": str(failure.reason),
+        "detail": redact_text(detail),
+        "exception_type": exception_type[:255],
+        "exception_message": exception_message,
+        "traceback": traceback,
+        "history": history,
+        "omitted_attempts": failure.omitted,
+        "attempts": failure.attempts,
+        "first_failed_at": _as_datetime(first if first is not None else failed_at).isoformat(),
+        "last_failed_at": _as_datetime(failed_at).isoformat(),
+        "worker": str(failure.worker or "")[:255],
+        "fingerprint": fingerprint(failure.task_name, exception_type, exception_message, traceback),
+        "raw_body": base64.b64encode(raw_text.encode()).decode() if raw_text else "",
+        "replay_of_id": int(replay_of) if str(replay_of or "").isdigit() else None,
+        "audit": [{"action": "dead", "at": _as_datetime(failed_at).isoformat(), "nonce": uuid.uuid4().hex}],
+    }
+
+
+def _facts(fields: Mapping[str, Any], row_id: int | None) -> DeadLetterFacts:
+    return DeadLetterFacts(
+        id=row_id, fingerprint=fields["fingerprint"], exception_type=fields["exception_type"],
+        exception_message=fields["exception_message"], traceback=fields["traceback"], detail=fields["detail"],
+        queue=fields["queue"], worker=fields["worker"], redacted=tuple(fields["redacted"]),
+        headers=fields["headers"],
+    )
+
+
+def record(failure: Failure) -> DeadLetterFacts | None:
+    """Store one final failure (exactly once per task id); spool it if the database is down.
+
+    Returns what was stored (``id`` None when it was spooled), or None when the task id was
+    recorded before: a second death of the same task adds nothing.
+    """
+    fields = fields_of(failure)
+    try:
+        row = store(fields)
+    except (DatabaseError, InterfaceError) as error:
+        close_old_connections()
+        _spool.write(fields, error)
+        return _facts(fields, None)
+    if row is None:
+        return None
+    _announce(row)
+    _after_write()
+    return _facts(fields, row.pk)
+
+
+def give_up(failure: Failure, *, task: Any = None, runtime: float | None = None, eager: bool = False,
+            notes: Mapping[str, Any] | None = None, log: bool = True) -> TaskEnded | None:
+    """A task is given up: one log line, one dead letter (none in eager mode), one terminal event.
+
+    Never raises: recording must not change a task's outcome or stop a worker. Returns the event,
+    or None when the task id was recorded before (the death was announced then).
+    """
+    if log:
+        extra = {"task_name": failure.task_name, "task_id": failure.task_id, "attempt": failure.attempts,
+                 "reason": str(failure.reason), "detail": failure.detail}
+        logger.warning("%s[%s] gave up after attempt %s: %s (%s)", failure.task_name, failure.task_id,
+                       failure.attempts, failure.reason, failure.detail, extra=extra)
+    facts: DeadLetterFacts | None = None
+    if not eager:
+        try:
+            facts = record(failure)
+        except Exception:  # the log keeps the failure (record itself spools when the database is down)
+            logger.exception("safetynet: could not record the dead letter of %s[%s]", failure.task_name,
+                             failure.task_id)
+        else:
+            if facts is None:
+                return None
+    event = TaskEnded(
+        task_name=failure.task_name, task_id=failure.task_id, outcome=Outcome.DEAD, reason=Reason(failure.reason),
+        detail=failure.detail, attempts=failure.attempts, runtime=runtime,
+        exception=failure.exception, history=tuple(failure.history),
+        omitted=failure.omitted, args=tuple(failure.args or ()), kwargs=dict(failure.kwargs or {}),
+        headers=dict(failure.headers or {}), task=task, dead_letter=facts, notes=dict(notes or {}), eager=eager,
+    )
+    signals.announce(event)
+    return event
+
+
+def store(fields: dict[str, Any]) -> Any:
+    """Insert a recorded failure; return the row if it is new, None if the task id was stored already."""
+    values = dict(fields)
+    for name in ("first_failed_at", "last_failed_at"):
+        values[name] = datetime.fromisoformat(values[name])
+    # INSERT … ON CONFLICT DO NOTHING: the task id is unique, so a second record of the same
+    # failure is dropped by the database itself. Whether this insert won is told by the nonce.
+    DeadLetter.objects.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
+    row = DeadLetter.objects.filter(task_id=values["task_id"]).first()
+    nonce = values["audit"][0]["nonce"]
+    return row if row is not None and row.audit and row.audit[0].get("nonce") == nonce else None
+
+
+def _announce(row: Any) -> None:
+    """``dead_letter_recorded`` for a newly stored row."""
+    for receiver, response in signals.dead_letter_recorded.send_robust(sender=type(row), dead_letter=row):
+        if isinstance(response, Exception):
+            logger.error("safetynet: dead_letter_recorded receiver %r failed: %r", receiver, response)
+
+
+_last_housekeeping = 0.0
+_housekeeping_lock = threading.Lock()
+
+
+def _after_write() -> None:
+    """After a successful write: flush what was spooled, and enforce the store's cap (throttled)."""
+    global _last_housekeeping
+    now = time.monotonic()
+    with _housekeeping_lock:
+        if now - _last_housekeeping < 5.0:
+            return
+        _last_housekeeping = now
+    try:
+        flush_spool()
+        enforce_cap()
+    except (DatabaseError, InterfaceError) as error:
+        logger.warning("safetynet: dead-letter housekeeping failed: %r", error)
+
+
+def flush_spool() -> int:
+    """Move spooled records into the database; return how many were moved. Safe to run anywhere."""
+    moved = 0
+    for path, fields in _spool.pending():
+        row = store(fields)  # a DatabaseError propagates: the file stays for the next try
+        if row is not None:
+            _announce(row)
+        _spool.remove(path)
+        moved += 1
+    if moved:
+        logger.info("safetynet: moved %s spooled dead letters into the database", moved)
+    return moved
+
+
+def enforce_cap() -> int:
+    """Delete the oldest rows beyond ``DEAD_LETTER_MAX_ROWS``, loudly; return how many."""
+    cap = conf.get().dead_letter_max_rows
+    if cap is None:
+        return 0
+    boundary = DeadLetter.objects.order_by("-created_at", "-id").values_list("id", flat=True)[cap:cap + 1]
+    boundary_id = next(iter(boundary), None)
+    if boundary_id is None:
+        return 0
+    evicted = DeadLetter.objects.filter(id__lte=boundary_id)
+    oldest = evicted.aggregate(oldest=Min("last_failed_at"))["oldest"]
+    count, _ = evicted.delete()
+    logger.warning(
+        "safetynet: the dead-letter store is over its cap of %s rows: evicted the %s oldest (oldest failure %s)",
+        cap, count, oldest, extra={"evicted": count, "cap": cap},
+    )
+    signals.dead_letters_evicted.send_robust(sender=DeadLetter, count=count, cap=cap, oldest=oldest)
+    return count

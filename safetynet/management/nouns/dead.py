@@ -1,0 +1,368 @@
+"""``safetynet dead list|show|replay|discard|purge|flush``: dead letters."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from celery import current_app
+from django.core.management.base import CommandError
+from django.db import DatabaseError, InterfaceError
+from django.db.models import QuerySet
+from kombu.exceptions import OperationalError
+
+from safetynet import conf, deadletter, redaction
+from safetynet.management.nouns._text import (
+    FILTERS,
+    Noun,
+    add_filters,
+    columns,
+    local,
+    moment,
+    one_line,
+    os_user,
+    positive,
+    when,
+)
+from safetynet.models import DeadLetter
+
+__all__ = ["DeadLetters"]
+
+
+def _exception(row: DeadLetter) -> str:
+    if row.exception_type and row.exception_message:
+        return f"{row.exception_type}: {row.exception_message}"
+    return row.exception_type or row.exception_message or "-"
+
+
+def _summary(row: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": row.id, "task_name": row.task_name, "task_id": row.task_id, "reason": row.reason,
+        "status": row.status, "attempts": row.attempts, "last_failed_at": row.last_failed_at.isoformat(),
+        "exception_type": row.exception_type, "exception_message": row.exception_message,
+        "fingerprint": row.fingerprint, "replay_count": row.replay_count,
+    }
+
+
+def _everything(row: DeadLetter) -> dict[str, Any]:
+    """Every stored field of a row, for `dead show --json` (the raw body by size only)."""
+    return {
+        **_summary(row),
+        "args": row.args, "kwargs": row.kwargs, "redacted": row.redacted, "headers": redaction.masked_headers(row.headers),
+        "queue": row.queue, "exchange": row.exchange, "routing_key": row.routing_key,
+        "detail": redaction.redact_text(row.detail), "traceback": row.traceback, "history": row.history,
+        "omitted_attempts": row.omitted_attempts, "first_failed_at": row.first_failed_at.isoformat(),
+        "worker": row.worker, "raw_body_bytes": len(row.raw_body) * 3 // 4 if row.raw_body else 0,
+        "replayed_task_id": row.replayed_task_id,
+        "replayed_at": row.replayed_at.isoformat() if row.replayed_at else None,
+        "replayed_by": row.replayed_by, "replay_of": row.replay_of_id, "audit": row.audit,
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+def _refusal(row: DeadLetter, app: Any) -> str | None:
+    """Why replay() would refuse ``row``, for --dry-run: the very check replay() makes."""
+    return deadletter.replay_refusal(row, app.tasks.get(row.task_name))
+
+
+class DeadLetters(Noun):
+    """Inspect, replay, discard and purge dead letters."""
+
+    @staticmethod
+    def add_arguments(commands: Any) -> None:
+        """``dead list|show|replay|discard|purge|flush``."""
+        dead = commands.add_parser("dead", help="inspect, replay, discard and purge dead letters",
+                                   description="Inspect, replay, discard and purge dead letters.")
+        actions = dead.add_subparsers(dest="dead_command", metavar="action", required=True)
+
+        listing = actions.add_parser("list", help="dead letters, one line each",
+                                     description="List dead letters, newest failure first, one line each.")
+        add_filters(listing, selects="list")
+        listing.add_argument("--limit", type=positive, default=50, help="most rows to list (default 50)")
+        listing.add_argument("--json", action="store_true", help="print a JSON list instead")
+
+        show = actions.add_parser("show", help="everything about one dead letter",
+                                  description="Print one dead letter: fields, arguments, attempt timeline, "
+                                              "traceback and audit trail.")
+        show.add_argument("dead_letter_id", type=int, metavar="id")
+        show.add_argument("--json", action="store_true", help="print a JSON object instead")
+
+        replay = actions.add_parser(
+            "replay", help="run dead letters again, with a fresh attempt count",
+            description="Send the selected dead letters' tasks again, with their arguments and headers and a "
+                        "fresh attempt count. Rows that cannot be replayed (task gone, arguments redacted, not "
+                        "dead) are left as they were, and the command exits non-zero.")
+        add_filters(replay, selects="replay")
+        replay.add_argument("--all", action="store_true", help="every row the filters select (needed without "
+                                                               "--id or a filter)")
+        replay.add_argument("--queue", help="send to this queue instead of the one each task died on")
+        replay.add_argument("--by", default=None, help="who replays, for the audit trail (default: the OS user)")
+        replay.add_argument("--dry-run", action="store_true", help="print what would be replayed; send nothing")
+        replay.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
+
+        discard = actions.add_parser("discard", help="mark dead letters handled without running them",
+                                     description="Mark the selected dead letters discarded (kept, audited, "
+                                                 "not run).")
+        add_filters(discard, selects="discard")
+        discard.add_argument("--all", action="store_true", help="every row the filters select (needed without "
+                                                                "--id or a filter)")
+        discard.add_argument("--by", default=None, help="who discards, for the audit trail (default: the OS user)")
+        discard.add_argument("--dry-run", action="store_true", help="print what would be discarded; change nothing")
+
+        purge = actions.add_parser("purge", help="delete old dead letters",
+                                   description="Delete dead letters whose last failure is older than --older-than.")
+        purge.add_argument("--older-than", type=moment, required=True, metavar="AGE",
+                           help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
+        purge.add_argument("--status", choices=DeadLetter.Status.values, metavar="STATUS",
+                           help=f"only rows of this status: {', '.join(DeadLetter.Status.values)} (default: any)")
+        purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
+
+        actions.add_parser("flush", help="move spooled dead letters into the database",
+                           description="Move the dead letters spooled while the database was down into it.")
+
+    def handle(self, options: dict[str, Any]) -> None:
+        getattr(self, options["dead_command"])(options)
+
+    def _selected(self, options: dict[str, Any], *, verb: str) -> QuerySet:
+        """The rows the options select; CommandError (and nothing changed) when they do not make sense."""
+        ids = sorted(set(options.get("id") or []))
+        explicit = [name for name in FILTERS if options.get(name)]
+        if verb in ("replay", "discard") and not (ids or explicit or options.get("all")):
+            raise CommandError(
+                f"Say which dead letters to {verb}: --id ID, a filter (--task, --reason, --fingerprint, --status, "
+                f"--since, --until), or --all for every dead letter still dead. Nothing was changed."
+            )
+        since, until = options.get("since"), options.get("until")
+        if since and until and since >= until:
+            raise CommandError(f"--since ({local(since)}) must be before --until ({local(until)}).")
+        status = options.get("status") or (None if ids else DeadLetter.Status.DEAD)
+        rows = DeadLetter.objects.matching(
+            task=options.get("task"), reason=options.get("reason"), fingerprint=options.get("fingerprint"),
+            status=None if status == "all" else status, since=since, until=until,
+        )
+        if ids:
+            found = set(DeadLetter.objects.filter(id__in=ids).values_list("id", flat=True))
+            missing = [pk for pk in ids if pk not in found]
+            if missing:
+                raise CommandError(f"No dead letter with id {', '.join(map(str, missing))}. Nothing was changed.")
+            rows = rows.filter(id__in=ids)
+            if explicit:
+                matched = set(rows.values_list("id", flat=True))
+                excluded = [pk for pk in ids if pk not in matched]
+                if excluded and verb != "list":
+                    raise CommandError(
+                        f"Dead letter {', '.join(map(str, excluded))} does not match the filters given "
+                        f"({', '.join('--' + name for name in explicit)}). Nothing was changed."
+                    )
+        return rows
+
+    def list(self, options: dict[str, Any]) -> None:
+        """One line per dead letter, newest failure first."""
+        rows = self._selected(options, verb="list")
+        limit = options["limit"]
+        page = list(rows[:limit])
+        if options["json"]:
+            self.write_json([_summary(row) for row in page])
+            return
+        if not page:
+            self.stdout.write("No dead letters match.")
+            return
+        lines = [("id", "task", "reason", "status", "attempts", "last failure", "exception")]
+        lines += [(str(row.id), row.task_name, row.reason, row.status, str(row.attempts), local(row.last_failed_at),
+                   one_line(_exception(row))) for row in page]
+        for line in columns(lines):
+            self.stdout.write(line)
+        total = len(page) if len(page) < limit else rows.count()
+        if total > len(page):
+            self.stdout.write(f"\n{len(page)} of {total} shown; raise --limit or narrow the filters to see more.")
+
+    def show(self, options: dict[str, Any]) -> None:
+        """Everything about one dead letter."""
+        row = DeadLetter.objects.filter(id=options["dead_letter_id"]).first()
+        if row is None:
+            raise CommandError(f"No dead letter with id {options['dead_letter_id']}.")
+        if options["json"]:
+            self.write_json(_everything(row))
+            return
+        write = self.stdout.write
+        alike = DeadLetter.objects.filter(fingerprint=row.fingerprint).count()
+        delivery = ", ".join(part for part in (
+            f"queue {row.queue}" if row.queue else "", f"exchange {row.exchange}" if row.exchange else "",
+            f"routing key {row.routing_key}" if row.routing_key and row.routing_key != row.queue else "",
+        ) if part) or "-"
+        fields = [
+            ("task", f"{row.task_name}  (task id {row.task_id})"),
+            ("status", row.status),
+            ("reason", row.reason + (f": {redaction.redact_text(row.detail)}" if row.detail else "")),
+            ("attempts", str(row.attempts) + (f" ({row.omitted_attempts} not kept in the history)"
+                                              if row.omitted_attempts else "")),
+            ("first failure", local(row.first_failed_at)),
+            ("last failure", local(row.last_failed_at)),
+            ("worker", row.worker or "-"),
+            ("delivery", delivery),
+            ("fingerprint", f"{row.fingerprint}  ({alike} alike failure{'' if alike == 1 else 's'}: "
+                            f"dead list --fingerprint {row.fingerprint} --status all)"),
+            ("replays", f"{row.replay_count}" + (f", last as {row.replayed_task_id} at {local(row.replayed_at)} "
+                                                  f"by {row.replayed_by or '?'}" if row.replayed_task_id else "")),
+        ]
+        if row.replay_of_id:
+            fields.append(("replay of", f"dead letter {row.replay_of_id}"))
+        if row.raw_body:
+            fields.append(("raw body", f"{len(row.raw_body) * 3 // 4} bytes kept (not shown: it is not redacted)"))
+        write(f"Dead letter {row.id}")
+        for line in columns([(f"  {name}", value) for name, value in fields]):
+            write(line)
+        write("")
+        write(f"Exception: {_exception(row)}")
+        write("")
+        write("Arguments" + (f" (redacted when stored: {', '.join(row.redacted)})" if row.redacted else "") + ":")
+        write("  args   " + json.dumps(row.args, ensure_ascii=False, default=str))
+        write("  kwargs " + json.dumps(row.kwargs, ensure_ascii=False, default=str))
+        if row.headers:
+            write("Headers: " + json.dumps(redaction.masked_headers(row.headers), ensure_ascii=False, default=str))
+        write("")
+        write("Attempts:")
+        entries = [entry for entry in row.history or [] if isinstance(entry, dict)]
+        if entries:
+            table = [("  attempt", "started", "duration", "exception", "action", "delay", "reason", "worker")]
+            for entry in entries:
+                delay, duration = entry.get("delay"), entry.get("duration")
+                table.append((
+                    f"  {entry.get('attempt', '?')}", when(entry.get("started"), "milliseconds"),
+                    f"{duration:.3f}s" if isinstance(duration, (int, float)) else "-",
+                    entry.get("exception") or "-", entry.get("action") or "-",
+                    f"{delay:g}s" if isinstance(delay, (int, float)) else "-",
+                    entry.get("reason") or "-", entry.get("worker") or "-",
+                ))
+            for line in columns(table):
+                write(line)
+            if row.omitted_attempts:
+                write(f"  ({row.omitted_attempts} attempts between the first and the latest were not kept)")
+            # Messages and tracebacks, alike consecutive attempts together.
+            runs: list[tuple[list[Any], str, str]] = []
+            for entry in entries:
+                message, trace = entry.get("message") or "", entry.get("traceback") or ""
+                if runs and runs[-1][1:] == (message, trace):
+                    runs[-1][0].append(entry.get("attempt", "?"))
+                else:
+                    runs.append(([entry.get("attempt", "?")], message, trace))
+            for attempts, message, trace in runs:
+                if not (message or trace):
+                    continue
+                which = f"attempt {attempts[0]}" if len(attempts) == 1 else f"attempts {attempts[0]}–{attempts[-1]}"
+                write(f"\n  {which}: {message}".rstrip())
+                if trace and trace == row.traceback:
+                    write("    (traceback: the final one, below)")
+                elif trace:
+                    for text in trace.rstrip().splitlines():
+                        write(f"    {text}")
+        else:
+            write("  (no attempt history was recorded)")
+        write("")
+        write("Traceback:" if row.traceback else "Traceback: -")
+        for text in (row.traceback or "").rstrip().splitlines():
+            write(f"  {text}")
+        write("")
+        write("Audit trail:")
+        for event in row.audit or []:
+            if not isinstance(event, dict):
+                continue
+            extra = {key: value for key, value in event.items() if key not in ("action", "at", "by", "nonce")}
+            by = f" by {event['by']}" if event.get("by") else ""
+            details = ("  " + json.dumps(extra, ensure_ascii=False, default=str)) if extra else ""
+            write(f"  {when(event.get('at'))}  {event.get('action', '?')}{by}{details}")
+
+    def replay(self, options: dict[str, Any]) -> None:
+        """Replay the selected rows; exit non-zero when any was refused."""
+        selected = self._selected(options, verb="replay").order_by("id")
+        if not selected.exists():
+            if options["json"]:
+                self.write_json([])
+            else:
+                self.stdout.write("No dead letters match; nothing to replay.")
+            return
+        if options["dry_run"]:
+            app = current_app._get_current_object()
+            app.loader.import_default_modules()
+            predicted = [(row, _refusal(row, app)) for row in selected.defer(*deadletter.NOT_READ_BY_REPLAY)]
+            if options["json"]:
+                self.write_json([{"id": row.id, "task_name": row.task_name, "would_replay": error is None,
+                                   "queue": (options["queue"] or row.queue or None) if error is None else None,
+                                   "error": error} for row, error in predicted])
+                return
+            self.stdout.write("Dry run: nothing is sent or changed.")
+            for row, error in predicted:
+                target = options["queue"] or row.queue or "its default queue"
+                self.stdout.write(f"{row.id} {row.task_name}: " + (f"would be refused: {error}" if error
+                                                                   else f"would be replayed to {target}"))
+            refused = sum(1 for _, error in predicted if error)
+            self.stdout.write(f"Would replay {len(predicted) - refused} of {len(predicted)}; "
+                              f"{refused} would be refused.")
+            return
+        try:
+            # the queryset itself: replay streams it in batches instead of loading every row
+            outcomes = deadletter.replay(selected, queue=options["queue"] or None, by=options["by"] or os_user())
+        except (OperationalError, DatabaseError, InterfaceError) as error:  # the broker or the database
+            raise CommandError(
+                f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they were; "
+                "`dead list --status replayed` shows any sent before the error."
+            ) from error
+        refused = [outcome for outcome in outcomes if outcome.error]
+        if options["json"]:
+            self.write_json([{"id": o.dead_letter_id, "task_name": o.task_name, "new_task_id": o.new_task_id,
+                               "error": o.error} for o in outcomes])
+        else:
+            for outcome in outcomes:
+                self.stdout.write(f"{outcome.dead_letter_id} {outcome.task_name}: "
+                                  + (f"refused: {outcome.error}" if outcome.error
+                                     else f"replayed as {outcome.new_task_id}"))
+            self.stdout.write(f"Replayed {len(outcomes) - len(refused)} of {len(outcomes)}; "
+                              f"{len(refused)} refused (left as they were).")
+        if refused:
+            raise CommandError(f"{len(refused)} of {len(outcomes)} dead letters were refused; they are left as they "
+                               "were: " + "; ".join(f"{o.dead_letter_id}: {o.error}" for o in refused[:5])
+                               + (" …" if len(refused) > 5 else ""))
+
+    def discard(self, options: dict[str, Any]) -> None:
+        """Discard the selected rows."""
+        rows = list(self._selected(options, verb="discard").order_by("id"))
+        if not rows:
+            self.stdout.write("No dead letters match; nothing to discard.")
+            return
+        dead = [row for row in rows if row.status == DeadLetter.Status.DEAD]
+        if options["dry_run"]:
+            self.stdout.write("Dry run: nothing is changed.")
+        for row in rows:
+            if row.status != DeadLetter.Status.DEAD:
+                outcome = f"left as it was (status {row.status})"
+            else:
+                outcome = "would be discarded" if options["dry_run"] else "discarded"
+            self.stdout.write(f"{row.id} {row.task_name}: {outcome}")
+        if options["dry_run"]:
+            self.stdout.write(f"Would discard {len(dead)} of {len(rows)}.")
+            return
+        changed = deadletter.discard(dead, by=options["by"] or os_user())
+        self.stdout.write(f"Discarded {changed} of {len(rows)}.")
+
+    def purge(self, options: dict[str, Any]) -> None:
+        """Delete rows whose last failure is older than --older-than."""
+        before, status = options["older_than"], options["status"]
+        which = f"{status} dead letters" if status else "dead letters (any status)"
+        if options["dry_run"]:
+            rows = DeadLetter.objects.older_than(before)
+            count = (rows.filter(status=status) if status else rows).count()
+            self.stdout.write(f"Dry run: would delete {count} {which} last failed before {local(before)}.")
+            return
+        count = deadletter.purge(before, status=status)
+        self.stdout.write(f"Deleted {count} {which} last failed before {local(before)}.")
+
+    def flush(self, options: dict[str, Any]) -> None:
+        """Move spooled records into the database."""
+        try:
+            moved = deadletter.flush_spool()
+        except (DatabaseError, InterfaceError) as error:
+            raise CommandError(f"The database did not answer ({error}); the spooled records stay for the next "
+                               "flush.") from error
+        where = conf.get().spool_dir or "the default spool directory"
+        self.stdout.write(f"Moved {moved} spooled dead letter{'' if moved == 1 else 's'} into the database "
+                          f"(from {where}).")

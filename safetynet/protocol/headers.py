@@ -1,0 +1,23 @@
+"""The message headers safetynet reads and writes, in one place."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["DELIVERY", "HANDOVER", "HISTORY", "PROGRESS", "RELAYED", "REPLAY_OF", "RESENT"]
+
+#: The attempt history of a retried message (``safetynet.protocol.history.History``).
+HISTORY: Final = "safetynet"
+#: A copy of a message that must be seen taken: ``[row key, publish token]`` (``safetynet.schedule``).
+RELAYED: Final = "safetynet_relayed"
+#: The token an attempt handed its idempotency claim over to the retry with.
+HANDOVER: Final = "safetynet_claim"
+#: Marks a task whose progress is shown to the user who started it.
+PROGRESS: Final = "safetynet_progress"
+#: The dead letter a replayed task came from (its id, as text).
+REPLAY_OF: Final = "safetynet_replay_of"
+#: How many times the relay sent a message again because no worker took it.
+RESENT: Final = "safetynet_resent"
+
+#: Headers about one delivery, not the task: a dead letter does not keep them and a replay does not send them.
+DELIVERY: Final = frozenset({HISTORY, RELAYED, HANDOVER, RESENT})

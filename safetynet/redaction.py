@@ -1,0 +1,173 @@
+"""Redaction: what is never stored, logged or shown.
+
+Values under sensitive keys (``REDACT_KEYS``, ``REDACT_PATTERNS``) are replaced with "[redacted]"
+in arguments and headers; positional arguments are redacted by their parameter's name; and the
+values of a task's sensitive arguments, with ``key=value`` pairs of sensitive keys, are blanked
+wherever they appear in free text (exception messages, tracebacks, details). Every part of
+safetynet that stores or shows task data goes through here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from safetynet import conf
+
+__all__ = [
+    "MIN_SECRET_LENGTH",
+    "REDACTED",
+    "is_sensitive",
+    "masked_headers",
+    "parameter_names",
+    "redact",
+    "redact_text",
+    "redact_value",
+    "scrub_values",
+    "sensitive_values",
+]
+
+REDACTED = "[redacted]"
+#: Shorter sensitive values are not searched for in free text: they would blank unrelated text.
+MIN_SECRET_LENGTH = 4
+_MAX_DEPTH = 64
+
+
+def is_sensitive(name: str, settings: conf.Settings | None = None) -> bool:
+    """Whether a key or parameter name is one whose value is never stored (REDACT_KEYS, REDACT_PATTERNS)."""
+    settings = settings or conf.get()
+    lowered = name.lower()
+    return lowered in settings.redact_keys or any(pattern.search(lowered) for pattern in settings.redact_patterns)
+
+
+def redact_value(value: Any, path: str, found: list[str], settings: conf.Settings | None = None) -> Any:
+    """``value`` with the values of sensitive keys replaced, at any depth; ``found`` collects their paths."""
+    settings = settings or conf.get()
+    if isinstance(value, Mapping):
+        result = {}
+        for key, item in value.items():
+            child = f"{path}.{key}"
+            if isinstance(key, str) and is_sensitive(key, settings):
+                result[key] = REDACTED
+                found.append(child)
+            else:
+                result[key] = redact_value(item, child, found, settings)
+        return result
+    if isinstance(value, (list, tuple)):
+        return [redact_value(item, f"{path}[{index}]", found, settings) for index, item in enumerate(value)]
+    return value
+
+
+def redact(args: Any, kwargs: Any, parameter_names: list[str] | None = None) -> tuple[list[Any], dict[str, Any], list[str]]:
+    """Replace sensitive values (by key, and positional arguments by parameter name) with "[redacted]".
+
+    Returns the redacted args and kwargs and the paths that were redacted.
+    """
+    settings = conf.get()
+    found: list[str] = []
+    names = parameter_names or []
+    safe_args = []
+    for index, value in enumerate(list(args or [])):
+        if index < len(names) and is_sensitive(names[index], settings):
+            safe_args.append(REDACTED)
+            found.append(f"args[{index}]")
+        else:
+            safe_args.append(redact_value(value, f"args[{index}]", found, settings))
+    safe_kwargs = redact_value(dict(kwargs or {}), "kwargs", found, settings)
+    return safe_args, safe_kwargs, found
+
+
+def masked_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Headers with the values of sensitive keys replaced, for display (stored headers are redacted already)."""
+    _, masked, _ = redact((), headers or {})
+    return masked
+
+
+def redact_text(text: str) -> str:
+    """Blank out ``key=value`` / ``'key': value`` pairs of sensitive keys in free text (messages, tracebacks)."""
+    settings = conf.get()
+    names = sorted(settings.redact_keys, key=len, reverse=True)
+    if not names:
+        return text
+    alternatives = "|".join(re.escape(name) for name in names)
+    pattern = re.compile(
+        rf"""(?i)(['"]?(?:{alternatives})['"]?\s*[:=]\s*)(?:'[^']*'|"[^"]*"|[^\s,}}\)]+)"""
+    )
+    return pattern.sub(lambda match: match.group(1) + f"'{REDACTED}'", text)
+
+
+def parameter_names(task: Any) -> list[str]:
+    """The names of a task's positional parameters, read from the class, not from ``task.run``.
+
+    Sentry's CeleryIntegration replaces ``task.run`` on the instance with a wrapper whose
+    signature (through ``__wrapped__``) still has ``self``: reading it would shift every
+    positional argument by one.
+    """
+    raw = inspect.getattr_static(type(task), "run", None)
+    raw = getattr(raw, "_safetynet_body", raw)
+    if isinstance(raw, staticmethod):
+        function, skip = raw.__func__, 0
+    elif inspect.isfunction(raw):
+        function, skip = raw, 1  # a method: its first parameter is the task
+    else:
+        function, skip = getattr(task, "run", None), 0
+        if function is None:
+            return []
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []
+    names = [parameter.name for parameter in signature.parameters.values()
+             if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return names[skip:]
+
+
+def sensitive_values(args: Any, kwargs: Any, names: list[str]) -> list[str]:
+    """The values of the task's sensitive arguments, as text, to scrub wherever they appear."""
+    settings = conf.get()
+    found: list[str] = []
+
+    def leaves(value: Any, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for item in value.values():
+                leaves(item, depth + 1)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                leaves(item, depth + 1)
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            found.append(str(value))
+        elif isinstance(value, bytes):
+            found.append(value.decode("utf-8", "replace"))
+
+    def search(value: Any, depth: int = 0) -> None:
+        if depth > _MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if isinstance(key, str) and is_sensitive(key, settings):
+                    leaves(item)
+                else:
+                    search(item, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                search(item, depth + 1)
+
+    for index, value in enumerate(list(args or [])):
+        if index < len(names) and is_sensitive(names[index], settings):
+            leaves(value)
+        else:
+            search(value)
+    search(dict(kwargs or {}))
+    unique = {value for value in found if len(value) >= MIN_SECRET_LENGTH}
+    return sorted(unique, key=len, reverse=True)  # longest first: a secret containing another goes whole
+
+
+def scrub_values(text: str, secrets: list[str]) -> str:
+    """``text`` with every exact secret value replaced by "[redacted]"."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text

@@ -1,0 +1,119 @@
+"""The path of one run, top to bottom::
+
+    guards   plugin.before_run(attempt)          a second copy? the breaker open? budget earned
+    body     plugin.around_body(attempt, call)   the claim (a stored result, a deferral, a crash loop),
+                                                 the transaction, then the user's function
+    success  plugin.after_success, then the terminal event (``signals.task_ended``)
+    failure  outcome.after_failure: core.decide, then act (publish the retry, or give up)
+    always   plugin.after_run(attempt, error)
+
+``run`` is what a safetynet task's ``run`` calls around the user's function. The ``Attempt`` it
+creates is the only per-run state; it is found again (``current``) by ``self.retry()`` and
+``self.progress()`` through a context variable, not on Celery's request.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+from safetynet import signals
+from safetynet.protocol.attempt import Attempt, Plugin
+from safetynet.protocol.events import Outcome, TaskEnded
+from safetynet.runtime import clock, outcome
+from safetynet.runtime.plugins import pipeline_of
+
+__all__ = ["current", "run"]
+
+logger = logging.getLogger("safetynet")
+
+_active: ContextVar[Attempt | None] = ContextVar("safetynet_attempt", default=None)
+
+
+def current(task: Any) -> Attempt | None:
+    """The run of ``task`` under way in this thread (or green thread), if any (also seen from a call of the task
+    inside its own run, which Celery gives a copy of the request)."""
+    attempt = _active.get()
+    if attempt is None or not attempt.active:
+        return None
+    request = task.request
+    if attempt.request is request or (attempt.request.id == request.id and attempt.task.name == task.name
+                                      and not request.called_directly):
+        return attempt
+    return None
+
+
+def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``body`` (the user's function with its arguments) as one attempt of ``task``."""
+    request = task.request
+    if request.called_directly:
+        return body()
+    outer = _active.get()
+    if outer is not None and outer.active and outer.request.id == request.id and outer.task.name == task.name:
+        return _reentrant(outer, body)
+    pipeline = pipeline_of(task)
+    attempt = Attempt(task=task, request=request, args=tuple(args), kwargs=dict(kwargs), started=clock.now(),
+                      started_perf=time.perf_counter(), plugins=pipeline.plugins)
+    token = _active.set(attempt)
+    error: BaseException | None = None
+    try:
+        for plugin in pipeline.hooks("before_run"):
+            plugin.before_run(attempt)
+        result = _through(pipeline.hooks("around_body"), attempt, body)
+        for plugin in pipeline.hooks("after_success"):
+            plugin.after_success(attempt, result)
+        _succeeded(attempt, result)
+        return result
+    except Exception as exc:
+        error = exc
+        outcome.after_failure(attempt, exc)
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        attempt.active = False
+        for plugin in pipeline.hooks("after_run"):
+            try:
+                plugin.after_run(attempt, error)
+            except Exception:  # a plug-in's clean-up must not hide the run's outcome
+                logger.exception("safetynet: %s: after_run of %s[%s] failed", plugin.name, task.name, request.id)
+        _active.reset(token)
+
+
+def _through(plugins: tuple[Plugin, ...], attempt: Attempt, body: Callable[[], Any]) -> Any:
+    def innermost() -> Any:
+        attempt.ran = True
+        return body()
+
+    call: Callable[[], Any] = innermost
+    for plugin in reversed(plugins):
+        call = functools.partial(plugin.around_body, attempt, call)
+    return call()
+
+
+def _succeeded(attempt: Attempt, result: Any) -> None:
+    request = attempt.request
+    signals.announce(TaskEnded(
+        task_name=attempt.task.name, task_id=request.id, outcome=Outcome.SUCCEEDED, attempts=attempt.number,
+        runtime=time.perf_counter() - attempt.started_perf, args=attempt.args, kwargs=attempt.kwargs,
+        headers=request.headers or {}, task=attempt.task, result=result, notes=attempt.notes, eager=attempt.eager,
+    ))
+
+
+def _reentrant(outer: Attempt, body: Callable[[], Any]) -> Any:
+    """The task called itself synchronously inside its own run: the inner call is a plain call."""
+    if "reentrant" not in outer.notes:
+        outer.notes["reentrant"] = True
+        task, request = outer.task, outer.request
+        logger.warning(
+            "%s[%s] called itself synchronously inside its own run (task(...) or self.run(...)): the inner call runs "
+            "as a plain function and the outer run alone decides what a failure does. To try again, raise "
+            "self.retry(exc=exc) instead.", task.name, request.id,
+            extra={"task_name": task.name, "task_id": request.id, "action": "reentrant"},
+        )
+    return body()

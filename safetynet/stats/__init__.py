@@ -1,0 +1,71 @@
+"""The dashboard's numbers: per task and minute, counted in memory by each process, added to the database in batches.
+
+Where the counts come from (the same events as ``contrib.prometheus``, so both agree):
+
+- ``signals.task_ended``: a ``success`` (with its run time), or a task given up (``dead``, by
+  reason), whichever process found it (so each ending counts once);
+- ``signals.task_retrying``: a ``retry`` (with its run time) or a ``snooze`` (a deferral that used
+  no attempt).
+
+Run times go into a histogram of ``RUNTIME_BUCKETS`` (bounds a factor √2 apart); p50 and p95 are
+read from it by interpolating inside the bucket, so they are within a factor √2 (about ±41 %)
+of the true value, and usually much closer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals as celery_signals
+
+from safetynet import signals
+from safetynet.protocol.events import TaskEnded
+from safetynet.stats._counting import (
+    OUTCOMES,
+    RUNTIME_BUCKETS,
+    flush,
+    flush_safely,
+    prune,
+    record,
+)
+from safetynet.stats._reading import (
+    WINDOWS,
+    Overview,
+    TaskSummary,
+    overview,
+    percentile,
+)
+
+__all__ = ["OUTCOMES", "RUNTIME_BUCKETS", "WINDOWS", "Overview", "TaskSummary", "connect", "flush", "overview",
+           "percentile", "prune", "record"]
+
+
+def _on_task_ended(sender: Any = None, event: TaskEnded | None = None, **_: Any) -> None:
+    if event is None:
+        return
+    if event.dead:
+        record(event.task_name, "dead", reason=str(event.reason), runtime=event.runtime)
+    else:
+        record(event.task_name, "success", runtime=event.runtime)
+
+
+def _on_retrying(sender: Any = None, entry: dict[str, Any] | None = None, **_: Any) -> None:
+    name = getattr(sender, "name", None)
+    if name:
+        snooze = (entry or {}).get("action") == "snooze"
+        duration = (entry or {}).get("duration")
+        runtime = None if snooze or not isinstance(duration, (int, float)) else float(duration)
+        record(name, "snooze" if snooze else "retry", runtime=runtime)
+
+
+def _on_worker_stopping(**_: Any) -> None:
+    flush_safely("shutdown")
+
+
+def connect() -> None:
+    """Connect the receivers (from the AppConfig); each checks ``STATS`` when it counts."""
+    celery_signals.worker_process_shutdown.connect(_on_worker_stopping, dispatch_uid="safetynet.stats.child",
+                                                   weak=False)
+    celery_signals.worker_shutdown.connect(_on_worker_stopping, dispatch_uid="safetynet.stats.worker", weak=False)
+    signals.task_ended.connect(_on_task_ended, dispatch_uid="safetynet.stats.ended", weak=False)
+    signals.task_retrying.connect(_on_retrying, dispatch_uid="safetynet.stats.retrying", weak=False)
