@@ -17,11 +17,11 @@ app.conf.update(
     result_serializer="json",
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
-    include=["tests.tasks", "tests.dl_tasks", "tests.idem_tasks", "tests.sched_tasks", "tests.breaker_tasks", *filter(None, os.environ.get("SAFETYNET_TEST_INCLUDE", "").split(","))],
+    include=["tests.fixtures.tasks", "tests.fixtures.dead_letter_tasks", "tests.fixtures.idempotent_tasks", "tests.fixtures.scheduled_tasks", "tests.fixtures.breaker_tasks", *filter(None, os.environ.get("SAFETYNET_TEST_INCLUDE", "").split(","))],
 )
 app.set_default()
 
 if os.environ.get("SAFETYNET_TEST_RECORD"):
-    from tests import recording
+    from tests.fixtures import recording
 
     recording.connect()

@@ -48,7 +48,7 @@ SAFETYNET = {
     "ALERT_MAIL_ADMINS": True,
     "SPOOL_FLUSH_SECONDS": 2,
     "DURABLE_RETRY_SECONDS": float(os.environ.get("SAFETYNET_TEST_DURABLE_RETRY_SECONDS") or 5),
-    # tests/breaker_tasks.py goes through it; the integration tests open it from one worker.
+    # tests/fixtures/breaker_tasks.py goes through it; the integration tests open it from one worker.
     # The flusher thread would write the counts of one test while another reads them: tests flush by hand.
     "STATS_FLUSH_SECONDS": float(os.environ.get("SAFETYNET_TEST_STATS_FLUSH_SECONDS") or 3600),
     "BREAKERS": {"upstream": {"min_calls": 3, "failure_rate": 0.5, "open_seconds": 4}},

@@ -36,7 +36,7 @@ def test_users_test_suites_get_the_fixtures_with_no_configuration(tmp_path):
         import os
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
         import tests.celery_app
-        from tests import tasks
+        from tests.fixtures import tasks
 
         def test_fixtures(simulate, virtual_clock, inject_fault):
             plan = inject_fault(tasks.call_api, times=1, exception=ConnectionError("x"))

@@ -70,13 +70,13 @@ class RedisTransport(Transport):
         self.key = key
 
     def capture_envelope(self, envelope):
-        from tests import recording
+        from tests.fixtures import recording
 
         recording.client().rpush(self.key, envelope.serialize())
 
     def record_lost_event(self, reason, data_category=None, item=None, *, quantity=1):
         """Events an integration made and a processor or before_send dropped (the duplicates)."""
-        from tests import recording
+        from tests.fixtures import recording
 
         if data_category == "error":
             recording.client().rpush(f"{self.key}:dropped", reason)

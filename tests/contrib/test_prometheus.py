@@ -28,7 +28,7 @@ from safetynet.contrib import prometheus  # noqa: E402
 from safetynet.exceptions import ConfigurationError  # noqa: E402
 from safetynet.protocol.events import Outcome, TaskEnded  # noqa: E402
 from safetynet.protocol.reasons import Reason  # noqa: E402
-from tests import tasks  # noqa: E402
+from tests.fixtures import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "/internal/metrics"
@@ -356,7 +356,7 @@ FORKING_SCRIPT = textwrap.dedent("""
     from safetynet.contrib import prometheus
     from safetynet.protocol.events import Outcome, TaskEnded
     from safetynet.protocol.reasons import Reason
-    from tests import tasks
+    from tests.fixtures import tasks
 
     def work(times):
         for _ in range(times):

@@ -24,7 +24,7 @@ from sentry_sdk.transport import Transport
 from safetynet import deadletter, redaction, signals
 from safetynet.contrib import sentry as safetynet_sentry
 from safetynet.testing import simulate, simulator
-from tests import tasks
+from tests.fixtures import tasks
 from tests.contrib.sentry_worker import SECRET, charge, charge_positional, poll, refund, slow, void
 
 DSN = "http://public@127.0.0.1/1"
@@ -463,7 +463,7 @@ EXPECTED_DROPPED = 9
 @pytest.fixture(scope="module", params=["celery", "no-celery"])
 def real_run(request, tmp_path_factory, worker_database, spool_dir, django_db_blocker):
     """One worker with Sentry initialised as a project would; every case sent at once."""
-    from tests import recording
+    from tests.fixtures import recording
 
     broker, backend = "redis://127.0.0.1:6379/15", "redis://127.0.0.1:6379/14"
     app = configure_app(broker, backend)

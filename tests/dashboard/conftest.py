@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests.deadletter.conftest import private_spool, throwaway_queue  # noqa: F401  (fixtures)
-from tests.web import logged_in, person
+from tests.fixtures.dead_letters import private_spool, throwaway_queue  # noqa: F401  (fixtures)
+from tests.fixtures.web import logged_in, person
 
 
 @pytest.fixture

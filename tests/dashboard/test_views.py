@@ -9,8 +9,8 @@ from django.urls import reverse
 
 from safetynet import breakers, stats
 from safetynet.models import DeadLetter, ScheduledMessage, TaskStats
-from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
-from tests.web import logged_in, person
+from tests.fixtures.dead_letters import SECRET, make_dead_letter, queued_messages
+from tests.fixtures.web import logged_in, person
 
 pytestmark = pytest.mark.django_db
 
@@ -123,9 +123,9 @@ def test_an_unknown_window_is_refused_with_a_message(admin_client_):
 # -- dead letters ----------------------------------------------------------------------------
 
 def test_the_list_filters_by_reason_task_and_search(admin_client_):
-    make_dead_letter("tests.tasks.ping", reason="retries_exhausted", exception=ConnectionError("smtp refused"))
-    make_dead_letter("tests.tasks.ping", reason="permanent_error", exception=ValueError("order 12 is gone"))
-    make_dead_letter("tests.tasks.other", reason="permanent_error", exception=ValueError("bad sku"))
+    make_dead_letter("tests.fixtures.tasks.ping", reason="retries_exhausted", exception=ConnectionError("smtp refused"))
+    make_dead_letter("tests.fixtures.tasks.ping", reason="permanent_error", exception=ValueError("order 12 is gone"))
+    make_dead_letter("tests.fixtures.tasks.other", reason="permanent_error", exception=ValueError("bad sku"))
 
     def listed(**filters):
         response = admin_client_.get(url("dead_letters"), filters)
@@ -133,12 +133,12 @@ def test_the_list_filters_by_reason_task_and_search(admin_client_):
         return sorted((row.task_name, row.reason) for row in response.context["rows"])
 
     assert len(listed()) == 3
-    assert listed(reason="permanent_error") == [("tests.tasks.other", "permanent_error"),
-                                                ("tests.tasks.ping", "permanent_error")]
-    assert listed(reason="permanent_error", task="tests.tasks.ping") == [("tests.tasks.ping", "permanent_error")]
-    assert listed(task="tests.tasks.*") == listed()
-    assert listed(q="gone") == [("tests.tasks.ping", "permanent_error")]
-    assert listed(q="SMTP") == [("tests.tasks.ping", "retries_exhausted")]
+    assert listed(reason="permanent_error") == [("tests.fixtures.tasks.other", "permanent_error"),
+                                                ("tests.fixtures.tasks.ping", "permanent_error")]
+    assert listed(reason="permanent_error", task="tests.fixtures.tasks.ping") == [("tests.fixtures.tasks.ping", "permanent_error")]
+    assert listed(task="tests.fixtures.tasks.*") == listed()
+    assert listed(q="gone") == [("tests.fixtures.tasks.ping", "permanent_error")]
+    assert listed(q="SMTP") == [("tests.fixtures.tasks.ping", "retries_exhausted")]
 
 
 def test_a_bad_filter_is_reported_and_left_out(admin_client_):
@@ -201,7 +201,7 @@ def test_actions_are_post_only_and_csrf_checked(throwaway_queue):
 
 
 def test_replay_from_the_detail_page_sends_the_task_and_shows_it(throwaway_queue):
-    row = make_dead_letter("tests.tasks.ping", delivery_info={"routing_key": throwaway_queue})
+    row = make_dead_letter("tests.fixtures.tasks.ping", delivery_info={"routing_key": throwaway_queue})
     client = logged_in(person("operator", "view_deadletter", "change_deadletter"))
     response = client.post(url("dead_letter_action", row.id, "replay"), follow=True)
     fresh = DeadLetter.objects.get(pk=row.pk)
@@ -224,7 +224,7 @@ def test_a_replay_that_died_again_is_shown_as_such(admin_client_):
 
 
 def test_a_replay_refused_leaves_the_row_and_says_why(admin_client_):
-    row = make_dead_letter("tests.tasks.no_such_task")
+    row = make_dead_letter("tests.fixtures.tasks.no_such_task")
     response = admin_client_.post(url("dead_letter_action", row.id, "replay"), follow=True)
     assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
     assert any("Not replayed" in notice for notice in notices(response))
@@ -251,8 +251,8 @@ def test_an_unknown_action_or_row_is_not_found(admin_client_):
 
 def test_failures_are_grouped_by_fingerprint_with_an_example(admin_client_):
     for number in range(3):
-        make_dead_letter("tests.tasks.ping", exception=ConnectionError(f"connection {number} refused"))
-    make_dead_letter("tests.tasks.ping", exception=ValueError("order is gone"))
+        make_dead_letter("tests.fixtures.tasks.ping", exception=ConnectionError(f"connection {number} refused"))
+    make_dead_letter("tests.fixtures.tasks.ping", exception=ValueError("order is gone"))
     response = admin_client_.get(url("failures"))
     groups = response.context["groups"]
     assert [(group["count"], group["exception_type"]) for group in groups] == [(3, "ConnectionError"),
@@ -264,9 +264,9 @@ def test_failures_are_grouped_by_fingerprint_with_an_example(admin_client_):
 
 def test_a_group_is_replayed_or_discarded_whole(admin_client_, throwaway_queue):
     routed = {"delivery_info": {"routing_key": throwaway_queue}}
-    alike = [make_dead_letter("tests.tasks.ping", exception=ConnectionError(f"refused {n}"), **routed)
+    alike = [make_dead_letter("tests.fixtures.tasks.ping", exception=ConnectionError(f"refused {n}"), **routed)
              for n in range(3)]
-    other = make_dead_letter("tests.tasks.ping", exception=ValueError("gone"), **routed)
+    other = make_dead_letter("tests.fixtures.tasks.ping", exception=ValueError("gone"), **routed)
     fingerprint = alike[0].fingerprint
     response = admin_client_.post(url("failure_group_action", fingerprint, "replay"), follow=True)
     assert {row.status for row in DeadLetter.objects.filter(fingerprint=fingerprint)} == {"replayed"}
@@ -284,7 +284,7 @@ def test_a_group_is_replayed_or_discarded_whole(admin_client_, throwaway_queue):
 
 def _scheduled(key, due_in, kind="retry"):
     now = time.time()
-    return ScheduledMessage.objects.create(key=key, kind=kind, task_name="tests.tasks.ping", task_id=key,
+    return ScheduledMessage.objects.create(key=key, kind=kind, task_name="tests.fixtures.tasks.ping", task_id=key,
                                            broker="b", due_at=now + due_in, message="{}", created_at=now,
                                            updated_at=now)
 
@@ -327,10 +327,10 @@ def test_breaker_actions_need_the_change_permission():
 
 
 def test_odd_input_gets_an_answer_not_a_server_error(admin_client_):
-    make_dead_letter("tests.tasks.ping")
+    make_dead_letter("tests.fixtures.tasks.ping")
     for page in ("99999999999999999999", "-3", "x"):
         assert admin_client_.get(url("failures"), {"page": page}).status_code == 200
         assert admin_client_.get(url("dead_letters"), {"page": page}).status_code == 200
-    response = admin_client_.get(url("overview"), {"task": "tests.tasks.ping\x00"})
+    response = admin_client_.get(url("overview"), {"task": "tests.fixtures.tasks.ping\x00"})
     assert response.status_code == 400 and "cannot exist" in response.content.decode()
     assert admin_client_.post(url("schedule_due_now", "a\x00b")).status_code == 404

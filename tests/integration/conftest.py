@@ -55,7 +55,7 @@ class Worker:
             self.command, env=self.env, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        from tests import tasks
+        from tests.fixtures import tasks
 
         result = tasks.ping.apply_async(queue=self.queue)
         try:

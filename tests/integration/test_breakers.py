@@ -8,7 +8,7 @@ import redis
 from celery import states
 
 from safetynet import breakers
-from tests import breaker_tasks, recording
+from tests.fixtures import breaker_tasks, recording
 from tests.integration.conftest import BROKERS, Worker, configure_app, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]

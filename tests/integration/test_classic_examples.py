@@ -6,7 +6,7 @@ import pytest
 from celery import states
 
 from safetynet.testing import simulate
-from tests import recording, tasks
+from tests.fixtures import recording, tasks
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -117,7 +117,7 @@ def test_a_is_dead_lettered_once_with_its_history(sent, worker):
     result = sent["a"]
     wait_for(result, timeout=60)
     [row] = DeadLetter.objects.filter(task_id=result.id)
-    assert row.reason == "retries_exhausted" and row.task_name == "tests.tasks.send_welcome_email"
+    assert row.reason == "retries_exhausted" and row.task_name == "tests.fixtures.tasks.send_welcome_email"
     assert row.args == ["ann@example.com"] and row.attempts == 4
     assert comparable(row.history) == comparable(recording.read("dead", result.id)[0]["history"])
     assert row.exception_type == "smtplib.SMTPException" and "421" in row.exception_message

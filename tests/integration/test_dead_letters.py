@@ -14,7 +14,7 @@ import pytest
 from django.db import connections
 from kombu import Connection, Exchange, Producer
 
-from tests import dl_tasks, late_tasks, recording
+from tests.fixtures import dead_letter_tasks, late_deployed_tasks, recording
 from tests.integration.conftest import BROKERS, Worker, configure_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -41,9 +41,9 @@ def app():
 
 @pytest.fixture
 def fault():
-    recording.client().set(dl_tasks.FAULT_KEY, 1)
+    recording.client().set(dead_letter_tasks.FAULT_KEY, 1)
     yield
-    recording.client().delete(dl_tasks.FAULT_KEY)
+    recording.client().delete(dead_letter_tasks.FAULT_KEY)
 
 
 def start_worker(tmp_path, worker_database, spool_dir, app, name, **env):
@@ -58,7 +58,7 @@ def publish_undecodable(app, queue, task_id, n):
         producer.publish(
             json.dumps([[n], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]),
             exchange=Exchange(""), routing_key=queue, content_type="application/x-unknown", content_encoding="utf-8",
-            headers={"lang": "py", "task": "tests.dl_tasks.ok", "id": task_id, "retries": 0, "root_id": task_id,
+            headers={"lang": "py", "task": "tests.fixtures.dead_letter_tasks.ok", "id": task_id, "retries": 0, "root_id": task_id,
                      "parent_id": None, "group": None, "eta": None, "expires": None, "timelimit": [None, None],
                      "argsrepr": repr([n]), "kwargsrepr": "{}", "origin": "test"},
         )
@@ -70,12 +70,12 @@ def send_mix(app, queue):
     for category, (count, _) in MIX.items():
         for n in range(count):
             if category == "unknown":
-                task_id = late_tasks.late.apply_async((n,), queue=queue).id
+                task_id = late_deployed_tasks.late.apply_async((n,), queue=queue).id
             elif category == "undecodable":
                 task_id = str(uuid.uuid4())
                 publish_undecodable(app, queue, task_id, n)
             else:
-                task_id = getattr(dl_tasks, category).apply_async((n,), queue=queue).id
+                task_id = getattr(dead_letter_tasks, category).apply_async((n,), queue=queue).id
             sent[task_id] = category
     return sent
 
@@ -145,11 +145,11 @@ def test_a_thousand_mixed_tasks_each_end_once_and_replay_makes_them_succeed(
     exhausted = [row for row in dead if row.reason == "retries_exhausted"]
     assert all(row.attempts == 3 and len(row.history) == 3 for row in exhausted)
     unknown = [row for row in dead if row.reason == "unknown_task"]
-    assert all(row.task_name == "tests.late_tasks.late" and row.args for row in unknown)
+    assert all(row.task_name == "tests.fixtures.late_deployed_tasks.late" and row.args for row in unknown)
 
     # fix the fault and deploy the missing task, then replay everything
-    recording.client().delete(dl_tasks.FAULT_KEY)
-    fixed = start_worker(tmp_path, worker_database, spool_dir, app, "fixed", SAFETYNET_TEST_INCLUDE="tests.late_tasks")
+    recording.client().delete(dead_letter_tasks.FAULT_KEY)
+    fixed = start_worker(tmp_path, worker_database, spool_dir, app, "fixed", SAFETYNET_TEST_INCLUDE="tests.fixtures.late_deployed_tasks")
     try:
         call_command("safetynet", "dead", "replay", "--all", "--queue", fixed.queue, stdout=open("/dev/null", "w"))
         rows = list(DeadLetter.objects.filter(task_id__in=list(sent)))
@@ -173,7 +173,7 @@ def test_a_garbage_body_is_recorded_and_replay_refuses_it(app, tmp_path, worker_
             Producer(connection).publish(
                 "{this is not json", exchange=Exchange(""), routing_key=worker.queue,
                 content_type="application/json", content_encoding="utf-8",
-                headers={"lang": "py", "task": "tests.dl_tasks.ok", "id": task_id},
+                headers={"lang": "py", "task": "tests.fixtures.dead_letter_tasks.ok", "id": task_id},
             )
         [row] = wait_until(lambda: list(DeadLetter.objects.filter(task_id=task_id)), 30, "the undecodable record")
     finally:
@@ -198,7 +198,7 @@ def test_no_dead_letter_is_lost_while_postgresql_is_down(app, fault, tmp_path, w
     connections.close_all()
     _postgres("stop")
     try:
-        results = [dl_tasks.permanent.apply_async((n,), queue=worker.queue) for n in range(20)]
+        results = [dead_letter_tasks.permanent.apply_async((n,), queue=worker.queue) for n in range(20)]
         for result in results:
             result.get(timeout=60, propagate=False)
             assert result.state == "FAILURE"
@@ -224,7 +224,7 @@ def test_a_card_token_is_never_stored_nor_logged(app, tmp_path, worker_database,
     secret = "tok_live_SECRET123"
     worker = start_worker(tmp_path, worker_database, spool_dir, app, "secret")
     try:
-        result = dl_tasks.charge.apply_async((42,), {"card_token": secret}, queue=worker.queue)
+        result = dead_letter_tasks.charge.apply_async((42,), {"card_token": secret}, queue=worker.queue)
         result.get(timeout=60, propagate=False)
         [row] = wait_until(lambda: list(DeadLetter.objects.filter(task_id=result.id)), 30, "the dead letter")
     finally:

@@ -11,7 +11,7 @@
   while 2,000 short scheduled retries go through them: every retry is published exactly once
   (exactly one relay token ever runs per retry; a second copy, if any, is dropped on arrival).
 
-The tasks write every run into ``sched_ledger`` (tests/sched_tasks.py); nothing is mocked.
+The tasks write every run into ``sched_ledger`` (tests/fixtures/scheduled_tasks.py); nothing is mocked.
 """
 
 import ast
@@ -30,7 +30,7 @@ import pytest
 from django.db import connection, transaction
 
 from safetynet.models import ScheduledMessage
-from tests import sched_tasks
+from tests.fixtures import scheduled_tasks
 from tests.integration.conftest import BROKERS, ROOT, Worker, configure_app, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -45,16 +45,16 @@ AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 def ledger():
     """The ledger the tasks write, with the time of each run (``ran_at``, PostgreSQL's clock)."""
     with connection.cursor() as cursor:
-        cursor.execute(f"CREATE TABLE IF NOT EXISTS {sched_tasks.LEDGER} "
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {scheduled_tasks.LEDGER} "
                        "(name text, task_id text, attempt int, relayed text)")
-        cursor.execute(f"ALTER TABLE {sched_tasks.LEDGER} ADD COLUMN IF NOT EXISTS ran_at double precision "
+        cursor.execute(f"ALTER TABLE {scheduled_tasks.LEDGER} ADD COLUMN IF NOT EXISTS ran_at double precision "
                        "DEFAULT extract(epoch from clock_timestamp())")
 
     def runs(name_or_prefix, prefix=False):
         """(task_id, attempt, relayed header or None, ran_at) of each run, in the order they ran."""
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT name, task_id, attempt, relayed, ran_at FROM {sched_tasks.LEDGER} "
+                f"SELECT name, task_id, attempt, relayed, ran_at FROM {scheduled_tasks.LEDGER} "
                 f"WHERE {'starts_with(name, %s)' if prefix else 'name = %s'} ORDER BY ran_at",
                 [name_or_prefix],
             )
@@ -141,7 +141,7 @@ def test_outbox_with_the_broker_down_runs_the_committed_task_once_and_never_the_
 
         began = time.monotonic()
         with transaction.atomic():
-            kept = sched_tasks.outboxed.apply_async((committed,), queue=worker.queue)
+            kept = scheduled_tasks.outboxed.apply_async((committed,), queue=worker.queue)
         commit_seconds = time.monotonic() - began  # includes the failed attempt to publish at once
         assert commit_seconds < 3, f"the commit waited {commit_seconds:.1f}s for the broker that is down"
 
@@ -149,7 +149,7 @@ def test_outbox_with_the_broker_down_runs_the_committed_task_once_and_never_the_
             pass
 
         with pytest.raises(Rollback), transaction.atomic():
-            dropped = sched_tasks.outboxed.apply_async((rolled_back,), queue=worker.queue)
+            dropped = scheduled_tasks.outboxed.apply_async((rolled_back,), queue=worker.queue)
             assert len(rows_of(dropped.id)) == 1  # written in the transaction...
             raise Rollback
         assert rows_of(dropped.id) == []  # ...and gone with it
@@ -195,8 +195,8 @@ def test_a_retry_longer_than_the_threshold_waits_in_the_database_and_runs_once_w
     try:
         run_id = uuid.uuid4().hex[:8]
         durable, short = f"durable-{run_id}", f"short-{run_id}"
-        long_retry = sched_tasks.retry_later.apply_async((durable, 8), queue=worker.queue)
-        eta_retry = sched_tasks.retry_later.apply_async((short, 3), queue=worker.queue)  # below the threshold
+        long_retry = scheduled_tasks.retry_later.apply_async((durable, 8), queue=worker.queue)
+        eta_retry = scheduled_tasks.retry_later.apply_async((short, 3), queue=worker.queue)  # below the threshold
         wait_until(lambda: rows_of(long_retry.id), 30, "the long retry was written to the schedule")
         [row] = rows_of(long_retry.id)
         assert (row["key"], row["kind"], row["state"]) == (long_retry.id, "retry", "scheduled")
@@ -243,7 +243,7 @@ def test_every_retry_of_a_task_waits_in_the_database_not_only_the_first(tmp_path
                     spool_dir=spool_dir).start(app)
     try:
         name = f"twice-{uuid.uuid4().hex[:8]}"
-        sent = sched_tasks.retry_twice.apply_async((name, 6), queue=worker.queue)  # above the 5 s threshold
+        sent = scheduled_tasks.retry_twice.apply_async((name, 6), queue=worker.queue)  # above the 5 s threshold
         wait_until(lambda: len(ledger(name)) >= 2, 30, "the first retry ran")
         time.sleep(1)
         held = {entry["request"]["id"] for entries in (app.control.inspect(timeout=2).scheduled() or {}).values()
@@ -395,7 +395,7 @@ def test_two_relays_killed_at_random_publish_every_scheduled_retry_exactly_once(
         for index in range(TASKS):  # paced: the kills hit first attempts, relays and retries alike
             name = f"{run_id}-{index:04d}"
             delay = round(rng.uniform(1.0, 3.0), 2)
-            task_ids[name] = sched_tasks.retry_later_acked_late.apply_async((name, delay), queue=queue).id
+            task_ids[name] = scheduled_tasks.retry_later_acked_late.apply_async((name, delay), queue=queue).id
             pause = started + (index + 1) * SEND_SECONDS / TASKS - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
@@ -411,7 +411,7 @@ def test_two_relays_killed_at_random_publish_every_scheduled_retry_exactly_once(
 
         def retried():
             with connection.cursor() as cursor:
-                cursor.execute(f"SELECT count(DISTINCT name) FROM {sched_tasks.LEDGER} "
+                cursor.execute(f"SELECT count(DISTINCT name) FROM {scheduled_tasks.LEDGER} "
                                "WHERE starts_with(name, %s) AND attempt = 2", [run_id])
                 return cursor.fetchone()[0]
 
@@ -511,7 +511,7 @@ def test_a_relay_killed_after_sending_before_committing_leaves_a_second_copy_tha
     env = {**worker.env, "SAFETYNET_TEST_RECORD": ""}
     name = f"copies-{uuid.uuid4().hex[:8]}"
     with transaction.atomic():  # an outbox message due in an hour: nothing is published at the commit
-        sent = sched_tasks.outboxed.apply_async((name,), queue=worker.queue, countdown=3600)
+        sent = scheduled_tasks.outboxed.apply_async((name,), queue=worker.queue, countdown=3600)
     [row] = rows_of(sent.id)
     assert (row["state"], row["publishes"]) == ("scheduled", 0)
     ScheduledMessage.objects.filter(key=sent.id).update(due_at=time.time())

@@ -8,9 +8,9 @@ from django.urls import reverse
 
 from safetynet import progress
 from safetynet.models import DeadLetter, TaskProgress
-from tests import progress_tasks
+from tests.fixtures import progress_tasks
 from tests.celery_app import app
-from tests.web import logged_in
+from tests.fixtures.web import logged_in
 
 pytestmark = pytest.mark.django_db
 
@@ -116,10 +116,10 @@ def test_an_untracked_task_reports_for_staff_only(alice):
 
 def test_a_task_sent_without_progress_for_and_never_reporting_writes_nothing():
     progress_tasks.flaky_report.apply_async((0,))  # reports progress: a row, owned by nobody
-    from tests import tasks
+    from tests.fixtures import tasks
 
     tasks.ping.apply_async()
-    assert not TaskProgress.objects.filter(task_name="tests.tasks.ping").exists()
+    assert not TaskProgress.objects.filter(task_name="tests.fixtures.tasks.ping").exists()
 
 
 @pytest.mark.parametrize(("args", "error"), [
@@ -215,9 +215,9 @@ def test_a_replayed_dead_letter_is_shown_to_the_same_user(alice):
     from safetynet import deadletter
 
     first = str(uuid.uuid4())
-    progress.track(first, "tests.progress_tasks.build_report", progress.owner_of(alice))
+    progress.track(first, "tests.fixtures.progress_tasks.build_report", progress.owner_of(alice))
     assert deadletter.record(deadletter.Failure(
-        task_name="tests.progress_tasks.build_report", task_id=first, reason="retries_exhausted", args=[2],
+        task_name="tests.fixtures.progress_tasks.build_report", task_id=first, reason="retries_exhausted", args=[2],
         exception=ConnectionError("warehouse down"), failed_at=time.time(), worker="celery@worker-1",
         headers={progress.HEADER: 1}))
     [outcome] = deadletter.replay(DeadLetter.objects.filter(task_id=first), by="ops")

@@ -6,7 +6,7 @@ from celery.app.trace import build_tracer
 from kombu.exceptions import OperationalError
 
 from safetynet.models import DeadLetter
-from tests import tasks
+from tests.fixtures import tasks
 
 
 def _attempt_with_the_broker_down(monkeypatch, task, n):

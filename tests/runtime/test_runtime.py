@@ -10,7 +10,7 @@ from django.test import override_settings
 from safetynet import signals
 from safetynet.protocol.headers import HISTORY as HEADER
 from safetynet.testing import Simulator, http_error, inject, simulate
-from tests import tasks
+from tests.fixtures import tasks
 
 
 def test_simulated_classic_example_a(simulate):

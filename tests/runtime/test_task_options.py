@@ -6,7 +6,7 @@ from django.test import override_settings
 import safetynet
 from safetynet import ConfigurationError, Exponential, Fixed, RetryPolicy
 from safetynet.testing import simulate
-from tests import tasks
+from tests.fixtures import tasks
 
 
 def test_unknown_option_suggests_the_closest():

@@ -16,7 +16,7 @@ from safetynet import idempotency, schedule
 from safetynet.idempotency import WON
 from safetynet.models import DeadLetter, IdempotencyClaim, ScheduledMessage
 from safetynet.protocol import headers
-from tests import tasks
+from tests.fixtures import tasks
 from tests.celery_app import app
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -11,8 +11,8 @@ from safetynet import stats
 from safetynet.background import runner
 from safetynet.stats import _counting as counting
 from safetynet.models import TaskStats
-from tests import tasks
-from tests.deadletter.conftest import make_dead_letter, private_spool  # noqa: F401  (a fixture)
+from tests.fixtures import tasks
+from tests.fixtures.dead_letters import make_dead_letter, private_spool  # noqa: F401  (a fixture)
 
 NOW = datetime(2026, 12, 4, 15, 30, 20, tzinfo=timezone.utc)
 AT = NOW.timestamp()
@@ -194,7 +194,7 @@ def test_real_tasks_are_counted_once_per_outcome():
     tasks.snoozer.apply((1,))  # a snooze, then a success
     stats.flush()
     counted = rows(60)
-    api, dead, snoozed = counted["tests.tasks.call_api"], counted["tests.tasks.permanent"], counted["tests.tasks.snoozer"]
+    api, dead, snoozed = counted["tests.fixtures.tasks.call_api"], counted["tests.fixtures.tasks.permanent"], counted["tests.fixtures.tasks.snoozer"]
     assert (api.runs, api.successes, api.retries, api.dead) == (3, 1, 2, 0)
     assert sum(api.runtime_buckets) == 3
     assert (dead.runs, dead.dead, dead.dead_by_reason) == (1, 1, {"permanent_error": 1})
@@ -205,10 +205,10 @@ def test_real_tasks_are_counted_once_per_outcome():
 def test_every_death_is_counted_once_whatever_its_reason(private_spool):
     from safetynet import deadletter
 
-    crash = make_dead_letter("tests.tasks.ping", reason="crash_loop", failed_at=time.time())
-    make_dead_letter("tests.tasks.ping", reason="retries_exhausted")
+    crash = make_dead_letter("tests.fixtures.tasks.ping", reason="crash_loop", failed_at=time.time())
+    make_dead_letter("tests.fixtures.tasks.ping", reason="retries_exhausted")
     # The same task given up again (a redelivered message that died again): stored and counted once.
-    assert deadletter.give_up(deadletter.Failure(task_name="tests.tasks.ping", task_id=crash.task_id,
+    assert deadletter.give_up(deadletter.Failure(task_name="tests.fixtures.tasks.ping", task_id=crash.task_id,
                                                  reason="crash_loop"), log=False) is None
     stats.flush()
-    assert rows(60)["tests.tasks.ping"].dead_by_reason == {"crash_loop": 1, "retries_exhausted": 1}
+    assert rows(60)["tests.fixtures.tasks.ping"].dead_by_reason == {"crash_loop": 1, "retries_exhausted": 1}

@@ -12,8 +12,8 @@ from django.urls import reverse
 from safetynet.protocol import headers as header_names
 from safetynet import deadletter
 from safetynet.models import DeadLetter
-from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
-from tests.web import logged_in, person
+from tests.fixtures.dead_letters import SECRET, make_dead_letter, queued_messages
+from tests.fixtures.web import logged_in, person
 
 pytestmark = pytest.mark.django_db
 
@@ -38,7 +38,7 @@ def operator():
 @pytest.fixture
 def row(throwaway_queue):
     """A dead ping that died on the throwaway queue, so a replay is published there."""
-    return make_dead_letter("tests.tasks.ping", delivery_info={"routing_key": throwaway_queue},
+    return make_dead_letter("tests.fixtures.tasks.ping", delivery_info={"routing_key": throwaway_queue},
                             headers={"tenant": "acme"})
 
 
@@ -91,7 +91,7 @@ def test_view_permission_shows_rows_but_cannot_replay_or_discard(row, throwaway_
     client = logged_in(user("auditor", "view"))
     before = state(row)
     listing = client.get(reverse(CHANGELIST))
-    assert listing.status_code == 200 and "tests.tasks.ping" in listing.text
+    assert listing.status_code == 200 and "tests.fixtures.tasks.ping" in listing.text
     assert "replay_selected" not in listing.text and "discard_selected" not in listing.text
     detail = client.get(url("change", row))
     assert detail.status_code == 200 and url("replay", row) not in detail.text
@@ -148,7 +148,7 @@ def test_the_list_shows_the_columns(row, operator):
     headers = re.findall(r'<th scope="col" class="[^"]*column-(\w+)', response.text)
     assert headers == ["id", "task_name", "reason", "status", "attempts", "exception_type", "last_failed_at",
                        "replay_count"]
-    assert "tests.tasks.ping" in response.text and "shop.tasks.charge" in response.text
+    assert "tests.fixtures.tasks.ping" in response.text and "shop.tasks.charge" in response.text
     assert "retries exhausted" in response.text and "ConnectionError" in response.text
     assert '<nav class="toplinks">' in response.text  # the date hierarchy on last_failed_at
     assert all(f"By {name}" in response.text for name in ("task name", "reason", "status", "fingerprint"))
@@ -161,7 +161,7 @@ def ids_listed(client, **query):
 
 
 def test_filters_and_search(operator, throwaway_queue):
-    ping = make_dead_letter("tests.tasks.ping", failed_at=time.time() - 40 * 86400)
+    ping = make_dead_letter("tests.fixtures.tasks.ping", failed_at=time.time() - 40 * 86400)
     charge = make_dead_letter("shop.tasks.charge", reason="permanent_error", exception=ValueError("card declined"))
     charge_again = make_dead_letter("shop.tasks.charge", reason="permanent_error",
                                     exception=ValueError("card declined"))
@@ -182,7 +182,7 @@ def test_filters_and_search(operator, throwaway_queue):
 
 def test_the_fingerprint_filter_lists_the_top_fingerprints_with_counts(operator):
     charge = [make_dead_letter("shop.tasks.charge", exception=ValueError(f"card {n} declined")) for n in range(3)]
-    make_dead_letter("tests.tasks.ping")
+    make_dead_letter("tests.fixtures.tasks.ping")
     response = operator.get(reverse(CHANGELIST))
     [spec] = [spec for spec in response.context["cl"].filter_specs if getattr(spec, "parameter_name", "") == "fingerprint"]
     choices = {value: label for value, label in spec.lookup_choices}
@@ -194,7 +194,7 @@ def test_the_fingerprint_filter_lists_the_top_fingerprints_with_counts(operator)
 # -- the detail page -------------------------------------------------------------------
 
 def test_the_detail_page_shows_the_timeline_traceback_arguments_and_audit(operator, throwaway_queue):
-    row = make_dead_letter("tests.tasks.send_digest", args=["ops@example.com"], kwargs={"batch": 7, "password": "pw"},
+    row = make_dead_letter("tests.fixtures.tasks.send_digest", args=["ops@example.com"], kwargs={"batch": 7, "password": "pw"},
                            attempts=3, headers={"tenant": "acme"}, delivery_info={"routing_key": throwaway_queue})
     deadletter.discard(row, by="carol")
     page = operator.get(url("change", row)).text
@@ -222,7 +222,7 @@ def test_the_detail_page_shows_the_timeline_traceback_arguments_and_audit(operat
 
 
 def test_the_detail_page_of_a_replay_links_to_its_origin(operator, row):
-    copy = make_dead_letter("tests.tasks.ping", headers={header_names.REPLAY_OF: str(row.pk)})
+    copy = make_dead_letter("tests.fixtures.tasks.ping", headers={header_names.REPLAY_OF: str(row.pk)})
     page = operator.get(url("change", copy)).text
     assert f'this task was a replay of <a href="{url("change", row)}">#{row.pk}</a>' in page
 
@@ -230,7 +230,7 @@ def test_the_detail_page_of_a_replay_links_to_its_origin(operator, row):
 # -- replay and discard ----------------------------------------------------------------
 
 def test_replay_selected(operator, row, throwaway_queue):
-    second = make_dead_letter("tests.tasks.ping", delivery_info={"routing_key": throwaway_queue})
+    second = make_dead_letter("tests.fixtures.tasks.ping", delivery_info={"routing_key": throwaway_queue})
     response = act(operator, "replay_selected", row, second)
     [message] = messages_of(response)
     assert message.startswith("Replayed 2 dead letters: ")
@@ -246,13 +246,13 @@ def test_replay_selected(operator, row, throwaway_queue):
 
 
 def test_replay_selected_reports_each_refusal_and_leaves_those_rows(operator, row, throwaway_queue):
-    gone = make_dead_letter("tests.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
-    secret = make_dead_letter("tests.tasks.ping", kwargs={"card_token": SECRET},
+    gone = make_dead_letter("tests.fixtures.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
+    secret = make_dead_letter("tests.fixtures.tasks.ping", kwargs={"card_token": SECRET},
                               delivery_info={"routing_key": throwaway_queue})
     before = {item.pk: state(item) for item in (gone, secret)}
     messages = messages_of(act(operator, "replay_selected", row, gone, secret))
     assert messages[0].startswith("Replayed 1 dead letter: ")
-    assert (f"Not replayed, left as it was: #{gone.pk}: task 'tests.tasks.renamed_long_ago' is not registered any "
+    assert (f"Not replayed, left as it was: #{gone.pk}: task 'tests.fixtures.tasks.renamed_long_ago' is not registered any "
             "more; the row is left as it was") in messages
     assert (f"Not replayed, left as it was: #{secret.pk}: arguments kwargs.card_token were redacted when stored; "
             "replay it with replacement args/kwargs") in messages
@@ -278,17 +278,17 @@ def test_replay_button(operator, row, throwaway_queue):
 
 
 def test_replay_button_of_an_unregistered_task(operator, throwaway_queue):
-    gone = make_dead_letter("tests.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
+    gone = make_dead_letter("tests.fixtures.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
     before = state(gone)
     response = operator.post(url("replay", gone), follow=True)
     assert messages_of(response) == [
-        f"Not replayed, left as it was: #{gone.pk}: task 'tests.tasks.renamed_long_ago' is not registered any more; "
+        f"Not replayed, left as it was: #{gone.pk}: task 'tests.fixtures.tasks.renamed_long_ago' is not registered any more; "
         "the row is left as it was"]
     assert state(gone) == before
 
 
 def test_discard_selected_and_button(operator, row, throwaway_queue):
-    second = make_dead_letter("tests.tasks.ping")
+    second = make_dead_letter("tests.fixtures.tasks.ping")
     messages = messages_of(act(operator, "discard_selected", second))
     assert messages == ["Discarded 1 dead letter."]
     second.refresh_from_db()
@@ -311,14 +311,14 @@ def test_unknown_id_on_a_button(operator):
 # -- secrets ---------------------------------------------------------------------------
 
 def test_a_redacted_kwarg_is_never_shown(operator, throwaway_queue):
-    row = make_dead_letter("tests.tasks.ping", kwargs={"card_token": SECRET},
+    row = make_dead_letter("tests.fixtures.tasks.ping", kwargs={"card_token": SECRET},
                            exception=ValueError(f"declined: card_token={SECRET}"),
                            headers={"authorization": f"Bearer {SECRET}", "tenant": "acme"},
                            delivery_info={"routing_key": throwaway_queue})
     assert DeadLetter.objects.filter(kwargs__card_token=SECRET).count() == 0
     listing = operator.get(reverse(CHANGELIST))
     detail = operator.get(url("change", row))
-    assert "tests.tasks.ping" in listing.text and "acme" in detail.text
+    assert "tests.fixtures.tasks.ping" in listing.text and "acme" in detail.text
     for response in (listing, detail):
         assert response.status_code == 200 and SECRET not in response.text
     assert ids_listed(operator, q=SECRET) == []  # not even searchable: the value is not stored

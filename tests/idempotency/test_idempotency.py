@@ -13,7 +13,7 @@ from safetynet import ConfigurationError, idempotency, schedule, shared
 from safetynet.idempotency import CRASH_LOOP, IN_PROGRESS, SUCCEEDED, WON, IdempotencyKeyError
 from safetynet.models import IdempotencyClaim, ScheduledMessage
 from safetynet.protocol import headers
-from tests import tasks
+from tests.fixtures import tasks
 
 # -- declaring a key -----------------------------------------------------------------------
 
@@ -338,8 +338,8 @@ def test_late_acks_without_a_key_draw_w005():
     from safetynet.checks import check_tasks
 
     warnings = {message.obj: message for message in check_tasks() if message.id == "safetynet.W005"}
-    assert "tests.tasks.late_without_key" in warnings
-    assert "tests.tasks.idempotent_charge" not in warnings
+    assert "tests.fixtures.tasks.late_without_key" in warnings
+    assert "tests.fixtures.tasks.idempotent_charge" not in warnings
     assert "safetynet.W005" in {m.id for m in checks.run_checks(tags=["safetynet"])}
 
 

@@ -11,7 +11,7 @@ from django.db import connection
 
 from safetynet import deadletter
 from safetynet.models import DeadLetter
-from tests.deadletter.conftest import SECRET, make_dead_letter, queued_messages
+from tests.fixtures.dead_letters import SECRET, make_dead_letter, queued_messages
 
 pytestmark = pytest.mark.django_db
 
@@ -32,20 +32,20 @@ def snapshot():
 # -- list ------------------------------------------------------------------------------
 
 def test_list_shows_one_line_per_dead_letter_newest_first():
-    older = make_dead_letter("tests.tasks.ping", failed_at=time.time() - 3600)
-    newer = make_dead_letter("tests.tasks.send_digest", reason="permanent_error",
+    older = make_dead_letter("tests.fixtures.tasks.ping", failed_at=time.time() - 3600)
+    newer = make_dead_letter("tests.fixtures.tasks.send_digest", reason="permanent_error",
                              exception=ValueError("bad address"), attempts=1)
     lines = dead("list").splitlines()
     assert lines[0].split() == ["id", "task", "reason", "status", "attempts", "last", "failure", "exception"]
-    assert lines[1].split()[:5] == [str(newer.id), "tests.tasks.send_digest", "permanent_error", "dead", "1"]
+    assert lines[1].split()[:5] == [str(newer.id), "tests.fixtures.tasks.send_digest", "permanent_error", "dead", "1"]
     assert lines[1].endswith("ValueError: bad address")
-    assert lines[2].split()[:5] == [str(older.id), "tests.tasks.ping", "retries_exhausted", "dead", "2"]
+    assert lines[2].split()[:5] == [str(older.id), "tests.fixtures.tasks.ping", "retries_exhausted", "dead", "2"]
     assert len(lines) == 3
 
 
 def test_list_filters():
-    ping = make_dead_letter("tests.tasks.ping", failed_at=time.time() - 3 * 86400)
-    digest = make_dead_letter("tests.tasks.send_digest", reason="permanent_error", exception=ValueError("x"))
+    ping = make_dead_letter("tests.fixtures.tasks.ping", failed_at=time.time() - 3 * 86400)
+    digest = make_dead_letter("tests.fixtures.tasks.send_digest", reason="permanent_error", exception=ValueError("x"))
     other = make_dead_letter("shop.tasks.charge")
     deadletter.discard(other, by="test")
 
@@ -55,9 +55,9 @@ def test_list_filters():
     assert ids() == [digest.id, ping.id]  # the default status is dead
     assert ids("--status", "all") == [other.id, digest.id, ping.id]
     assert ids("--status", "discarded") == [other.id]
-    assert ids("--task", "tests.tasks.*") == [digest.id, ping.id]
-    assert ids("--task", "tests.tasks.ping") == [ping.id]
-    assert ids("--task", "tests.tasks") == []  # exact unless it ends in *
+    assert ids("--task", "tests.fixtures.tasks.*") == [digest.id, ping.id]
+    assert ids("--task", "tests.fixtures.tasks.ping") == [ping.id]
+    assert ids("--task", "tests.fixtures.tasks") == []  # exact unless it ends in *
     assert ids("--reason", "permanent_error") == [digest.id]
     assert ids("--fingerprint", ping.fingerprint) == [ping.id]
     assert ids("--since", "2d") == [digest.id]
@@ -72,7 +72,7 @@ def test_list_limit_says_how_many_more():
     for _ in range(3):
         make_dead_letter()
     text = dead("list", "--limit", "2")
-    assert len([line for line in text.splitlines() if "tests.tasks.ping" in line]) == 2
+    assert len([line for line in text.splitlines() if "tests.fixtures.tasks.ping" in line]) == 2
     assert "2 of 3 shown; raise --limit" in text
     assert len(json.loads(dead("list", "--json", "--limit", "2"))) == 2
 
@@ -114,11 +114,11 @@ def test_naive_and_aware_datetimes_are_accepted():
 # -- show ------------------------------------------------------------------------------
 
 def test_show_prints_everything_with_the_timeline_and_traceback():
-    row = make_dead_letter("tests.tasks.send_digest", args=["ops@example.com"], kwargs={"batch": 7}, attempts=3,
+    row = make_dead_letter("tests.fixtures.tasks.send_digest", args=["ops@example.com"], kwargs={"batch": 7}, attempts=3,
                            headers={"tenant": "acme"}, delivery_info={"routing_key": "mail", "exchange": "mail"})
     text = dead("show", str(row.id))
     assert f"Dead letter {row.id}" in text
-    assert f"task           tests.tasks.send_digest  (task id {row.task_id})" in text
+    assert f"task           tests.fixtures.tasks.send_digest  (task id {row.task_id})" in text
     assert "reason         retries_exhausted" in text
     assert "delivery       queue mail, exchange mail" in text
     assert f"fingerprint    {row.fingerprint}  (1 alike failure" in text
@@ -155,7 +155,7 @@ def test_show_unknown_id():
 
 def test_a_redacted_kwarg_appears_nowhere():
     row = make_dead_letter(
-        "tests.tasks.ping", kwargs={"order": 7, "card_token": SECRET},
+        "tests.fixtures.tasks.ping", kwargs={"order": 7, "card_token": SECRET},
         exception=ValueError(f"gateway said no to card_token={SECRET}"),
     )
     with connection.cursor() as cursor:
@@ -181,18 +181,18 @@ def test_sensitive_headers_are_masked_on_display():
 # -- replay ----------------------------------------------------------------------------
 
 def test_replay_by_id_sends_the_task_again(throwaway_queue):
-    row = make_dead_letter("tests.tasks.ping", headers={"tenant": "acme"})
+    row = make_dead_letter("tests.fixtures.tasks.ping", headers={"tenant": "acme"})
     out = dead("replay", "--id", str(row.id), "--queue", throwaway_queue, "--by", "alice")
     row.refresh_from_db()
     assert row.status == "replayed" and row.replay_count == 1 and row.replayed_task_id
     assert row.replayed_by == "alice" and row.replayed_at is not None
-    assert f"{row.id} tests.tasks.ping: replayed as {row.replayed_task_id}" in out
+    assert f"{row.id} tests.fixtures.tasks.ping: replayed as {row.replayed_task_id}" in out
     assert "Replayed 1 of 1; 0 refused" in out
     event = row.audit[-1]
     assert event["action"] == "replay" and event["by"] == "alice" and event["queue"] == throwaway_queue
     assert event["new_task_id"] == row.replayed_task_id
     [message] = queued_messages(throwaway_queue)
-    assert message["headers"]["id"] == row.replayed_task_id and message["headers"]["task"] == "tests.tasks.ping"
+    assert message["headers"]["id"] == row.replayed_task_id and message["headers"]["task"] == "tests.fixtures.tasks.ping"
     assert message["headers"]["tenant"] == "acme"  # headers kept
     assert message["headers"]["safetynet_replay_of"] == str(row.id)
     assert "safetynet" not in message["headers"]  # a fresh attempt count: no history travels
@@ -200,8 +200,8 @@ def test_replay_by_id_sends_the_task_again(throwaway_queue):
 
 def test_replay_by_filter_with_json(throwaway_queue):
     first, second = make_dead_letter(), make_dead_letter()
-    other = make_dead_letter("tests.tasks.send_digest", args=["a@example.com"])
-    data = json.loads(dead("replay", "--task", "tests.tasks.ping", "--queue", throwaway_queue, "--json"))
+    other = make_dead_letter("tests.fixtures.tasks.send_digest", args=["a@example.com"])
+    data = json.loads(dead("replay", "--task", "tests.fixtures.tasks.ping", "--queue", throwaway_queue, "--json"))
     assert sorted(item["id"] for item in data) == [first.id, second.id]
     assert all(item["new_task_id"] and item["error"] is None for item in data)
     assert len(queued_messages(throwaway_queue)) == 2
@@ -220,14 +220,14 @@ def test_replay_all(throwaway_queue):
 
 
 def test_replay_of_an_unregistered_task_is_refused_and_leaves_the_row(throwaway_queue):
-    gone = make_dead_letter("tests.tasks.renamed_long_ago")
-    fine = make_dead_letter("tests.tasks.ping")
+    gone = make_dead_letter("tests.fixtures.tasks.renamed_long_ago")
+    fine = make_dead_letter("tests.fixtures.tasks.ping")
     before = snapshot()
     out = io.StringIO()
     with pytest.raises(CommandError, match=r"1 of 2 dead letters were refused"):
         call_command("safetynet", "dead", "replay", "--id", str(gone.id), "--id", str(fine.id),
                      "--queue", throwaway_queue, stdout=out)
-    assert (f"{gone.id} tests.tasks.renamed_long_ago: refused: task 'tests.tasks.renamed_long_ago' is not "
+    assert (f"{gone.id} tests.fixtures.tasks.renamed_long_ago: refused: task 'tests.fixtures.tasks.renamed_long_ago' is not "
             "registered any more; the row is left as it was") in out.getvalue()
     gone_after = DeadLetter.objects.get(id=gone.id)
     assert [row for row in before if row[0] == gone.id] == [row for row in snapshot() if row[0] == gone.id]
@@ -236,7 +236,7 @@ def test_replay_of_an_unregistered_task_is_refused_and_leaves_the_row(throwaway_
 
 
 def test_replay_of_redacted_arguments_is_refused(throwaway_queue):
-    row = make_dead_letter("tests.tasks.ping", kwargs={"card_token": SECRET})
+    row = make_dead_letter("tests.fixtures.tasks.ping", kwargs={"card_token": SECRET})
     before = snapshot()
     out = io.StringIO()
     with pytest.raises(CommandError, match="were refused"):
@@ -260,12 +260,12 @@ def test_replay_of_a_row_already_replayed_is_refused(throwaway_queue):
 
 def test_replay_dry_run_changes_nothing(throwaway_queue):
     fine = make_dead_letter()
-    gone = make_dead_letter("tests.tasks.renamed_long_ago")
+    gone = make_dead_letter("tests.fixtures.tasks.renamed_long_ago")
     before = snapshot()
     out = dead("replay", "--all", "--dry-run", "--queue", throwaway_queue)
     assert "Dry run: nothing is sent or changed." in out
-    assert f"{fine.id} tests.tasks.ping: would be replayed to {throwaway_queue}" in out
-    assert f"{gone.id} tests.tasks.renamed_long_ago: would be refused: task" in out
+    assert f"{fine.id} tests.fixtures.tasks.ping: would be replayed to {throwaway_queue}" in out
+    assert f"{gone.id} tests.fixtures.tasks.renamed_long_ago: would be refused: task" in out
     assert "Would replay 1 of 2; 1 would be refused." in out
     data = json.loads(dead("replay", "--all", "--dry-run", "--json"))
     assert {item["id"]: item["would_replay"] for item in data} == {fine.id: True, gone.id: False}
@@ -273,10 +273,10 @@ def test_replay_dry_run_changes_nothing(throwaway_queue):
 
 
 def test_replay_with_arguments_the_task_does_not_take_is_refused(throwaway_queue):
-    row = make_dead_letter("tests.tasks.ping", args=[1, 2])  # ping() takes none: the task changed since
+    row = make_dead_letter("tests.fixtures.tasks.ping", args=[1, 2])  # ping() takes none: the task changed since
     before = snapshot()
     out = dead("replay", "--id", str(row.id), "--dry-run", "--queue", throwaway_queue)
-    assert f"{row.id} tests.tasks.ping: would be refused: not sent: TypeError(" in out
+    assert f"{row.id} tests.fixtures.tasks.ping: would be refused: not sent: TypeError(" in out
     with pytest.raises(CommandError, match=r"1 of 1 dead letters were refused.*not sent: TypeError\("):
         dead("replay", "--id", str(row.id), "--queue", throwaway_queue)
     assert snapshot() == before and queued_messages(throwaway_queue) == []
@@ -294,7 +294,7 @@ def test_replay_and_discard_need_a_selection(verb):
 @pytest.mark.parametrize("verb", ["replay", "discard"])
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--id", "{id}", "--id", "99999999"], "No dead letter with id 99999999. Nothing was changed."),
-    (["--id", "{id}", "--task", "tests.tasks.other"], "does not match the filters given"),
+    (["--id", "{id}", "--task", "tests.fixtures.tasks.other"], "does not match the filters given"),
     (["--all", "--since", "last week"], "is neither an ISO 8601"),
     (["--all", "--reason", "unlucky"], "invalid choice: 'unlucky'"),
     (["--all", "--status", "zombie"], "invalid choice: 'zombie'"),
@@ -311,9 +311,9 @@ def test_bad_selection_changes_nothing(verb, arguments, message, throwaway_queue
 # -- discard ---------------------------------------------------------------------------
 
 def test_discard_marks_rows_handled_with_an_audit_event():
-    first, second = make_dead_letter(), make_dead_letter("tests.tasks.send_digest")
+    first, second = make_dead_letter(), make_dead_letter("tests.fixtures.tasks.send_digest")
     out = dead("discard", "--id", str(first.id), "--by", "bob")
-    assert f"{first.id} tests.tasks.ping: discarded" in out and "Discarded 1 of 1." in out
+    assert f"{first.id} tests.fixtures.tasks.ping: discarded" in out and "Discarded 1 of 1." in out
     first.refresh_from_db()
     assert first.status == "discarded" and first.audit[-1]["action"] == "discard" and first.audit[-1]["by"] == "bob"
     assert DeadLetter.objects.get(id=second.id).status == "dead"
@@ -325,7 +325,7 @@ def test_discard_dry_run_changes_nothing():
     row = make_dead_letter()
     before = snapshot()
     out = dead("discard", "--reason", "retries_exhausted", "--dry-run")
-    assert f"{row.id} tests.tasks.ping: would be discarded" in out and "Would discard 1 of 1." in out
+    assert f"{row.id} tests.fixtures.tasks.ping: would be discarded" in out and "Would discard 1 of 1." in out
     assert snapshot() == before
 
 
@@ -360,12 +360,12 @@ def test_purge_needs_an_age():
 
 def test_flush_moves_spooled_records_in(private_spool):
     fields = {
-        "task_name": "tests.tasks.ping", "task_id": "spooled-1", "args": [], "kwargs": {}, "redacted": [],
+        "task_name": "tests.fixtures.tasks.ping", "task_id": "spooled-1", "args": [], "kwargs": {}, "redacted": [],
         "headers": {}, "queue": "", "exchange": "", "routing_key": "", "reason": "retries_exhausted",
         "detail": "", "exception_type": "ConnectionError", "exception_message": "down", "traceback": "",
         "history": [], "omitted_attempts": 0, "attempts": 1,
         "first_failed_at": "2024-05-01T12:00:00+00:00", "last_failed_at": "2024-05-01T12:00:00+00:00",
-        "worker": "", "fingerprint": deadletter.fingerprint("tests.tasks.ping", "ConnectionError", "down"),
+        "worker": "", "fingerprint": deadletter.fingerprint("tests.fixtures.tasks.ping", "ConnectionError", "down"),
         "raw_body": "", "replay_of_id": None, "audit": [{"action": "dead", "at": "2024-05-01T12:00:00+00:00",
                                                          "nonce": "n1"}],
     }
@@ -381,5 +381,5 @@ def test_flush_moves_spooled_records_in(private_spool):
 
 def test_explain_is_unchanged():
     out = io.StringIO()
-    call_command("safetynet", "explain", "tests.tasks.send_digest", stdout=out)
+    call_command("safetynet", "explain", "tests.fixtures.tasks.send_digest", stdout=out)
     assert "Gives up after attempt 6" in out.getvalue()

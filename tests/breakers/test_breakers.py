@@ -254,17 +254,17 @@ def test_explain_names_the_breaker_and_its_rule():
 
     from django.core.management import call_command
 
-    import tests.breaker_tasks  # noqa: F401  (registers the task)
+    import tests.fixtures.breaker_tasks  # noqa: F401  (registers the task)
 
     out = StringIO()
-    call_command("safetynet", "explain", "tests.breaker_tasks.call_upstream", stdout=out)
+    call_command("safetynet", "explain", "tests.fixtures.breaker_tasks.call_upstream", stdout=out)
     assert "Breaker: upstream  (opens at 50% of >= 3 calls over 60s; open 4s, then 1 probe(s) at once" in out.getvalue()
 
 
 FLAKY = []
 
 
-@safetynet.task(name="tests.test_breakers.budgeted_call", bind=True, retry_budget="partner-calls",
+@safetynet.task(name="tests.breakers.test_breakers.budgeted_call", bind=True, retry_budget="partner-calls",
                 retry_policy=safetynet.RetryPolicy(max_attempts=2, backoff=1, jitter="none"))
 def budgeted_call(self):
     FLAKY.append(self.attempt)
@@ -310,7 +310,7 @@ def test_a_count_on_that_raises_does_not_replace_the_calls_own_error(declare):
 
 
 def test_an_eager_run_through_an_open_breaker_fails_instead_of_waiting():
-    from tests import breaker_tasks
+    from tests.fixtures import breaker_tasks
 
     breakers.force("upstream", "open", seconds=60)
     try:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.django_db
 
 def record(**overrides):
     fields = {
-        "task_name": "tests.tasks.ping", "task_id": str(uuid.uuid4()), "reason": "retries_exhausted",
+        "task_name": "tests.fixtures.tasks.ping", "task_id": str(uuid.uuid4()), "reason": "retries_exhausted",
         "args": [], "kwargs": {}, "exception": ConnectionError("gateway 10.0.0.7 timed out after 30s"),
         "history": [{"attempt": 1, "started": time.time() - 5, "action": "retry", "message": "x", "traceback": ""},
                     {"attempt": 2, "started": time.time() - 1, "action": "dead", "message": "x", "traceback": ""}],
@@ -76,7 +76,7 @@ def test_new_dead_letter_mails_admins_once_per_fingerprint_window():
     record(exception=ConnectionError("db 2 down"))  # same fingerprint: inside the window, no second mail
     record(exception=KeyError("order"))
     assert len(mail.outbox) == 2
-    assert "[safetynet] tests.tasks.ping died: retries_exhausted" in mail.outbox[0].subject
+    assert "[safetynet] tests.fixtures.tasks.ping died: retries_exhausted" in mail.outbox[0].subject
 
 
 def test_alert_hooks_are_called_and_a_failing_hook_changes_nothing(caplog):
@@ -126,7 +126,7 @@ def test_replay_keeps_arguments_and_headers_starts_afresh_and_is_audited(queue, 
     replayed = []
     signals.task_replayed.connect(lambda sender, **kw: replayed.append(kw), weak=False, dispatch_uid="t-rp")
     try:
-        row = record(task_name="tests.dl_tasks.ok", args=[1],
+        row = record(task_name="tests.fixtures.dead_letter_tasks.ok", args=[1],
                      headers={"safetynet": {"attempt": 3}, "idempotency_key": "order-1", "authorization": "Bearer s3"})
         assert row.headers["authorization"] == "[redacted]" and "headers.authorization" in row.redacted
         with django_capture_on_commit_callbacks(execute=True):
@@ -151,7 +151,7 @@ def test_replay_keeps_arguments_and_headers_starts_afresh_and_is_audited(queue, 
 
 
 def test_replay_with_edited_arguments_is_audited_redacted(queue):
-    row = record(task_name="tests.dl_tasks.charge", args=[1], kwargs={"card_token": "old"})
+    row = record(task_name="tests.fixtures.dead_letter_tasks.charge", args=[1], kwargs={"card_token": "old"})
     [outcome] = deadletter.replay(row, kwargs={"card_token": "tok_new_SECRET"}, args=[2], queue=queue, by="ann")
     row.refresh_from_db()
     assert outcome.new_task_id
@@ -160,7 +160,7 @@ def test_replay_with_edited_arguments_is_audited_redacted(queue):
 
 
 def test_replay_with_arguments_the_task_does_not_take_leaves_the_row(queue):
-    row = record(task_name="tests.dl_tasks.ok", args=[1])
+    row = record(task_name="tests.fixtures.dead_letter_tasks.ok", args=[1])
     [outcome] = deadletter.replay(row, args=[1, 2, 3], queue=queue)
     assert outcome.new_task_id is None and "not sent" in outcome.error
     row.refresh_from_db()
@@ -222,7 +222,7 @@ def test_a_row_claimed_by_another_replay_is_skipped_not_sent_twice(queue):
 
     from django.db import connections, transaction
 
-    row = record(task_name="tests.dl_tasks.ok", args=[1])
+    row = record(task_name="tests.fixtures.dead_letter_tasks.ok", args=[1])
     locked, release = threading.Event(), threading.Event()
 
     def other_operator():
@@ -247,7 +247,7 @@ def test_a_row_claimed_by_another_replay_is_skipped_not_sent_twice(queue):
 
 
 def test_a_message_that_repeats_a_secret_argument_is_blanked():
-    row = record(task_name="tests.dl_tasks.charge", args=[10, "tok_live_SECRET123"],
+    row = record(task_name="tests.fixtures.dead_letter_tasks.charge", args=[10, "tok_live_SECRET123"],
                  parameters=["amount", "card_token"], exception=ValueError("declined: tok_live_SECRET123"),
                  history=[{"attempt": 1, "started": time.time(), "message": "declined: tok_live_SECRET123",
                            "traceback": 'ValueError: declined: tok_live_SECRET123'}])
