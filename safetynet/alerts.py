@@ -45,9 +45,9 @@ def _mail(subject: str, body: str) -> None:
         logger.error("safetynet: mail_admins failed: %r", error)
 
 
-def task_given_up(sender: Any = None, event: TaskEnded | None = None, **_: Any) -> None:
-    """``task_ended`` for a death: mail the ADMINS (once per fingerprint and window) and call the hooks."""
-    if event is None or not event.dead or event.eager or event.dead_letter is None:
+def task_given_up(event: TaskEnded) -> None:
+    """The terminal event of a death: mail the ADMINS (once per fingerprint and window) and call the hooks."""
+    if not event.dead or event.eager or event.dead_letter is None:
         return
     settings = conf.get()
     facts = event.dead_letter
@@ -84,5 +84,5 @@ def dead_letters_evicted(sender: Any = None, count: int = 0, cap: int = 0, oldes
 
 def connect() -> None:
     """Connect the alerts (from the AppConfig)."""
-    signals.task_ended.connect(task_given_up, dispatch_uid="safetynet.alerts.ended", weak=False)
+    signals.consume("safetynet.alerts", task_given_up, successes=False)
     signals.dead_letters_evicted.connect(dead_letters_evicted, dispatch_uid="safetynet.alerts.evicted", weak=False)

@@ -21,7 +21,7 @@ class SafetynetConfig(AppConfig):
         consumer.connect()
         stats.connect()
         alerts.connect()
-        signals.task_ended.connect(on_task_ended, dispatch_uid="safetynet.progress.ended", weak=False)
+        signals.consume("safetynet.progress", on_task_ended)
         self.install_integrations()
 
     @staticmethod

@@ -29,10 +29,10 @@ Every key, its default and its meaning::
                           None: the Celery broker when it is Redis, else the database; "": always the database
     MAX_DELIVERIES        a task that kills its worker this many times is dead-lettered as crash_loop
     IDEMPOTENCY_LEASE_SECONDS  how long a claim outlives its last heartbeat (renewed every third of it)
-    LOST_MESSAGE_SECONDS  an idempotent task not started this long after it was sent (or whose claim
-                          expired with no run taking it over) is sent again by the workers' sweeper;
-                          None: idempotent tasks are not recorded when sent, nothing is sent again;
-                          also how long a relayed message may wait for a worker before it is sent again
+    LOST_MESSAGE_SECONDS  an idempotent task not started this long after it was due (or whose claim
+                          expired with no run taking it over) is sent again by the relay; also how long
+                          a relayed message may wait for a worker before it is sent again; None:
+                          idempotent tasks are not kept when sent, nothing is sent again
     DURABLE_RETRY_SECONDS a retry delayed at least this long waits in the database (the durable schedule)
                           instead of in a worker's memory as an ETA message; None: every retry is an ETA message
     ENQUEUE               how delay()/apply_async() send a safetynet task: "now" (Celery's way), "on_commit"

@@ -133,10 +133,8 @@ def _happy_path(task_name: str) -> tuple[Any, Any]:
     return children
 
 
-def on_task_ended(sender: Any = None, event: TaskEnded | None = None, **_: Any) -> None:
-    """``task_ended``: count a success (and observe its run time), or a task given up, by reason."""
-    if event is None:
-        return
+def on_task_ended(event: TaskEnded) -> None:
+    """The terminal event: count a success (and observe its run time), or a task given up, by reason."""
     runtime, success = _happy_path(event.task_name)
     if event.runtime is not None:
         runtime.observe(event.runtime)
@@ -149,11 +147,11 @@ def on_task_ended(sender: Any = None, event: TaskEnded | None = None, **_: Any) 
 
 def on_task_retrying(sender: Any = None, delay: float | None = None, entry: dict[str, Any] | None = None,
                      **_: Any) -> None:
-    """``task_retrying``: count a retry (or a snooze), observe the attempt's run time and the delay."""
+    """``task_retrying``: count a retry (or a snooze), observe the attempt's run time (a retry's) and the delay."""
     outcome = "snooze" if entry is not None and entry.get("action") == "snooze" else "retry"
     ATTEMPTS.labels(sender.name, outcome).inc()
     duration = (entry or {}).get("duration")
-    if isinstance(duration, (int, float)):
+    if outcome == "retry" and isinstance(duration, (int, float)):  # a snooze did not run the body: no run time
         _happy_path(sender.name)[0].observe(duration)
     if delay is not None:
         RETRY_DELAY.labels(sender.name).observe(delay)
@@ -319,7 +317,6 @@ _CELERY_RECEIVERS = (
 )
 _SAFETYNET_RECEIVERS = (
     (signals.task_retrying, on_task_retrying),
-    (signals.task_ended, on_task_ended),
     (signals.dead_letters_evicted, on_dead_letters_evicted),
     (signals.breaker_changed, on_breaker_changed),
     (signals.breaker_refused, on_breaker_refused),
@@ -344,6 +341,7 @@ def install() -> None:
         signal.connect(receiver, weak=False, dispatch_uid=_uid(receiver))
     for signal, receiver in _SAFETYNET_RECEIVERS:
         signal.connect(receiver, weak=False, dispatch_uid=_uid(receiver))
+    signals.consume(_uid(on_task_ended), on_task_ended)
 
 
 def uninstall() -> None:
@@ -352,3 +350,4 @@ def uninstall() -> None:
         signal.disconnect(receiver, dispatch_uid=_uid(receiver))
     for signal, receiver in _SAFETYNET_RECEIVERS:
         signal.disconnect(receiver, dispatch_uid=_uid(receiver))
+    signals.stop_consuming(_uid(on_task_ended))

@@ -33,7 +33,7 @@ __all__ = ["Idempotency"]
 logger = logging.getLogger("safetynet")
 
 _NOTE = "idempotency"
-_HANDED_OVER = "handed over"
+_HELD, _HANDED_OVER = "held", "handed over"
 
 
 def _seconds_option(options: Mapping[str, Any], name: str, low: float, high: float, where: str) -> None:
@@ -128,6 +128,7 @@ class Idempotency(Plugin):
             _claims.release(held, error)
             raise error
         attempt.claim = held
+        attempt.notes[_NOTE] = _HELD
         with holding(held):
             if not task.idempotency_atomic:
                 result = body()
@@ -171,11 +172,12 @@ class Idempotency(Plugin):
 
     def on_retry_not_sent(self, attempt: Attempt, error: BaseException) -> None:
         # No message carries the claim: the run's end frees it (as the retry's, by the hand-over token).
-        attempt.notes.pop(_NOTE, None)
+        if attempt.notes.get(_NOTE) == _HANDED_OVER:
+            attempt.notes[_NOTE] = _HELD
 
     def after_run(self, attempt: Attempt, error: BaseException | None) -> None:
         held = attempt.claim
-        if held is None or error is None or attempt.notes.get(_NOTE) == _HANDED_OVER:
+        if held is None or error is None or attempt.notes.get(_NOTE) != _HELD:
             return  # nothing held, a success (marked), or handed over to the retry
         _release(held, error)
 

@@ -43,6 +43,7 @@ class Progress(Plugin):
     options = frozenset({"progress_result"})
     #: The ``apply_async`` option it reads.
     send_options = frozenset({"progress_for"})
+    run_headers = frozenset({headers.PROGRESS})
 
     def validate(self, options: Mapping[str, Any], where: str) -> None:
         shown = options.get("progress_result")
@@ -128,9 +129,9 @@ def _shown_result(task: Any, value: Any) -> Any:
     return redacted["result"]
 
 
-def on_task_ended(sender: Any = None, event: TaskEnded | None = None, **_: Any) -> None:
+def on_task_ended(event: TaskEnded) -> None:
     """The end, wherever it happened: succeeded (with the result if shown), or failed (a safe message)."""
-    if event is None or not (event.headers.get(headers.PROGRESS) or _NOTE in event.notes):
+    if not (event.headers.get(headers.PROGRESS) or _NOTE in event.notes):
         return
     if not event.dead:
         fields = _pending(event.notes)

@@ -8,7 +8,7 @@ The runtime creates an ``Attempt`` when a run starts and passes it along the pat
             plugin.adjust(attempt, retry), plugin.on_retry(attempt, retry, message) (then
             plugin.on_retry_not_sent if it could not be published) or
             plugin.on_give_up(attempt, dead, error)
-    always: plugin.after_run(attempt, error)
+    always: plugin.after_run(attempt, error), for the plug-ins that noted something in attempt.notes
 
 and, on the way out, ``plugin.before_send(message)`` in the caller, then
 ``plugin.around_publish(message, publish)`` when the message is published. A feature that takes
@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from safetynet.core.decision import Dead, Decision, Retry
+from safetynet.protocol.headers import HISTORY
 from safetynet.protocol.history import History
 
 __all__ = ["Attempt", "Outgoing", "Plugin"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Attempt:
     """The state of one run of a task: created when it starts, read and written by the path's steps."""
 
@@ -73,6 +74,8 @@ class Attempt:
     @property
     def number(self) -> int:
         """The number of this attempt, 1 for the first (snoozes do not count)."""
+        if self._history is None and HISTORY not in (self.request.headers or ()):
+            return 1  # a first attempt: no history to read
         return self.history.attempt
 
     @property
@@ -123,6 +126,8 @@ class Plugin:
     options: ClassVar[frozenset[str]] = frozenset()
     #: The ``apply_async`` options it reads (kept in ``Outgoing.notes``, not sent to Celery).
     send_options: ClassVar[frozenset[str]] = frozenset()
+    #: The message headers without which its ``before_run`` has nothing to do (None: it is always called).
+    run_headers: ClassVar[frozenset[str] | None] = None
 
     def validate(self, options: Mapping[str, Any], where: str) -> None:
         """Check the values of its options (raise ``ConfigurationError`` naming the task, ``where``)."""
@@ -166,4 +171,5 @@ class Plugin:
         """The run failed and the task is given up."""
 
     def after_run(self, attempt: Attempt, error: BaseException | None) -> None:
-        """The run ended, however it ended (``error`` is what it raised, None on success)."""
+        """The run ended, however it ended (``error`` is what it raised, None on success). Called only when the
+        plug-in left a note in ``attempt.notes`` under its name (it has something to clean up)."""

@@ -43,9 +43,13 @@ class DeadLetterFacts:
     headers: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TaskEnded:
-    """A task ended: it succeeded, or it was given up (and recorded as a dead letter)."""
+    """A task ended: it succeeded, or it was given up (and recorded as a dead letter).
+
+    Read-only by contract (it is not frozen only because a frozen dataclass costs three times as
+    much to make, and one is made for every task).
+    """
 
     task_name: str
     task_id: str

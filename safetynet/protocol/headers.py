@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["DELIVERY", "HANDOVER", "HISTORY", "PROGRESS", "RELAYED", "REPLAY_OF", "RESENT"]
+__all__ = ["DELIVERY", "HANDOVER", "HISTORY", "PROGRESS", "RELAYED", "REPLAY_OF"]
 
 #: The attempt history of a retried message (``safetynet.protocol.history.History``).
 HISTORY: Final = "safetynet"
@@ -16,8 +16,6 @@ HANDOVER: Final = "safetynet_claim"
 PROGRESS: Final = "safetynet_progress"
 #: The dead letter a replayed task came from (its id, as text).
 REPLAY_OF: Final = "safetynet_replay_of"
-#: How many times the relay sent a message again because no worker took it.
-RESENT: Final = "safetynet_resent"
 
 #: Headers about one delivery, not the task: a dead letter does not keep them and a replay does not send them.
-DELIVERY: Final = frozenset({HISTORY, RELAYED, HANDOVER, RESENT})
+DELIVERY: Final = frozenset({HISTORY, RELAYED, HANDOVER})

@@ -94,14 +94,23 @@ class Relay:
     """The relay's turns (a job of every worker, and ``manage.py safetynet relay``): no wait while more is due,
     a growing wait while the database or the broker is away; returns the seconds until the next turn."""
 
-    def __init__(self, app: Any, *, poll: float | None = None, limit: int = 500) -> None:
+    def __init__(self, app: Any, *, poll: float | None = None, limit: int = 500, sweeps: bool = False) -> None:
         self.app = app
         self.poll = poll
         self.limit = limit
         self.failures = 0
+        #: Sweep orphans too, every ``_orphan_interval()`` (the command's relay; a worker sweeps in its own job).
+        self.sweeps = sweeps
+        self.next_sweep = 0.0
 
     def __call__(self) -> float:
         limit = self.limit
+        if self.sweeps and time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + _orphan_interval()
+            try:
+                _sweep_orphans()
+            except Exception as error:  # the database is away: the relay pass below says so
+                logger.info("safetynet: orphan sweep postponed: %r", error)
         try:
             run = schedule.relay(self.app, limit=limit)
         except Exception as error:  # the database is away: try again, less often

@@ -61,9 +61,19 @@ def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[
     token = _active.set(attempt)
     error: BaseException | None = None
     try:
-        for plugin in pipeline.hooks("before_run"):
+        for plugin in pipeline.guards:
             plugin.before_run(attempt)
-        result = _through(pipeline.hooks("around_body"), attempt, body)
+        headers = request.headers
+        if headers:
+            for plugin in pipeline.header_guards:
+                if not plugin.run_headers.isdisjoint(headers):  # type: ignore[union-attr]
+                    plugin.before_run(attempt)
+        around = pipeline.hooks("around_body")
+        if around:
+            result = _through(around, attempt, body)
+        else:
+            attempt.ran = True
+            result = body()
         for plugin in pipeline.hooks("after_success"):
             plugin.after_success(attempt, result)
         _succeeded(attempt, result)
@@ -77,11 +87,14 @@ def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[
         raise
     finally:
         attempt.active = False
-        for plugin in pipeline.hooks("after_run"):
-            try:
-                plugin.after_run(attempt, error)
-            except Exception:  # a plug-in's clean-up must not hide the run's outcome
-                logger.exception("safetynet: %s: after_run of %s[%s] failed", plugin.name, task.name, request.id)
+        if attempt.notes:
+            for plugin in pipeline.hooks("after_run"):
+                if plugin.name not in attempt.notes:
+                    continue
+                try:
+                    plugin.after_run(attempt, error)
+                except Exception:  # a plug-in's clean-up must not hide the run's outcome
+                    logger.exception("safetynet: %s: after_run of %s[%s] failed", plugin.name, task.name, request.id)
         _active.reset(token)
 
 

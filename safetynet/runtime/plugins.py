@@ -47,13 +47,19 @@ class Pipeline:
     plugins: tuple[Plugin, ...]
     version: int
     by_hook: dict[str, tuple[Plugin, ...]]
+    #: The ``before_run`` guards called whatever the message's headers, and those called only when one of
+    #: their ``run_headers`` is there.
+    guards: tuple[Plugin, ...]
+    header_guards: tuple[Plugin, ...]
 
     @classmethod
     def of(cls, task: Any) -> Pipeline:
         """The pipeline of ``task`` under the current settings."""
         plugins = tuple(plugin for plugin in PLUGINS if plugin.takes_part(task))
-        return cls(plugins, conf.version(),
-                   {hook: tuple(plugin for plugin in plugins if _overrides(plugin, hook)) for hook in HOOKS})
+        by_hook = {hook: tuple(plugin for plugin in plugins if _overrides(plugin, hook)) for hook in HOOKS}
+        return cls(plugins, conf.version(), by_hook,
+                   tuple(plugin for plugin in by_hook["before_run"] if plugin.run_headers is None),
+                   tuple(plugin for plugin in by_hook["before_run"] if plugin.run_headers is not None))
 
     def hooks(self, name: str) -> tuple[Plugin, ...]:
         """The plug-ins that implement hook ``name``, in order."""

@@ -137,16 +137,19 @@ def send_retry(attempt: Attempt, signature: Any, delay: float) -> None:
 
     def write() -> None:
         try:
-            schedule.write(row, outside_transaction=True)
+            if schedule.write(row, outside_transaction=True) or schedule.holds_same(row):
+                return  # written; or this retry is there already (a redelivered attempt wrote it again)
+            why = "another message with this task id holds its row, not taken yet"
         except Exception as error:  # not written: a long retry must still happen, as Celery would send it
-            if not durable:
-                logger.exception("safetynet: could not keep the retry of %s[%s] to send it again", task.name,
-                                 request.id)
-                return
-            logger.warning("%s[%s]: could not put the retry in the durable schedule (%r); published as an ETA "
-                           "message", task.name, request.id, error,
-                           extra={"task_name": task.name, "task_id": request.id, "action": "retry"})
-            signature.apply_async(**{DIRECT: True})
+            why = repr(error)
+        if not durable:  # the ETA message is sent; only its safety net against loss is missing
+            logger.warning("%s[%s]: could not keep the retry to send it again if lost (%s)", task.name, request.id,
+                           why, extra={"task_name": task.name, "task_id": request.id, "action": "retry"})
+            return
+        logger.warning("%s[%s]: could not put the retry in the durable schedule (%s); published as an ETA message",
+                       task.name, request.id, why,
+                       extra={"task_name": task.name, "task_id": request.id, "action": "retry"})
+        signature.apply_async(**{DIRECT: True})
 
     # A retry scheduled inside an idempotent body's transaction is written once it has ended (a failure
     # rolls it back); outside_transaction keeps it from a transaction of the body's own.

@@ -58,6 +58,37 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
     return guarded
 
 
+class _Requests:
+    """A task class's own ``Request`` (a class or its dotted path) with safetynet's behind it, made when a
+    worker first asks for it (the path may name a module that cannot be imported yet)."""
+
+    def __init__(self, declared: Any) -> None:
+        self.declared = declared
+        self.combined: type | None = None
+
+    def __get__(self, instance: Any, owner: Any = None) -> type:
+        if self.combined is None:
+            from celery.utils.imports import symbol_by_name
+
+            from safetynet.runtime.worker import with_safety
+
+            self.combined = with_safety(symbol_by_name(self.declared))
+        return self.combined
+
+
+#: Celery's own worker request: a class naming it needs nothing combined.
+_CELERY_REQUEST = celery.Task.Request
+
+
+def _keeps_safety(declared: Any) -> Any:
+    """What a class's ``Request`` attribute becomes: safetynet's, or a user's own with safetynet's behind it."""
+    if isinstance(declared, _Requests):
+        return declared
+    if declared == _CELERY_REQUEST or declared == SafetyTask.Request:
+        return SafetyTask.Request
+    return _Requests(declared)
+
+
 class SafetyTask(_Base):
     """Celery's (Django) ``Task`` base with retry policies, error classification and attempt history."""
 
@@ -101,6 +132,8 @@ class SafetyTask(_Base):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "Request" in cls.__dict__:  # a Request class of its own: safetynet's goes behind it
+            cls.Request = _keeps_safety(cls.__dict__["Request"])
         where = f"task {cls.__dict__.get('name') or cls.__qualname__}"
         if cls.__dict__.get("_decorated"):
             options.check_known(options.decorated_options(cls), where)
@@ -223,6 +256,8 @@ def adopt(base: type) -> type[SafetyTask]:
     if combined is None:
         combined = _adopted[base] = type(str(base.__qualname__).rsplit(".", 1)[-1], (base, SafetyTask), {
             "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+            # base's own Request (first in the MRO) keeps SafetyRequest behind it
+            "Request": _keeps_safety(base.Request),
         })
     return combined
 

@@ -29,7 +29,7 @@ from celery.worker.state import task_ready
 
 from safetynet import conf, deadletter, idempotency, shared, signals
 from safetynet.core.decision import Retry, decide
-from safetynet.exceptions import CrashLoop
+from safetynet.exceptions import ConfigurationError, CrashLoop
 from safetynet.protocol import headers as header_names
 from safetynet.protocol.attempt import Attempt
 from safetynet.protocol.history import entry_for
@@ -240,6 +240,26 @@ class SafetyRequest(Request):
             omitted=history.omitted, worker=self.hostname or "", failed_at=now,
         ))
         _release_claims(self, detail)
+
+
+def with_safety(request_class: Any) -> type[SafetyRequest]:
+    """A task class's own ``Request`` class with ``SafetyRequest`` behind it (its methods first, calling on
+    through ``super()``): a hard time limit, a lost worker or a crash loop still end in a retry or a dead letter."""
+    if isinstance(request_class, type) and issubclass(request_class, SafetyRequest):
+        return request_class
+    if not (isinstance(request_class, type) and issubclass(request_class, Request)):
+        raise ConfigurationError(f"a task's Request must be a subclass of celery.worker.request.Request, "
+                                 f"got {request_class!r}")
+    combined = _with_safety.get(request_class)
+    if combined is None:
+        combined = _with_safety[request_class] = type(request_class.__name__, (request_class, SafetyRequest), {
+            "__module__": request_class.__module__, "__qualname__": request_class.__qualname__,
+            "__doc__": request_class.__doc__,
+        })
+    return combined
+
+
+_with_safety: dict[type, type[SafetyRequest]] = {}
 
 
 def _close_main_process_connections() -> None:

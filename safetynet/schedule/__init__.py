@@ -17,6 +17,7 @@ idempotent task's duplicate is also stopped by its claim.
 from safetynet.schedule._relay import RelayRun, publish_now, relay, sweep_orphans
 from safetynet.schedule._rows import (
     MAX_RESENDS,
+    NEVER,
     Row,
     accept,
     bring_forward,
@@ -24,6 +25,7 @@ from safetynet.schedule._rows import (
     database,
     delay_of,
     drop,
+    holds_same,
     is_durable,
     moment,
     pack,
@@ -35,6 +37,7 @@ from safetynet.schedule._rows import (
 
 __all__ = [
     "MAX_RESENDS",
+    "NEVER",
     "RelayRun",
     "Row",
     "accept",
@@ -43,6 +46,7 @@ __all__ = [
     "database",
     "delay_of",
     "drop",
+    "holds_same",
     "is_durable",
     "moment",
     "pack",

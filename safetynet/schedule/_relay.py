@@ -33,6 +33,7 @@ from safetynet.protocol import headers
 from safetynet.protocol.reasons import Reason
 from safetynet.schedule._rows import (
     MAX_RESENDS,
+    NEVER,
     broker_of,
     database,
     moment,
@@ -98,7 +99,7 @@ def relay(app: Any, *, limit: int = 500, keys: list[str] | None = None) -> Relay
     table = _table(using)
     skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     only = ""
-    params: list[Any] = [token, now + grace if grace is not None else 1e18, now, broker, now]
+    params: list[Any] = [token, now + grace if grace is not None else NEVER, now, broker, now]
     if keys is not None:
         only = f" AND key IN ({', '.join(['%s'] * len(keys))})"
         params += keys
@@ -135,12 +136,20 @@ def _not_taken(using: str, rows: list[_Taken], grace: float | None, run: RelayRu
     done, running, send = [], [], []
     for row in rows:
         claim = claims.get(row.claim_key) if row in tracked else None
-        if claim is None or claim[1] != row.task_id:
-            send.append(row)  # never claimed by this task: its message was lost (or this row is no resend)
-        elif claim[0] in (IdempotencyClaim.State.SUCCEEDED, IdempotencyClaim.State.FAILED):
+        if claim is None:
+            send.append(row)  # never claimed: its message was lost (or this row is no resend)
+        elif claim[0] == IdempotencyClaim.State.SUCCEEDED:
+            # The effect is done, by this task or by another message with the same key (sent twice): running
+            # this one again would only hand back the stored result.
             done.append(row.key)
-        elif claim[2] >= now:
-            running.append((row.key, claim[2]))  # a live run, or a retry waiting with the claim handed over
+        elif claim[0] == IdempotencyClaim.State.FAILED and claim[1] == row.task_id:
+            done.append(row.key)  # this task failed: its dead letter tells
+        elif claim[0] == IdempotencyClaim.State.FAILED:
+            send.append(row)  # another task's failure leaves the key free for this one
+        elif claim[2] >= now and not _has_expired(row):
+            # A live run (this task's, or another message's with the same key: this one's turn comes when it
+            # ends), or a retry waiting with the claim handed over.
+            running.append((row.key, claim[2]))
         else:
             send.append(row)  # its run died, or its retry was lost: the claim's lease ran out
     settle(done, using)
@@ -205,6 +214,12 @@ def _publish(app: Any, using: str, rows: list[_Taken], token: str, run: RelayRun
                 run.published += 1
 
 
+def _has_expired(row: _Taken) -> bool:
+    """True if the row's message carries an ``expires`` that has passed (``_publish`` then settles it)."""
+    expires = unpack(row.message)[2].get("expires")
+    return isinstance(expires, (str, datetime)) and moment(expires).timestamp() <= time.time()
+
+
 def _expired(options: dict[str, Any], row: _Taken, using: str) -> bool:
     """A message whose ``expires`` has passed is not published (a worker would discard it unrun, and the
     relay would send it again and again): the row is settled, as Celery would have settled it."""
@@ -265,24 +280,47 @@ def publish_now(app: Any, keys: list[str]) -> None:
                        ", ".join(keys), error, extra={"action": "outbox"})
 
 
-def sweep_orphans() -> int:
+def sweep_orphans(*, limit: int = 1000) -> int:
     """Make due the rows of idempotent tasks whose claim's lease ran out with no run holding it; return how many.
 
     The run died with its worker, or its retry was lost: the next relay pass checks the claim and
-    sends the message again (once ``LOST_MESSAGE_SECONDS`` would be too long to wait for that).
+    sends the message again (once ``LOST_MESSAGE_SECONDS`` would be too long to wait for that). A row
+    is made due once per lapse: only if the claim was taken, or its lease ran, past the row's last
+    publish (a message sent again after the lapse waits for a run to claim it, or for its own grace).
     """
     using = database()
     claims = idempotency.database_for_claims()
-    if claims != using:  # the rows and the claims live apart: the relay finds them when their grace ends
-        return 0
+    now = time.time()
+    if claims != using:
+        return _sweep_apart(using, claims, now, limit)
     table = _table(using)
     claim_table = connections[using].ops.quote_name(IdempotencyClaim._meta.db_table)
-    now = time.time()
     with connections[using].cursor() as cursor:
         cursor.execute(
             f"UPDATE {table} SET due_at = %s, updated_at = %s WHERE state = 'published' AND claim_key <> '' "
             f"AND due_at > %s AND EXISTS (SELECT 1 FROM {claim_table} c WHERE c.key = {table}.claim_key "
-            f"AND c.task_id = {table}.task_id AND c.state = 'in_progress' AND c.lease_until < %s)",
+            f"AND c.task_id = {table}.task_id AND c.state = 'in_progress' AND c.lease_until < %s "
+            f"AND (c.lease_until > {table}.updated_at OR c.updated_at > {table}.updated_at))",
             [now, now, now, now],
         )
         return cursor.rowcount
+
+
+def _sweep_apart(using: str, claims: str, now: float, limit: int) -> int:
+    """``sweep_orphans`` when the claims live in another database: the join is made here, a batch at a time."""
+    expired = {(key, task_id): max(lease_until, updated_at) for key, task_id, lease_until, updated_at in
+               IdempotencyClaim.objects.using(claims).filter(state=IdempotencyClaim.State.IN_PROGRESS,
+                                                             lease_until__lt=now)
+               .order_by("-lease_until").values_list("key", "task_id", "lease_until", "updated_at")[:limit]}
+    if not expired:
+        return 0
+    rows = (ScheduledMessage.objects.using(using)
+            .filter(state=ScheduledMessage.State.PUBLISHED, due_at__gt=now,
+                    claim_key__in={key for key, _ in expired}, task_id__in={task_id for _, task_id in expired})
+            .values_list("key", "claim_key", "task_id", "updated_at"))
+    orphans = [key for key, claim_key, task_id, updated_at in rows
+               if expired.get((claim_key, task_id), 0.0) > updated_at]
+    if not orphans:
+        return 0
+    return ScheduledMessage.objects.using(using).filter(key__in=orphans, state=ScheduledMessage.State.PUBLISHED,
+                                                         due_at__gt=now).update(due_at=now, updated_at=now)

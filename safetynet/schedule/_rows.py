@@ -17,13 +17,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from django.db import connections, router
+from django.db.models import Q
 from kombu.utils.json import dumps, loads
 
 from safetynet import conf
 from safetynet.exceptions import ConfigurationError
 from safetynet.models import ScheduledMessage
 
-__all__ = ["MAX_RESENDS", "Row", "accept", "bring_forward", "broker_of", "database", "delay_of", "drop", "is_durable",
+__all__ = ["MAX_RESENDS", "NEVER", "Row", "accept", "bring_forward", "broker_of", "database", "delay_of", "drop", "holds_same", "is_durable",
            "moment", "pack", "purge", "settle", "unpack", "write"]
 
 #: A published message no worker took is sent again at most this many times, then dead-lettered.
@@ -153,6 +154,16 @@ def write(row: Row, *, using: str | None = None, outside_transaction: bool = Fal
             connection.close()
 
 
+def holds_same(row: Row, *, using: str | None = None) -> bool:
+    """True if the stored row is ``row``'s message at this attempt or a later one (what ``write`` left in place
+    for a redelivered attempt: the same arguments), False if a message with other arguments holds it."""
+    found = ScheduledMessage.objects.using(using or database()).filter(key=row.task_id[:255]).values_list(
+        "entry", "message").first()
+    if found is None or found[0] < row.entry:
+        return False
+    return unpack(found[1])[:2] == unpack(row.message)[:2]
+
+
 def _independent(using: str) -> Any:
     """A new connection to ``using``, in autocommit, for a write that must not join the transaction open
     on Django's connection (the caller closes it; this is rare: a retry scheduled inside an atomic block)."""
@@ -190,10 +201,18 @@ def settle(keys: list[str], using: str | None = None) -> None:
             state=ScheduledMessage.State.CONSUMED, consumed_token="-", updated_at=time.time())
 
 
+#: The ``due_at`` of a published row that is never sent again (``LOST_MESSAGE_SECONDS`` is None).
+NEVER = 1e18
+
+
 def purge(older_than: float) -> int:
-    """Delete the rows of messages published or taken before ``older_than`` (seconds since the epoch)."""
+    """Delete the rows done with before ``older_than`` (seconds since the epoch): taken, or published and never
+    to be sent again. A published row the relay still watches (a kept message due in two days) stays."""
     deleted, _ = ScheduledMessage.objects.using(database()).filter(
-        state__in=[ScheduledMessage.State.PUBLISHED, ScheduledMessage.State.CONSUMED], updated_at__lt=older_than
+        Q(state=ScheduledMessage.State.CONSUMED)
+        | Q(state=ScheduledMessage.State.PUBLISHED, due_at__gte=NEVER)
+        | Q(state=ScheduledMessage.State.PUBLISHED, due_at__lt=older_than),
+        updated_at__lt=older_than,
     ).delete()
     return deleted
 

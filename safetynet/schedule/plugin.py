@@ -26,6 +26,7 @@ class SecondCopy(Plugin):
     """A message the relay published: only the copy of its latest publish that reaches a worker first runs."""
 
     name = "second_copy"
+    run_headers = frozenset({headers.RELAYED})
 
     def before_run(self, attempt: Attempt) -> None:
         relayed = (attempt.request.headers or {}).get(headers.RELAYED)

@@ -14,15 +14,17 @@ of the true value, and usually much closer.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import signals as celery_signals
 
-from safetynet import signals
+from safetynet import conf, signals
 from safetynet.protocol.events import TaskEnded
 from safetynet.stats._counting import (
     OUTCOMES,
     RUNTIME_BUCKETS,
+    count,
     flush,
     flush_safely,
     prune,
@@ -40,13 +42,10 @@ __all__ = ["OUTCOMES", "RUNTIME_BUCKETS", "WINDOWS", "Overview", "TaskSummary", 
            "percentile", "prune", "record"]
 
 
-def _on_task_ended(sender: Any = None, event: TaskEnded | None = None, **_: Any) -> None:
-    if event is None:
-        return
-    if event.dead:
-        record(event.task_name, "dead", reason=str(event.reason), runtime=event.runtime)
-    else:
-        record(event.task_name, "success", runtime=event.runtime)
+def _on_task_ended(event: TaskEnded) -> None:
+    if conf.get().stats:
+        count(event.task_name, "dead" if event.dead else "successes", event.runtime,
+              str(event.reason) if event.dead else None, time.time())
 
 
 def _on_retrying(sender: Any = None, entry: dict[str, Any] | None = None, **_: Any) -> None:
@@ -67,5 +66,5 @@ def connect() -> None:
     celery_signals.worker_process_shutdown.connect(_on_worker_stopping, dispatch_uid="safetynet.stats.child",
                                                    weak=False)
     celery_signals.worker_shutdown.connect(_on_worker_stopping, dispatch_uid="safetynet.stats.worker", weak=False)
-    signals.task_ended.connect(_on_task_ended, dispatch_uid="safetynet.stats.ended", weak=False)
+    signals.consume("safetynet.stats", _on_task_ended)
     signals.task_retrying.connect(_on_retrying, dispatch_uid="safetynet.stats.retrying", weak=False)

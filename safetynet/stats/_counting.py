@@ -78,33 +78,39 @@ _lock = threading.Lock()
 _flushing = threading.Lock()
 #: (minute start as epoch seconds, task name) -> counts not yet in the database.
 _pending: dict[tuple[int, str], _Counts] = {}
-_job_pid = 0
+#: True once this process's flush job runs (a forked child starts with False).
+_flushing_job = False
 
 
 def record(task_name: str, outcome: str, *, runtime: float | None = None, reason: str | None = None,
            at: float | None = None) -> None:
     """Count one outcome of ``task_name`` (success, retry, snooze, dead) in this process."""
-    global _job_pid
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
-    if not conf.get().stats:
-        return
-    minute = int((time.time() if at is None else at) // 60 * 60)
+    if conf.get().stats:
+        count(task_name, _FIELD_OF[outcome], runtime, reason, time.time() if at is None else at)
+
+
+def count(task_name: str, counter: str, runtime: float | None, reason: str | None, at: float) -> None:
+    """``record`` without its checks: ``counter`` is one of "successes", "retries", "snoozes", "dead" (every
+    task that ends in a worker comes here: it is kept short)."""
+    global _flushing_job
+    minute = int(at // 60 * 60)
     with _lock:
         counts = _pending.get((minute, task_name))
         if counts is None:
             counts = _pending[(minute, task_name)] = _Counts()
-        setattr(counts, _FIELD_OF[outcome], getattr(counts, _FIELD_OF[outcome]) + 1)
-        if outcome != "snooze" or runtime is not None:
+        setattr(counts, counter, getattr(counts, counter) + 1)
+        if counter != "snoozes" or runtime is not None:
             counts.runs += 1
-        if outcome == "dead":
+        if counter == "dead":
             key = reason or "unknown"
             counts.dead_by_reason[key] = counts.dead_by_reason.get(key, 0) + 1
         if runtime is not None:
             counts.runtime_sum += runtime
             counts.runtime_buckets[bisect.bisect_left(RUNTIME_BUCKETS, max(0.0, runtime))] += 1
-    if _job_pid != os.getpid():
-        _job_pid = os.getpid()
+    if not _flushing_job:
+        _flushing_job = True
         runner.add(Job("stats flush", lambda: flush_safely("periodic"), lambda: conf.get().stats_flush_seconds,
                        at_start=False))
 
@@ -203,11 +209,13 @@ def flush_safely(why: str) -> None:
 
 
 def _forget_parent_counts() -> None:
-    """In a forked child: the parent's pending counts are the parent's to write."""
-    global _pending, _lock, _flushing
+    """In a forked child: the parent's pending counts are the parent's to write (and its flush job did not come
+    along)."""
+    global _pending, _lock, _flushing, _flushing_job
     _lock = threading.Lock()
     _flushing = threading.Lock()
     _pending = {}
+    _flushing_job = False
 
 
 if hasattr(os, "register_at_fork"):

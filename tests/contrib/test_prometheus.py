@@ -190,6 +190,7 @@ def test_the_app_config_installs_the_receivers_when_prometheus_client_is_install
         from celery import signals as celery_signals
         from safetynet import signals
         uids = [key[0] for key, *_ in signals.task_ended.receivers + signals.task_retrying.receivers]
+        uids += list(signals._consumers)  # safetynet's own consumers of the terminal event
         print(sorted(uid for uid in uids if str(uid).startswith("safetynet.contrib.prometheus")))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,

@@ -377,8 +377,8 @@ def test_install_is_idempotent_and_works_before_init(init_sentry):
     safetynet_sentry.install()
     safetynet_sentry.install()
     assert sentry_sdk.scope.global_event_processors.count(safetynet_sentry._global_processor) == 1
-    dispatch = [entry for entry in signals.task_ended.receivers if entry[0][0] == "safetynet.contrib.sentry.task_ended"]
-    assert len(dispatch) == 1
+    assert signals._for_deaths.count(safetynet_sentry._on_task_ended) == 1
+    assert safetynet_sentry._on_task_ended not in signals._for_successes  # final failures only
     transport = init_sentry()  # a client made after install() gets the final pass at its first event
     sentry_sdk.capture_event({"message": "x", "extra": {"card_token": SECRET}})
     safetynet_sentry.install()

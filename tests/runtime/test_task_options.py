@@ -127,3 +127,55 @@ def test_alert_mail_admins_must_be_a_boolean():
     with override_settings(SAFETYNET={"ALERT_MAIL_ADMINS": "no"}):
         with pytest.raises(ConfigurationError, match="ALERT_MAIL_ADMINS'\\] must be True or False"):
             conf.get()
+
+
+def test_a_base_with_its_own_request_class_keeps_safetynets_behind_it():
+    import celery
+    from celery.worker.request import Request
+
+    from safetynet.runtime.worker import SafetyRequest
+
+    class AuditedRequest(Request):
+        def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+
+    class AuditedTask(celery.Task):
+        Request = AuditedRequest
+
+    @safetynet.task(base=AuditedTask, name="tests.runtime.audited")
+    def audited():
+        return 1
+
+    request_class = audited.Request
+    assert issubclass(request_class, AuditedRequest) and issubclass(request_class, SafetyRequest)
+    mro = request_class.__mro__
+    assert mro.index(AuditedRequest) < mro.index(SafetyRequest)  # the user's methods first, as under Celery
+    assert audited.Request is request_class  # made once
+
+    class ByPath(safetynet.SafetyTask):  # a dotted path, resolved when a worker asks
+        name = "tests.runtime.by_path"
+        Request = "celery.worker.request:Request"
+
+        def run(self):
+            return 1
+
+    assert ByPath.Request == safetynet.SafetyTask.Request  # Celery's own request: safetynet's takes its place
+
+    class Own(safetynet.SafetyTask):
+        name = "tests.runtime.own_request"
+        Request = AuditedRequest
+
+        def run(self):
+            return 1
+
+    assert issubclass(Own.Request, SafetyRequest) and issubclass(Own.Request, AuditedRequest)
+
+    class NotARequest(safetynet.SafetyTask):
+        name = "tests.runtime.not_a_request"
+        Request = dict
+
+        def run(self):
+            return 1
+
+    with pytest.raises(ConfigurationError, match="Request must be a subclass"):
+        _ = NotARequest.Request

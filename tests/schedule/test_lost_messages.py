@@ -113,11 +113,16 @@ def test_a_late_retry_sent_again_keeps_its_hand_over_and_counts_no_crash(queue, 
     token = retry_headers[headers.HANDOVER]
     row = ScheduledMessage.objects.get(key=task_id)
     assert (row.kind, row.state, row.claim_key, row.entry) == ("retry", "published", "self-retry-7", 1)
-    IdempotencyClaim.objects.filter(key="self-retry-7").update(lease_until=time.time() - 1)  # the retry is late
+    # The retry was published a minute ago and is late: the claim it hands over ran out a second ago.
+    ScheduledMessage.objects.filter(key=task_id).update(updated_at=time.time() - 60)
+    IdempotencyClaim.objects.filter(key="self-retry-7").update(lease_until=time.time() - 1)
     for _ in range(2):
         assert schedule.sweep_orphans() == 1
         assert schedule.relay(app).resent == 1
-        IdempotencyClaim.objects.filter(key="self-retry-7").update(lease_until=time.time() - 1)
+        assert schedule.sweep_orphans() == 0  # once per lapse: the copy sent again waits for a run, or its grace
+        # A run took the copy (it keeps the hand-over) and died too.
+        IdempotencyClaim.objects.filter(key="self-retry-7").update(lease_until=time.time() - 1,
+                                                                  updated_at=time.time())
     assert [found[headers.HANDOVER] for _, found in sent(queue)] == [token] * 3
     taken = idempotency.claim("self-retry-7", task_name=task.name, task_id=task_id, lease=30, max_deliveries=3,
                               handover=token)
@@ -174,3 +179,44 @@ def test_the_orphan_sweep_reads_an_index():
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'safetynet_claim_unsettled'")
         assert "in_progress" in cursor.fetchone()[0]
+
+
+def test_a_second_message_for_the_same_key_waits_its_turn_and_is_done_once_the_key_succeeded(queue):
+    """The same key enqueued twice (two task ids): the second message's fate follows the key's claim."""
+    key, first_id = charge(queue)
+    order = key[len("charge-"):]
+    second_id = tasks.idempotent_charge.apply_async(args=(order,), queue=queue).id
+    held = claim(key, first_id)
+    for task_id in (first_id, second_id):
+        due_now(task_id)
+    run = schedule.relay(app)
+    assert (run.taken, run.resent) == (2, 0)  # a live run holds the key: both wait for it
+    assert idempotency.mark_succeeded(held, "ok")
+    for task_id in (first_id, second_id):
+        due_now(task_id)
+    run = schedule.relay(app)
+    assert (run.taken, run.resent) == (2, 0)  # the effect is done: neither is sent again, nor dead-lettered
+    assert set(ScheduledMessage.objects.filter(key__in=[first_id, second_id]).values_list("state", flat=True)) == {
+        "consumed"}
+    assert not DeadLetter.objects.filter(task_id__in=[first_id, second_id]).exists()
+
+
+def test_another_tasks_failure_leaves_the_key_to_a_message_nobody_took(queue):
+    key, first_id = charge(queue)
+    second_id = tasks.idempotent_charge.apply_async(args=(key[len("charge-"):],), queue=queue).id
+    idempotency.release(claim(key, first_id), ValueError("declined"))
+    due_now(second_id)
+    assert schedule.relay(app).resent == 1  # lost: the first task's failure does not settle it
+    due_now(first_id)
+    assert schedule.relay(app).taken == 1  # the first task failed: its own dead letter tells
+
+
+def test_the_orphan_sweep_joins_in_python_when_claims_live_in_another_database(queue):
+    from safetynet.schedule._relay import _sweep_apart
+
+    key, task_id = charge(queue)
+    claim(key, task_id)
+    IdempotencyClaim.objects.filter(key=key).update(lease_until=time.time() - 1)
+    assert _sweep_apart("default", "default", time.time(), 1000) == 1
+    assert schedule.relay(app).resent == 1
+    assert _sweep_apart("default", "default", time.time(), 1000) == 0  # once per lapse

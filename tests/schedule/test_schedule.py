@@ -444,3 +444,29 @@ def test_an_expired_message_is_not_published(queue):
     time.sleep(1.1)
     scheduler.relay(app)
     assert sent(queue) == [] and row("late").state == "consumed"
+
+
+def test_a_retry_whose_row_another_message_holds_is_sent_as_an_eta_message(queue, caplog):
+    """A reused task id whose earlier message is not taken yet keeps its row; the new retry is not dropped."""
+    retry(add, (1, 2), task_id="held", queue=queue, countdown=60, headers=retry_headers(started=time.time() - 3600))
+    assert sent(queue) == []
+    retry(add, (3, 4), task_id="held", queue=queue, countdown=60, headers=retry_headers(started=time.time()))
+    assert scheduler.unpack(row("held").message)[0] == [1, 2]  # the earlier message keeps its row
+    [(name, task_id, headers)] = sent(queue)
+    assert (name, task_id) == (add.name, "held") and "eta" in headers
+    assert "another message with this task id holds its row" in caplog.text
+    # The same retry decided again (a redelivered attempt) is there already: nothing more is sent.
+    retry(add, (1, 2), task_id="held", queue=queue, countdown=60, headers=retry_headers(started=time.time() - 3600))
+    assert len(sent(queue)) == 1
+
+
+def test_a_published_row_the_relay_still_watches_is_not_purged(queue):
+    retry(add, (1, 2), task_id="watched", countdown=60)
+    retry(add, (1, 2), task_id="never", countdown=60)
+    retry(add, (1, 2), task_id="overdue", countdown=60)
+    ScheduledMessage.objects.filter(key="watched").update(state="published", due_at=time.time() + 86_400)
+    ScheduledMessage.objects.filter(key="never").update(state="published", due_at=scheduler.NEVER)
+    ScheduledMessage.objects.filter(key="overdue").update(state="published", due_at=time.time() - 90_000)
+    ScheduledMessage.objects.update(updated_at=time.time() - 90_000)
+    assert scheduler.purge(time.time() - 86_400) == 2
+    assert list(ScheduledMessage.objects.values_list("key", flat=True)) == ["watched"]

@@ -108,7 +108,7 @@ def test_counts_whose_row_vanished_before_the_lock_are_kept_for_the_next_flush(m
 
 
 def test_the_first_count_of_a_process_starts_its_flush_job(monkeypatch):
-    monkeypatch.setattr(counting, "_job_pid", 0)  # as in a process that has counted nothing yet (a forked child)
+    monkeypatch.setattr(counting, "_flushing_job", False)  # as in a process that has counted nothing yet (a child)
     runner.stop()
     assert not runner.has("stats flush")
     stats.record("shop.mail", "success", runtime=0.2, at=AT)

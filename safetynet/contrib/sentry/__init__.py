@@ -89,7 +89,7 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
-        signals.task_ended.connect(_on_task_ended, dispatch_uid="safetynet.contrib.sentry.task_ended", weak=False)
+        signals.consume("safetynet.contrib.sentry", _on_task_ended, successes=False)
         signals.task_retrying.connect(
             _on_task_retrying, dispatch_uid="safetynet.contrib.sentry.task_retrying", weak=False
         )
@@ -102,7 +102,7 @@ def uninstall() -> None:
     """Undo ``install()``: no reports, no redaction, the active client's own hooks put back."""
     global _installed
     with _install_lock:
-        signals.task_ended.disconnect(dispatch_uid="safetynet.contrib.sentry.task_ended")
+        signals.stop_consuming("safetynet.contrib.sentry")
         signals.task_retrying.disconnect(dispatch_uid="safetynet.contrib.sentry.task_retrying")
         while _global_processor in sentry_scope.global_event_processors:
             sentry_scope.global_event_processors.remove(_global_processor)
@@ -200,10 +200,10 @@ def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
     return deadletter.fingerprint(task_name, exception_type, clean(message), clean(traceback))
 
 
-def _on_task_ended(sender: Any, event: TaskEnded | None = None, **_: Any) -> None:
+def _on_task_ended(event: TaskEnded) -> None:
     """One event per task given up: from the live exception when the core decided it in the process that ran it,
     else from what the dead-letter store kept (a hard time limit, a crash loop, an unknown task, …)."""
-    if event is None or not event.dead or not sentry_sdk.get_client().is_active():
+    if not event.dead or not sentry_sdk.get_client().is_active():
         return
     try:
         if event.reason in DECIDED_REASONS and event.task is not None and event.exception is not None:

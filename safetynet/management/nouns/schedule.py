@@ -12,7 +12,7 @@ from django.core.management.base import CommandError
 from django.db import DatabaseError, InterfaceError
 from django.db.models import QuerySet
 
-from safetynet import schedule
+from safetynet import conf, schedule
 from safetynet.management.nouns._text import (
     Noun,
     columns,
@@ -34,9 +34,10 @@ class Schedule(Noun):
     def add_arguments(commands: Any) -> None:
         """``relay`` and ``schedule list|due-now``."""
         relay = commands.add_parser(
-            "relay", help="publish due scheduled retries and outbox messages",
-            description="Publish the scheduled retries and outbox messages that are due, until stopped (SIGTERM "
-                        "or Ctrl-C ends it after the current pass). Every worker runs one already "
+            "relay", help="publish due scheduled retries and outbox messages; send again what no worker took",
+            description="Publish the scheduled retries and outbox messages that are due, and send again the kept "
+                        "messages of idempotent tasks that no worker took (or whose run died), until stopped "
+                        "(SIGTERM or Ctrl-C ends it after the current pass). Every worker runs one already "
                         "(RELAY_IN_WORKERS); run this one too, or instead, as you like: any number can run.")
         relay.add_argument("--once", action="store_true", help="one pass, then exit (prints what it did)")
         relay.add_argument("--poll", type=float, default=None, metavar="SECONDS",
@@ -74,6 +75,8 @@ class Schedule(Noun):
             raise CommandError("--poll must be from 0.05 to 60 seconds")
         if options["once"]:
             try:
+                if conf.get().lost_message_seconds is not None:
+                    schedule.sweep_orphans()
                 run = schedule.relay(app, limit=options["limit"])
             except (DatabaseError, InterfaceError) as error:
                 raise CommandError(f"The database cannot be reached: {error}") from None
@@ -87,7 +90,7 @@ class Schedule(Noun):
             signal.signal(number, lambda *_: stop.set())
         self.stdout.write(f"Relaying due scheduled retries and outbox messages through {app.conf.broker_url!r} "
                           "(SIGTERM or Ctrl-C stops).")
-        relay = Relay(app, poll=options["poll"], limit=options["limit"])
+        relay = Relay(app, poll=options["poll"], limit=options["limit"], sweeps=True)
         while not stop.is_set():
             stop.wait(relay())
         self.stdout.write("Relay stopped.")
