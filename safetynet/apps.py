@@ -21,7 +21,7 @@ class SafetynetConfig(AppConfig):
         consumer.connect()
         stats.connect()
         alerts.connect()
-        signals.consume("safetynet.progress", on_task_ended)
+        signals.consume("safetynet.progress", on_task_ended, successes=False)  # a success: Progress.after_success
         self.install_integrations()
 
     @staticmethod

@@ -58,7 +58,8 @@ def test_users_test_suites_get_the_fixtures_with_no_configuration(tmp_path):
 # The supported modules and what each exposes: nothing more (a helper imported there is not API), nothing less.
 PUBLIC_MODULES = {
     "safetynet.signals": [
-        "announce", "breaker_changed", "breaker_refused", "consume", "dead_letter_recorded", "dead_letters_evicted",
+        "announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_recorded",
+        "dead_letters_evicted", "drain_successes",
         "stop_consuming", "task_dead", "task_ended", "task_replayed", "task_retrying",
     ],
     "safetynet.typing": [
@@ -72,7 +73,7 @@ PUBLIC_MODULES = {
     "safetynet.contrib.prometheus": [
         "ATTEMPTS", "BREAKER_CHANGES", "BREAKER_REFUSED", "DEAD", "DEAD_LETTERS_EVICTED", "RETRY_DELAY", "RUNTIME",
         "BreakerCollector", "DeadLetterCollector", "PORT_ENVIRONMENT_VARIABLE", "RETRY_DELAY_BUCKETS",
-        "RUNTIME_BUCKETS", "collector_registry", "install", "metrics_view", "multiprocess_dir", "on_breaker_changed",
+        "RUNTIME_BUCKETS", "collector_registry", "flush", "install", "metrics_view", "multiprocess_dir", "on_breaker_changed",
         "on_breaker_refused", "on_dead_letters_evicted", "on_task_ended", "on_task_retrying", "on_worker_ready",
         "start_worker_http_server", "uninstall", "worker_http_address",
     ],

@@ -31,7 +31,9 @@ database gauge is exposed once, by the web side). See docs/prometheus.md.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +71,7 @@ __all__ = [
     "BreakerCollector",
     "DeadLetterCollector",
     "collector_registry",
+    "flush",
     "install",
     "metrics_view",
     "multiprocess_dir",
@@ -92,6 +95,31 @@ RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    600.0, 1800.0, float("inf"))
 RETRY_DELAY_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0,
                        86400.0, float("inf"))
+
+class _Batches:
+    """Successes reach the metrics in batches (``signals.consume(on_successes=...)``): a success costs the task
+    one append, not two locked metric updates. This collector is registered first, so a scrape of this process
+    hands the waiting successes over before the metrics are read."""
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        signals.drain_successes()
+        return []
+
+
+def _add_observations(histogram: Any, runtime_sum: float, buckets: list[int]) -> None:
+    """Add a batch of observations to a histogram child: its sum and its (non-cumulative) bucket counts, as
+    ``observe`` would one at a time (prometheus_client keeps them as ``_sum`` and ``_buckets``)."""
+    histogram._sum.inc(runtime_sum)
+    for index, count in enumerate(buckets):
+        if count:
+            histogram._buckets[index].inc(count)
+
+
+_BATCHES = _Batches()
+REGISTRY.register(_BATCHES)  # first: a scrape of this process hands the waiting successes over before it reads
 
 ATTEMPTS = Counter(
     "safetynet_task_attempts", "Attempts of safetynet tasks by how they ended (success, retry, snooze, dead).",
@@ -131,6 +159,45 @@ def _happy_path(task_name: str) -> tuple[Any, Any]:
     if children is None:  # a race here is harmless: labels() returns the same children
         children = _HAPPY_PATH[task_name] = (RUNTIME.labels(task_name), ATTEMPTS.labels(task_name, "success"))
     return children
+
+
+def _on_successes(batch: list[tuple[str, float | None, float]]) -> None:
+    """A batch of successes: counted, and their run times observed."""
+    by_task: dict[str, tuple[list[int], list[float]]] = {}
+    for task_name, runtime, _at in batch:
+        tally = by_task.get(task_name)
+        if tally is None:
+            tally = by_task[task_name] = ([0], [])
+        tally[0][0] += 1
+        if runtime is not None:
+            tally[1].append(runtime)
+    for task_name, ((successes,), runtimes) in by_task.items():
+        histogram, success = _happy_path(task_name)
+        success.inc(successes)
+        if not runtimes:
+            continue
+        if _batches_fit(histogram):
+            buckets = [0] * len(RUNTIME_BUCKETS)
+            for runtime in runtimes:
+                buckets[bisect.bisect_left(RUNTIME_BUCKETS, runtime)] += 1
+            _add_observations(histogram, math.fsum(runtimes), buckets)
+        else:  # another prometheus_client: one at a time
+            for runtime in runtimes:
+                histogram.observe(runtime)
+
+
+def _batches_fit(histogram: Any) -> bool:
+    """True if this prometheus_client keeps a histogram child as ``_sum`` and ``_buckets`` over our buckets."""
+    global _BATCHED
+    if _BATCHED is None:
+        _BATCHED = (hasattr(getattr(histogram, "_sum", None), "inc")
+                    and len(getattr(histogram, "_buckets", ())) == len(RUNTIME_BUCKETS)
+                    and tuple(getattr(histogram, "_upper_bounds", ())) == RUNTIME_BUCKETS)
+    return _BATCHED
+
+
+#: Whether batches are added to a histogram child whole (decided on the first, from the child it made).
+_BATCHED: bool | None = None
 
 
 def on_task_ended(event: TaskEnded) -> None:
@@ -236,6 +303,7 @@ def collector_registry(*, dead_letters: bool = True) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     path = multiprocess_dir()
     if path:
+        registry.register(_BATCHES)  # this process's successes go to its files before they are read
         multiprocess.MultiProcessCollector(registry, path=path)
     else:
         registry.register(REGISTRY)  # the default registry: the project's own metrics are exposed too
@@ -312,8 +380,19 @@ def on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 # -- wiring ------------------------------------------------------------------------------
 
+def flush(**_: Any) -> None:
+    """Add the successes waiting for their batch to the metrics now (done every second, before a scrape of this
+    process, and when a worker process stops)."""
+    try:
+        signals.drain_successes()
+    except Exception as error:  # a metric that cannot be written must not stop a worker from stopping
+        logger.warning("safetynet: Prometheus counts not flushed: %r", error)
+
+
 _CELERY_RECEIVERS = (
     (celery_signals.worker_ready, on_worker_ready),
+    (celery_signals.worker_process_shutdown, flush),
+    (celery_signals.worker_shutdown, flush),
 )
 _SAFETYNET_RECEIVERS = (
     (signals.task_retrying, on_task_retrying),
@@ -341,11 +420,12 @@ def install() -> None:
         signal.connect(receiver, weak=False, dispatch_uid=_uid(receiver))
     for signal, receiver in _SAFETYNET_RECEIVERS:
         signal.connect(receiver, weak=False, dispatch_uid=_uid(receiver))
-    signals.consume(_uid(on_task_ended), on_task_ended)
+    signals.consume(_uid(on_task_ended), on_task_ended, on_successes=_on_successes)
 
 
 def uninstall() -> None:
-    """Disconnect the metric receivers (the metrics keep their values)."""
+    """Disconnect the metric receivers (the metrics keep their values, the counts not yet added included)."""
+    flush()
     for signal, receiver in _CELERY_RECEIVERS:
         signal.disconnect(receiver, dispatch_uid=_uid(receiver))
     for signal, receiver in _SAFETYNET_RECEIVERS:

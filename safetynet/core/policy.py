@@ -208,7 +208,7 @@ class RetryPolicy:
             return source.uniform(0, delay)
         if self.jitter == "equal":
             half = delay / 2
-            value = half + source.uniform(0, half)
+            value = min(delay, half + source.uniform(0, half))  # rounding (tiny delays) never goes past it
             return float(math.floor(value)) if self.whole_seconds and math.isfinite(value) else value
         # decorrelated (AWS): min(cap, uniform(base, previous * 3)), starting from the base delay.
         base = self._capped_base(1)

@@ -203,8 +203,8 @@ def _deferral(attempt: Attempt, held: _claims.Claim) -> BaseException:
 
 def _after_transaction(attempt: Attempt) -> None:
     """The writes deferred until the body's transaction ended (a hand-over, a dead letter)."""
-    writes, attempt.after_transaction = attempt.after_transaction, []
-    for write in writes:
+    writes, attempt.after_transaction = attempt.after_transaction, None
+    for write in writes or ():
         try:
             write()
         except Exception:  # a record or a hand-over that fails must not hide the task's outcome

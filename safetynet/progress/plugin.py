@@ -62,8 +62,13 @@ class Progress(Plugin):
 
     def before_run(self, attempt: Attempt) -> None:
         if _is_tracked(attempt):
+            attempt.notes.setdefault(_NOTE, {})
             write(attempt.request.id, attempt.task.name, state="running", attempt=attempt.number,
                   next_attempt_at=None)
+
+    def after_success(self, attempt: Attempt, result: Any) -> None:
+        if _NOTE in attempt.notes:  # tracked, or it reported progress
+            _succeeded(attempt.request.id, attempt.task, attempt.number, result, attempt.notes)
 
     def on_retry(self, attempt: Attempt, retry: Retry, message: Outgoing) -> None:
         if _is_tracked(attempt) or _NOTE in attempt.notes:
@@ -129,19 +134,23 @@ def _shown_result(task: Any, value: Any) -> Any:
     return redacted["result"]
 
 
+def _succeeded(task_id: str, task: Any, attempts: int, result: Any, notes: Mapping[str, Any]) -> None:
+    fields = _pending(notes)
+    total = fields.get("total")
+    if total is None:
+        total = TaskProgress.objects.filter(task_id=task_id).values_list("total", flat=True).first()
+    write(task_id, task.name, **{**fields, "state": "succeeded", "attempt": attempts,
+                                 "current": total if total is not None else fields.get("current"),
+                                 "total": total, "next_attempt_at": None, "result": _shown_result(task, result)})
+
+
 def on_task_ended(event: TaskEnded) -> None:
-    """The end, wherever it happened: succeeded (with the result if shown), or failed (a safe message)."""
+    """The end, wherever it happened: succeeded (with the result if shown), or failed (a safe message). A success in
+    the run's own path is written by ``Progress.after_success``; this consumer is registered for deaths."""
     if not (event.headers.get(headers.PROGRESS) or _NOTE in event.notes):
         return
     if not event.dead:
-        fields = _pending(event.notes)
-        total = fields.get("total")
-        if total is None:
-            total = TaskProgress.objects.filter(task_id=event.task_id).values_list("total", flat=True).first()
-        write(event.task_id, event.task_name, **{**fields, "state": "succeeded", "attempt": event.attempts,
-                                                 "current": total if total is not None else fields.get("current"),
-                                                 "total": total, "next_attempt_at": None,
-                                                 "result": _shown_result(event.task, event.result)})
+        _succeeded(event.task_id, event.task, event.attempts, event.result, event.notes)
         return
     error = public_message(event.exception) if event.exception is not None else conf.get().progress_error_message
     write(event.task_id, event.task_name, state="failed", error=error, next_attempt_at=None)

@@ -4,7 +4,8 @@ The runtime creates an ``Attempt`` when a run starts and passes it along the pat
 
     guards: plugin.before_run(attempt) for each plug-in, in order
     body:   plugin.around_body(attempt, call) nested, the first plug-in outermost
-    after:  plugin.after_success(attempt, result), or on a failure core.decide, then
+    after:  plugin.after_success(attempt, result) for the plug-ins that noted something in
+            attempt.notes, or on a failure core.decide, then
             plugin.adjust(attempt, retry), plugin.on_retry(attempt, retry, message) (then
             plugin.on_retry_not_sent if it could not be published) or
             plugin.on_give_up(attempt, dead, error)
@@ -28,9 +29,13 @@ from safetynet.protocol.history import History
 __all__ = ["Attempt", "Outgoing", "Plugin"]
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, init=False)
 class Attempt:
-    """The state of one run of a task: created when it starts, read and written by the path's steps."""
+    """The state of one run of a task: created when it starts, read and written by the path's steps.
+
+    One is made for every run, so ``__init__`` sets only what a run brings; the other fields keep
+    their class defaults until a step sets them.
+    """
 
     #: The task object (a ``SafetyTask``).
     task: Any
@@ -56,13 +61,24 @@ class Attempt:
     ran: bool = False
     #: True while the body runs inside the transaction that also marks its claim.
     in_body_transaction: bool = False
-    #: Writes to make once that transaction has ended (a failure rolls it back).
-    after_transaction: list[Callable[[], object]] = field(default_factory=list)
+    #: Writes to make once that transaction has ended (a failure rolls it back); None: none yet.
+    after_transaction: list[Callable[[], object]] | None = None
     #: True until the run has ended.
     active: bool = True
     #: State a plug-in keeps for this run, under its name.
     notes: dict[str, Any] = field(default_factory=dict)
     _history: History | None = field(default=None, repr=False)
+
+    def __init__(self, task: Any, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any], started: float,
+                 started_perf: float, plugins: tuple[Plugin, ...] = ()) -> None:
+        self.task = task
+        self.request = request
+        self.args = args
+        self.kwargs = kwargs
+        self.started = started
+        self.started_perf = started_perf
+        self.plugins = plugins
+        self.notes = {}
 
     @property
     def history(self) -> History:
@@ -86,6 +102,8 @@ class Attempt:
     def when_transaction_ends(self, write: Callable[[], object]) -> None:
         """Run ``write`` now, or, inside the body's transaction (which a failure rolls back), once it has ended."""
         if self.in_body_transaction:
+            if self.after_transaction is None:
+                self.after_transaction = []
             self.after_transaction.append(write)
         else:
             write()
@@ -155,7 +173,7 @@ class Plugin:
         return body()
 
     def after_success(self, attempt: Attempt, result: Any) -> None:
-        """The body returned ``result``."""
+        """The body returned ``result`` (called only if the plug-in noted something: ``attempt.notes[name]``)."""
 
     def adjust(self, attempt: Attempt, retry: Retry) -> Retry:
         """Change a retry the core decided (wait longer); never turns it into a death."""

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetynet.protocol.history import HistoryEntry
 from safetynet.protocol.reasons import Reason
+
+if TYPE_CHECKING:
+    from safetynet.protocol.attempt import Attempt
+
+#: An empty mapping shared by events that have no headers (read-only by contract).
+_NONE: Mapping[str, Any] = {}
 
 __all__ = ["DeadLetterFacts", "Outcome", "TaskEnded"]
 
@@ -87,3 +93,11 @@ class TaskEnded:
     def dead(self) -> bool:
         """True if the task was given up."""
         return self.outcome is Outcome.DEAD
+
+    @classmethod
+    def succeeded(cls, attempt: Attempt, result: Any, runtime: float) -> TaskEnded:
+        """The event of a run that succeeded."""
+        request = attempt.request
+        return cls(attempt.task.name, request.id, Outcome.SUCCEEDED, None, "", attempt.number, runtime, None, (), 0,
+                   attempt.args, attempt.kwargs, request.headers or _NONE, attempt.task, result, None, attempt.notes,
+                   attempt.eager)

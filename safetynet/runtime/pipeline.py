@@ -3,9 +3,12 @@
     guards   plugin.before_run(attempt)          a second copy? the breaker open? budget earned
     body     plugin.around_body(attempt, call)   the claim (a stored result, a deferral, a crash loop),
                                                  the transaction, then the user's function
-    success  plugin.after_success, then the terminal event (``signals.task_ended``)
+    success  plugin.after_success, then the terminal event (``signals.announce_success``)
     failure  outcome.after_failure: core.decide, then act (publish the retry, or give up)
     always   plugin.after_run(attempt, error)
+
+The end-of-run hooks (``after_success``, ``after_run``) are called only for the plug-ins that noted
+something of the run (``attempt.notes[plugin.name]``): a run nobody noted ends with no call at all.
 
 ``run`` is what a safetynet task's ``run`` calls around the user's function. The ``Attempt`` it
 creates is the only per-run state; it is found again (``current``) by ``self.retry()`` and
@@ -21,11 +24,10 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
-from safetynet import signals
+from safetynet import conf, signals
 from safetynet.protocol.attempt import Attempt, Plugin
-from safetynet.protocol.events import Outcome, TaskEnded
 from safetynet.runtime import clock, outcome
-from safetynet.runtime.plugins import pipeline_of
+from safetynet.runtime.plugins import Pipeline, pipeline_of
 
 __all__ = ["current", "run"]
 
@@ -55,9 +57,11 @@ def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[
     outer = _active.get()
     if outer is not None and outer.active and outer.request.id == request.id and outer.task.name == task.name:
         return _reentrant(outer, body)
-    pipeline = pipeline_of(task)
-    attempt = Attempt(task=task, request=request, args=tuple(args), kwargs=dict(kwargs), started=clock.now(),
-                      started_perf=time.perf_counter(), plugins=pipeline.plugins)
+    pipeline: Pipeline | None = task.__dict__.get("_safetynet_pipeline")
+    if pipeline is None or pipeline.version != conf.version():
+        pipeline = pipeline_of(task)
+    # args and kwargs are the wrapper's own (made for this call): not copied again.
+    attempt = Attempt(task, request, args, kwargs, clock.now(), time.perf_counter(), pipeline.plugins)
     token = _active.set(attempt)
     error: BaseException | None = None
     try:
@@ -68,15 +72,17 @@ def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[
             for plugin in pipeline.header_guards:
                 if not plugin.run_headers.isdisjoint(headers):  # type: ignore[union-attr]
                     plugin.before_run(attempt)
-        around = pipeline.hooks("around_body")
+        around = pipeline.around_body
         if around:
             result = _through(around, attempt, body)
         else:
             attempt.ran = True
             result = body()
-        for plugin in pipeline.hooks("after_success"):
-            plugin.after_success(attempt, result)
-        _succeeded(attempt, result)
+        if attempt.notes:  # the plug-ins that noted something of this run hear how it ended
+            for plugin in pipeline.after_success:
+                if plugin.name in attempt.notes:
+                    plugin.after_success(attempt, result)
+        signals.announce_success(attempt, result, time.perf_counter() - attempt.started_perf)
         return result
     except Exception as exc:
         error = exc
@@ -88,7 +94,7 @@ def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[
     finally:
         attempt.active = False
         if attempt.notes:
-            for plugin in pipeline.hooks("after_run"):
+            for plugin in pipeline.after_run:
                 if plugin.name not in attempt.notes:
                     continue
                 try:
@@ -107,15 +113,6 @@ def _through(plugins: tuple[Plugin, ...], attempt: Attempt, body: Callable[[], A
     for plugin in reversed(plugins):
         call = functools.partial(plugin.around_body, attempt, call)
     return call()
-
-
-def _succeeded(attempt: Attempt, result: Any) -> None:
-    request = attempt.request
-    signals.announce(TaskEnded(
-        task_name=attempt.task.name, task_id=request.id, outcome=Outcome.SUCCEEDED, attempts=attempt.number,
-        runtime=time.perf_counter() - attempt.started_perf, args=attempt.args, kwargs=attempt.kwargs,
-        headers=request.headers or {}, task=attempt.task, result=result, notes=attempt.notes, eager=attempt.eager,
-    ))
 
 
 def _reentrant(outer: Attempt, body: Callable[[], Any]) -> Any:

@@ -51,6 +51,10 @@ class Pipeline:
     #: their ``run_headers`` is there.
     guards: tuple[Plugin, ...]
     header_guards: tuple[Plugin, ...]
+    #: ``hooks(name)`` of the hooks every run reads, as attributes.
+    around_body: tuple[Plugin, ...] = ()
+    after_success: tuple[Plugin, ...] = ()
+    after_run: tuple[Plugin, ...] = ()
 
     @classmethod
     def of(cls, task: Any) -> Pipeline:
@@ -59,7 +63,8 @@ class Pipeline:
         by_hook = {hook: tuple(plugin for plugin in plugins if _overrides(plugin, hook)) for hook in HOOKS}
         return cls(plugins, conf.version(), by_hook,
                    tuple(plugin for plugin in by_hook["before_run"] if plugin.run_headers is None),
-                   tuple(plugin for plugin in by_hook["before_run"] if plugin.run_headers is not None))
+                   tuple(plugin for plugin in by_hook["before_run"] if plugin.run_headers is not None),
+                   by_hook["around_body"], by_hook["after_success"], by_hook["after_run"])
 
     def hooks(self, name: str) -> tuple[Plugin, ...]:
         """The plug-ins that implement hook ``name``, in order."""

@@ -25,6 +25,7 @@ from safetynet.stats._counting import (
     OUTCOMES,
     RUNTIME_BUCKETS,
     count,
+    count_successes,
     flush,
     flush_safely,
     prune,
@@ -48,6 +49,11 @@ def _on_task_ended(event: TaskEnded) -> None:
               str(event.reason) if event.dead else None, time.time())
 
 
+def _on_successes(batch: list[tuple[str, float | None, float]]) -> None:
+    if conf.get().stats:
+        count_successes(batch)
+
+
 def _on_retrying(sender: Any = None, entry: dict[str, Any] | None = None, **_: Any) -> None:
     name = getattr(sender, "name", None)
     if name:
@@ -66,5 +72,5 @@ def connect() -> None:
     celery_signals.worker_process_shutdown.connect(_on_worker_stopping, dispatch_uid="safetynet.stats.child",
                                                    weak=False)
     celery_signals.worker_shutdown.connect(_on_worker_stopping, dispatch_uid="safetynet.stats.worker", weak=False)
-    signals.consume("safetynet.stats", _on_task_ended)
+    signals.consume("safetynet.stats", _on_task_ended, on_successes=_on_successes)
     signals.task_retrying.connect(_on_retrying, dispatch_uid="safetynet.stats.retrying", weak=False)

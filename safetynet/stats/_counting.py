@@ -25,11 +25,11 @@ from typing import Any
 from django.db import close_old_connections, transaction
 from django.db.models import Q
 
-from safetynet import conf
+from safetynet import conf, signals
 from safetynet.background import Job, runner
 from safetynet.models import TaskStats
 
-__all__ = ["COUNTERS", "OUTCOMES", "RUNTIME_BUCKETS", "flush", "flush_safely", "prune", "record", "sum_lists"]
+__all__ = ["COUNTERS", "OUTCOMES", "RUNTIME_BUCKETS", "count_successes", "flush", "flush_safely", "prune", "record", "sum_lists"]
 
 logger = logging.getLogger("safetynet")
 
@@ -94,7 +94,6 @@ def record(task_name: str, outcome: str, *, runtime: float | None = None, reason
 def count(task_name: str, counter: str, runtime: float | None, reason: str | None, at: float) -> None:
     """``record`` without its checks: ``counter`` is one of "successes", "retries", "snoozes", "dead" (every
     task that ends in a worker comes here: it is kept short)."""
-    global _flushing_job
     minute = int(at // 60 * 60)
     with _lock:
         counts = _pending.get((minute, task_name))
@@ -110,9 +109,33 @@ def count(task_name: str, counter: str, runtime: float | None, reason: str | Non
             counts.runtime_sum += runtime
             counts.runtime_buckets[bisect.bisect_left(RUNTIME_BUCKETS, max(0.0, runtime))] += 1
     if not _flushing_job:
-        _flushing_job = True
-        runner.add(Job("stats flush", lambda: flush_safely("periodic"), lambda: conf.get().stats_flush_seconds,
-                       at_start=False))
+        _add_flushing_job()
+
+
+def count_successes(batch: list[tuple[str, float | None, float]]) -> None:
+    """Count a batch of successes, each ``(task_name, runtime, at)`` (handed over by ``signals``)."""
+    buckets = RUNTIME_BUCKETS
+    with _lock:
+        pending = _pending
+        for task_name, runtime, at in batch:
+            key = (int(at // 60 * 60), task_name)
+            counts = pending.get(key)
+            if counts is None:
+                counts = pending[key] = _Counts()
+            counts.successes += 1
+            counts.runs += 1
+            if runtime is not None:
+                counts.runtime_sum += runtime
+                counts.runtime_buckets[bisect.bisect_left(buckets, runtime if runtime > 0.0 else 0.0)] += 1
+    if not _flushing_job:
+        _add_flushing_job()
+
+
+def _add_flushing_job() -> None:
+    global _flushing_job
+    _flushing_job = True
+    runner.add(Job("stats flush", lambda: flush_safely("periodic"), lambda: conf.get().stats_flush_seconds,
+                   at_start=False))
 
 
 def _take_pending() -> dict[tuple[int, str], _Counts]:
@@ -139,6 +162,7 @@ def flush() -> int:
 
     If the database refuses, the counts stay pending (merged with newer ones) for the next flush.
     """
+    signals.drain_successes()  # the successes still waiting for their batch
     with _flushing:
         return _flush()
 

@@ -487,3 +487,25 @@ def test_a_prefork_worker_with_two_children_exposes_the_sums(tmp_path, worker_da
     finally:
         worker.stop()
         app.close()
+
+
+def test_successes_counted_in_batches_read_as_if_observed_one_by_one():
+    """Successes are added to the metrics in batches; a scrape of this process sees every one, bucketed as
+    ``observe`` would (the bounds included: a run of exactly 0.005 s is in the 0.005 bucket)."""
+    from prometheus_client import Histogram
+
+    name = f"tests.batched.{uuid.uuid4().hex[:6]}"
+    runtimes = [0.0, 0.001, 0.005, 0.0051, 0.3, 7.0, 4000.0, 0.005]
+    reference = Histogram("reference_runtime", "", buckets=prometheus.RUNTIME_BUCKETS, registry=None)
+    for runtime in runtimes:
+        signals.announce_success(SimpleNamespace(task=SimpleNamespace(name=name)), None, runtime)
+        reference.observe(runtime)
+    assert prometheus._BATCHED  # this prometheus_client takes batches
+    assert value("safetynet_task_attempts_total", task=name, outcome="success") == len(runtimes)
+    expected = {sample.labels["le"]: sample.value for sample in reference.collect()[0].samples
+                if sample.name.endswith("_bucket")}
+    for bound, count in expected.items():
+        assert REGISTRY.get_sample_value("safetynet_task_runtime_seconds_bucket", {"task": name, "le": bound}) == count
+    assert value("safetynet_task_runtime_seconds_sum", task=name) == pytest.approx(sum(runtimes))
+    prometheus.flush()  # nothing pending: nothing changes
+    assert value("safetynet_task_attempts_total", task=name, outcome="success") == len(runtimes)

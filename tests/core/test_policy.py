@@ -513,3 +513,11 @@ def test_describe():
     assert RetryPolicy.from_celery(max_retries=2, retry_backoff=4).describe() == (
         "3 attempts, celery retry_backoff factor 4, full jitter, cap 600s"
     )
+
+
+def test_equal_jitter_never_rounds_past_the_delay():
+    """A denormal delay (hypothesis found base=5e-324): half + uniform(0, half) rounded up past the delay."""
+    policy = RetryPolicy(max_attempts=None, backoff=Exponential(base=5e-324, factor=3), jitter="equal")
+    low, high = policy.delay_range(2)
+    for seed in range(200):
+        assert low <= policy.delay_for(2, rng=random.Random(seed)) <= high

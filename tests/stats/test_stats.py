@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from django.db import DatabaseError, connection
 
-from safetynet import stats
+from safetynet import signals, stats
 from safetynet.background import runner
 from safetynet.stats import _counting as counting
 from safetynet.models import TaskStats
@@ -22,6 +22,7 @@ AT = NOW.timestamp()
 def empty(request):
     """Counts left pending by other tests of this process are dropped, and rows that workers of the
     integration tests wrote are gone, so each test counts its own."""
+    signals.drain_successes()
     counting._take_pending()
     if "django_db" in request.keywords:
         request.getfixturevalue("django_db_setup")
