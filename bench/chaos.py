@@ -30,10 +30,10 @@ The set-up, alike for both systems:
 restarted once. The Redis transport of kombu takes a message off the list (BRPOP) and records
 it as unacknowledged in a second command: a ``kill -9`` between the two (or a reply lost when
 Redis restarts) loses the message whatever the task does, and late acks cannot bring it back.
-safetynet records each idempotent task as queued when it is sent, and every worker's sweeper
-sends again one that no run claimed within ``LOST_MESSAGE_SECONDS`` (60 s here, above the
-longest wait in this run's queue; 900 s by default); the claim makes a copy that was only slow
-harmless. Plain
+safetynet keeps each idempotent task's message (a ``sent`` row) when it is sent, and the relay of
+every worker sends again one that no run claimed within ``LOST_MESSAGE_SECONDS`` (60 s here, above
+the longest wait in this run's queue; 900 s by default), or at once once the run holding its key
+died (the orphan sweep); the claim makes a copy that was only slow harmless. Plain
 Celery has nothing of the kind. RabbitMQ keeps an unacknowledged message on the server and puts
 it back when the consumer's connection dies, so late acks are enough there.
 
@@ -292,7 +292,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
         if run.system == "safetynet" and run.outcome.claims:
             print("safetynet idempotency claims at the end: "
                   + ", ".join(f"{k}={v}" for k, v in sorted(run.outcome.claims.items()))
-                  + f"; sent again by the lost-message sweeper: {run.outcome.resent_messages} message(s) of "
+                  + f"; sent again by the relay: {run.outcome.resent_messages} message(s) of "
                     f"{run.outcome.resent_claims} task(s)")
         if run.exits:
             print(f"note ({run.system}): restarted after exiting by themselves: {', '.join(run.exits[:6])}")
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stall-seconds", type=float,
                         help="give up draining after this long without progress (default: the longer of "
                              "3 x visibility timeout + lease + sweep interval = 37 and safetynet's "
-                             "LOST_MESSAGE_SECONDS + its sweep interval + lease = 80)")
+                             "LOST_MESSAGE_SECONDS + its sweep interval + lease = 80; at most 25 with --quick)")
     parser.add_argument("--drain-cap", type=float, help="give up draining after this long in all (chaos + 300)")
     parser.add_argument("--keep", action="store_true", help="keep the database and the worker logs")
     args = parser.parse_args(argv)
@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         lost_message = float(os.environ.get("SAFETYNET_CHAOS_LOST_MESSAGE") or 60)
         args.stall_seconds = max(3 * args.visibility_timeout + LEASE_SECONDS + RESTORE_INTERVAL,
                                  lost_message + min(60.0, max(1.0, lost_message / 4)) + LEASE_SECONDS)
+        if args.quick:  # under a minute: what is left after this is counted lost (safetynet drains in ~15 s)
+            args.stall_seconds = min(args.stall_seconds, 25.0)
     if args.drain_cap is None:
         args.drain_cap = args.chaos_seconds + 300.0
     systems = [name.strip() for name in args.systems.split(",") if name.strip()]

@@ -1,6 +1,6 @@
 """Throughput of a no-op safetynet task, plain and idempotent, against a plain Celery task, through real workers.
 
-    /tmp/venv/bin/python bench/overhead.py [--quick] [--tasks N] [--rounds R] [--slice S] [--budget SECONDS]
+    .venv/bin/python bench/overhead.py [--quick] [--tasks N] [--rounds R] [--slice S] [--budget SECONDS]
                                            [--pool solo|prefork] [--without-prometheus]
 
 Three systems are compared: a plain ``@shared_task`` no-op, the same no-op as ``@safetynet.task``,

@@ -1,6 +1,6 @@
 """Replay throughput of dead letters against plain ``apply_async`` of the same tasks, in one process.
 
-    /tmp/venv/bin/python bench/replay.py [--quick] [--rows N] [--rounds R]
+    .venv/bin/python bench/replay.py [--quick] [--rows N] [--rounds R]
 
 ``safetynet dead replay --all`` hands every dead row to ``deadletter.replay``, which publishes
 each one again (one producer per batch of 500) and bulk-updates the rows (status, replay count,
