@@ -13,6 +13,8 @@ W003      a retry delay can outlast the broker's ``visibility_timeout`` (Redis, 
 W004      the pickle serializer is accepted: a message can run arbitrary code
 W005      a task acknowledges late (``acks_late``) but declares no ``idempotency_key``:
           a redelivered message runs its effect twice
+W006      a task's body calls its own task synchronously (``fetch(url)`` or ``self.run(url)`` inside
+          ``fetch``): it runs inside the same attempt, not as a retry
 E003      idempotent tasks are declared but the claims' database is neither PostgreSQL nor SQLite
 E004      a task goes through a breaker that ``SAFETYNET["BREAKERS"]`` does not declare
 ========  =====================================================================
@@ -30,6 +32,7 @@ from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
 from safetynet.exceptions import ConfigurationError
 from safetynet.runtime import options
 from safetynet.runtime.registry import user_tasks
+from safetynet.runtime.selfcalls import self_calls
 from safetynet.runtime.task import SafetyTask
 
 __all__ = ["check_settings", "check_tasks", "longest_delay"]
@@ -99,6 +102,17 @@ def _check_claims_database(idempotent: list[str]) -> list[checks.CheckMessage]:
     )]
 
 
+def _check_self_calls(name: str, task: Any) -> list[checks.CheckMessage]:
+    """W006: the body calls its own task synchronously."""
+    return [checks.Warning(
+        f"Task {name} calls itself synchronously in its body ({call.filename}:{call.line}: {call.text}): the call "
+        "runs inside the same attempt as a plain function, with no new message, no backoff and no limit.",
+        obj=name, id="safetynet.W006",
+        hint="To try again, raise self.retry(exc=exc) (bind=True) or let the retry policy retry the exception; to "
+             "start another task, call .delay(...) or .apply_async(...).",
+    ) for call in self_calls(task)]
+
+
 def _broker_visibility_timeout(app: Any) -> float | None:
     scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+")[0]
     if scheme not in _VISIBILITY_DEFAULTS:
@@ -108,7 +122,7 @@ def _broker_visibility_timeout(app: Any) -> float | None:
 
 @checks.register("safetynet")
 def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E002–E004, W001–W005 over every registered task and the Celery configuration."""
+    """E002–E004, W001–W006 over every registered task and the Celery configuration."""
     messages: list[checks.CheckMessage] = []
     try:
         conf.get()
@@ -138,6 +152,8 @@ def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
                 hint="Declare idempotency_key='<operation>-{<argument>}' with @safetynet.task, or, if the task "
                      "is idempotent by itself, add 'safetynet.W005' to SILENCED_SYSTEM_CHECKS.",
             ))
+        if isinstance(task, SafetyTask):
+            messages.extend(_check_self_calls(name, task))
         try:
             policy, catch_all = _policy_and_catch_all(task)
         except ConfigurationError as error:

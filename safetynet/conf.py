@@ -28,6 +28,8 @@ Every key, its default and its meaning::
     REDIS_URL             Redis for counters every worker shares (delivery counts, enqueue uniqueness);
                           None: the Celery broker when it is Redis, else the database; "": always the database
     MAX_DELIVERIES        a task that kills its worker this many times is dead-lettered as crash_loop
+    TIME_LIMIT_RETRIES    how many times a task killed by its hard time limit is run again (the policy
+                          permitting) before it is dead-lettered as time_limit; None: the policy alone
     IDEMPOTENCY_LEASE_SECONDS  how long a claim outlives its last heartbeat (renewed every third of it)
     LOST_MESSAGE_SECONDS  an idempotent task not started this long after it was due (or whose claim
                           expired with no run taking it over) is sent again by the relay; also how long
@@ -105,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
     "PROMETHEUS_WORKER_ADDRESS": "0.0.0.0",
     "REDIS_URL": None,
     "MAX_DELIVERIES": 3,
+    "TIME_LIMIT_RETRIES": 1,
     "IDEMPOTENCY_LEASE_SECONDS": 30,
     "LOST_MESSAGE_SECONDS": 900,
     "DURABLE_RETRY_SECONDS": 5.0,
@@ -151,6 +154,7 @@ class Settings:
     prometheus_worker_address: str
     redis_url: str | None
     max_deliveries: int
+    time_limit_retries: int | None
     idempotency_lease_seconds: float
     lost_message_seconds: float | None
     durable_retry_seconds: float | None
@@ -242,6 +246,14 @@ def _callables(key: str, value: Any) -> tuple[Callable[..., Any], ...]:
 def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"SAFETYNET[{key!r}] must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _time_limit_retries(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a whole number >= 0 (or None), got {value!r}")
     return value
 
 
@@ -350,7 +362,7 @@ def build(user: dict[str, Any]) -> Settings:
         )
     if merged["UNCLASSIFIED"] not in ("retry", "fail"):
         raise ConfigurationError(f"SAFETYNET['UNCLASSIFIED'] must be 'retry' or 'fail', got {merged['UNCLASSIFIED']!r}")
-    return Settings(
+    settings = Settings(
         default_policy=policy,
         default_retry_on=_matchers("DEFAULT_RETRY_ON", merged["DEFAULT_RETRY_ON"]),
         default_fail_on=_matchers("DEFAULT_FAIL_ON", merged["DEFAULT_FAIL_ON"]),
@@ -371,6 +383,7 @@ def build(user: dict[str, Any]) -> Settings:
         prometheus_worker_address=str(merged["PROMETHEUS_WORKER_ADDRESS"]),
         redis_url=_optional_string("REDIS_URL", merged["REDIS_URL"]),
         max_deliveries=_positive_int("MAX_DELIVERIES", merged["MAX_DELIVERIES"]),
+        time_limit_retries=_time_limit_retries("TIME_LIMIT_RETRIES", merged["TIME_LIMIT_RETRIES"]),
         idempotency_lease_seconds=_seconds("IDEMPOTENCY_LEASE_SECONDS", merged["IDEMPOTENCY_LEASE_SECONDS"], 1, 86_400),
         lost_message_seconds=(None if merged["LOST_MESSAGE_SECONDS"] is None
                               else _seconds("LOST_MESSAGE_SECONDS", merged["LOST_MESSAGE_SECONDS"], 1, 86_400)),
@@ -393,6 +406,14 @@ def build(user: dict[str, Any]) -> Settings:
         progress_min_interval=_seconds("PROGRESS_MIN_INTERVAL", merged["PROGRESS_MIN_INTERVAL"], 0, 3600),
         progress_keep_seconds=_seconds("PROGRESS_KEEP_SECONDS", merged["PROGRESS_KEEP_SECONDS"], 60, 3660 * 86_400),
     )
+    if settings.lost_message_seconds is not None and settings.schedule_keep_seconds <= settings.lost_message_seconds:
+        raise ConfigurationError(
+            f"SAFETYNET['SCHEDULE_KEEP_SECONDS'] ({settings.schedule_keep_seconds:g}) must be longer than "
+            f"LOST_MESSAGE_SECONDS ({settings.lost_message_seconds:g}): a message's row must outlive the time a copy "
+            "of it may still arrive, or a late second copy is not recognised and runs again. Raise "
+            "SCHEDULE_KEEP_SECONDS (one day by default) or lower LOST_MESSAGE_SECONDS."
+        )
+    return settings
 
 
 def get() -> Settings:

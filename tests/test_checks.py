@@ -4,7 +4,7 @@
 from django.test import override_settings
 
 from safetynet import checks
-from tests.fixtures import risky_tasks  # noqa: F401  (registers the risky tasks)
+from tests.fixtures import risky_tasks  # registers the risky tasks
 from tests.celery_app import app
 
 
@@ -55,6 +55,14 @@ def test_invalid_settings_are_an_error_at_startup():
     assert message.id == "safetynet.E001" and "jitter must be one of" in message.msg
 
 
+def test_rows_kept_no_longer_than_a_lost_message_waits_are_an_error():
+    with override_settings(SAFETYNET={"SCHEDULE_KEEP_SECONDS": 600, "LOST_MESSAGE_SECONDS": 900}):
+        [message] = checks.check_settings()
+    assert message.id == "safetynet.E001" and "must be longer than LOST_MESSAGE_SECONDS (900)" in message.msg
+    with override_settings(SAFETYNET={"SCHEDULE_KEEP_SECONDS": 600, "LOST_MESSAGE_SECONDS": None}):
+        assert checks.check_settings() == []
+
+
 def test_naive_times_are_an_error():
     assert checks.check_settings() == []
     with override_settings(USE_TZ=False):
@@ -84,3 +92,13 @@ def test_a_task_through_an_undeclared_breaker_is_an_error():
     assert messages_for("through_an_unknown_breaker") == {"safetynet.E004"}
     with override_settings(SAFETYNET={"BREAKERS": {"nowhere": {}}}):
         assert messages_for("through_an_unknown_breaker") == set()
+
+
+def test_a_task_that_calls_itself_synchronously_warns_with_the_line():
+    source = open(risky_tasks.__file__).read().splitlines()
+    for name, call in (("fetch_feed", "fetch_feed(url, depth + 1)"), ("fetch_feed_bound", "self.run(url)")):
+        [message] = [m for m in checks.check_tasks() if m.obj == f"tests.fixtures.risky_tasks.{name}"]
+        line = next(number for number, text in enumerate(source, 1) if call in text)
+        assert message.id == "safetynet.W006"
+        assert f"risky_tasks.py:{line}: {call}" in message.msg
+    assert messages_for("fetch_feed_later") == set()  # .delay() and .apply_async() send a new message

@@ -119,6 +119,8 @@ class History:
     previous_delay: float | None = None
     entries: list[HistoryEntry] = field(default_factory=list)
     omitted: int = 0
+    #: How many earlier attempts the hard time limit killed.
+    time_limits: int = 0
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, Any] | None, started: float) -> History:
@@ -135,6 +137,7 @@ class History:
                 previous_delay=None if previous is None else float(previous),
                 entries=_entries(data.get("history")),
                 omitted=max(0, int(data.get("omitted", 0))),
+                time_limits=max(0, int(data.get("time_limits", 0))),
             )
         except (TypeError, ValueError, OverflowError):  # a mangled header must not kill the task: start afresh
             return cls(attempt=1, started_at=started)
@@ -153,11 +156,12 @@ class History:
         return [*self.entries, entry]
 
     def header_after(
-        self, entry: HistoryEntry, *, delay: float, consumes_attempt: bool, max_entries: int, max_bytes: int
+        self, entry: HistoryEntry, *, delay: float, consumes_attempt: bool, max_entries: int, max_bytes: int,
+        time_limit: bool = False,
     ) -> dict[str, Any]:
-        """The header value for the next attempt, bounded in size."""
+        """The header value for the next attempt, bounded in size (``time_limit``: the hard limit killed this one)."""
         entries, dropped = _bounded(self.with_entry(entry), max_entries, max_bytes)
-        return {
+        header = {
             "v": 1,
             "attempt": self.attempt + 1 if consumes_attempt else self.attempt,
             "started_at": self.started_at,
@@ -165,3 +169,6 @@ class History:
             "history": entries,
             "omitted": self.omitted + dropped,
         }
+        if self.time_limits or time_limit:
+            header["time_limits"] = self.time_limits + int(time_limit)
+        return header

@@ -26,7 +26,8 @@ __all__ = ["CELERY_RETRY_OPTIONS", "SAFETYNET_OPTIONS", "KeyOption", "Resolved",
            "resolve", "resolved", "validate"]
 
 #: Options the runtime reads itself.
-RUNTIME_OPTIONS = frozenset({"retry_policy", "retry_on", "fail_on", "max_deliveries", "enqueue"})
+RUNTIME_OPTIONS = frozenset({"retry_policy", "retry_on", "fail_on", "max_deliveries", "time_limit_retries",
+                             "enqueue"})
 
 #: Options safetynet adds to a task: the runtime's and its plug-ins'.
 SAFETYNET_OPTIONS = RUNTIME_OPTIONS.union(*(plugin.options for plugin in PLUGINS))
@@ -97,6 +98,9 @@ def validate(options: Mapping[str, Any], where: str) -> None:
     value = options.get("max_deliveries")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigurationError(f"{where}: max_deliveries must be a whole number >= 1, got {value!r}")
+    value = options.get("time_limit_retries")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigurationError(f"{where}: time_limit_retries must be a whole number >= 0, got {value!r}")
     mode = options.get("enqueue")
     if mode is not None and mode not in conf.ENQUEUE_MODES:
         raise ConfigurationError(

@@ -116,6 +116,8 @@ class SafetyTask(_Base):
     unique_for: float | None = None
     #: A task that kills its worker this many times is dead-lettered (None: ``MAX_DELIVERIES``).
     max_deliveries: int | None = None
+    #: How many times a run killed by the hard time limit is run again (None: ``TIME_LIMIT_RETRIES``).
+    time_limit_retries: int | None = None
     #: How ``delay()``/``apply_async()`` send it: "now", "on_commit" or "outbox" (None: ``ENQUEUE``).
     enqueue: str | None = None
     #: The name of a breaker in ``SAFETYNET["BREAKERS"]``: while it is open the body is not run and
@@ -164,6 +166,16 @@ class SafetyTask(_Base):
             cls.acks_late = True
         if declared.get("reject_on_worker_lost") is None:
             cls.reject_on_worker_lost = True
+
+    @classmethod
+    def bind(cls, app: Any) -> Any:
+        """Celery's ``bind`` (options from the app's config); then late acknowledgement means what users mean
+        by it: a message whose worker died is delivered again (bounded by ``max_deliveries``, then
+        ``crash_loop``), unless the task or the config set ``reject_on_worker_lost=False``."""
+        bound = super().bind(app)
+        if cls.acks_late and cls.reject_on_worker_lost is None:
+            cls.reject_on_worker_lost = True
+        return bound
 
     # -- what a bound task can read -------------------------------------------------------
 

@@ -121,6 +121,15 @@ class SafetyRequest(Request):
         limit = float(exc.args[0]) if exc.args and isinstance(exc.args[0], (int, float)) else 0.0
         attempt = self._attempt(self.time_start or now - limit)
         history = attempt.history
+        allowed = getattr(task, "time_limit_retries", None)
+        if allowed is None:
+            allowed = conf.get().time_limit_retries
+        if allowed is not None and history.time_limits >= allowed:
+            # A run that hangs until it is killed is likely to hang again: each retry would hold a worker for
+            # the whole limit. The task is dead-lettered as time_limit (on_timeout).
+            self._time_limit_detail = (f"; killed by it {history.time_limits + 1} times "
+                                       f"(time_limit_retries={allowed})")
+            return False
         resolved = options.resolved(task)
         decision = decide(resolved.policy, resolved.rules, history.attempt, exc, history.started_at, now,
                           previous_delay=history.previous_delay, rng=clock.rng())
@@ -131,7 +140,8 @@ class SafetyRequest(Request):
                           reason=f"hard time limit ({decision.reason})", worker=self.hostname,
                           traceback_max_chars=settings.traceback_max_chars)
         header = history.header_after(entry, delay=decision.delay, consumes_attempt=True,
-                                      max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes)
+                                      max_entries=settings.history_max_entries, max_bytes=settings.history_max_bytes,
+                                      time_limit=True)
         context = attempt.request
         # The killed run failed (it did not crash): its claim is free for the next attempt, uncounted.
         _release_claims(self, f"hard time limit: {exc}")
@@ -223,7 +233,8 @@ class SafetyRequest(Request):
             try:
                 raise TimeLimitExceeded(timeout)
             except TimeLimitExceeded as exc:
-                self._dead_letter(Reason.TIME_LIMIT, exc, f"hard time limit of {timeout:g}s exceeded",
+                self._dead_letter(Reason.TIME_LIMIT, exc, f"hard time limit of {timeout:g}s exceeded"
+                                  + getattr(self, "_time_limit_detail", ""),
                                   self._attempt(self.time_start or now - timeout), now)
         finally:
             _close_main_process_connections()

@@ -14,7 +14,7 @@ latest publish that reaches a worker first runs, any other copy is dropped there
 idempotent task's duplicate is also stopped by its claim.
 """
 
-from safetynet.schedule._relay import RelayRun, publish_now, relay, sweep_orphans
+from safetynet.schedule._relay import MAX_PUBLISH_FAILURES, RelayRun, publish_now, relay, sweep_orphans
 from safetynet.schedule._rows import (
     MAX_RESENDS,
     NEVER,
@@ -22,6 +22,7 @@ from safetynet.schedule._rows import (
     accept,
     bring_forward,
     broker_of,
+    brokers_of,
     database,
     delay_of,
     drop,
@@ -36,6 +37,7 @@ from safetynet.schedule._rows import (
 )
 
 __all__ = [
+    "MAX_PUBLISH_FAILURES",
     "MAX_RESENDS",
     "NEVER",
     "RelayRun",
@@ -43,6 +45,7 @@ __all__ = [
     "accept",
     "bring_forward",
     "broker_of",
+    "brokers_of",
     "database",
     "delay_of",
     "drop",

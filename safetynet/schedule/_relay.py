@@ -10,7 +10,9 @@ only the rows of its own app's broker. One pass::
     send    each message, carrying the header  safetynet_relayed = [key, token]
     commit  (a message that could not be sent is put back, due again after a backoff)
 
-A message sent again ``MAX_RESENDS`` times and never taken is given up as a ``rejected`` dead letter.
+A message sent again ``MAX_RESENDS`` times and never taken is given up as a ``rejected`` dead letter, and
+one whose publishing failed ``MAX_PUBLISH_FAILURES`` times while the broker was there (a poison row) as a
+``rejected`` (or, when the row itself cannot be read, ``undecodable``) one.
 ``sweep_orphans`` makes the rows of idempotent tasks whose run died (its claim's lease ran out)
 due at once, so the next pass sends them again.
 """
@@ -26,6 +28,7 @@ from typing import Any
 
 import celery
 from django.db import connections, transaction
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from safetynet import conf, deadletter, idempotency
 from safetynet.models import IdempotencyClaim, ScheduledMessage
@@ -34,16 +37,20 @@ from safetynet.protocol.reasons import Reason
 from safetynet.schedule._rows import (
     MAX_RESENDS,
     NEVER,
-    broker_of,
+    brokers_of,
     database,
     moment,
     settle,
     unpack,
 )
 
-__all__ = ["RelayRun", "publish_now", "relay", "sweep_orphans"]
+__all__ = ["MAX_PUBLISH_FAILURES", "RelayRun", "publish_now", "relay", "sweep_orphans"]
 
 logger = logging.getLogger("safetynet")
+
+#: A row whose message fails to publish this many times, the broker reachable, is dead-lettered (about 13 minutes
+#: of tries: the waits grow 2, 8, 18, 32 … s).
+MAX_PUBLISH_FAILURES = 10
 
 
 @dataclass
@@ -68,9 +75,9 @@ def _table(using: str) -> str:
     return connections[using].ops.quote_name(ScheduledMessage._meta.db_table)
 
 
-def _has_due(using: str, broker: str, now: float) -> bool:
+def _has_due(using: str, brokers: tuple[str, str], now: float) -> bool:
     return ScheduledMessage.objects.using(using).filter(
-        broker=broker, state__in=[ScheduledMessage.State.SCHEDULED, ScheduledMessage.State.PUBLISHED], due_at__lte=now
+        broker__in=brokers, state__in=[ScheduledMessage.State.SCHEDULED, ScheduledMessage.State.PUBLISHED], due_at__lte=now
     ).exists()
 
 
@@ -90,8 +97,8 @@ def relay(app: Any, *, limit: int = 500, keys: list[str] | None = None) -> Relay
     using = database()
     now = time.time()
     run = RelayRun()
-    broker = broker_of(app)
-    if keys == [] or (keys is None and not _has_due(using, broker, now)):
+    brokers = brokers_of(app)  # this version's digest, and an earlier version's (its rows are taken over)
+    if keys == [] or (keys is None and not _has_due(using, brokers, now)):
         return run
     grace = conf.get().lost_message_seconds
     token = uuid.uuid4().hex[:16]
@@ -99,7 +106,7 @@ def relay(app: Any, *, limit: int = 500, keys: list[str] | None = None) -> Relay
     table = _table(using)
     skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
     only = ""
-    params: list[Any] = [token, now + grace if grace is not None else NEVER, now, broker, now]
+    params: list[Any] = [token, now + grace if grace is not None else NEVER, now, brokers[0], *brokers, now]
     if keys is not None:
         only = f" AND key IN ({', '.join(['%s'] * len(keys))})"
         params += keys
@@ -108,7 +115,8 @@ def relay(app: Any, *, limit: int = 500, keys: list[str] | None = None) -> Relay
         with connection.cursor() as cursor:
             cursor.execute(
                 f"UPDATE {table} SET state = 'published', token = %s, consumed_token = '', due_at = %s, "
-                f"publishes = publishes + 1, updated_at = %s WHERE key IN (SELECT key FROM {table} WHERE broker = %s "
+                f"publishes = publishes + 1, updated_at = %s, broker = %s WHERE key IN (SELECT key FROM {table} "
+                f"WHERE broker IN (%s, %s) "
                 f"AND state IN ('scheduled', 'published') AND due_at <= %s{only} ORDER BY due_at LIMIT %s{skip_locked}) "
                 f"RETURNING key, kind, task_name, task_id, message, publishes, claim_key",
                 params,
@@ -195,13 +203,19 @@ def _publish(app: Any, using: str, rows: list[_Taken], token: str, run: RelayRun
                 run.error = error
                 rest = pending[index:]
                 run.failed = len(rest)
-                # The row that failed waits longer each time (it may be what fails: a poison row must
-                # not hold the others back); the rest are due again in a second.
-                _put_back(using, [item.key for item in rest[:1]], error, failed=True)
+                # The row that failed waits longer each time (it may be what fails: a poison row must not hold
+                # the others back), and counts the failure unless the broker was away; the rest are due again in
+                # a second.
+                outage = _is_outage(error, producer)
+                failures = _put_back(using, [item.key for item in rest[:1]], error, failed=not outage)
                 _put_back(using, [item.key for item in rest[1:]], error, failed=False)
                 logger.warning("safetynet: relay could not publish %s[%s]: %r; %s message(s) put back",
                                row.task_name, row.task_id, error, len(rest),
                                extra={"task_name": row.task_name, "task_id": row.task_id, "action": "relay"})
+                if not outage and failures >= MAX_PUBLISH_FAILURES:
+                    _give_up_unpublishable(using, row, error, failures)
+                    run.failed -= 1
+                    run.given_up += 1
                 return
             if row.publishes > 1:
                 run.resent += 1
@@ -235,9 +249,38 @@ def _expired(options: dict[str, Any], row: _Taken, using: str) -> bool:
     return True
 
 
-def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool) -> None:
+def _is_outage(error: BaseException, producer: Any) -> bool:
+    """True if ``error`` says the broker could not be reached (not that this message cannot be sent)."""
+    connection = getattr(producer, "connection", None)
+    errors = tuple(getattr(connection, "connection_errors", ()) or ())
+    return isinstance(error, (KombuOperationalError, ConnectionError, TimeoutError, *errors))
+
+
+def _give_up_unpublishable(using: str, row: _Taken, error: BaseException, failures: int) -> None:
+    """A row whose message failed to publish ``MAX_PUBLISH_FAILURES`` times with the broker there: a dead letter,
+    not a retry every 300 s for ever."""
+    try:
+        args, kwargs, options = unpack(row.message)
+        reason, raw, unknown = Reason.REJECTED, None, False
+    except Exception:  # the row's message itself is broken
+        args, kwargs, options = [], {}, {}
+        reason, raw, unknown = Reason.UNDECODABLE, row.message.encode(errors="replace"), True
+    detail = (f"its {row.kind} message could not be published {failures} times, the broker reachable: "
+              f"{type(error).__name__}: {error}")
+    if row.claim_key:
+        idempotency.release_task(row.claim_key, row.task_id, detail)
+    deadletter.give_up(deadletter.Failure(
+        task_name=row.task_name, task_id=row.task_id, reason=reason, detail=detail, args=args, kwargs=kwargs,
+        headers=options.get("headers") or {}, delivery_info={"routing_key": options.get("queue", "")},
+        exception=error, raw_body=raw, body_unknown=unknown, failed_at=time.time(),
+    ))
+    settle([row.key], using)
+
+
+def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool) -> int:
+    """Make ``keys`` due again; return the failures counted on the first (0 when there is none)."""
     if not keys:
-        return
+        return 0
     table = _table(using)
     now = time.time()
     # Due again after 2, 8, 18, 32 … up to 300 seconds for the row that failed (its failures counted), 1 s
@@ -248,9 +291,11 @@ def _put_back(using: str, keys: list[str], error: BaseException, *, failed: bool
         cursor.execute(
             f"UPDATE {table} SET state = CASE WHEN publishes <= 1 THEN 'scheduled' ELSE 'published' END, "
             f"publishes = publishes - 1, due_at = {due}, failures = failures + %s, last_error = %s, "
-            f"updated_at = %s WHERE key IN ({', '.join(['%s'] * len(keys))})",
+            f"updated_at = %s WHERE key IN ({', '.join(['%s'] * len(keys))}) RETURNING failures",
             [now, int(failed), f"{type(error).__name__}: {error}"[:2000], now, *keys],
         )
+        counted = cursor.fetchall()
+    return int(counted[0][0]) if counted else 0
 
 
 def _give_up(using: str, rows: list[_Taken]) -> None:

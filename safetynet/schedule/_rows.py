@@ -10,6 +10,7 @@ over once the earlier message was taken.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -19,12 +20,15 @@ from typing import Any
 from django.db import connections, router
 from django.db.models import Q
 from kombu.utils.json import dumps, loads
+from kombu.transport import resolve_transport
+from kombu.utils.imports import symbol_by_name
+from kombu.utils.url import maybe_sanitize_url, parse_url
 
 from safetynet import conf
 from safetynet.exceptions import ConfigurationError
 from safetynet.models import ScheduledMessage
 
-__all__ = ["MAX_RESENDS", "NEVER", "Row", "accept", "bring_forward", "broker_of", "database", "delay_of", "drop", "holds_same", "is_durable",
+__all__ = ["MAX_RESENDS", "NEVER", "Row", "accept", "bring_forward", "broker_of", "brokers_of", "database", "delay_of", "drop", "holds_same", "is_durable",
            "moment", "pack", "purge", "settle", "unpack", "write"]
 
 #: A published message no worker took is sent again at most this many times, then dead-lettered.
@@ -36,8 +40,38 @@ _LOCAL_OPTIONS = frozenset({"producer", "connection", "router", "publisher", "re
 
 
 def broker_of(app: Any) -> str:
-    """Which broker a row goes to: a digest of ``app``'s broker URL (no password is stored)."""
-    return hashlib.sha256(str(app.conf.broker_url or "").encode()).hexdigest()[:16]
+    """Which broker a row goes to: a digest of where ``app``'s broker is (transport, host, port, virtual host), so
+    that a changed password or option leaves the rows to the same relays (no password is stored)."""
+    return _where_digest(str(app.conf.broker_url or ""))
+
+
+def brokers_of(app: Any) -> tuple[str, str]:
+    """``broker_of(app)``, and the digest earlier versions wrote (of the whole URL): the relay takes both."""
+    url = str(app.conf.broker_url or "")
+    return _where_digest(url), hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=32)
+def _where_digest(url: str) -> str:
+    return hashlib.sha256(";".join(_place(one.strip()) for one in url.split(";") if one.strip()).encode()
+                          ).hexdigest()[:16]
+
+
+def _place(url: str) -> str:
+    """Where one broker URL points: its transport, host, port (the transport's default if none is given) and
+    virtual host; the URL with its credentials masked when kombu cannot read it."""
+    try:
+        parts = parse_url(url)
+    except Exception:
+        return maybe_sanitize_url(url)
+    scheme = str(parts.get("transport") or "")
+    try:  # "amqp" and "pyamqp" are the same broker; a missing port is the transport's default
+        klass = symbol_by_name(resolve_transport(scheme.split("+", 1)[0]))
+        transport, default_port = f"{klass.__module__}.{klass.__qualname__}", getattr(klass, "default_port", None)
+    except Exception:
+        transport, default_port = scheme, None
+    return f"{transport}|{parts.get('hostname') or ''}|{parts.get('port') or default_port or ''}|" \
+           f"{parts.get('virtual_host') or ''}"
 
 
 def database() -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from celery.exceptions import Ignore
 from celery.utils import uuid as new_task_id
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, close_old_connections, transaction
 
 from safetynet import conf
 from safetynet.protocol import headers
@@ -35,17 +35,34 @@ class SecondCopy(Plugin):
         task, request = attempt.task, attempt.request
         try:
             key, token = relayed
-            accepted = _rows.accept(str(key), str(token))
         except (ValueError, TypeError):
             return  # not a header safetynet wrote
-        except DatabaseError as error:  # cannot tell: run it (a second copy is rare; a lost one is worse)
-            logger.warning("%s[%s]: could not check its relayed copy (%r); running it", task.name, request.id, error,
-                           extra={"task_name": task.name, "task_id": request.id})
-            return
+        accepted = _accepted(str(key), str(token), task.name, request.id)
         if not accepted:
             logger.warning("%s[%s]: a second copy of relayed message %s reached a worker; dropped", task.name,
                            request.id, key, extra={"task_name": task.name, "task_id": request.id, "action": "drop"})
             raise Ignore()
+
+
+#: Waits between tries of the relayed-copy check while the database is away (about 5 s in all).
+CHECK_WAITS = (0.2, 0.5, 1.0, 1.5, 2.0)
+
+
+def _accepted(key: str, token: str, task_name: str, task_id: str) -> bool:
+    """``_rows.accept``, tried again while the database is away: a copy is not run unchecked at the first error.
+    Still away after the last try: run it (a second copy is rare; a message dropped unrun would be lost)."""
+    for wait in (*CHECK_WAITS, None):
+        try:
+            return _rows.accept(key, token)
+        except DatabaseError as error:
+            if wait is None:
+                logger.warning("%s[%s]: could not check its relayed copy (%r), %s tries; running it", task_name,
+                               task_id, error, len(CHECK_WAITS) + 1,
+                               extra={"task_name": task_name, "task_id": task_id, "action": "relayed"})
+                return True
+            close_old_connections()  # a broken connection is replaced at the next try
+            time.sleep(wait)
+    return True
 
 
 #: ``apply_async`` options that say where a message goes (kept to send it again).

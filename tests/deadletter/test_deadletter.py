@@ -45,6 +45,28 @@ def test_a_failure_is_stored_once_per_task_id():
     assert row.first_failed_at < row.last_failed_at
 
 
+def test_a_redelivered_message_that_dies_again_is_announced_once():
+    """The same task id given up twice (its message delivered again after the first death was recorded): one row,
+    one task_ended, one task_dead, whatever the second death's reason."""
+    from tests.fixtures import tasks
+
+    ended, dead = [], []
+    signals.task_ended.connect(lambda sender, event, **_: ended.append(event.task_id), weak=False,
+                               dispatch_uid="test-twice-ended")
+    signals.task_dead.connect(lambda sender, task_id, **_: dead.append(task_id), weak=False,
+                              dispatch_uid="test-twice-dead")
+    try:
+        for reason in ("retries_exhausted", "permanent_error"):
+            failure = deadletter.Failure(task_name=tasks.ping.name, task_id="twice-dead", reason=reason,
+                                         exception=ConnectionError("down"), failed_at=time.time())
+            deadletter.give_up(failure, task=tasks.ping._get_current_object(), log=False)
+    finally:
+        signals.task_ended.disconnect(dispatch_uid="test-twice-ended")
+        signals.task_dead.disconnect(dispatch_uid="test-twice-dead")
+    assert ended == dead == ["twice-dead"]
+    assert DeadLetter.objects.filter(task_id="twice-dead").count() == 1
+
+
 def test_alike_failures_share_a_fingerprint():
     first = record(exception=ConnectionError("gateway 10.0.0.7 timed out after 30s"))
     second = record(exception=ConnectionError("gateway 10.0.0.9 timed out after 31s"))

@@ -185,3 +185,21 @@ def test_self_retry_without_exc_gives_up_with_max_retries_exceeded():
     assert trace.delays == [1.0]
     assert isinstance(dead[0]["exception"], MaxRetriesExceededError)
     assert dead[0]["history"][-1]["exception"] == "celery.exceptions.MaxRetriesExceededError"
+
+
+def test_a_task_that_calls_itself_is_decided_once_by_the_outer_run_with_one_warning(simulate, caplog):
+    """The anti-pattern ``fetch_feed(url)`` inside fetch_feed: every inner call is a plain call (no decision, no
+    record, no retry of its own); the outer run alone decides, and one WARNING names the anti-pattern."""
+    from tests.fixtures import risky_tasks
+
+    dead = []
+    signals.task_dead.connect(lambda sender, **kwargs: dead.append(kwargs["reason"]), weak=False,
+                              dispatch_uid="test-reentrant-dead")
+    try:
+        trace = simulate(risky_tasks.fetch_feed, "https://example.com/feed")
+    finally:
+        signals.task_dead.disconnect(dispatch_uid="test-reentrant-dead")
+    assert len(trace.attempts) == 1 and isinstance(trace.exception, RecursionError)
+    assert dead == ["permanent_error"]  # one decision, though the body nested hundreds of calls
+    warnings = [record for record in caplog.records if "called itself synchronously" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

@@ -179,3 +179,54 @@ def test_a_base_with_its_own_request_class_keeps_safetynets_behind_it():
 
     with pytest.raises(ConfigurationError, match="Request must be a subclass"):
         _ = NotARequest.Request
+
+
+def test_time_limit_retries_is_validated_in_the_task_and_the_settings():
+    with pytest.raises(ConfigurationError, match="time_limit_retries must be a whole number >= 0"):
+        safetynet.task(time_limit_retries=-1)
+    with pytest.raises(ConfigurationError, match="time_limit_retries must be a whole number >= 0"):
+        safetynet.task(time_limit_retries=True)
+    from safetynet import conf
+
+    assert conf.build({}).time_limit_retries == 1
+    assert conf.build({"TIME_LIMIT_RETRIES": None}).time_limit_retries is None
+    with pytest.raises(ConfigurationError, match="TIME_LIMIT_RETRIES"):
+        conf.build({"TIME_LIMIT_RETRIES": "2"})
+
+
+def test_late_acknowledgement_implies_redelivery_when_the_worker_is_lost():
+    """acks_late=True (declared or from task_acks_late) means reject_on_worker_lost=True, unless set False."""
+    import celery
+
+    app = celery.Celery("acks-late", set_as_current=False)
+    app.conf.task_acks_late = True
+
+    @app.task(base=safetynet.SafetyTask, name="tests.acks.from_config")
+    def from_config():
+        return 1
+
+    @app.task(base=safetynet.SafetyTask, name="tests.acks.kept_off", reject_on_worker_lost=False)
+    def kept_off():
+        return 1
+
+    @app.task(name="tests.acks.plain")
+    def plain():
+        return 1
+
+    assert (from_config.acks_late, from_config.reject_on_worker_lost) == (True, True)
+    assert kept_off.reject_on_worker_lost is False
+    assert plain.reject_on_worker_lost is None  # a plain Celery task keeps Celery's meaning
+
+    early = celery.Celery("acks-early", set_as_current=False)
+    early.conf.task_reject_on_worker_lost = False
+
+    @early.task(base=safetynet.SafetyTask, name="tests.acks.declared", acks_late=True)
+    def declared():
+        return 1
+
+    @early.task(base=safetynet.SafetyTask, name="tests.acks.early")
+    def acknowledged_early():
+        return 1
+
+    assert declared.reject_on_worker_lost is False  # the config said no
+    assert (acknowledged_early.acks_late, acknowledged_early.reject_on_worker_lost) == (False, False)

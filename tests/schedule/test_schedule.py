@@ -4,6 +4,7 @@ Messages are read back from the broker's Redis list of a queue of each test's ow
 side (relay threads, kills, Redis stopped) is in tests/integration/test_scheduler.py.
 """
 
+import base64
 import json
 import time
 import uuid
@@ -166,15 +167,44 @@ def test_a_message_the_broker_refuses_is_put_back_with_its_error(queue):
         run = scheduler.relay(app)
         assert (run.published, run.failed) == (0, 1) and run.error is not None
         kept = row("refused")
-        assert kept.state == "scheduled" and kept.publishes == 0 and kept.failures == 1
-        assert "Error" in kept.last_error and kept.due_at == pytest.approx(time.time() + 2, abs=1)
-        # It may be the row itself that fails: each failure waits longer, so it holds nothing back.
-        ScheduledMessage.objects.update(due_at=time.time() - 1)
-        scheduler.relay(app)
-        assert row("refused").failures == 2
-        assert row("refused").due_at == pytest.approx(time.time() + 8, abs=1)
+        # The broker is away: not the row's failure (the relay's own turns back off while it is away).
+        assert kept.state == "scheduled" and kept.publishes == 0 and kept.failures == 0
+        assert "Error" in kept.last_error and kept.due_at == pytest.approx(time.time() + 1, abs=1)
     finally:
         configure_app(broker, backend)
+
+
+def test_a_row_that_cannot_be_published_waits_longer_each_time_then_is_dead_lettered(queue):
+    """The broker is there but the row itself fails (a broken message, a bad option): each failure waits longer,
+    so it holds nothing back, and after MAX_PUBLISH_FAILURES it is a dead letter, not a retry for ever."""
+    from safetynet.schedule import _relay
+
+    retry(add, (1, 2), task_id="poison", queue=queue, countdown=60)
+    retry(add, (3, 4), task_id="broken", queue=queue, countdown=60)
+    retry(add, (5, 6), task_id="fine", queue=queue, countdown=60)
+    args, kwargs, options = scheduler.unpack(row("poison").message)
+    ScheduledMessage.objects.filter(key="poison").update(
+        message=json.dumps({"args": args, "kwargs": kwargs, "options": {**options, "expires": "next tuesday"}}))
+    ScheduledMessage.objects.filter(key="broken").update(message="{not json")
+    ScheduledMessage.objects.update(due_at=time.time() - 1)
+    for failures in range(1, _relay.MAX_PUBLISH_FAILURES):
+        scheduler.relay(app)  # "broken" fails first (by key); the rest are due again in a second
+        ScheduledMessage.objects.filter(key__in=["fine", "poison"], state="scheduled").update(due_at=time.time() - 1)
+        scheduler.relay(app)  # "fine" is published (the first time round), "poison" fails
+        assert {row(key).failures for key in ("poison", "broken")} == {failures}
+        if failures <= 2:
+            assert row("poison").due_at == pytest.approx(time.time() + 2 * failures * failures, abs=1)
+        ScheduledMessage.objects.filter(key__in=["poison", "broken"]).update(due_at=time.time() - 1)
+    assert row("fine").state == "published"  # the poison rows held it back no longer than a second
+    assert scheduler.relay(app).given_up == 1
+    ScheduledMessage.objects.filter(key="poison").update(due_at=time.time() - 1)
+    run = scheduler.relay(app)
+    poison, broken = DeadLetter.objects.get(task_id="poison"), DeadLetter.objects.get(task_id="broken")
+    assert poison.reason == "rejected" and "could not be published 10 times" in poison.detail
+    assert poison.args == [1, 2] and poison.exception_type == "ValueError"
+    assert broken.reason == "undecodable" and base64.b64decode(broken.raw_body) == b"{not json"
+    assert row("poison").state == row("broken").state == "consumed"
+    assert run.given_up == 1
 
 
 def test_a_relay_publishes_only_the_rows_of_its_own_broker(queue):
@@ -190,6 +220,28 @@ def test_a_relay_publishes_only_the_rows_of_its_own_broker(queue):
         other.close()
     assert row("mine").state == "scheduled"
     assert scheduler.relay(app).published == 1
+
+
+def test_the_broker_is_where_it_is_not_how_it_is_reached(queue):
+    """A new password (or option) in the broker URL leaves the rows to the same relays; rows written by an earlier
+    version (a digest of the whole URL) are taken over by the relay of that URL."""
+    import hashlib
+
+    from celery import Celery
+
+    url = app.conf.broker_url
+    same = Celery("same-place", broker=url.replace("redis://", "redis://:new-password@") + "?health_check_interval=5",
+                  set_as_current=False)
+    try:
+        assert scheduler.broker_of(same) == scheduler.broker_of(app)
+    finally:
+        same.close()
+    assert scheduler.brokers_of(app) == (scheduler.broker_of(app), hashlib.sha256(url.encode()).hexdigest()[:16])
+    retry(add, (1, 2), task_id="legacy", queue=queue, countdown=60)
+    ScheduledMessage.objects.filter(key="legacy").update(due_at=time.time() - 1,
+                                                         broker=hashlib.sha256(url.encode()).hexdigest()[:16])
+    assert scheduler.relay(app).published == 1
+    assert row("legacy").broker == scheduler.broker_of(app)
 
 
 def test_a_published_message_nobody_took_is_sent_again_with_a_new_token(queue):
@@ -249,6 +301,40 @@ def test_a_second_copy_is_dropped_before_the_body_runs():
     assert second.state == "IGNORED" and runs == []
     first = counted.apply(task_id="twice", headers={RELAYED: ["twice", "first"]})
     assert first.state == "SUCCESS" and runs == ["twice"]
+
+
+def test_the_second_copy_check_is_tried_again_while_the_database_is_away(monkeypatch, caplog):
+    """A relayed copy is not run unchecked at the first database error: the check is tried again; only when the
+    database stays away through every try does it run (a lost message would be worse than a rare second copy)."""
+    from django.db import OperationalError
+
+    from safetynet.schedule import plugin
+
+    runs = RUNS
+    runs.clear()
+    retry(counted, (), task_id="away", countdown=60)
+    ScheduledMessage.objects.filter(key="away").update(state="published", token="first")
+    scheduler.accept("away", "first")
+    monkeypatch.setattr(plugin, "CHECK_WAITS", (0.0, 0.0, 0.0))
+    real, failures = plugin._rows.accept, []
+
+    def flaky(key, token):
+        if len(failures) < 2:
+            failures.append(key)
+            raise OperationalError("the database is away")
+        return real(key, token)
+
+    monkeypatch.setattr(plugin._rows, "accept", flaky)
+    second = counted.apply(task_id="away", headers={RELAYED: ["away", "second"]})
+    assert len(failures) == 2 and second.state == "IGNORED" and runs == []  # checked on the third try: dropped
+
+    def away(key, token):
+        raise OperationalError("the database is away")
+
+    monkeypatch.setattr(plugin._rows, "accept", away)
+    third = counted.apply(task_id="away", headers={RELAYED: ["away", "third"]})
+    assert third.state == "SUCCESS" and runs == ["away"]
+    assert "could not check its relayed copy" in caplog.text and "4 tries" in caplog.text
 
 
 # -- enqueue modes ---------------------------------------------------------------------------

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core import checks
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError, ProgrammingError
 
 from safetynet.management.nouns._text import Noun
 from safetynet.management.nouns.breakers import Breakers
@@ -54,6 +56,22 @@ class Command(BaseCommand):
         for noun, _ in NOUNS:
             noun.add_arguments(commands)  # type: ignore[attr-defined]
 
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        """Django's system checks before a command, quiet unless one fails: the warnings (``manage.py check``
+        lists them) would bury this command's own output; errors still stop it, with every message shown."""
+        issues = checks.run_checks(app_configs=kwargs.get("app_configs"), tags=kwargs.get("tags"),
+                                   include_deployment_checks=kwargs.get("include_deployment_checks", False),
+                                   databases=kwargs.get("databases"))
+        if any(issue.level >= checks.ERROR and not issue.is_silenced() for issue in issues):
+            super().check(*args, **kwargs)
+
     def handle(self, *args: Any, **options: Any) -> None:
         noun = next(noun for noun, names in NOUNS if options["command"] in names)
-        noun(self).handle(options)  # type: ignore[attr-defined]
+        try:
+            noun(self).handle(options)  # type: ignore[attr-defined]
+        except DatabaseError as error:  # a clear line, not a driver's traceback
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            missing = isinstance(error, ProgrammingError) or "does not exist" in first or "no such table" in first
+            advice = ("safetynet's tables are missing: run `manage.py migrate` first." if missing
+                      else "Is the database running and reachable with the settings in DATABASES?")
+            raise CommandError(f"The database refused: {first}. {advice}") from None

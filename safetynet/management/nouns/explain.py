@@ -13,6 +13,7 @@ from safetynet.exceptions import ConfigurationError
 from safetynet.management.nouns._text import Noun, seconds, span
 from safetynet.runtime import options
 from safetynet.runtime.registry import UnknownTask, find_task
+from safetynet.runtime.selfcalls import self_calls
 from safetynet.runtime.task import SafetyTask
 
 __all__ = ["Explain"]
@@ -140,9 +141,16 @@ class Explain(Noun):
         else:
             write("Worker lost: acknowledged before it ran (acks_late=False), so it cannot run again; "
                   "recorded as worker_lost.")
+        for call in self_calls(task):
+            write(f"Calls itself: {call.filename}:{call.line}: {call.text} runs inside the same attempt as a plain "
+                  "function (safetynet.W006); raise self.retry(exc=exc) to try again.")
         if task.time_limit or task.soft_time_limit:
             soft = f"soft {task.soft_time_limit:g}s (an exception, classified like any other)" \
                 if task.soft_time_limit else "no soft limit"
-            hard = f"hard {task.time_limit:g}s (uses up an attempt; dead-lettered as time_limit when none is left)" \
-                if task.time_limit else "no hard limit"
+            kills = task.time_limit_retries if getattr(task, "time_limit_retries", None) is not None \
+                else conf.get().time_limit_retries
+            again = ("run again while the policy allows" if kills is None
+                     else "not run again" if kills == 0 else f"run again at most {kills} time{'s' * (kills != 1)}")
+            hard = (f"hard {task.time_limit:g}s (uses up an attempt; {again}; then dead-lettered as time_limit)"
+                    if task.time_limit else "no hard limit")
             write(f"Time limits: {soft}; {hard}.")
