@@ -14,7 +14,7 @@ class SafetynetConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from safetynet import alerts, checks, signals, stats  # noqa: F401  (checks: registers the system checks)
+        from safetynet import alerts, checks, signals, stats, taskrecords  # noqa: F401  (checks: registers them)
         from safetynet.progress.plugin import on_task_ended
         from safetynet.runtime import consumer
 
@@ -22,6 +22,10 @@ class SafetynetConfig(AppConfig):
         stats.connect()
         alerts.connect()
         signals.consume("safetynet.progress", on_task_ended, successes=False)  # a success: Progress.after_success
+        # django.tasks results (safetynet.tasks.CeleryBackend): a death marks the record FAILED; a replay links
+        signals.consume("safetynet.taskrecords", taskrecords.on_task_ended, successes=False)
+        signals.task_replayed.connect(taskrecords.on_task_replayed, dispatch_uid="safetynet.taskrecords.replayed",
+                                      weak=False)
         self.install_integrations()
 
     @staticmethod

@@ -339,3 +339,53 @@ class TaskProgress(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] {self.state}"
+
+
+class TaskRecord(models.Model):
+    """A ``django.tasks`` task run on Celery through safetynet: what ``get_result()`` answers.
+
+    Written when the task is enqueued (``READY``), by the worker when an attempt runs (``RUNNING``),
+    fails and waits for its retry (``READY`` again) or ends (``SUCCESSFUL`` or ``FAILED``, with the
+    dead letter's id). ``errors`` has one entry per failed attempt, its traceback redacted like a dead
+    letter's; ``worker_ids`` one per attempt.
+    """
+
+    class Status(models.TextChoices):
+        READY = "READY", "ready"
+        RUNNING = "RUNNING", "running"
+        FAILED = "FAILED", "failed"
+        SUCCESSFUL = "SUCCESSFUL", "successful"
+
+    #: The result id (the Celery task id).
+    id = models.CharField(max_length=64, primary_key=True)
+    #: The alias of the backend in ``settings.TASKS``.
+    backend = models.CharField(max_length=100)
+    #: ``Task.module_path``: the task is imported again from it.
+    module_path = models.CharField(max_length=255)
+    queue_name = models.CharField(max_length=255)
+    priority = models.SmallIntegerField(default=0)
+    run_after = models.DateTimeField(null=True, blank=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.READY)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_attempted_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    #: How many attempts ran (``len(worker_ids)``), kept as a number for the conditional writes.
+    attempts = models.PositiveIntegerField(default=0)
+    worker_ids = models.JSONField(default=list, blank=True)
+    #: ``[{"exception_class_path": ..., "traceback": ...}]``, one per failed attempt.
+    errors = models.JSONField(default=list, blank=True)
+    return_value = models.JSONField(null=True, blank=True)
+    #: The dead letter stored when safetynet gave the task up.
+    dead_letter_id = models.BigIntegerField(null=True, blank=True)
+    #: The result this one replays (a dead letter sent again).
+    replay_of = models.CharField(max_length=64, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["updated_at"], name="safetynet_taskrecord_updated")]
+
+    def __str__(self) -> str:
+        return f"{self.module_path}[{self.id}] {self.status}"

@@ -58,3 +58,19 @@ EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 ROOT_URLCONF = "tests.urls"
 STATIC_URL = "/static/"
 LOGGING_CONFIG = None
+
+# django.tasks (Django 6.0+, or the django-tasks backport on 5.2): run on Celery through safetynet.
+TASKS = {
+    "default": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": []},
+    "immediate": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend", "QUEUES": []},
+}
+try:
+    import django_tasks  # noqa: F401  (the backport on Django 5.2: an app, its backends under its own name)
+except ImportError:
+    pass
+else:
+    import django as _django
+
+    if _django.VERSION < (6, 0):
+        INSTALLED_APPS.append("django_tasks")
+        TASKS["immediate"]["BACKEND"] = "django_tasks.backends.immediate.ImmediateBackend"

@@ -175,8 +175,9 @@ class Plugin:
     def after_success(self, attempt: Attempt, result: Any) -> None:
         """The body returned ``result`` (called only if the plug-in noted something: ``attempt.notes[name]``)."""
 
-    def adjust(self, attempt: Attempt, retry: Retry) -> Retry:
-        """Change a retry the core decided (wait longer); never turns it into a death."""
+    def adjust(self, attempt: Attempt, retry: Retry) -> Retry | Dead:
+        """Change a retry the core decided (wait longer), or end the task where a rule of the task's own says so
+        (a ``django.tasks`` task's ``backoff()`` returning None); ``attempt.settled`` is the failure."""
         return retry
 
     def on_retry(self, attempt: Attempt, retry: Retry, message: Outgoing) -> None:

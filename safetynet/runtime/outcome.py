@@ -62,8 +62,11 @@ def after_failure(attempt: Attempt, exc: BaseException) -> None:
         decision = decide(resolved.policy, resolved.rules, history.attempt, exc, history.started_at, now,
                           previous_delay=history.previous_delay, rng=clock.rng())
         if isinstance(decision, Retry) and decision.consumes_attempt:
+            attempt.settled = exc
             for plugin in attempt.plugins:
                 decision = plugin.adjust(attempt, decision)
+                if not isinstance(decision, Retry):
+                    break
     attempt.settled, attempt.decision = exc, decision
     entry = _entry(attempt, now, exc, decision)
     if isinstance(decision, Retry):

@@ -5,10 +5,12 @@ the other hooks are called in:
 
 1. ``SecondCopy``: a relayed message's second copy is dropped before anything else runs;
 2. ``Progress``: the user who started the task sees it running, retrying, done or failed;
-3. ``BreakerGuard``: no run while the upstream's breaker is open (a deferral, no attempt used);
-4. ``BudgetGuard``: first attempts earn retries; a retry past the budget waits longer;
-5. ``Idempotency``: the key is claimed (a duplicate gets the stored result or waits);
-6. ``Tracking``: an idempotent task's message is kept until a run takes it (sent again if lost).
+3. ``DjangoTasks``: a ``django.tasks`` task's result record (each attempt's end, its retry, its death) and its
+   own ``backoff()`` (before the budget, which may only lengthen the wait it chose);
+4. ``BreakerGuard``: no run while the upstream's breaker is open (a deferral, no attempt used);
+5. ``BudgetGuard``: first attempts earn retries; a retry past the budget waits longer;
+6. ``Idempotency``: the key is claimed (a duplicate gets the stored result or waits);
+7. ``Tracking``: an idempotent task's message is kept until a run takes it (sent again if lost).
 
 To add a feature: write a ``safetynet.protocol.attempt.Plugin`` subclass in its own package,
 declare the task options it reads, override the hooks it needs, and put it here.
@@ -25,10 +27,12 @@ from safetynet.idempotency.plugin import Idempotency
 from safetynet.progress.plugin import Progress
 from safetynet.protocol.attempt import Plugin
 from safetynet.schedule.plugin import SecondCopy, Tracking
+from safetynet.taskrecords.plugin import DjangoTasks
 
 __all__ = ["HOOKS", "PLUGINS", "Pipeline", "pipeline_of"]
 
-PLUGINS: tuple[Plugin, ...] = (SecondCopy(), Progress(), BreakerGuard(), BudgetGuard(), Idempotency(), Tracking())
+PLUGINS: tuple[Plugin, ...] = (SecondCopy(), Progress(), DjangoTasks(), BreakerGuard(), BudgetGuard(), Idempotency(),
+                               Tracking())
 
 
 def _overrides(plugin: Plugin, hook: str) -> bool:

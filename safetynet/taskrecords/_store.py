@@ -1,0 +1,258 @@
+"""The ``TaskRecord`` rows: written at enqueue, at the end of each attempt, and (for a run that takes a while)
+when it starts.
+
+One is written per task and a few per attempt, so the writes are cheap: on PostgreSQL they go through a
+connection of their own with ``synchronous_commit = off`` (a row reaches the disk a fraction of a second
+later; a crash of the database server may lose the last changes, never corrupt them; a dead letter is
+always written with a full commit), independent of the transaction the task body may hold open. A run
+is marked ``RUNNING`` only once it has run ``RUNNING_AFTER`` seconds (a background job looks every
+tenth of a second): a task that ends sooner goes from ``READY`` to its outcome in one write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from django.db import InterfaceError, OperationalError, connections, router, transaction
+
+from safetynet.background import Job, runner
+from safetynet.models import TaskRecord
+
+__all__ = ["RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "insert", "moment", "read",
+           "replayed"]
+
+#: Seconds a run goes on before its row says ``RUNNING``.
+RUNNING_AFTER = 0.2
+_WATCH_SECONDS = 0.1
+
+
+def database() -> str:
+    """The database alias the rows are written to (Django's routers decide)."""
+    return router.db_for_write(TaskRecord) or "default"
+
+
+def moment(value: float | None) -> datetime | None:
+    """Seconds since the epoch as an aware datetime (None stays None)."""
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+class _Writer(threading.local):
+    """A connection of this thread's own for the rows (PostgreSQL), made again after a fork."""
+
+    connection: Any = None
+    pid: int = 0
+
+
+_writer = _Writer()
+
+
+def _connection(using: str) -> Any:
+    """Where a row is written outside the caller's transaction: a connection of our own on PostgreSQL (with
+    ``synchronous_commit`` off), Django's own elsewhere (SQLite has one writer at a time anyway)."""
+    if connections[using].vendor != "postgresql":
+        return connections[using]
+    writer = _writer
+    if writer.connection is None or writer.pid != os.getpid() or writer.connection.alias != using:
+        writer.connection = connections.create_connection(using)
+        writer.pid = os.getpid()
+    connection = writer.connection
+    if connection.connection is None:
+        connection.ensure_connection()
+        with connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit = off")
+    return connection
+
+
+def _execute(using: str, sql: str, params: Sequence[Any]) -> None:
+    """Run one statement on the rows' connection; once more on a fresh one if the old one was broken."""
+    for last in (False, True):
+        connection = _connection(using)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql.replace("{table}", _table(connection)), params)
+            return
+        except (OperationalError, InterfaceError):
+            connection.close()
+            if last:
+                raise
+
+
+def _table(connection: Any) -> str:
+    return connection.ops.quote_name(TaskRecord._meta.db_table)
+
+
+def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
+    """Write a new row (``READY``). ``in_transaction``: in the caller's transaction (a rollback keeps nothing),
+    else at once and whatever the caller's transaction does, as the message it goes with is sent at once."""
+    using = database()
+    row = TaskRecord(**fields)
+    if in_transaction or connections[using].vendor != "postgresql":
+        row.save(using=using, force_insert=True)
+        return
+    values = [row.id, row.backend, row.module_path, row.queue_name, row.priority, row.run_after,
+              json.dumps(row.args), json.dumps(row.kwargs), row.status, row.enqueued_at, row.replay_of]
+    _execute(using,
+             "INSERT INTO {table} (id, backend, module_path, queue_name, priority, run_after, args, "
+             "kwargs, status, enqueued_at, replay_of, attempts, worker_ids, errors, updated_at) "
+             "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]', '[]', now()) "
+             "ON CONFLICT (id) DO NOTHING", values)
+
+
+def read(result_id: str) -> TaskRecord | None:
+    """The row of ``result_id``, or None."""
+    return TaskRecord.objects.using(database()).filter(pk=str(result_id)[:64]).first()
+
+
+# -- the worker's writes --------------------------------------------------------------------------
+
+
+def attempt_ended(result_id: str, fields: Mapping[str, Any], *, attempt: int, started: float, worker_id: str,
+                  status: str, error: Mapping[str, str] | None = None, finished: float | None = None,
+                  return_value: Any = None) -> None:
+    """One write at the end of attempt number ``attempt``: its worker, its error, the status it leaves (``READY``
+    for a retry, ``SUCCESSFUL``, ``FAILED``), and the row itself if the enqueueing process wrote none (a replay,
+    a message sent by another version). Attempts are counted once: a redelivered attempt writes over itself."""
+    _watched.pop(result_id, None)
+    using = database()
+    if connections[using].vendor == "postgresql":
+        _ended_postgres(using, result_id, fields, attempt, started, worker_id, status, error, finished,
+                        return_value)
+    else:
+        _ended_generic(using, result_id, fields, attempt, started, worker_id, status, error, finished, return_value)
+
+
+def _ended_postgres(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
+                    worker_id: str, status: str, error: Mapping[str, str] | None, finished: float | None,
+                    return_value: Any) -> None:
+    errors = json.dumps([dict(error)] if error else [])
+    _execute(
+        using,
+        "INSERT INTO {table} AS r (id, backend, module_path, queue_name, priority, run_after, args, kwargs, "
+        "status, enqueued_at, started_at, last_attempted_at, finished_at, attempts, worker_ids, errors, "
+        "return_value, replay_of, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, "
+        "%s, %s, %s, jsonb_build_array(%s::text), %s::jsonb, %s::jsonb, %s, now()) "
+        "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+        "started_at = coalesce(r.started_at, excluded.started_at), "
+        "last_attempted_at = excluded.last_attempted_at, finished_at = excluded.finished_at, "
+        "worker_ids = CASE WHEN r.attempts < excluded.attempts THEN r.worker_ids || excluded.worker_ids "
+        "ELSE r.worker_ids END, "
+        "errors = CASE WHEN r.attempts < excluded.attempts THEN r.errors || excluded.errors ELSE r.errors END, "
+        "attempts = greatest(r.attempts, excluded.attempts), return_value = excluded.return_value, "
+        "updated_at = now() "
+        "WHERE r.status NOT IN ('SUCCESSFUL', 'FAILED') OR r.attempts < excluded.attempts",
+        [result_id, fields["backend"], fields["module_path"], fields["queue_name"], fields["priority"],
+         fields.get("run_after"), json.dumps(fields.get("args") or []), json.dumps(fields.get("kwargs") or {}),
+         status, fields.get("enqueued_at"), moment(started), moment(started), moment(finished), attempt,
+         worker_id, errors, json.dumps(return_value), fields.get("replay_of") or ""],
+    )
+
+
+def _ended_generic(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
+                   worker_id: str, status: str, error: Mapping[str, str] | None, finished: float | None,
+                   return_value: Any) -> None:
+    with transaction.atomic(using=using):
+        row = TaskRecord.objects.using(using).select_for_update().filter(pk=result_id).first()
+        if row is None:
+            row = TaskRecord(id=result_id, backend=fields["backend"], module_path=fields["module_path"],
+                             queue_name=fields["queue_name"], priority=fields["priority"],
+                             run_after=fields.get("run_after"), args=list(fields.get("args") or []),
+                             kwargs=dict(fields.get("kwargs") or {}), enqueued_at=fields.get("enqueued_at"),
+                             replay_of=fields.get("replay_of") or "")
+        elif row.status in (TaskRecord.Status.SUCCESSFUL, TaskRecord.Status.FAILED) and row.attempts >= attempt:
+            return
+        if row.attempts < attempt:
+            row.worker_ids = [*row.worker_ids, worker_id]
+            row.errors = [*row.errors, dict(error)] if error else row.errors
+            row.attempts = attempt
+        row.status = status
+        row.started_at = row.started_at or moment(started)
+        row.last_attempted_at = moment(started)
+        row.finished_at = moment(finished)
+        row.return_value = return_value
+        row.save(using=using)
+
+
+def dead(result_id: str, dead_letter_id: int | None, error: Mapping[str, str] | None, *, attempt: int,
+         worker_id: str, finished: float) -> None:
+    """The task was given up: ``FAILED``, with its dead letter; ``error`` is added when the attempt that ended it
+    has none yet (a hard time limit or a lost worker, found by the worker's main process)."""
+    _watched.pop(result_id, None)
+    using = database()
+    with transaction.atomic(using=using):
+        row = TaskRecord.objects.using(using).select_for_update().filter(pk=result_id).first()
+        if row is None:
+            return
+        if row.attempts < attempt:
+            row.worker_ids = [*row.worker_ids, worker_id]
+            row.errors = [*row.errors, dict(error)] if error else row.errors
+            row.attempts = attempt
+        row.status = TaskRecord.Status.FAILED
+        row.finished_at = moment(finished)
+        row.dead_letter_id = dead_letter_id if dead_letter_id is not None else row.dead_letter_id
+        row.save(using=using)
+
+
+def replayed(old_id: str, new_id: str, enqueued: float) -> None:
+    """A dead letter of a ``django.tasks`` task was sent again as ``new_id``: its row, ``READY``, linked to the
+    row it replays."""
+    using = database()
+    old = TaskRecord.objects.using(using).filter(pk=old_id).first()
+    if old is None:
+        return
+    TaskRecord.objects.using(using).get_or_create(pk=new_id, defaults={
+        "backend": old.backend, "module_path": old.module_path, "queue_name": old.queue_name,
+        "priority": old.priority, "args": old.args, "kwargs": old.kwargs, "status": TaskRecord.Status.READY,
+        "enqueued_at": moment(enqueued), "replay_of": old.id,
+    })
+    # The worker may have written it first (it ran already): the link is added.
+    TaskRecord.objects.using(using).filter(pk=new_id, replay_of="").update(replay_of=old.id)
+
+
+# -- RUNNING, for a run that takes a while ---------------------------------------------------------
+
+#: Runs under way in this process: result id -> (attempt number, start time).
+_watched: dict[str, tuple[int, float]] = {}
+_watching = False
+
+
+def attempt_started(result_id: str, attempt: int, started: float) -> None:
+    """Attempt ``attempt`` started: its row says ``RUNNING`` if it is still running ``RUNNING_AFTER`` from now."""
+    global _watching
+    _watched[result_id] = (attempt, started)
+    if not _watching:
+        _watching = True
+        runner.add(Job("django.tasks running", _mark_running, _WATCH_SECONDS, lane="tasks", at_start=False))
+
+
+def _mark_running() -> None:
+    now = time.time()
+    due = [(result_id, attempt, started) for result_id, (attempt, started) in list(_watched.items())
+           if now - started >= RUNNING_AFTER]
+    if not due:
+        return
+    using = database()
+    for result_id, attempt, started in due:
+        if _watched.pop(result_id, None) is None:
+            continue  # it ended meanwhile: its own write says how
+        # Only a row still waiting for this attempt: never over an outcome written meanwhile.
+        _execute(using,
+                 "UPDATE {table} SET status = %s, started_at = coalesce(started_at, %s), last_attempted_at = %s, "
+                 "updated_at = %s WHERE id = %s AND status = %s AND attempts = %s",
+                 [TaskRecord.Status.RUNNING, moment(started), moment(started), moment(now), result_id,
+                  TaskRecord.Status.READY, attempt - 1])
+
+
+def _forget_parent() -> None:
+    global _watching
+    _watched.clear()
+    _watching = False
+
+
+os.register_at_fork(after_in_child=_forget_parent)
+
