@@ -15,6 +15,11 @@ W005      a task acknowledges late (``acks_late``) but declares no ``idempotency
           a redelivered message runs its effect twice
 E003      idempotent tasks are declared but the claims' database is neither PostgreSQL nor SQLite
 E004      a task goes through a breaker that ``SAFETYNET["BREAKERS"]`` does not declare
+E005      ``USE_TZ`` is False
+E006      the dead-letter spool folder can be written by another user (or belongs to one, or
+          cannot be created): it is refused, so dead letters spooled during an outage are only logged
+W006      ``SPOOL_DIR`` is not set and no private folder outlives a reboot (no writable home, no
+          ``STATE_DIRECTORY``/``XDG_STATE_HOME``): the spool falls back to the temporary directory
 ========  =====================================================================
 """
 
@@ -27,12 +32,13 @@ from django.core import checks
 
 from safetynet import conf
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
+from safetynet.deadletter import _spool_folder
 from safetynet.exceptions import ConfigurationError
 from safetynet.runtime import options
 from safetynet.runtime.registry import user_tasks
 from safetynet.runtime.task import SafetyTask
 
-__all__ = ["check_settings", "check_tasks", "longest_delay"]
+__all__ = ["check_settings", "check_spool", "check_tasks", "longest_delay"]
 
 # kombu's default visibility_timeout per transport
 _VISIBILITY_DEFAULTS = {"redis": 3600.0, "rediss": 3600.0, "sentinel": 3600.0, "sqs": 1800.0}
@@ -56,6 +62,33 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         messages.append(checks.Error(str(error), hint="Fix settings.SAFETYNET; docs/settings.md lists every key.",
                                      id="safetynet.E001"))
     return messages
+
+
+@checks.register("safetynet")
+def check_spool(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E006: the dead-letter spool folder is private to this user. W006: it is not in the temporary directory."""
+    try:
+        path, origin, problem = _spool_folder.inspect()
+    except (ConfigurationError, ImportError):
+        return []  # E001 says it
+    if problem is not None:
+        return [checks.Error(
+            problem,
+            hint="While it is refused, a dead letter recorded when the database does not answer is only written to "
+                 "the log (ERROR, with its whole record). Checked for the user that runs this command: run it as "
+                 "the workers' user, or give each user its own SPOOL_DIR.",
+            id="safetynet.E006",
+        )]
+    if origin == _spool_folder.TEMPORARY:
+        return [checks.Warning(
+            f"SAFETYNET['SPOOL_DIR'] is not set and this user has no private folder that outlives a reboot "
+            f"(no writable home, no $STATE_DIRECTORY or $XDG_STATE_HOME): dead letters spooled while the database "
+            f"is down wait in {path}, which a reboot empties and another user could create first.",
+            hint="Set SAFETYNET['SPOOL_DIR'] to a persistent folder only the workers' user can write (e.g. "
+                 "/var/lib/<project>/safetynet-spool, or systemd's StateDirectory=).",
+            id="safetynet.W006",
+        )]
+    return []
 
 
 def longest_delay(policy: RetryPolicy) -> float:

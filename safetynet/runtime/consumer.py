@@ -21,6 +21,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from safetynet import conf, deadletter, progress, schedule, shared, stats
 from safetynet.background import Job, runner
+from safetynet.exceptions import ConfigurationError
 from safetynet.protocol.reasons import Reason
 
 __all__ = ["Relay", "connect", "start_jobs"]
@@ -129,6 +130,8 @@ class Relay:
 def _flush_spool() -> None:
     try:
         deadletter.flush_spool()
+    except ConfigurationError as error:  # another user can write the spool folder: nothing in it is read
+        logger.error("safetynet: spool flush refused: %s", error, extra={"action": "spool_flush"})
     except Exception as error:  # the database may still be down: try again later
         logger.info("safetynet: spool flush postponed: %r", error)
     finally:
