@@ -79,30 +79,36 @@ def location() -> tuple[Path, str]:
     return default_location()
 
 
-def _problem(path: Path, *, follow: bool = True) -> str | None:
-    """Why ``path`` cannot hold dead letters (None: it is a folder private to this process's user)."""
+def _problem(path: Path, *, follow: bool = True) -> tuple[str, bool] | None:
+    """Why ``path`` cannot hold dead letters, and whether it is because others could use it (None: it can)."""
     try:
         info = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
-        return "does not exist"
+        return "does not exist (a link to nothing?)", False
     except OSError as error:
-        return f"cannot be read ({error.strerror})"
+        return f"cannot be read ({error.strerror})", False
     mode = stat.S_IMODE(info.st_mode)
     described = f"mode {mode:04o}, owner uid {info.st_uid}"
     if not stat.S_ISDIR(info.st_mode):
-        return f"is not a folder ({stat.filemode(info.st_mode)}, {described})"
+        return f"is not a folder ({stat.filemode(info.st_mode)}, {described})", False
     if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
-        return f"belongs to another user ({described}; this process runs as uid {os.geteuid()})"
+        return f"belongs to another user ({described}; this process runs as uid {os.geteuid()})", True
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         who = "every user" if mode & stat.S_IWOTH else "its group"
         sticky = " (the sticky bit does not keep others from adding files)" if mode & stat.S_ISVTX else ""
-        return f"can be written by {who} ({described}){sticky}"
+        return f"can be written by {who} ({described}){sticky}", True
     return None
 
 
-def _refusal(path: Path, origin: str, problem: str) -> ConfigurationError:
+def _refusal(path: Path, origin: str, problem: tuple[str, bool]) -> ConfigurationError:
+    what, unsafe = problem
+    if not unsafe:
+        return ConfigurationError(
+            f"The dead-letter spool folder {path} (from {origin}) {what}. Set SAFETYNET['SPOOL_DIR'] to a folder "
+            "the workers' user can create and only it can write."
+        )
     return ConfigurationError(
-        f"The dead-letter spool folder {path} (from {origin}) {problem}: another user could plant dead letters "
+        f"The dead-letter spool folder {path} (from {origin}) {what}: another user could plant dead letters "
         f"there, which staff may then replay, or read the ones kept there. Make it private to the user the "
         f"workers run as (chown that user {path}; chmod 700 {path}), or set SAFETYNET['SPOOL_DIR'] to a folder "
         "only that user can write."
