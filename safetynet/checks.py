@@ -13,10 +13,15 @@ W003      a retry delay can outlast the broker's ``visibility_timeout`` (Redis, 
 W004      the pickle serializer is accepted: a message can run arbitrary code
 W005      a task acknowledges late (``acks_late``) but declares no ``idempotency_key``:
           a redelivered message runs its effect twice
-W006      a task's body calls its own task synchronously (``fetch(url)`` or ``self.run(url)`` inside
+W007      a task's body calls its own task synchronously (``fetch(url)`` or ``self.run(url)`` inside
           ``fetch``): it runs inside the same attempt, not as a retry
 E003      idempotent tasks are declared but the claims' database is neither PostgreSQL nor SQLite
 E004      a task goes through a breaker that ``SAFETYNET["BREAKERS"]`` does not declare
+E005      ``USE_TZ`` is False
+E006      the dead-letter spool folder can be written by another user (or belongs to one, or
+          cannot be created): it is refused, so dead letters spooled during an outage are only logged
+W006      ``SPOOL_DIR`` is not set and no private folder outlives a reboot (no writable home, no
+          ``STATE_DIRECTORY``/``XDG_STATE_HOME``): the spool falls back to the temporary directory
 ========  =====================================================================
 """
 
@@ -29,13 +34,14 @@ from django.core import checks
 
 from safetynet import conf
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
+from safetynet.deadletter import _spool_folder
 from safetynet.exceptions import ConfigurationError
 from safetynet.runtime import options
 from safetynet.runtime.registry import user_tasks
 from safetynet.runtime.selfcalls import self_calls
 from safetynet.runtime.task import SafetyTask
 
-__all__ = ["check_settings", "check_tasks", "longest_delay"]
+__all__ = ["check_settings", "check_spool", "check_tasks", "longest_delay"]
 
 # kombu's default visibility_timeout per transport
 _VISIBILITY_DEFAULTS = {"redis": 3600.0, "rediss": 3600.0, "sentinel": 3600.0, "sqs": 1800.0}
@@ -59,6 +65,33 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         messages.append(checks.Error(str(error), hint="Fix settings.SAFETYNET; docs/settings.md lists every key.",
                                      id="safetynet.E001"))
     return messages
+
+
+@checks.register("safetynet")
+def check_spool(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E006: the dead-letter spool folder is private to this user. W006: it is not in the temporary directory."""
+    try:
+        path, origin, problem = _spool_folder.inspect()
+    except (ConfigurationError, ImportError):
+        return []  # E001 says it
+    if problem is not None:
+        return [checks.Error(
+            problem,
+            hint="While it is refused, a dead letter recorded when the database does not answer is only written to "
+                 "the log (ERROR, with its whole record). Checked for the user that runs this command: run it as "
+                 "the workers' user, or give each user its own SPOOL_DIR.",
+            id="safetynet.E006",
+        )]
+    if origin == _spool_folder.TEMPORARY:
+        return [checks.Warning(
+            f"SAFETYNET['SPOOL_DIR'] is not set and this user has no private folder that outlives a reboot "
+            f"(no writable home, no $STATE_DIRECTORY or $XDG_STATE_HOME): dead letters spooled while the database "
+            f"is down wait in {path}, which a reboot empties and another user could create first.",
+            hint="Set SAFETYNET['SPOOL_DIR'] to a persistent folder only the workers' user can write (e.g. "
+                 "/var/lib/<project>/safetynet-spool, or systemd's StateDirectory=).",
+            id="safetynet.W006",
+        )]
+    return []
 
 
 def longest_delay(policy: RetryPolicy) -> float:
@@ -103,11 +136,11 @@ def _check_claims_database(idempotent: list[str]) -> list[checks.CheckMessage]:
 
 
 def _check_self_calls(name: str, task: Any) -> list[checks.CheckMessage]:
-    """W006: the body calls its own task synchronously."""
+    """W007: the body calls its own task synchronously."""
     return [checks.Warning(
         f"Task {name} calls itself synchronously in its body ({call.filename}:{call.line}: {call.text}): the call "
         "runs inside the same attempt as a plain function, with no new message, no backoff and no limit.",
-        obj=name, id="safetynet.W006",
+        obj=name, id="safetynet.W007",
         hint="To try again, raise self.retry(exc=exc) (bind=True) or let the retry policy retry the exception; to "
              "start another task, call .delay(...) or .apply_async(...).",
     ) for call in self_calls(task)]
@@ -122,7 +155,7 @@ def _broker_visibility_timeout(app: Any) -> float | None:
 
 @checks.register("safetynet")
 def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E002–E004, W001–W006 over every registered task and the Celery configuration."""
+    """E002–E004, W001–W005, W007 over every registered task and the Celery configuration."""
     messages: list[checks.CheckMessage] = []
     try:
         conf.get()

@@ -17,8 +17,9 @@ Every key, its default and its meaning::
     DEAD_LETTER_MAX_ROWS  cap on the dead-letter store; the oldest rows beyond it are evicted, loudly
                           (None: no cap)
     SPOOL_FLUSH_SECONDS   how often each worker moves spooled dead letters into the database
-    SPOOL_DIR             where dead letters wait when the database is down (None: <tmp>/safetynet-spool;
-                          set a persistent path in production)
+    SPOOL_DIR             where dead letters wait when the database is down: an absolute path to a folder only
+                          the workers' user can write (None: a private folder of that user, e.g.
+                          ~/.local/state/safetynet/spool; see safetynet/deadletter/_spool_folder.py)
     ALERT_MAIL_ADMINS     mail the ADMINS about a new dead letter
     ALERT_RATE_LIMIT      at most one alert per fingerprint in this many seconds (through Django's cache)
     ALERT_HOOKS           callables (or dotted paths) called with each new DeadLetter, e.g. a webhook
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,6 +273,20 @@ def _optional_string(key: str, value: Any) -> str | None:
     return value
 
 
+def _spool_dir(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ConfigurationError(f"SAFETYNET['SPOOL_DIR'] must be None or the path of a folder, got {value!r}")
+    path = os.path.expanduser(os.fspath(value))
+    if not os.path.isabs(path):
+        raise ConfigurationError(
+            f"SAFETYNET['SPOOL_DIR'] must be an absolute path (or start with ~), got {value!r}: a relative one would "
+            "be a different folder in each process that starts elsewhere."
+        )
+    return path
+
+
 def _optional_callable(key: str, value: Any) -> Callable[..., Any] | None:
     if value is None:
         return None
@@ -374,7 +390,7 @@ def build(user: dict[str, Any]) -> Settings:
         redact_patterns=_patterns(merged["REDACT_PATTERNS"]),
         dead_letter_max_rows=(None if merged["DEAD_LETTER_MAX_ROWS"] is None
                               else _positive_int("DEAD_LETTER_MAX_ROWS", merged["DEAD_LETTER_MAX_ROWS"])),
-        spool_dir=None if merged["SPOOL_DIR"] is None else str(merged["SPOOL_DIR"]),
+        spool_dir=_spool_dir(merged["SPOOL_DIR"]),
         spool_flush_seconds=_positive_int("SPOOL_FLUSH_SECONDS", merged["SPOOL_FLUSH_SECONDS"]),
         alert_mail_admins=_boolean("ALERT_MAIL_ADMINS", merged["ALERT_MAIL_ADMINS"]),
         alert_rate_limit=_positive_int("ALERT_RATE_LIMIT", merged["ALERT_RATE_LIMIT"]),

@@ -17,6 +17,11 @@ outside the process that ran it), the dead-letter signals with ``sender`` the ``
 ``dead_letter_recorded``: a new DeadLetter row was stored. kwargs: dead_letter
 ``task_replayed``: a dead letter was sent again. kwargs: dead_letter, new_task_id, by
 ``dead_letters_evicted``: the store's cap deleted the oldest rows. kwargs: count, cap, oldest
+``dead_letter_quarantined``: a record was moved to (or written in) the spool's quarantine folder and
+    will never be stored. kwargs: path (where it is now), why, kind ("untrusted": a spool file that is
+    not a regular file signed with this project's SECRET_KEY; "unstorable": a record the database
+    refused even after it was made storable), task_name and task_id ("" when unknown), record (the
+    redacted fields of an unstorable record; None for an untrusted file, whose content is never read out)
 
 ``breaker_changed``: a breaker changed state (sender None). kwargs: name, state ("open",
     "half_open", "closed"), at (seconds since the epoch), by_hand (forced by staff)
@@ -51,9 +56,9 @@ from safetynet.protocol import reasons
 if TYPE_CHECKING:
     from safetynet.protocol.attempt import Attempt
 
-__all__ = ["announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_recorded",
-           "dead_letters_evicted", "drain_successes", "stop_consuming", "task_dead", "task_ended", "task_replayed",
-           "task_retrying"]
+__all__ = ["announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_quarantined",
+           "dead_letter_recorded", "dead_letters_evicted", "drain_successes", "stop_consuming", "task_dead", "task_ended",
+           "task_replayed", "task_retrying"]
 
 logger = logging.getLogger("safetynet")
 
@@ -63,6 +68,7 @@ task_dead = Signal()
 dead_letter_recorded = Signal()
 task_replayed = Signal()
 dead_letters_evicted = Signal()
+dead_letter_quarantined = Signal()
 breaker_changed = Signal()
 breaker_refused = Signal()
 

@@ -99,6 +99,6 @@ def test_a_task_that_calls_itself_synchronously_warns_with_the_line():
     for name, call in (("fetch_feed", "fetch_feed(url, depth + 1)"), ("fetch_feed_bound", "self.run(url)")):
         [message] = [m for m in checks.check_tasks() if m.obj == f"tests.fixtures.risky_tasks.{name}"]
         line = next(number for number, text in enumerate(source, 1) if call in text)
-        assert message.id == "safetynet.W006"
+        assert message.id == "safetynet.W007"
         assert f"risky_tasks.py:{line}: {call}" in message.msg
     assert messages_for("fetch_feed_later") == set()  # .delay() and .apply_async() send a new message

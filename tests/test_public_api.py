@@ -58,8 +58,8 @@ def test_users_test_suites_get_the_fixtures_with_no_configuration(tmp_path):
 # The supported modules and what each exposes: nothing more (a helper imported there is not API), nothing less.
 PUBLIC_MODULES = {
     "safetynet.signals": [
-        "announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_recorded",
-        "dead_letters_evicted", "drain_successes",
+        "announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_quarantined",
+        "dead_letter_recorded", "dead_letters_evicted", "drain_successes",
         "stop_consuming", "task_dead", "task_ended", "task_replayed", "task_retrying",
     ],
     "safetynet.typing": [

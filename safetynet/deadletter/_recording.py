@@ -6,6 +6,13 @@ crash loop, the consumer for a message no task can run, the relay for a message 
 one log line, one row (spooled to local disk while the database does not answer) and one
 terminal event (``signals.task_ended``). Rows are keyed by task id, so a death recorded twice (a
 redelivered message that died again, a spool flushed by two workers) is stored and announced once.
+
+A record is made storable first (``_storable``: no NUL, no lone surrogate, no NaN, names that fit
+their columns), so the database refuses it only for a reason no cleaning fixes. Such a refusal
+(``DataError``, ``IntegrityError``, a ``ValueError`` from the driver) is never taken for an outage:
+the record goes to the spool's quarantine folder (ERROR, ``dead_letter_quarantined``, an alert),
+and a spooled one never holds back the files after it. When neither the database nor the spool
+can take a record, its whole (redacted) text is logged at ERROR: the log keeps what nothing else could.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from django.db import DatabaseError, InterfaceError, close_old_connections
+from django.db import close_old_connections, router, transaction
 from django.db.models import Min
 
 from safetynet import conf, signals
 from safetynet.deadletter import _spool
 from safetynet.deadletter._fingerprints import fingerprint
+from safetynet.deadletter._storable import is_outage, storable
 from safetynet.models import DeadLetter
 from safetynet.protocol import headers as header_names
 from safetynet.protocol.events import DeadLetterFacts, Outcome, TaskEnded
@@ -100,7 +108,7 @@ def _safe_raw_body(raw: bytes | None, detail: str) -> tuple[str, str]:
 
 
 def fields_of(failure: Failure) -> dict[str, Any]:
-    """The row's fields, redacted: what is stored (or spooled)."""
+    """The row's fields, redacted and storable: what is stored (or spooled)."""
     history = [dict(entry) for entry in failure.history]  # redacted below: the caller's copy stays as it was
     exception_type, exception_message = failure.exception_type, failure.exception_message
     if failure.exception is not None:
@@ -126,7 +134,7 @@ def fields_of(failure: Failure) -> dict[str, Any]:
     raw_text, detail = _safe_raw_body(failure.raw_body, detail)
     first = history[0].get("started") if history else None
     failed_at = failure.failed_at
-    return {
+    fields = storable({
         "task_name": failure.task_name,
         "task_id": failure.task_id,
         "args": safe_args,
@@ -147,35 +155,70 @@ def fields_of(failure: Failure) -> dict[str, Any]:
         "first_failed_at": _as_datetime(first if first is not None else failed_at).isoformat(),
         "last_failed_at": _as_datetime(failed_at).isoformat(),
         "worker": str(failure.worker or "")[:255],
-        "fingerprint": fingerprint(failure.task_name, exception_type, exception_message, traceback),
+        "fingerprint": "",
         "raw_body": base64.b64encode(raw_text.encode()).decode() if raw_text else "",
         "replay_of_id": int(replay_of) if str(replay_of or "").isdigit() else None,
         "audit": [{"action": "dead", "at": _as_datetime(failed_at).isoformat(), "nonce": uuid.uuid4().hex}],
-    }
+    })
+    # From the storable text: a lone surrogate cannot even be hashed.
+    fields["fingerprint"] = fingerprint(fields["task_name"], fields["exception_type"], fields["exception_message"],
+                                        fields["traceback"])
+    return fields
 
 
-def _facts(fields: Mapping[str, Any], row_id: int | None) -> DeadLetterFacts:
+def _facts(fields: Mapping[str, Any], row_id: int | None, kept_in: str = "database") -> DeadLetterFacts:
     return DeadLetterFacts(
         id=row_id, fingerprint=fields["fingerprint"], exception_type=fields["exception_type"],
         exception_message=fields["exception_message"], traceback=fields["traceback"], detail=fields["detail"],
         queue=fields["queue"], worker=fields["worker"], redacted=tuple(fields["redacted"]),
-        headers=fields["headers"],
+        headers=fields["headers"], kept_in=kept_in,
     )
+
+
+def _log_whole(fields: Mapping[str, Any], why: str) -> None:
+    """The last resort: the whole (redacted) record in an ERROR line, so the log keeps it."""
+    logger.error(
+        "safetynet: the dead letter of %s[%s] could not be kept: %s. Its whole record follows, so it is not "
+        "lost: %s", fields["task_name"], fields["task_id"], why, json.dumps(fields, default=str),
+        extra={"task_name": fields["task_name"], "task_id": fields["task_id"], "action": "dead_letter_logged"},
+    )
+
+
+def _keep_spooled(fields: dict[str, Any], error: BaseException) -> str:
+    """The database did not answer: spool the record (or, failing that, log it whole); where it is kept."""
+    try:
+        _spool.write(fields, error)
+    except Exception as spool_error:  # refused (another user can write the folder), disk full, no SECRET_KEY…
+        _log_whole(fields, f"the database did not answer ({error!r}) and the spool refused it ({spool_error})")
+        return "log"
+    return "spool"
+
+
+def _keep_refused(fields: dict[str, Any], error: BaseException) -> str:
+    """The database refused the record itself: quarantine it (or, failing that, log it whole); where it is kept."""
+    why = f"the database refused it as data even made storable: {error!r}"
+    try:
+        _spool.write_quarantined(fields, why)
+    except Exception as quarantine_error:
+        _log_whole(fields, f"{why}, and the spool's quarantine folder could not take it ({quarantine_error})")
+        return "log"
+    return "quarantine"
 
 
 def record(failure: Failure) -> DeadLetterFacts | None:
     """Store one final failure (exactly once per task id); spool it if the database is down.
 
-    Returns what was stored (``id`` None when it was spooled), or None when the task id was
-    recorded before: a second death of the same task adds nothing.
+    Returns what was kept (``id`` None unless it was stored; ``kept_in`` says where), or None when
+    the task id was recorded before: a second death of the same task adds nothing.
     """
     fields = fields_of(failure)
     try:
         row = store(fields)
-    except (DatabaseError, InterfaceError) as error:
+    except Exception as error:
+        if not is_outage(error):  # about the record: spooling it would only fail again later
+            return _facts(fields, None, _keep_refused(fields, error))
         close_old_connections()
-        _spool.write(fields, error)
-        return _facts(fields, None)
+        return _facts(fields, None, _keep_spooled(fields, error))
     if row is None:
         return None
     _announce(row)
@@ -217,15 +260,24 @@ def give_up(failure: Failure, *, task: Any = None, runtime: float | None = None,
 
 
 def store(fields: dict[str, Any]) -> Any:
-    """Insert a recorded failure; return the row if it is new, None if the task id was stored already."""
+    """Insert a recorded failure; return the row if it is new, None if the task id was stored already.
+
+    ``fields`` should be storable (``fields_of`` makes them so; the spool's are made so again).
+    """
     values = dict(fields)
     for name in ("first_failed_at", "last_failed_at"):
         values[name] = datetime.fromisoformat(values[name])
-    # INSERT … ON CONFLICT DO NOTHING: the task id is unique, so a second record of the same
-    # failure is dropped by the database itself. Whether this insert won is told by the nonce.
-    DeadLetter.objects.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
-    row = DeadLetter.objects.filter(task_id=values["task_id"]).first()
     nonce = values["audit"][0]["nonce"]
+    alias = router.db_for_write(DeadLetter)
+    rows = DeadLetter.objects.using(alias)
+    # A savepoint: a refused insert must not break a transaction the caller is in.
+    with transaction.atomic(using=alias):
+        if values.get("replay_of_id") is not None and not rows.filter(pk=values["replay_of_id"]).exists():
+            values["replay_of_id"] = None  # the row it replayed was purged meanwhile: the link goes, the record stays
+        # INSERT … ON CONFLICT DO NOTHING: the task id is unique, so a second record of the same
+        # failure is dropped by the database itself. Whether this insert won is told by the nonce.
+        rows.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
+        row = rows.filter(task_id=values["task_id"]).first()  # where it was written, not a replica
     return row if row is not None and row.audit and row.audit[0].get("nonce") == nonce else None
 
 
@@ -251,18 +303,31 @@ def _after_write() -> None:
     try:
         flush_spool()
         enforce_cap()
-    except (DatabaseError, InterfaceError) as error:
+    except Exception as error:  # the record is stored: housekeeping must not change that (the next write retries)
         logger.warning("safetynet: dead-letter housekeeping failed: %r", error)
 
 
 def flush_spool() -> int:
-    """Move spooled records into the database; return how many were moved. Safe to run anywhere."""
+    """Move spooled records into the database; return how many were moved. Safe to run anywhere.
+
+    A file that is not signed by this project (or not a regular file of this user) and a record the
+    database refuses are moved to the spool's quarantine folder, loudly, and the flush goes on. A
+    database that does not answer stops it (DatabaseError): the files wait for the next flush.
+    ConfigurationError when another user can write the spool folder (nothing in it is read).
+    """
     moved = 0
-    for path, fields in _spool.pending():
-        row = store(fields)  # a DatabaseError propagates: the file stays for the next try
+    for spooled in _spool.pending():
+        try:
+            row = store(storable(spooled.fields))
+        except Exception as error:
+            if is_outage(error):
+                raise  # the database is away: this file and the ones after it wait for the next flush
+            _spool.quarantine(spooled.path, f"was refused by the database even made storable ({error!r})",
+                              kind="unstorable", fields=spooled.fields)
+            continue
         if row is not None:
             _announce(row)
-        _spool.remove(path)
+        _spool.remove(spooled.path)
         moved += 1
     if moved:
         logger.info("safetynet: moved %s spooled dead letters into the database", moved)

@@ -34,7 +34,7 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class DeadLetterFacts:
-    """What the dead-letter store kept of a death, redacted (``id`` is None while it waits in the spool)."""
+    """What the dead-letter store kept of a death, redacted (``id`` is None unless it was stored)."""
 
     id: int | None
     fingerprint: str
@@ -47,6 +47,10 @@ class DeadLetterFacts:
     #: Where values were replaced by "[redacted]" (``kwargs.card_token``).
     redacted: tuple[str, ...] = ()
     headers: Mapping[str, Any] = field(default_factory=dict)
+    #: Where the record is: "database" (a row, ``id``), "spool" (the database did not answer: moved in later),
+    #: "quarantine" (the database refused it even made storable: a file in the spool's quarantine folder),
+    #: "log" (neither the database nor the spool could take it: the whole record is in an ERROR log line).
+    kept_in: str = "database"
 
 
 @dataclass(slots=True)

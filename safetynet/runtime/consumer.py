@@ -21,6 +21,8 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from safetynet import conf, deadletter, progress, schedule, shared, stats
 from safetynet.background import Job, runner
+from safetynet.deadletter import _spool_folder
+from safetynet.exceptions import ConfigurationError
 from safetynet.protocol.reasons import Reason
 
 __all__ = ["Relay", "connect", "start_jobs"]
@@ -129,6 +131,8 @@ class Relay:
 def _flush_spool() -> None:
     try:
         deadletter.flush_spool()
+    except ConfigurationError as error:  # another user can write the spool folder: nothing in it is read
+        logger.error("safetynet: spool flush refused: %s", error, extra={"action": "spool_flush"})
     except Exception as error:  # the database may still be down: try again later
         logger.info("safetynet: spool flush postponed: %r", error)
     finally:
@@ -158,8 +162,19 @@ def _housekeeping() -> None:
             logger.info("safetynet: %s postponed: %r", name, error)
 
 
+def _report_spool_problem() -> None:
+    """A spool this worker could not use is said at start-up (system checks do not run in a worker)."""
+    try:
+        _, _, problem = _spool_folder.inspect()
+    except Exception as error:  # the settings are invalid: the first task will say it louder
+        problem = str(error)
+    if problem is not None:
+        logger.error("safetynet: %s", problem, extra={"action": "spool_check"})
+
+
 def start_jobs(app: Any) -> None:
     """The main process's background jobs (each added once)."""
+    _report_spool_problem()
     runner.add(Job("spool flush", _flush_spool, lambda: conf.get().spool_flush_seconds,
                    at_start=False))
     runner.add(Job("housekeeping", _housekeeping, 3600.0, leader="housekeeping", at_start=False))

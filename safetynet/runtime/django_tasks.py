@@ -335,5 +335,5 @@ class CeleryBackend(_compat.BaseTaskBackend):
                 f"TASKS[{self.alias!r}] runs django.tasks on Celery, but the current Celery app has no broker_url.",
                 hint="Configure Celery (CELERY_BROKER_URL with app.config_from_object('django.conf:settings', "
                      "namespace='CELERY')) and import the app in your project's __init__.py.",
-                id="safetynet.W007")]
+                id="safetynet.W008")]
         return []

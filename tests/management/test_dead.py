@@ -10,6 +10,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 
 from safetynet import deadletter
+from safetynet.deadletter import _spool
 from safetynet.models import DeadLetter
 from tests.fixtures.dead_letters import SECRET, make_dead_letter, queued_messages
 
@@ -369,12 +370,13 @@ def test_flush_moves_spooled_records_in(private_spool):
         "raw_body": "", "replay_of_id": None, "audit": [{"action": "dead", "at": "2024-05-01T12:00:00+00:00",
                                                          "nonce": "n1"}],
     }
-    private_spool.mkdir(parents=True)
-    (private_spool / "spooled-1.json").write_text(json.dumps(fields))
+    _spool.write(fields, ConnectionError("the database is down"))  # signed, as the runtime spools it
+    assert (private_spool / "spooled-1.json").exists()
     assert dead("flush").startswith("Moved 1 spooled dead letter into the database")
     assert DeadLetter.objects.get(task_id="spooled-1").exception_message == "down"
     assert list(private_spool.glob("*.json")) == []
     assert dead("flush").startswith("Moved 0 spooled dead letters")
+    assert not (private_spool / "quarantine").exists()
 
 
 # -- the explain command still works alongside ----------------------------------------

@@ -11,7 +11,9 @@ from django.db import DatabaseError, InterfaceError
 from django.db.models import QuerySet
 from kombu.exceptions import OperationalError
 
-from safetynet import conf, deadletter, redaction
+from safetynet import deadletter, redaction
+from safetynet.deadletter import _spool
+from safetynet.exceptions import ConfigurationError
 from safetynet.management.nouns._text import (
     FILTERS,
     Noun,
@@ -363,6 +365,13 @@ class DeadLetters(Noun):
         except (DatabaseError, InterfaceError) as error:
             raise CommandError(f"The database did not answer ({error}); the spooled records stay for the next "
                                "flush.") from error
-        where = conf.get().spool_dir or "the default spool directory"
+        except ConfigurationError as error:
+            raise CommandError(str(error)) from error
+        where = _spool.directory()
         self.stdout.write(f"Moved {moved} spooled dead letter{'' if moved == 1 else 's'} into the database "
                           f"(from {where}).")
+        quarantined = _spool.quarantined()
+        if quarantined:
+            self.stdout.write(f"{len(quarantined)} file{'' if len(quarantined) == 1 else 's'} in "
+                              f"{where / _spool.QUARANTINE} will never be stored (the log says why for each): "
+                              "look at them, then delete them.")

@@ -143,7 +143,7 @@ class Explain(Noun):
                   "recorded as worker_lost.")
         for call in self_calls(task):
             write(f"Calls itself: {call.filename}:{call.line}: {call.text} runs inside the same attempt as a plain "
-                  "function (safetynet.W006); raise self.retry(exc=exc) to try again.")
+                  "function (safetynet.W007); raise self.retry(exc=exc) to try again.")
         if task.time_limit or task.soft_time_limit:
             soft = f"soft {task.soft_time_limit:g}s (an exception, classified like any other)" \
                 if task.soft_time_limit else "no soft limit"
