@@ -36,7 +36,8 @@ if not settings.configured:
     if os.environ.get("SAFETYNET_BENCH_SPOOL") and "SPOOL_DIR" in safetynet_conf.DEFAULTS:
         safetynet_settings["SPOOL_DIR"] = os.environ["SAFETYNET_BENCH_SPOOL"]
     settings.configure(
-        INSTALLED_APPS=["safetynet"],
+        # _bench_app: the tables of bench/idempotency.py's hand-written guard and realistic body
+        INSTALLED_APPS=["safetynet", "_bench_app"],
         DATABASES={"default": django_database(DB_NAME)},
         DEBUG=False,  # with DEBUG, Django would keep every query in memory
         SAFETYNET=safetynet_settings,
@@ -128,7 +129,7 @@ def ensure_database() -> None:
         raise SystemExit(
             f"overhead.py: the idempotent no-op needs PostgreSQL at {DB_HOST}:{DB_PORT} (user {DB_USER}): {error}"
         ) from None
-    call_command("migrate", "safetynet", verbosity=0, interactive=False)
+    call_command("migrate", verbosity=0, interactive=False, run_syncdb=True)  # safetynet's, and _bench_app's
 
 
 def clear_claims() -> int:

@@ -52,6 +52,10 @@ if str(HERE) not in sys.path:
 import _overhead_tasks as bench  # noqa: E402
 
 SYSTEMS = ("plain", "safetynet", "idempotent")
+#: Systems whose no-op takes an ``n`` of its own per message (a fresh idempotency key each).
+KEYED = {"idempotent"}
+#: The module ``celery -A`` starts the workers from (bench/idempotency.py adds tasks in its own).
+WORKER_APP = "_overhead_tasks"
 IN_PROCESS = ("plain", "safetynet")  # the systems _in_process_costs times (no database)
 STARTUP_TIMEOUT = 60.0  # seconds for a fresh worker to get through its warm-up
 BATCH = 1000  # messages per LPUSH
@@ -117,7 +121,7 @@ class Messages:
         self.staging = f"bench:{run_id}:{system}:staging"
         self.start_key, self.end_key = f"bench:{run_id}:{system}:start", f"bench:{run_id}:{system}:end"
         self.client, self.lock = client, lock
-        self.keyed = system == "idempotent"
+        self.keyed = system in KEYED
         self.run_id, self.counter = run_id, 0
         self.noop = self._template(bench.NOOPS[system], (self.PLACEHOLDER,) if self.keyed else ())
         if self.keyed:
@@ -175,7 +179,7 @@ class Worker:
     def __init__(self, messages: Messages, args: argparse.Namespace, log_path: str) -> None:
         self.messages, self.log_path = messages, log_path
         command = [
-            sys.executable, "-m", "celery", "-A", "_overhead_tasks", "worker",
+            sys.executable, "-m", "celery", "-A", WORKER_APP, "worker",
             "-Q", messages.queue, "-n", f"{messages.queue}.{uuid.uuid4().hex[:4]}@%h", f"--pool={args.pool}",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-l", "warning", "--prefetch-multiplier", str(args.prefetch),

@@ -1,0 +1,227 @@
+"""What an idempotent task costs: against its floor (the database statements it needs), against the guard users write
+by hand, with a realistic body, and what a retry costs against plain Celery's.
+
+    .venv/bin/python bench/idempotency.py [--quick] [--tasks N] [--rounds R] [--slice S]
+
+Systems, each a fresh solo worker per round on a queue of its own (the machinery of bench/overhead.py: messages
+copied from ones Celery published, slices of each system alternating, the worker's wall and CPU time read between
+a start and an end marker):
+
+- ``plain``, ``safetynet``: the no-op, plain and as a safetynet task;
+- ``idempotent``: the no-op with ``idempotency_key="noop-{n}"``, a fresh key per message;
+- ``diy``: a plain Celery no-op behind the guard tutorials teach (``get_or_create`` of a row per operation, an
+  "already done?" check, the body and a status update in ``transaction.atomic()``);
+- ``realistic_plain``, ``realistic_idempotent``: a body that writes one row with the ORM and waits 5 ms;
+- ``retry_plain``, ``retry_safetynet``: fails once, ``self.retry(countdown=0)``, then succeeds. Their slice ends
+  once every retry has run (each counts itself in Redis; the end marker is sent after the last).
+
+And, between rounds, in this process: ``floor``, the claim's and the mark's statements timed with psycopg directly
+on the same database (the ``INSERT … ON CONFLICT … RETURNING`` that claims a fresh key, committed without waiting
+for the WAL flush as safetynet's claim is, then the owner-checked ``UPDATE`` committed with it).
+
+Figures (medians over rounds):
+
+    floor_us             the statements alone, per task
+    idempotent_extra_us  per-task wall time of ``idempotent`` minus ``plain``
+    extra_vs_floor       idempotent_extra_us / floor_us
+    idempotent_vs_diy    idempotent tasks/s / diy tasks/s
+    realistic_ratio      realistic_idempotent tasks/s / realistic_plain tasks/s
+    retry_cpu_ratio      plain Celery's CPU per retry / safetynet's (a retry: the failed run and its publish, i.e.
+                         CPU per retrying task minus CPU per no-op of the same kind)
+
+The last line: ``floor_us=… idempotent_extra_us=… extra_vs_floor=… idempotent_vs_diy=… realistic_ratio=…
+retry_cpu_ratio=…``. Redis database 9 and PostgreSQL database ``safetynet_bench_overhead``, as bench/overhead.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import overhead  # noqa: E402
+
+overhead.WORKER_APP = "_idempotency_tasks"
+overhead.KEYED |= {"diy", "realistic_plain", "realistic_idempotent"}
+
+import _idempotency_tasks as tasks  # noqa: E402  (after the app: it adds its tasks to overhead's NOOPS)
+
+bench = overhead.bench
+SYSTEMS = ("plain", "safetynet", "idempotent", "diy", "realistic_plain", "realistic_idempotent", "retry_plain",
+           "retry_safetynet")
+RETRYING = {"retry_plain", "retry_safetynet"}
+#: Tasks per slice relative to --slice: a realistic body waits 5 ms.
+SCALE = {"realistic_plain": 0.1, "realistic_idempotent": 0.1, "retry_plain": 0.5, "retry_safetynet": 0.5}
+
+
+class RetryMessages(overhead.Messages):
+    """The retrying no-op's messages: each carries the run's counter; a slice's end marker is sent by ``run``."""
+
+    def __init__(self, client, run_id: str, system: str, lock) -> None:
+        self.counter = f"bench:{run_id}:{system}:retried"
+        super().__init__(client, run_id, system, lock)
+        self.noop = self._template(bench.NOOPS[system], (self.counter,))
+
+    def load(self, tasks: int) -> None:
+        client = self.client
+        self.lock.renew()
+        client.delete(self.counter)
+        with client.pipeline(transaction=False) as pipe:
+            pipe.delete(self.staging)
+            pipe.lpush(self.staging, self._copy(self.start))
+            pipe.lpush(self.staging, *(self._copy_noop() for _ in range(tasks)))
+            pipe.rename(self.staging, self.queue)
+            pipe.execute()
+
+
+class RetryWorker(overhead.Worker):
+    def run(self, tasks: int, timeout: float) -> tuple[float, float]:
+        messages = self.messages
+        messages.load(tasks)
+        deadline = time.monotonic() + timeout
+        started = self._pop(messages.start_key, deadline)
+        while int(messages.client.get(messages.counter) or 0) < tasks:  # every retry has run
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"{messages.queue}: retries did not all run:\n{overhead._tail(self.log_path)}")
+            messages.lock.renew()
+            time.sleep(0.002)
+        messages.client.lpush(messages.queue, messages._copy(messages.end))
+        ended = self._pop(messages.end_key, deadline)
+        return ended[0] - started[0], ended[1] - started[1]
+
+
+def floor_us(pairs: int) -> float:
+    """The claim's and the mark's statements, with psycopg on the benchmark's database: microseconds per pair."""
+    import psycopg
+
+    from _postgres import DB_HOST, DB_PORT, DB_USER
+
+    table = "bench_floor_claims"
+    with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname=bench.DB_NAME, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, task_id text, state text, "
+                     "owner text, lease_until double precision, deliveries integer)")
+        run = uuid.uuid4().hex[:8]
+        began = time.perf_counter()
+        for number in range(pairs):
+            key, owner = f"floor-{run}-{number}", f"owner-{number}"
+            conn.execute(
+                f"INSERT INTO {table} (key, task_id, state, owner, lease_until, deliveries) "
+                "VALUES (%s, %s, 'in_progress', %s, %s, 1) ON CONFLICT (key) DO UPDATE SET owner = excluded.owner "
+                f"WHERE {table}.state = 'failed' RETURNING deliveries, set_config('synchronous_commit', 'off', true)",
+                (key, "task", owner, time.time() + 30)).fetchone()
+            conn.execute(f"UPDATE {table} SET state = 'succeeded' WHERE key = %s AND owner = %s", (key, owner))
+        elapsed = time.perf_counter() - began
+        conn.execute(f"DROP TABLE {table}")
+    return elapsed / pairs * 1e6
+
+
+def run_round(number: int, messages: dict, args: argparse.Namespace, log_dir: str) -> dict[str, tuple[float, float]]:
+    workers: dict[str, overhead.Worker] = {}
+    bench.clear_claims()
+    tasks.Operation.objects.all().delete()
+    tasks.LedgerRow.objects.all().delete()
+    from django.db import connection
+
+    connection.close()  # the workers are what is measured
+    try:
+        for system in SYSTEMS:
+            kind = RetryWorker if system in RETRYING else overhead.Worker
+            workers[system] = kind(messages[system], args, os.path.join(log_dir, f"r{number}.{system}.log"))
+        for system in SYSTEMS:
+            workers[system].run(max(10, int(args.warmup * SCALE.get(system, 1.0))), overhead.STARTUP_TIMEOUT)
+        wall = dict.fromkeys(SYSTEMS, 0.0)
+        cpu = dict.fromkeys(SYSTEMS, 0.0)
+        counts = dict.fromkeys(SYSTEMS, 0)
+        done = 0
+        while done < args.tasks:
+            size = min(args.slice, args.tasks - done)
+            for system in SYSTEMS:
+                share = max(1, int(size * SCALE.get(system, 1.0)))
+                slice_wall, slice_cpu = workers[system].run(share, args.slice_timeout)
+                wall[system] += slice_wall
+                cpu[system] += slice_cpu
+                counts[system] += share
+            done += size
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    results = {}
+    for system in SYSTEMS:
+        results[system] = counts[system] / wall[system], counts[system] / cpu[system]
+        print(f"round {number} {system:<21} {counts[system]:6d} tasks, {results[system][0]:8.1f} tasks/s "
+              f"({results[system][1]:8.1f} tasks/CPU-s)", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
+    parser.add_argument("--tasks", type=int, help="no-ops per round for the no-op systems (default 5000; 400 quick)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3; 2 quick)")
+    parser.add_argument("--slice", type=int, default=200, help="no-op tasks per slice (default 200)")
+    parser.add_argument("--warmup", type=int, default=200, help="no-ops each fresh worker runs first (default 200)")
+    parser.add_argument("--floor-pairs", type=int, help="claim-and-mark pairs timed for the floor (default 1000; 200 quick)")
+    args = parser.parse_args(argv)
+    args.tasks = args.tasks or (400 if args.quick else 5000)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.floor_pairs = args.floor_pairs or (200 if args.quick else 1000)
+    args.pool, args.prefetch, args.without_prometheus = "solo", 64, False
+    args.slice_timeout = 120.0
+    began = time.monotonic()
+    client = overhead._redis()
+    run_id = uuid.uuid4().hex[:8]
+    lock = overhead.Lock(client, run_id)
+    results: dict[str, list[tuple[float, float]]] = {system: [] for system in SYSTEMS}
+    floors: list[float] = []
+    try:
+        bench.ensure_database()
+        overhead._delete_bench_keys(client)
+        messages = {system: (RetryMessages if system in RETRYING else overhead.Messages)(client, run_id, system, lock)
+                    for system in SYSTEMS}
+        with tempfile.TemporaryDirectory(prefix="safetynet-bench-") as log_dir:
+            for number in range(1, args.rounds + 1):
+                floors.append(floor_us(args.floor_pairs))
+                print(f"round {number} floor {floors[-1]:.0f} us per claim and mark (psycopg)", flush=True)
+                for system, figures in run_round(number, messages, args, log_dir).items():
+                    results[system].append(figures)
+                floors.append(floor_us(args.floor_pairs))
+                print(f"round {number} floor {floors[-1]:.0f} us per claim and mark (psycopg)", flush=True)
+    finally:
+        overhead._delete_bench_keys(client)
+        try:
+            bench.clear_claims()
+        finally:
+            lock.release()
+
+    def tps(system: str) -> float:
+        return statistics.median(figure[0] for figure in results[system])
+
+    def cpu_us(system: str) -> float:
+        return statistics.median(1e6 / figure[1] for figure in results[system])
+
+    floor = statistics.median(floors)
+    extra = 1e6 / tps("idempotent") - 1e6 / tps("plain")
+    plain_retry = cpu_us("retry_plain") - cpu_us("plain")
+    safetynet_retry = cpu_us("retry_safetynet") - cpu_us("safetynet")
+    for system in SYSTEMS:
+        print(f"{system:<21} median {tps(system):8.1f} tasks/s, {cpu_us(system):8.1f} us CPU per task")
+    print(f"CPU per retry: plain Celery {plain_retry:.0f} us, safetynet {safetynet_retry:.0f} us; "
+          f"load {os.getloadavg()[0]:.2f}; total {time.monotonic() - began:.0f}s")
+    print(f"floor_us={floor:.0f} idempotent_extra_us={extra:.0f} extra_vs_floor={extra / floor:.2f} "
+          f"idempotent_vs_diy={tps('idempotent') / tps('diy'):.3f} "
+          f"realistic_ratio={tps('realistic_idempotent') / tps('realistic_plain'):.3f} "
+          f"retry_cpu_ratio={plain_retry / safetynet_retry:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
