@@ -24,6 +24,7 @@ __all__ = [
     "parameter_names",
     "redact",
     "redact_text",
+    "redact_text_values",
     "redact_value",
     "scrub_values",
     "sensitive_values",
@@ -80,9 +81,29 @@ def redact(args: Any, kwargs: Any, parameter_names: list[str] | None = None) -> 
 
 
 def masked_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Headers with the values of sensitive keys replaced, for display (stored headers are redacted already)."""
+    """Headers for display: the values of sensitive keys replaced, and every text value through the message
+    patterns (stored headers are redacted already; a row stored by an older version may not be)."""
     _, masked, _ = redact((), headers or {})
-    return masked
+    return redact_text_values(masked, (), "headers", [])  # type: ignore[no-any-return]
+
+
+def redact_text_values(value: Any, secrets: list[str] | tuple[str, ...], path: str, found: list[str],
+                       depth: int = 0) -> Any:
+    """``value`` with every string in it (at any depth) through the message patterns: ``key=value`` pairs of
+    sensitive keys and the exact ``secrets`` blanked; ``found`` collects the paths of the strings changed."""
+    if isinstance(value, str):
+        safe = redact_text(scrub_values(value, list(secrets)))
+        if safe != value:
+            found.append(path)
+        return safe
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {key: redact_text_values(item, secrets, f"{path}.{key}", found, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_text_values(item, secrets, f"{path}[{index}]", found, depth + 1)
+                for index, item in enumerate(value)]
+    return value
 
 
 def redact_text(text: str) -> str:

@@ -35,6 +35,7 @@ from safetynet.protocol.reasons import Reason
 from safetynet.redaction import (
     redact,
     redact_text,
+    redact_text_values,
     redact_value,
     scrub_values,
     sensitive_values,
@@ -123,6 +124,8 @@ def fields_of(failure: Failure) -> dict[str, Any]:
     kept_headers = {key: value for key, value in (failure.headers or {}).items() if key not in header_names.DELIVERY}
     replay_of = kept_headers.get(header_names.REPLAY_OF)
     kept_headers = redact_value(kept_headers, "headers", redacted)
+    # A header's text is free text too: the message patterns and the secret arguments' values go.
+    kept_headers = redact_text_values(kept_headers, secrets, "headers", redacted)
     raw_text, detail = _safe_raw_body(failure.raw_body, detail)
     first = history[0].get("started") if history else None
     failed_at = failure.failed_at
