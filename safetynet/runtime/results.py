@@ -115,7 +115,6 @@ class RedactingBackend:
     def __init__(self, task: Any, backend: Any) -> None:
         self.task = task
         self.wrapped = backend
-        self._extended: bool | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
@@ -136,11 +135,7 @@ class RedactingBackend:
 
     def _stored_request(self, request: Any) -> Any:
         """With ``result_extended`` (the request's arguments are stored), a copy with them redacted."""
-        if request is None:
-            return request
-        if self._extended is None:
-            self._extended = bool(self.wrapped.app.conf.find_value_for_key("extended", "result"))
-        if not self._extended:
+        if request is None or not self.wrapped.app.conf.find_value_for_key("extended", "result"):
             return request
         args, kwargs, found = redact(getattr(request, "args", None) or (), getattr(request, "kwargs", None) or {},
                                      parameter_names(self.task))
