@@ -12,8 +12,9 @@ Imported only when ``sentry-sdk`` is installed; does nothing until the project h
                               ``before_send_transaction``/``before_send_log``): drops the
                               duplicates Sentry's own integrations send for a failure safetynet
                               reports (Celery's report of the exception, Celery's error log
-                              lines, the three lines of a hard time limit), then redacts the
-                              event by REDACT_KEYS / REDACT_PATTERNS
+                              lines, the three lines of a hard time limit, the two of a child
+                              that died running a safetynet task), then redacts the event by
+                              REDACT_KEYS / REDACT_PATTERNS
 
 Retries are never reported: a retry raises Celery's ``Retry``, which Sentry's
 ``CeleryIntegration`` ignores, and safetynet logs retries below ERROR (breadcrumbs only).
