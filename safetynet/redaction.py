@@ -9,6 +9,7 @@ safetynet that stores or shows task data goes through here.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Mapping
@@ -108,15 +109,24 @@ def redact_text_values(value: Any, secrets: list[str] | tuple[str, ...], path: s
 
 def redact_text(text: str) -> str:
     """Blank out ``key=value`` / ``'key': value`` pairs of sensitive keys in free text (messages, tracebacks)."""
-    settings = conf.get()
-    names = sorted(settings.redact_keys, key=len, reverse=True)
-    if not names:
+    pattern = _text_pattern(conf.get().redact_keys)
+    if pattern is None:
         return text
+    return pattern.sub(_blank, text)
+
+
+def _blank(match: re.Match[str]) -> str:
+    return match.group(1) + f"'{REDACTED}'"
+
+
+@functools.lru_cache(maxsize=8)
+def _text_pattern(keys: frozenset[str]) -> re.Pattern[str] | None:
+    """The ``key=value`` pattern of these key names, compiled once (longest names first)."""
+    names = sorted(keys, key=len, reverse=True)
+    if not names:
+        return None
     alternatives = "|".join(re.escape(name) for name in names)
-    pattern = re.compile(
-        rf"""(?i)(['"]?(?:{alternatives})['"]?\s*[:=]\s*)(?:'[^']*'|"[^"]*"|[^\s,}}\)]+)"""
-    )
-    return pattern.sub(lambda match: match.group(1) + f"'{REDACTED}'", text)
+    return re.compile(rf"""(?i)(['"]?(?:{alternatives})['"]?\s*[:=]\s*)(?:'[^']*'|"[^"]*"|[^\s,}}\)]+)""")
 
 
 def parameter_names(task: Any) -> list[str]:
@@ -124,8 +134,25 @@ def parameter_names(task: Any) -> list[str]:
 
     Sentry's CeleryIntegration replaces ``task.run`` on the instance with a wrapper whose
     signature (through ``__wrapped__``) still has ``self``: reading it would shift every
-    positional argument by one.
+    positional argument by one. Kept per class and ``run`` (sending a task reads them).
     """
+    klass = type(task)
+    try:
+        key = (klass, klass.__dict__.get("run") or getattr(klass, "run", None))
+        cached = _parameter_names.get(key)
+    except TypeError:  # an unhashable run: not kept
+        key, cached = None, None
+    if cached is None:
+        cached = tuple(_parameter_names_of(task))
+        if key is not None and len(_parameter_names) < 4096:
+            _parameter_names[key] = cached
+    return list(cached)
+
+
+_parameter_names: dict[tuple[Any, Any], tuple[str, ...]] = {}
+
+
+def _parameter_names_of(task: Any) -> list[str]:
     raw = inspect.getattr_static(type(task), "run", None)
     raw = getattr(raw, "_safetynet_body", raw)
     if isinstance(raw, staticmethod):

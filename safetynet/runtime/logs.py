@@ -10,7 +10,10 @@ loggers, not on a handler, it works whatever handlers the project or Celery
 (``worker_hijack_root_logger``) set up, Sentry's logging integration included.
 
 Lines about a registered Celery task that is not a safetynet task are left as Celery wrote them,
-and so is a success line (its cost stays Celery's): a task's return value is logged as returned.
+and so are the two lines every task logs, whose cost stays Celery's: the success line (a task's
+return value is logged as returned) and the received line, whose text has no arguments and whose
+``data`` holds the message's ``argsrepr``/``kwargsrepr``, redacted when a safetynet task is sent
+(``safetynet.runtime.sending.redacted_reprs``).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ CELERY_LOGGERS = (
     "celery.worker.consumer.consumer",  # an unknown task or invalid message: its body and headers
 )
 
-# Celery's success line: left alone (see the module's docstring).
-_SUCCESS_PREFIX = "Task %(name)s[%(id)s] succeeded"
+# The lines of every task, left alone (see the module's docstring): Celery's success and received lines.
+_EVERY_TASK = ("Task %(name)s[%(id)s] succeeded", "Task %(name)s[%(id)s] received")
 # printf conversions of a %-format string, in order (``%%`` is not one).
 _CONVERSION = re.compile(r"%(?:\(([^)]*)\))?[#0\- +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?([diouxXeEfFgGcrsa%])")
 _ARGUMENT_KEYS = frozenset({"args", "kwargs"})
@@ -100,6 +103,11 @@ def _task_named_in(record: logging.LogRecord) -> tuple[Any, Any, bool]:
         return task, args.get("id"), task is not None
     if isinstance(args, tuple):
         for index, value in enumerate(args):
+            if isinstance(value, Mapping):  # a request's info: {"id", "name", "args", …}
+                task = _registered(value.get("name"))
+                if task is not None:
+                    return task, value.get("id"), True
+                continue
             task = _registered(value)
             if task is not None:
                 following = args[index + 1] if index + 1 < len(args) else None
@@ -107,14 +115,16 @@ def _task_named_in(record: logging.LogRecord) -> tuple[Any, Any, bool]:
     return None, None, False
 
 
-def _arguments(task: Any, task_id: Any) -> tuple[Any, Any]:
+def _arguments(task: Any, task_id: Any, logger: str) -> tuple[Any, Any]:
     """The live arguments of the run the record is about: the task's current request (in the process that runs
-    it), else the main process's active request with that id."""
+    it), else (a line of the worker's main process) its active request with that id."""
     if task is None or task_id is None:
         return None, None
     request = getattr(task, "request", None)
     if request is not None and getattr(request, "id", None) == task_id:
         return request.args, request.kwargs
+    if logger != "celery.worker.request":
+        return None, None
     try:
         from celery.worker.state import active_requests
     except Exception:
@@ -126,12 +136,12 @@ def _arguments(task: Any, task_id: Any) -> tuple[Any, Any]:
 
 
 def _redact(record: logging.LogRecord) -> None:
-    if isinstance(record.msg, str) and record.msg.startswith(_SUCCESS_PREFIX):
+    if isinstance(record.msg, str) and record.msg.startswith(_EVERY_TASK):
         return
     task, task_id, named = _task_named_in(record)
     if named and not getattr(type(task), "_safetynet_base", False):
         return  # a plain Celery task's line: Celery's
-    args, kwargs = _arguments(task, task_id)
+    args, kwargs = _arguments(task, task_id, record.name)
     clean = results.text_cleaner(task, args, kwargs) if task is not None else redact_text
     settings = conf.get()
     if isinstance(record.args, Mapping):
@@ -140,7 +150,7 @@ def _redact(record: logging.LogRecord) -> None:
         if isinstance(getattr(record, "data", None), Mapping):
             record.data = context
     elif isinstance(record.args, tuple):
-        record.args = _redacted_arguments(str(record.msg), record.args, clean, settings)
+        record.args = _redacted_arguments(str(record.msg), record.args, task, clean, settings)
     elif isinstance(record.msg, str):
         record.msg = clean(record.msg)
     if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
@@ -181,7 +191,7 @@ def _redacted_repr(task: Any, key: str, value: Any) -> str:
     return repr(value)
 
 
-def _redacted_arguments(message: str, args: tuple[Any, ...], clean: Callable[[str], str],
+def _redacted_arguments(message: str, args: tuple[Any, ...], task: Any, clean: Callable[[str], str],
                         settings: conf.Settings) -> tuple[Any, ...]:
     """A record's positional arguments, each redacted as its conversion in ``message`` renders it (``%r`` a repr,
     ``%s`` text); numbers and unchanged values are left as they are."""
@@ -192,7 +202,12 @@ def _redacted_arguments(message: str, args: tuple[Any, ...], clean: Callable[[st
         if isinstance(value, (bool, int, float, type(None))) or conversion not in ("r", "s", "a"):
             safe.append(value)
             continue
-        shown = results.cleaned(value, clean, settings) if isinstance(value, (Mapping, list, tuple)) else value
+        if isinstance(value, Mapping):  # a request's info (name, args, kwargs, …)
+            shown: Any = _redacted_context(value, task, clean, settings)
+        elif isinstance(value, (list, tuple)):
+            shown = results.cleaned(value, clean, settings)
+        else:
+            shown = value
         text = repr(value) if conversion in ("r", "a") else str(value)
         cleaned = clean(repr(shown) if conversion in ("r", "a") else str(shown))
         safe.append(value if cleaned == text else _Text(cleaned))

@@ -115,6 +115,8 @@ class RedactingBackend:
     def __init__(self, task: Any, backend: Any) -> None:
         self.task = task
         self.wrapped = backend
+        #: Whether the backend stores the request's arguments (``result_extended``), read once per backend.
+        self.extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.wrapped, name)
@@ -135,7 +137,7 @@ class RedactingBackend:
 
     def _stored_request(self, request: Any) -> Any:
         """With ``result_extended`` (the request's arguments are stored), a copy with them redacted."""
-        if request is None or not self.wrapped.app.conf.find_value_for_key("extended", "result"):
+        if request is None or not self.extended:
             return request
         args, kwargs, found = redact(getattr(request, "args", None) or (), getattr(request, "kwargs", None) or {},
                                      parameter_names(self.task))
