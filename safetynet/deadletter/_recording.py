@@ -194,10 +194,13 @@ def give_up(failure: Failure, *, task: Any = None, runtime: float | None = None,
     or None when the task id was recorded before (the death was announced then).
     """
     if log:
+        # The detail may quote the failure (a Reject's reason): redacted like the stored one.
+        detail = redact_text(scrub_values(failure.detail, sensitive_values(failure.args, failure.kwargs,
+                                                                           list(failure.parameters))))
         extra = {"task_name": failure.task_name, "task_id": failure.task_id, "attempt": failure.attempts,
-                 "reason": str(failure.reason), "detail": failure.detail}
+                 "reason": str(failure.reason), "detail": detail}
         logger.warning("%s[%s] gave up after attempt %s: %s (%s)", failure.task_name, failure.task_id,
-                       failure.attempts, failure.reason, failure.detail, extra=extra)
+                       failure.attempts, failure.reason, detail, extra=extra)
     facts: DeadLetterFacts | None = None
     if not eager:
         try:

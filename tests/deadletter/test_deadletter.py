@@ -277,3 +277,17 @@ def test_header_values_go_through_the_message_patterns_and_such_headers_are_not_
     headers = json.loads(raw)["headers"]
     # A header whose text was blanked is not sent blanked: the task gets the header or nothing.
     assert headers["tenant"] == "acme" and not {"x-note", "x-card", "x-nested"} & set(headers)
+
+
+def test_the_gave_up_line_is_redacted_like_the_row(caplog):
+    secret = "tok_live_SECRET123"
+    task_id = str(uuid.uuid4())
+    with caplog.at_level(logging.WARNING, logger="safetynet"):
+        deadletter.give_up(deadletter.Failure(
+            task_name="tests.fixtures.dead_letter_tasks.rejecting", task_id=task_id, reason="rejected",
+            detail=f"Reject(requeue=False): ValueError('declined {secret}, password=hunter2')", args=[secret],
+            parameters=["card_token"], failed_at=time.time(),
+        ))
+    [line] = [entry for entry in caplog.records if "gave up" in entry.getMessage()]
+    assert secret not in line.getMessage() and "hunter2" not in line.getMessage() and task_id in line.getMessage()
+    assert secret not in line.detail and "declined [redacted]" in line.detail
