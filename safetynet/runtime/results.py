@@ -119,6 +119,8 @@ class RedactingBackend:
         self.extended = bool(backend.app.conf.find_value_for_key("extended", "result"))
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("task", "wrapped", "extended"):  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.wrapped, name)
 
     def __repr__(self) -> str:

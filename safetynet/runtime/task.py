@@ -134,6 +134,11 @@ class SafetyTask(_Base):
         super().__init_subclass__(**kwargs)
         if "Request" in cls.__dict__:  # a Request class of its own: safetynet's goes behind it
             cls.Request = _keeps_safety(cls.__dict__["Request"])
+        declared_backend = cls.__dict__.get("backend")
+        if declared_backend is not None and not isinstance(declared_backend, property):
+            # backend=... (a task option, or a class attribute) would hide the redacting property: keep it behind
+            cls._backend = declared_backend
+            delattr(cls, "backend")
         where = f"task {cls.__dict__.get('name') or cls.__qualname__}"
         if cls.__dict__.get("_decorated"):
             options.check_known(options.decorated_options(cls), where)

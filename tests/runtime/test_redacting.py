@@ -265,3 +265,19 @@ def test_a_line_that_cannot_be_redacted_is_withheld(monkeypatch):
                       {"name": tasks.ping.name, "exc": SECRET}, sys.exc_info())
     text = formatted(made)
     assert SECRET not in text and "values withheld" in text and "traceback withheld" in text
+
+
+def test_a_backend_given_as_a_task_option_is_stored_through_too():
+    from safetynet import SafetyTask
+
+    own = app.backend
+
+    @app.task(base=SafetyTask, name="tests.runtime.test_redacting.own_backend", backend=own, shared=False)
+    def own_backend(card_token):
+        return card_token
+
+    task = app.tasks["tests.runtime.test_redacting.own_backend"]
+    assert isinstance(task.backend, results.RedactingBackend) and task.backend.wrapped is own
+    task_id = str(uuid.uuid4())
+    task.backend.mark_as_failure(task_id, ValueError(f"declined {SECRET}"), None, request=request_for(task_id, (SECRET,)))
+    assert SECRET.encode() not in stored(task_id)
