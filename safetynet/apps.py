@@ -16,9 +16,10 @@ class SafetynetConfig(AppConfig):
     def ready(self) -> None:
         from safetynet import alerts, checks, signals, stats, taskrecords  # noqa: F401  (checks: registers them)
         from safetynet.progress.plugin import on_task_ended
-        from safetynet.runtime import consumer
+        from safetynet.runtime import consumer, logs
 
         consumer.connect()
+        logs.install()  # Celery's own lines about a safetynet task, redacted
         stats.connect()
         alerts.connect()
         signals.consume("safetynet.progress", on_task_ended, successes=False)  # a success: Progress.after_success

@@ -9,6 +9,7 @@ safetynet that stores or shows task data goes through here.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ __all__ = [
     "parameter_names",
     "redact",
     "redact_text",
+    "redact_text_values",
     "redact_value",
     "scrub_values",
     "sensitive_values",
@@ -80,22 +82,51 @@ def redact(args: Any, kwargs: Any, parameter_names: list[str] | None = None) -> 
 
 
 def masked_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Headers with the values of sensitive keys replaced, for display (stored headers are redacted already)."""
+    """Headers for display: the values of sensitive keys replaced, and every text value through the message
+    patterns (stored headers are redacted already; a row stored by an older version may not be)."""
     _, masked, _ = redact((), headers or {})
-    return masked
+    return redact_text_values(masked, (), "headers", [])  # type: ignore[no-any-return]
+
+
+def redact_text_values(value: Any, secrets: list[str] | tuple[str, ...], path: str, found: list[str],
+                       depth: int = 0) -> Any:
+    """``value`` with every string in it (at any depth) through the message patterns: ``key=value`` pairs of
+    sensitive keys and the exact ``secrets`` blanked; ``found`` collects the paths of the strings changed."""
+    if isinstance(value, str):
+        safe = redact_text(scrub_values(value, list(secrets)))
+        if safe != value:
+            found.append(path)
+        return safe
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {key: redact_text_values(item, secrets, f"{path}.{key}", found, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_text_values(item, secrets, f"{path}[{index}]", found, depth + 1)
+                for index, item in enumerate(value)]
+    return value
 
 
 def redact_text(text: str) -> str:
     """Blank out ``key=value`` / ``'key': value`` pairs of sensitive keys in free text (messages, tracebacks)."""
-    settings = conf.get()
-    names = sorted(settings.redact_keys, key=len, reverse=True)
-    if not names:
+    pattern = _text_pattern(conf.get().redact_keys)
+    if pattern is None:
         return text
+    return pattern.sub(_blank, text)
+
+
+def _blank(match: re.Match[str]) -> str:
+    return match.group(1) + f"'{REDACTED}'"
+
+
+@functools.lru_cache(maxsize=8)
+def _text_pattern(keys: frozenset[str]) -> re.Pattern[str] | None:
+    """The ``key=value`` pattern of these key names, compiled once (longest names first)."""
+    names = sorted(keys, key=len, reverse=True)
+    if not names:
+        return None
     alternatives = "|".join(re.escape(name) for name in names)
-    pattern = re.compile(
-        rf"""(?i)(['"]?(?:{alternatives})['"]?\s*[:=]\s*)(?:'[^']*'|"[^"]*"|[^\s,}}\)]+)"""
-    )
-    return pattern.sub(lambda match: match.group(1) + f"'{REDACTED}'", text)
+    return re.compile(rf"""(?i)(['"]?(?:{alternatives})['"]?\s*[:=]\s*)(?:'[^']*'|"[^"]*"|[^\s,}}\)]+)""")
 
 
 def parameter_names(task: Any) -> list[str]:
@@ -103,8 +134,25 @@ def parameter_names(task: Any) -> list[str]:
 
     Sentry's CeleryIntegration replaces ``task.run`` on the instance with a wrapper whose
     signature (through ``__wrapped__``) still has ``self``: reading it would shift every
-    positional argument by one.
+    positional argument by one. Kept per class and ``run`` (sending a task reads them).
     """
+    klass = type(task)
+    try:
+        key = (klass, klass.__dict__.get("run") or getattr(klass, "run", None))
+        cached = _parameter_names.get(key)
+    except TypeError:  # an unhashable run: not kept
+        key, cached = None, None
+    if cached is None:
+        cached = tuple(_parameter_names_of(task))
+        if key is not None and len(_parameter_names) < 4096:
+            _parameter_names[key] = cached
+    return list(cached)
+
+
+_parameter_names: dict[tuple[Any, Any], tuple[str, ...]] = {}
+
+
+def _parameter_names_of(task: Any) -> list[str]:
     raw = inspect.getattr_static(type(task), "run", None)
     raw = getattr(raw, "_safetynet_body", raw)
     if isinstance(raw, staticmethod):

@@ -43,6 +43,7 @@ from safetynet.protocol.reasons import Reason
 from safetynet.redaction import (
     redact,
     redact_text,
+    redact_text_values,
     redact_value,
     scrub_values,
     sensitive_values,
@@ -131,6 +132,8 @@ def fields_of(failure: Failure) -> dict[str, Any]:
     kept_headers = {key: value for key, value in (failure.headers or {}).items() if key not in header_names.DELIVERY}
     replay_of = kept_headers.get(header_names.REPLAY_OF)
     kept_headers = redact_value(kept_headers, "headers", redacted)
+    # A header's text is free text too: the message patterns and the secret arguments' values go.
+    kept_headers = redact_text_values(kept_headers, secrets, "headers", redacted)
     raw_text, detail = _safe_raw_body(failure.raw_body, detail)
     first = history[0].get("started") if history else None
     failed_at = failure.failed_at
@@ -234,10 +237,13 @@ def give_up(failure: Failure, *, task: Any = None, runtime: float | None = None,
     or None when the task id was recorded before (the death was announced then).
     """
     if log:
+        # The detail may quote the failure (a Reject's reason): redacted like the stored one.
+        detail = redact_text(scrub_values(failure.detail, sensitive_values(failure.args, failure.kwargs,
+                                                                           list(failure.parameters))))
         extra = {"task_name": failure.task_name, "task_id": failure.task_id, "attempt": failure.attempts,
-                 "reason": str(failure.reason), "detail": failure.detail}
+                 "reason": str(failure.reason), "detail": detail}
         logger.warning("%s[%s] gave up after attempt %s: %s (%s)", failure.task_name, failure.task_id,
-                       failure.attempts, failure.reason, failure.detail, extra=extra)
+                       failure.attempts, failure.reason, detail, extra=extra)
     facts: DeadLetterFacts | None = None
     if not eager:
         try:

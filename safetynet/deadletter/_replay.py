@@ -155,8 +155,11 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
     with app.producer_or_acquire() as producer:
         for row, task in sendable:
             new_id = str(uuid.uuid4())
+            # A header redacted when stored (by key, or text blanked in its value) is not sent as redacted.
+            cut = {path[len("headers."):].split(".", 1)[0].split("[", 1)[0]
+                   for path in (row.redacted or []) if path.startswith("headers.")}
             headers = {key: value for key, value in (row.headers or {}).items()
-                       if key not in header_names.DELIVERY and value != REDACTED}
+                       if key not in header_names.DELIVERY and value != REDACTED and key not in cut}
             headers[header_names.REPLAY_OF] = str(row.id)
             options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
             if queue or row.queue:

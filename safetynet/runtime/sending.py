@@ -19,14 +19,16 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.utils import uuid as new_task_id
+from celery.utils.saferepr import saferepr
 from django.db import transaction
 
 from safetynet import conf, schedule
 from safetynet.exceptions import ConfigurationError
 from safetynet.protocol.attempt import Attempt, Outgoing, Plugin
+from safetynet.redaction import parameter_names, redact
 from safetynet.runtime.plugins import pipeline_of
 
-__all__ = ["DIRECT", "send", "send_retry"]
+__all__ = ["DIRECT", "redacted_reprs", "send", "send_retry"]
 
 logger = logging.getLogger("safetynet")
 
@@ -39,6 +41,7 @@ Publish = Callable[..., Any]
 def send(task: Any, args: Any, kwargs: Any, task_id: str | None, options: dict[str, Any], publish: Publish) -> Any:
     """``apply_async``: the message through the plug-ins, in the task's enqueue mode; ``publish`` is Celery's."""
     if options.pop(DIRECT, False):
+        options.update(redacted_reprs(task, args, kwargs, options))
         return publish(args, kwargs, task_id=task_id, **options)
     pipeline = pipeline_of(task)
     mode = options.pop("enqueue", None)
@@ -51,6 +54,7 @@ def send(task: Any, args: Any, kwargs: Any, task_id: str | None, options: dict[s
     message = Outgoing(task=task, args=args, kwargs=kwargs, options=options, mode=mode, task_id=task_id, notes=notes)
     for plugin in pipeline.hooks("before_send"):
         plugin.before_send(message)
+    message.options.update(redacted_reprs(task, message.args, message.kwargs, message.options))
     if task._get_app().conf.task_always_eager:  # Celery runs it here and now: nothing is published
         return publish(message.args, message.kwargs, task_id=message.task_id, **message.options)
 
@@ -58,6 +62,23 @@ def send(task: Any, args: Any, kwargs: Any, task_id: str | None, options: dict[s
         return publish(outgoing.args, outgoing.kwargs, task_id=outgoing.task_id, **outgoing.options)
 
     return _STRATEGIES[mode](message, functools.partial(_through, pipeline.hooks("around_publish")), celery_publish)
+
+
+def redacted_reprs(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> dict[str, str]:
+    """``argsrepr``/``kwargsrepr`` for the message's headers with sensitive arguments redacted (by parameter name
+    and key), when the task has any: what the worker's "received" line, events, Flower and ``celery inspect`` show.
+    Empty when nothing is sensitive (Celery makes its own) or the caller gave its own."""
+    if "argsrepr" in options or "kwargsrepr" in options or not (args or kwargs):
+        return {}
+    try:
+        safe_args, safe_kwargs, found = redact(args or (), kwargs or {}, parameter_names(task))
+    except Exception:  # arguments redaction cannot walk: Celery's own repr, as before
+        return {}
+    if not found:
+        return {}
+    amqp = task._get_app().amqp
+    return {"argsrepr": saferepr(tuple(safe_args), getattr(amqp, "argsrepr_maxsize", 1024)),
+            "kwargsrepr": saferepr(safe_kwargs, getattr(amqp, "kwargsrepr_maxsize", 1024))}
 
 
 def _through(plugins: tuple[Plugin, ...], innermost: Callable[[Outgoing], Any], message: Outgoing) -> Any:
@@ -127,6 +148,7 @@ def send_retry(attempt: Attempt, signature: Any, delay: float) -> None:
             return
     now = time.time()
     options = {**signature.options, "task_id": request.id}
+    options.update(redacted_reprs(task, signature.args, signature.kwargs, options))
     row = schedule.Row(
         task_id=request.id, kind="retry", task_name=task.name, broker=schedule.broker_of(task._get_app()),
         due_at=now + delay + (0.0 if durable else grace or 0.0),

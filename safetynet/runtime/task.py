@@ -24,7 +24,7 @@ from safetynet.exceptions import ConfigurationError
 from safetynet.idempotency import KeyTemplate
 from safetynet.progress.plugin import report
 from safetynet.protocol.history import History
-from safetynet.runtime import options, outcome, pipeline, sending
+from safetynet.runtime import options, outcome, pipeline, results, sending
 
 __all__ = ["SafetyTask", "adopt", "body_replaced", "task"]
 
@@ -136,6 +136,11 @@ class SafetyTask(_Base):
         super().__init_subclass__(**kwargs)
         if "Request" in cls.__dict__:  # a Request class of its own: safetynet's goes behind it
             cls.Request = _keeps_safety(cls.__dict__["Request"])
+        declared_backend = cls.__dict__.get("backend")
+        if declared_backend is not None and not isinstance(declared_backend, property):
+            # backend=... (a task option, or a class attribute) would hide the redacting property: keep it behind
+            cls._backend = declared_backend
+            delattr(cls, "backend")
         where = f"task {cls.__dict__.get('name') or cls.__qualname__}"
         if cls.__dict__.get("_decorated"):
             options.check_known(options.decorated_options(cls), where)
@@ -209,6 +214,27 @@ class SafetyTask(_Base):
     def progress(self, current: float, total: float | None = None, message: str = "") -> None:
         """Tell the user who started this task how far it got (see safetynet.progress)."""
         report(pipeline.current(self), current, total, message)
+
+    # -- the result backend ----------------------------------------------------------------
+
+    @property
+    def backend(self) -> Any:
+        """The task's result backend, storing failures redacted (``safetynet.runtime.results``)."""
+        real = self._backend if self._backend is not None else self.app.backend
+        proxy: results.RedactingBackend | None = self.__dict__.get("_safetynet_backend")
+        if proxy is None or proxy.wrapped is not real:
+            proxy = self.__dict__["_safetynet_backend"] = results.RedactingBackend(self, real)
+        return proxy
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:  # noqa: N802  (Celery's name)
+        """Celery's ``AsyncResult``, on the real backend (the redacting one only stores)."""
+        app = self._get_app()  # type: ignore[attr-defined]
+        real = self._backend if self._backend is not None else app.backend
+        return app.AsyncResult(task_id, backend=real, task_name=self.name, **kwargs)
 
     # -- Celery's entry points ------------------------------------------------------------
 

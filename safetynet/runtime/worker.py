@@ -37,7 +37,7 @@ from safetynet.protocol.reasons import Reason
 from safetynet.redaction import parameter_names
 from safetynet.runtime import clock, options, sending
 
-__all__ = ["SafetyRequest", "killed_by_time_limit"]
+__all__ = ["SafetyRequest", "killed_by_time_limit", "ran_safety_task"]
 
 logger = logging.getLogger("safetynet")
 
@@ -69,6 +69,17 @@ def killed_by_time_limit(pid: Any) -> bool:
     """True (once) if pool child ``pid`` was killed by the hard time limit of a safetynet task (its exit is
     logged by the pool; the dead letter reports it already)."""
     return _time_limited_children.forget(pid)
+
+
+def ran_safety_task(pid: Any) -> bool:
+    """True if pool child ``pid`` was running a safetynet task when it died: safetynet retries, requeues or records
+    that death itself (the pool logs the exit before the task's request hears of it)."""
+    from celery.worker.state import active_requests
+
+    return isinstance(pid, int) and any(
+        getattr(request, "worker_pid", None) == pid and _is_safety_task(getattr(request, "task", None))
+        for request in list(active_requests)
+    )
 
 
 def _unwrapped(exc_info: Any) -> BaseException:

@@ -325,6 +325,13 @@ def test_a_redacted_kwarg_is_never_shown(operator, throwaway_queue):
     assert "<code>kwargs.card_token</code>" in detail.text
 
 
+def test_header_values_are_shown_through_the_message_patterns(operator):
+    row = make_dead_letter("tests.fixtures.tasks.ping", headers={"tenant": "acme"})
+    DeadLetter.objects.filter(pk=row.pk).update(headers={"x-note": f"card_token={SECRET}", "tenant": "acme"})
+    detail = operator.get(url("change", row))
+    assert detail.status_code == 200 and SECRET not in detail.text and "acme" in detail.text
+
+
 def test_idempotency_claims_are_listed_read_only():
     from safetynet import idempotency
 

@@ -12,6 +12,7 @@ Imported by the test process only for the task objects (no Sentry there).
 """
 
 import os
+import signal
 import time
 
 import sentry_sdk
@@ -60,6 +61,12 @@ def void(order_id, card_token=None):
 @safetynet.task(time_limit=1, retry_policy=safetynet.RetryPolicy(max_attempts=2, backoff=safetynet.Fixed(0.2)))
 def slow(card_token=None):
     time.sleep(30)
+
+
+@safetynet.task(acks_late=False)
+def die(card_token=None):
+    """Its pool child is killed (kill -9): Celery will not run it again, safetynet records worker_lost."""
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RedisTransport(Transport):

@@ -24,8 +24,8 @@ from sentry_sdk.transport import Transport
 from safetynet import deadletter, redaction, signals
 from safetynet.contrib import sentry as safetynet_sentry
 from safetynet.testing import simulate, simulator
-from tests.fixtures import tasks
-from tests.contrib.sentry_worker import SECRET, charge, charge_positional, poll, refund, slow, void
+from tests.fixtures import secret_tasks, tasks
+from tests.contrib.sentry_worker import SECRET, charge, charge_positional, die, poll, refund, slow, void
 
 DSN = "http://public@127.0.0.1/1"
 
@@ -451,13 +451,15 @@ REAL_CASES = {
     "poll": (poll, (), {"card_token": SECRET}, "retries_exhausted", "2", None),
     "void": (void, (45,), {"card_token": SECRET}, "permanent_error", "1", "Permanent"),
     "slow": (slow, (), {"card_token": SECRET}, "time_limit", "2", "TimeLimitExceeded"),
+    "die": (die, (), {"card_token": SECRET}, "worker_lost", "1", "WorkerLostError"),
 }
 
 
 # Sentry's own report of each of the 5 failures in the children (CeleryIntegration's, or the
 # celery.app.trace error line), the 3 error lines of the final hard time limit in the main
-# process, and the killed child of the first one (retried).
-EXPECTED_DROPPED = 9
+# process, the killed child of the first one (retried), and the 2 error lines of the child killed
+# running ``die`` (the pool's "Process … exited", Celery's "Task handler raised error").
+EXPECTED_DROPPED = 11
 
 
 @pytest.fixture(scope="module", params=["celery", "no-celery"])
@@ -578,3 +580,42 @@ def test_celerys_error_line_for_a_lost_worker_is_left_to_safetynet(init_sentry, 
     on_failure(SafetyRequest.__new__(SafetyRequest))  # a safetynet task: requeued or recorded, not reported here
     on_failure(object())  # another request: Sentry keeps it
     assert len(error_events(transport)) == 1
+
+
+def test_the_pools_exit_line_for_a_child_running_a_safetynet_task_is_not_an_event_of_its_own(init_sentry):
+    """billiard logs "Process … exited with 'signal 9 (SIGKILL)'" before the task's request hears of the death;
+    safetynet then requeues it (never reported, like a retry) or reports worker_lost / crash_loop once."""
+    import logging
+
+    from celery.worker import state
+
+    from safetynet.runtime.worker import SafetyRequest
+
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    pool = logging.getLogger("multiprocessing")
+    request = SafetyRequest.__new__(SafetyRequest)
+    request._task, request.worker_pid = void._get_current_object(), 4242
+    plain = SafetyRequest.__new__(SafetyRequest)  # a request of a plain Celery task
+    plain._task, plain.worker_pid = secret_tasks.plain_fail, 4343
+    state.active_requests.update({request, plain})
+    try:
+        pool.error("Process %r pid:%r exited with %r", "ForkPoolWorker-1", 4242, "signal 9 (SIGKILL)")
+        pool.error("Process %r pid:%r exited with %r", "ForkPoolWorker-2", 4343, "signal 9 (SIGKILL)")
+        pool.error("Process %r pid:%r exited with %r", "ForkPoolWorker-3", 4444, "signal 9 (SIGKILL)")  # idle child
+    finally:
+        state.active_requests.difference_update({request, plain})
+    kept = [event["logentry"]["params"][1] for event in error_events(transport)]
+    assert kept == [4343, 4444]
+
+
+@pytest.mark.django_db
+def test_a_secret_in_a_custom_header_value_reaches_no_event(init_sentry):
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    for reason, exception in (("unknown_task", None), ("permanent_error", ValueError("declined"))):
+        deadletter.give_up(deadletter.Failure(
+            task_name=void.name, task_id=str(uuid.uuid4()), reason=reason, detail="x", args=(7,), kwargs={},
+            headers={"x-note": f"card_token={SECRET}", "x-echo": SECRET}, exception=exception,
+            exception_type="" if exception else "celery.exceptions.NotRegistered",
+        ), task=void._get_current_object() if exception else None)
+    assert len(error_events(transport)) == 2
+    assert SECRET.encode() not in transport.serialized()

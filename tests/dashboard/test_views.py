@@ -334,3 +334,10 @@ def test_odd_input_gets_an_answer_not_a_server_error(admin_client_):
     response = admin_client_.get(url("overview"), {"task": "tests.fixtures.tasks.ping\x00"})
     assert response.status_code == 400 and "cannot exist" in response.content.decode()
     assert admin_client_.post(url("schedule_due_now", "a\x00b")).status_code == 404
+
+
+def test_the_detail_shows_header_values_through_the_message_patterns(admin_client_):
+    row = make_dead_letter(headers={"tenant": "acme"})
+    DeadLetter.objects.filter(pk=row.pk).update(headers={"x-note": f"card_token={SECRET}", "tenant": "acme"})
+    page = text(admin_client_.get(url("dead_letter", row.id)))
+    assert SECRET not in page and "acme" in page and "x-note" in page

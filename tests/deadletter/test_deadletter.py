@@ -275,3 +275,41 @@ def test_a_message_that_repeats_a_secret_argument_is_blanked():
                            "traceback": 'ValueError: declined: tok_live_SECRET123'}])
     assert "tok_live_SECRET123" not in repr(DeadLetter.objects.filter(pk=row.pk).values().get())
     assert row.exception_message == "declined: [redacted]"
+
+
+# -- header values -----------------------------------------------------------------------
+
+def test_header_values_go_through_the_message_patterns_and_such_headers_are_not_replayed(
+        queue, django_capture_on_commit_callbacks):
+    row = record(task_name="tests.fixtures.dead_letter_tasks.ok", args=[1], kwargs={"card_token": "tok_live_SECRET123"},
+                 parameters=["n"],
+                 headers={"x-note": "retrying password=hunter2 now", "x-card": "for tok_live_SECRET123",
+                          "x-nested": {"log": ["api_key: k-123456"]}, "tenant": "acme"})
+    assert row.headers == {"x-note": "retrying password='[redacted]' now", "x-card": "for [redacted]",
+                           "x-nested": {"log": ["api_key: '[redacted]'"]}, "tenant": "acme"}
+    assert {"headers.x-note", "headers.x-card", "headers.x-nested.log[0]"} <= set(row.redacted)
+    stored = repr(DeadLetter.objects.filter(pk=row.pk).values().get())
+    assert "hunter2" not in stored and "tok_live_SECRET123" not in stored and "k-123456" not in stored
+    with django_capture_on_commit_callbacks(execute=True):
+        [outcome] = deadletter.replay(row, args=[1], kwargs={}, queue=queue, by="ann")
+    assert outcome.error is None
+    import json
+
+    [raw] = redis.Redis.from_url(app.conf.broker_url).lrange(queue, 0, -1)
+    headers = json.loads(raw)["headers"]
+    # A header whose text was blanked is not sent blanked: the task gets the header or nothing.
+    assert headers["tenant"] == "acme" and not {"x-note", "x-card", "x-nested"} & set(headers)
+
+
+def test_the_gave_up_line_is_redacted_like_the_row(caplog):
+    secret = "tok_live_SECRET123"
+    task_id = str(uuid.uuid4())
+    with caplog.at_level(logging.WARNING, logger="safetynet"):
+        deadletter.give_up(deadletter.Failure(
+            task_name="tests.fixtures.dead_letter_tasks.rejecting", task_id=task_id, reason="rejected",
+            detail=f"Reject(requeue=False): ValueError('declined {secret}, password=hunter2')", args=[secret],
+            parameters=["card_token"], failed_at=time.time(),
+        ))
+    [line] = [entry for entry in caplog.records if "gave up" in entry.getMessage()]
+    assert secret not in line.getMessage() and "hunter2" not in line.getMessage() and task_id in line.getMessage()
+    assert secret not in line.detail and "declined [redacted]" in line.detail

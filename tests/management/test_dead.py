@@ -385,3 +385,13 @@ def test_explain_is_unchanged():
     out = io.StringIO()
     call_command("safetynet", "explain", "tests.fixtures.tasks.send_digest", stdout=out)
     assert "Gives up after attempt 6" in out.getvalue()
+
+
+def test_header_values_are_shown_through_the_message_patterns():
+    row = make_dead_letter(headers={"x-note": "retry", "tenant": "acme"})
+    # A row stored before header values were redacted (or written by hand): its display is redacted anyway.
+    DeadLetter.objects.filter(pk=row.pk).update(headers={"x-note": f"card_token={SECRET}", "tenant": "acme"})
+    for output in (dead("show", str(row.id)), dead("show", str(row.id), "--json"), dead("list", "--json")):
+        assert SECRET not in output
+    assert json.loads(dead("show", str(row.id), "--json"))["headers"] == {
+        "x-note": "card_token='[redacted]'", "tenant": "acme"}

@@ -12,8 +12,9 @@ Imported only when ``sentry-sdk`` is installed; does nothing until the project h
                               ``before_send_transaction``/``before_send_log``): drops the
                               duplicates Sentry's own integrations send for a failure safetynet
                               reports (Celery's report of the exception, Celery's error log
-                              lines, the three lines of a hard time limit), then redacts the
-                              event by REDACT_KEYS / REDACT_PATTERNS
+                              lines, the three lines of a hard time limit, the two of a child
+                              that died running a safetynet task), then redacts the event by
+                              REDACT_KEYS / REDACT_PATTERNS
 
 Retries are never reported: a retry raises Celery's ``Retry``, which Sentry's
 ``CeleryIntegration`` ignores, and safetynet logs retries below ERROR (breadcrumbs only).
@@ -49,7 +50,7 @@ from safetynet.protocol.events import TaskEnded
 from safetynet.protocol.history import qualified_name
 from safetynet.protocol import reasons
 from safetynet.runtime.task import SafetyTask
-from safetynet.runtime.worker import SafetyRequest, killed_by_time_limit
+from safetynet.runtime.worker import SafetyRequest, killed_by_time_limit, ran_safety_task
 
 __all__ = [
     "DECIDED_REASONS", "MIN_SECRET_LENGTH", "SafetynetIntegration", "dead_letter_fingerprint", "install",
@@ -364,6 +365,9 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
 # Request.on_timeout says "Hard time limit (Ns) exceeded for task[id]", and the pool reports the
 # killed child ("Process 'ForkPoolWorker-N' pid:P exited with 'signal 9 (SIGKILL)'"). For a
 # safetynet task, SafetyRequest.on_timeout records the dead letter, reported with the tags.
+# A child killed otherwise (the OOM killer, kill -9) while it runs a safetynet task logs the same
+# "Process … exited" line and "Task handler raised error: WorkerLostError": SafetyRequest requeues
+# it (not reported, like a retry) or records worker_lost / crash_loop (reported once).
 
 
 def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | None) -> bool:
@@ -382,7 +386,10 @@ def _is_hard_time_limit_line(event: dict[str, Any], exception: BaseException | N
             return False
         return True
     if name == "multiprocessing" and message.startswith("Process ") and len(params) >= 2:
-        return killed_by_time_limit(params[1])
+        # The child was killed by a hard time limit, or died running a safetynet task: its death is a retry
+        # or a requeue (never reported, like any retry) or a worker_lost / crash_loop dead letter (reported
+        # once, with the tags). Either way this line is not an event of its own.
+        return killed_by_time_limit(params[1]) or ran_safety_task(params[1])
     return False
 
 
