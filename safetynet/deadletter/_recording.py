@@ -26,6 +26,7 @@ from django.db.models import Min
 
 from safetynet import conf, signals
 from safetynet.deadletter import _spool
+from safetynet.deadletter._caps import cap_fields, cap_text
 from safetynet.deadletter._fingerprints import fingerprint
 from safetynet.models import DeadLetter
 from safetynet.protocol import headers as header_names
@@ -124,9 +125,11 @@ def fields_of(failure: Failure) -> dict[str, Any]:
     replay_of = kept_headers.get(header_names.REPLAY_OF)
     kept_headers = redact_value(kept_headers, "headers", redacted)
     raw_text, detail = _safe_raw_body(failure.raw_body, detail)
+    raw_text = cap_text(raw_text, conf.get().dead_letter_max_argument_bytes)
     first = history[0].get("started") if history else None
     failed_at = failure.failed_at
-    return {
+    # Redacted whole first, then cut to the caps: no secret survives in what is kept of a long value.
+    return cap_fields({
         "task_name": failure.task_name,
         "task_id": failure.task_id,
         "args": safe_args,
@@ -151,7 +154,7 @@ def fields_of(failure: Failure) -> dict[str, Any]:
         "raw_body": base64.b64encode(raw_text.encode()).decode() if raw_text else "",
         "replay_of_id": int(replay_of) if str(replay_of or "").isdigit() else None,
         "audit": [{"action": "dead", "at": _as_datetime(failed_at).isoformat(), "nonce": uuid.uuid4().hex}],
-    }
+    }, secrets)
 
 
 def _facts(fields: Mapping[str, Any], row_id: int | None) -> DeadLetterFacts:
@@ -259,7 +262,7 @@ def flush_spool() -> int:
     """Move spooled records into the database; return how many were moved. Safe to run anywhere."""
     moved = 0
     for path, fields in _spool.pending():
-        row = store(fields)  # a DatabaseError propagates: the file stays for the next try
+        row = store(cap_fields(fields))  # a file spooled before the caps, or edited, is cut like a new record  # a DatabaseError propagates: the file stays for the next try
         if row is not None:
             _announce(row)
         _spool.remove(path)
