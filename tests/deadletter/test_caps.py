@@ -91,7 +91,7 @@ def test_a_huge_message_detail_and_traceback_keep_their_start_or_end_and_a_note(
                  history=[{"attempt": 1, "started": time.time(), "message": message, "traceback": trace}])
     assert len(row.exception_message) <= settings.dead_letter_max_message_chars
     assert row.exception_message.startswith("card_token='[redacted]' mmm")
-    redacted_message = f"card_token='[redacted]' " + "m" * BIG_TEXT
+    redacted_message = "card_token='[redacted]' " + "m" * BIG_TEXT
     assert row.exception_message.endswith(
         f"[truncated by safetynet: {len(redacted_message)} characters in all, "
         f"sha256 {hashlib.sha256(redacted_message.encode()).hexdigest()}]")
