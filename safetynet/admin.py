@@ -346,7 +346,8 @@ def _arguments(row: DeadLetter) -> dict[str, Any]:
     """The context of ``arguments.html``: args and kwargs within the caps, what was redacted, what was cut."""
     shown = display.shown(row)
     return {"args": display.shown_json(shown["args"]), "kwargs": display.shown_json(shown["kwargs"]),
-            "redacted": row.redacted, "truncated": shown["truncated"] + shown["truncated_headers"],
+            "redacted": row.redacted, "truncated": shown["truncated"],
+            "shown_cut": shown["shown_cut"],
             "placeholder": deadletter.REDACTED}
 
 

@@ -190,7 +190,8 @@ def _shown(row: DeadLetter) -> dict[str, Any]:
         "detail": redaction.redact_text(shown["detail"]), "message": shown["exception_message"],
         "traceback": shown["traceback"], "args": display.shown_json(shown["args"]),
         "kwargs": display.shown_json(shown["kwargs"]), "placeholder": deadletter.REDACTED,
-        "truncated": shown["truncated"] + shown["truncated_headers"],
+        "truncated": shown["truncated"],
+            "shown_cut": shown["shown_cut"],
     }
 
 

@@ -80,12 +80,21 @@ def shown(row: Any) -> dict[str, Any]:
             "history": [entry for entry in row.history or [] if isinstance(entry, dict)],
             "omitted_attempts": row.omitted_attempts or 0,
         })
-        cached["truncated"] = deadletter.truncated_paths(cached["args"], cached["kwargs"])
-        cached["truncated_headers"] = (["headers"] if deadletter.is_truncated(cached["headers"]) else
-                                       [f"headers.{name}" for name, value in cached["headers"].items()
-                                        if deadletter.is_truncated(value)])
+        # Cut when stored (markers in the row: replay needs replacements) or only here (stored whole, shown cut).
+        stored = set(deadletter.truncated_paths(row.args, row.kwargs) + _cut_headers(row.headers))
+        shown = deadletter.truncated_paths(cached["args"], cached["kwargs"]) + _cut_headers(cached["headers"])
+        cached["truncated"] = [path for path in shown if path in stored]
+        cached["shown_cut"] = [path for path in shown if path not in stored]
         row.__dict__["_safetynet_shown"] = cached
     return cached
+
+
+def _cut_headers(headers: Any) -> list[str]:
+    if deadletter.is_truncated(headers):
+        return ["headers"]
+    if not isinstance(headers, dict):
+        return []
+    return [f"headers.{name}" for name, value in headers.items() if deadletter.is_truncated(value)]
 
 
 def history_entries(row: Any) -> list[dict[str, Any]]:

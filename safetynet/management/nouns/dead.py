@@ -58,7 +58,7 @@ def _everything(row: DeadLetter) -> dict[str, Any]:
     return {
         **_summary(row, shown["exception_message"]),
         "args": shown["args"], "kwargs": shown["kwargs"], "redacted": row.redacted,
-        "truncated": shown["truncated"] + shown["truncated_headers"],
+        "truncated": shown["truncated"], "shown_cut": shown["shown_cut"],
         "headers": headers if deadletter.is_truncated(headers) else redaction.masked_headers(headers),
         "queue": row.queue, "exchange": row.exchange, "routing_key": row.routing_key,
         "detail": redaction.redact_text(shown["detail"]), "traceback": shown["traceback"],
@@ -267,10 +267,13 @@ class DeadLetters(Noun):
         write("Arguments" + (f" (redacted when stored: {', '.join(row.redacted)})" if row.redacted else "") + ":")
         write("  args   " + json.dumps(shown["args"], ensure_ascii=False, default=str))
         write("  kwargs " + json.dumps(shown["kwargs"], ensure_ascii=False, default=str))
-        cut = shown["truncated"] + shown["truncated_headers"]
-        if cut:
+        if shown["truncated"]:
+            needs = [path for path in shown["truncated"] if not path.startswith("headers")]
             write(f"  cut when stored (over the size caps; each kept as a marker with its size and sha256): "
-                  f"{', '.join(cut)}" + ("; replay with --args/--kwargs" if shown["truncated"] else ""))
+                  f"{', '.join(shown['truncated'])}" + ("; replay it with --args/--kwargs" if needs else ""))
+        if shown["shown_cut"]:
+            write(f"  too large to show, stored whole (shown as markers with their size and sha256): "
+                  f"{', '.join(shown['shown_cut'])}")
         headers = shown["headers"]
         if headers:
             shown_headers = headers if deadletter.is_truncated(headers) else redaction.masked_headers(headers)
