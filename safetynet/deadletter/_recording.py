@@ -194,10 +194,13 @@ def give_up(failure: Failure, *, task: Any = None, runtime: float | None = None,
     or None when the task id was recorded before (the death was announced then).
     """
     if log:
-        extra = {"task_name": failure.task_name, "task_id": failure.task_id, "attempt": failure.attempts,
-                 "reason": str(failure.reason), "detail": failure.detail}
-        logger.warning("%s[%s] gave up after attempt %s: %s (%s)", failure.task_name, failure.task_id,
-                       failure.attempts, failure.reason, failure.detail, extra=extra)
+        # The line is as bounded as the row: a name or detail of megabytes (a hostile message) is cut here too.
+        name, task_id = str(failure.task_name)[:255], str(failure.task_id)[:255]
+        detail = cap_text(str(failure.detail or ""), conf.get().dead_letter_max_message_chars)
+        extra = {"task_name": name, "task_id": task_id, "attempt": failure.attempts,
+                 "reason": str(failure.reason), "detail": detail}
+        logger.warning("%s[%s] gave up after attempt %s: %s (%s)", name, task_id,
+                       failure.attempts, failure.reason, detail, extra=extra)
     facts: DeadLetterFacts | None = None
     if not eager:
         try:

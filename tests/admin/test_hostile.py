@@ -73,3 +73,11 @@ def test_select_all_is_confirmed_without_listing_every_id(operator, throwaway_qu
     done = operator.post(reverse(CHANGELIST), fields, follow=True)
     assert messages_of(done) == ["Discarded 3 dead letters."]
     assert set(DeadLetter.objects.filter(pk__in=[r.pk for r in rows]).values_list("status", flat=True)) == {"discarded"}
+
+
+def test_an_odd_fingerprint_is_linked_encoded(operator):
+    row = make_dead_letter("tests.fixtures.tasks.ping")
+    DeadLetter.objects.filter(pk=row.pk).update(fingerprint="a&status__exact=discarded")
+    page = operator.get(url("change", row)).text
+    assert "?fingerprint=a%26status__exact%3Ddiscarded" in page
+    assert operator.get(reverse(CHANGELIST), {"fingerprint": "a&status__exact=discarded"}).status_code == 200

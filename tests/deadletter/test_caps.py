@@ -148,6 +148,16 @@ def test_a_value_json_cannot_hold_is_kept_as_text_not_lost():
     assert row.args == ["{1, 2}"] and row.kwargs["when"].startswith("<module 'time'")
 
 
+def test_the_give_up_line_is_bounded_too(caplog):
+    task_id = str(uuid.uuid4())
+    with caplog.at_level("WARNING", logger="safetynet"):
+        deadletter.give_up(deadletter.Failure(task_name="n" * BIG_TEXT, task_id=task_id, reason="unknown_task",
+                                              detail="no task named " + "n" * BIG_TEXT, failed_at=time.time()))
+    [line] = [record for record in caplog.records if "gave up" in record.getMessage()]
+    assert len(line.getMessage()) < 11_000 and len(line.task_name) == 255
+    assert "characters in all" in line.detail
+
+
 def test_overlong_names_are_cut_to_their_columns():
     row = record(task_name="t" * 5000, delivery_info={"routing_key": "q" * 5000}, worker="w" * 5000)
     assert (len(row.task_name), len(row.queue), len(row.worker)) == (255, 255, 255)
