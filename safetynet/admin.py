@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
@@ -106,6 +107,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
         rows = super().get_queryset(request)
         match = getattr(request, "resolver_match", None)
         if match is not None and str(match.url_name).endswith("_changelist"):
+            if any("\x00" in value for _, values in request.GET.lists() for value in values):
+                # PostgreSQL cannot compare text with a NUL: the admin's "invalid lookup" answer, not a 500
+                raise IncorrectLookupParameters("a filter or search holds a NUL character")
             rows = rows.defer(*self.LONG_COLUMNS)  # the list and its actions (replay reads each row whole itself)
         return rows
 

@@ -81,3 +81,10 @@ def test_an_odd_fingerprint_is_linked_encoded(operator):
     page = operator.get(url("change", row)).text
     assert "?fingerprint=a%26status__exact%3Ddiscarded" in page
     assert operator.get(reverse(CHANGELIST), {"fingerprint": "a&status__exact=discarded"}).status_code == 200
+
+
+@pytest.mark.parametrize("query", [{"fingerprint": "a\x00b"}, {"q": "a\x00b"}, {"task_name": "a\x00"}])
+def test_a_nul_in_a_filter_or_search_is_an_invalid_lookup_not_a_server_error(operator, query):
+    make_dead_letter("tests.fixtures.tasks.ping")
+    response = operator.get(reverse(CHANGELIST), query)
+    assert response.status_code == 302 and response["Location"].endswith("?e=1")

@@ -189,3 +189,12 @@ def test_a_huge_old_row_is_shown_within_the_caps(admin_client_):
     assert "ValueError: m" in detail  # a traceback keeps its end
     assert "characters in all; the rest is not shown here" in pages["failures"].content.decode()
     assert 'id="refusal"' not in pages["confirm"].content.decode()
+
+
+@pytest.mark.parametrize("query", [{"fingerprint": "a\x00b"}, {"q": "a\x00b"}, {"task": "a\x00"}])
+def test_a_nul_in_a_filter_is_reported_not_a_server_error(admin_client_, query):
+    make_dead_letter("tests.fixtures.tasks.ping")
+    response = admin_client_.get(url("dead_letters"), query)
+    assert response.status_code == 200 and any("left out" in notice for notice in notices(response))
+    asked = admin_client_.post(url("failure_group_action", "replay"), {"fingerprint": "a\x00"}, follow=True)
+    assert asked.status_code == 200 and any("a fingerprint is needed" in notice for notice in notices(asked))
