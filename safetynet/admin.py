@@ -2,9 +2,11 @@
 
 Rows are log-like: nobody adds or edits them here. The model's *view* permission shows
 them; its *change* permission is used only for the replay and discard actions (the list
-actions and the two buttons on the detail page); its *delete* permission deletes. Values
-are shown as stored, and the stored values are already redacted; headers and free text
-are passed through the redaction rules once more on display, never the other way round.
+actions and the two buttons on the detail page), each of which asks to confirm first; its
+*delete* permission deletes. Values are shown as stored, and the stored values are already
+redacted; headers and free text are passed through the redaction rules once more on display,
+never the other way round. Nothing shown is larger than the cap of one field
+(``DEAD_LETTER_MAX_*``), and the list reads none of the long columns.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
@@ -25,13 +28,16 @@ from django.http import (
     HttpResponseRedirect,
 )
 from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 from kombu.exceptions import OperationalError
 
 from safetynet import deadletter, redaction
 from safetynet.dashboard import display
+from safetynet.dashboard.forms import ReplayForm, confirmed
 from safetynet.models import DeadLetter, IdempotencyClaim
 
 __all__ = ["DeadLetterAdmin", "FingerprintFilter"]
@@ -81,7 +87,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         (None, {"fields": ("task_name", "task_id", "status", "reason", "detail_display", "attempts_display",
                            "first_failed_at", "last_failed_at", "worker", "delivery_display",
                            "fingerprint_display", "replays_display")}),
-        ("Final failure", {"fields": ("exception_type", "exception_message", "traceback_display")}),
+        ("Final failure", {"fields": ("exception_type", "exception_message_display", "traceback_display")}),
         ("Attempts", {"fields": ("timeline_display",)}),
         ("Arguments", {"fields": ("arguments_display", "headers_display", "raw_body_display")}),
         ("Audit trail", {"fields": ("audit_display",)}),
@@ -89,9 +95,23 @@ class DeadLetterAdmin(admin.ModelAdmin):
     readonly_fields = (
         "task_name", "task_id", "status", "reason", "detail_display", "attempts_display", "first_failed_at",
         "last_failed_at", "worker", "delivery_display", "fingerprint_display", "replays_display",
-        "exception_type", "exception_message", "traceback_display", "timeline_display", "arguments_display",
+        "exception_type", "exception_message_display", "traceback_display", "timeline_display", "arguments_display",
         "headers_display", "raw_body_display", "audit_display",
     )
+
+    #: What the list never reads: most of a row, and all of a huge one.
+    LONG_COLUMNS = ("args", "kwargs", "headers", "history", "traceback", "exception_message", "detail", "raw_body",
+                    "audit", "redacted")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        rows = super().get_queryset(request)
+        match = getattr(request, "resolver_match", None)
+        if match is not None and str(match.url_name).endswith("_changelist"):
+            if any("\x00" in value for _, values in request.GET.lists() for value in values):
+                # PostgreSQL cannot compare text with a NUL: the admin's "invalid lookup" answer, not a 500
+                raise IncorrectLookupParameters("a filter or search holds a NUL character")
+            rows = rows.defer(*self.LONG_COLUMNS)  # the list and its actions (replay reads each row whole itself)
+        return rows
 
     # -- permissions: log-like rows ---------------------------------------------------
 
@@ -112,7 +132,12 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="detail")
     def detail_display(self, row: DeadLetter) -> str:
-        return redaction.redact_text(row.detail) if row.detail else "-"
+        detail = display.shown(row)["detail"]
+        return redaction.redact_text(detail) if detail else "-"
+
+    @admin.display(description="exception message")
+    def exception_message_display(self, row: DeadLetter) -> str:
+        return display.shown(row)["exception_message"] or "-"
 
     @admin.display(description="attempts")
     def attempts_display(self, row: DeadLetter) -> str:
@@ -131,8 +156,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
     def fingerprint_display(self, row: DeadLetter) -> SafeString:
         alike = DeadLetter.objects.filter(fingerprint=row.fingerprint).count()
         url = reverse(f"{self.admin_site.name}:safetynet_deadletter_changelist")
-        return format_html('<code>{}</code> · <a href="{}?fingerprint={}">{} alike failure{}</a>',
-                           row.fingerprint, url, row.fingerprint, alike, "" if alike == 1 else "s")
+        return format_html('<code>{}</code> · <a href="{}?{}">{} alike failure{}</a>',
+                           row.fingerprint, url, urlencode({"fingerprint": row.fingerprint}), alike,
+                           "" if alike == 1 else "s")
 
     @admin.display(description="replays")
     def replays_display(self, row: DeadLetter) -> SafeString:
@@ -148,7 +174,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="traceback")
     def traceback_display(self, row: DeadLetter) -> SafeString:
-        return format_html('<pre class="safetynet-traceback">{}</pre>', row.traceback) if row.traceback else "-"
+        traceback = display.shown(row)["traceback"]
+        return format_html('<pre class="safetynet-traceback">{}</pre>', traceback) if traceback else "-"
 
     @admin.display(description="timeline")
     def timeline_display(self, row: DeadLetter) -> SafeString:
@@ -157,14 +184,15 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     @admin.display(description="args / kwargs")
     def arguments_display(self, row: DeadLetter) -> SafeString:
-        return render_to_string("safetynet/admin/deadletter/arguments.html", {
-            "args": display.shown_json(row.args), "kwargs": display.shown_json(row.kwargs), "redacted": row.redacted,
-            "placeholder": deadletter.REDACTED,
-        })
+        return render_to_string("safetynet/admin/deadletter/arguments.html", _arguments(row))
 
     @admin.display(description="headers")
     def headers_display(self, row: DeadLetter) -> SafeString:
-        return format_html("<pre>{}</pre>", display.shown_json(redaction.masked_headers(row.headers))) if row.headers else "-"
+        headers = display.shown(row)["headers"]
+        if not headers:
+            return "-"
+        shown = headers if deadletter.is_truncated(headers) else redaction.masked_headers(headers)
+        return format_html("<pre>{}</pre>", display.shown_json(shown))
 
     @admin.display(description="raw body")
     def raw_body_display(self, row: DeadLetter) -> str:
@@ -179,18 +207,43 @@ class DeadLetterAdmin(admin.ModelAdmin):
 
     # -- actions --------------------------------------------------------------------
 
-    @admin.action(description="Replay selected dead letters", permissions=["act"])
-    def replay_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+    @admin.action(description="Replay selected dead letters…", permissions=["act"])
+    def replay_selected(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        if request.POST.get("post") != "yes":
+            return self._confirm_selected(request, queryset, "replay_selected")
         self._replay(request, queryset)
+        return None
 
-    @admin.action(description="Discard selected dead letters", permissions=["act"])
-    def discard_selected(self, request: HttpRequest, queryset: QuerySet) -> None:
+    @admin.action(description="Discard selected dead letters…", permissions=["act"])
+    def discard_selected(self, request: HttpRequest, queryset: QuerySet) -> HttpResponse | None:
+        if request.POST.get("post") != "yes":
+            return self._confirm_selected(request, queryset, "discard_selected")
         self._discard(request, queryset)
+        return None
 
-    def _replay(self, request: HttpRequest, rows: Any) -> None:
-        rows = list(rows)
+    def _confirm_selected(self, request: HttpRequest, queryset: QuerySet, action: str) -> HttpResponse:
+        """The page that asks before a list action acts (like the admin's own delete_selected)."""
+        from django.contrib.admin import helpers
+
+        across = request.POST.get("select_across") == "1"
+        count = queryset.count()
+        return TemplateResponse(request, "safetynet/admin/deadletter/confirm_selected.html", {
+            **self.admin_site.each_context(request), "opts": self.opts, "title": "Are you sure?",
+            "action": action, "verb": "replay" if action == "replay_selected" else "discard", "count": count,
+            "rows": list(queryset.order_by("id").only("id", "task_name", "exception_type", "status")[:20]),
+            # "Select all": the filters of the URL say which rows; else the ids ticked (one page at most).
+            "select_across": across,
+            "ids": ([] if across else list(queryset.values_list("pk", flat=True)))
+                   or list(queryset.values_list("pk", flat=True)[:1]),
+            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+        })
+
+    def _replay(self, request: HttpRequest, rows: Any, *, args: Any = None, kwargs: Any = None) -> None:
+        rows = list(rows.only("id", "task_name", "task_id", "reason") if isinstance(rows, QuerySet) else rows)
         try:
-            outcomes = deadletter.replay(rows, by=request.user.get_username())
+            # by id: replay streams the rows itself, whole (the list's rows lack the long columns)
+            outcomes = deadletter.replay(DeadLetter.objects.filter(id__in=[row.id for row in rows]),
+                                         by=request.user.get_username(), args=args, kwargs=kwargs)
         except (OperationalError, DatabaseError) as error:
             self.message_user(request, f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as "
                                        "they were; see the log for any sent but not marked.", messages.ERROR)
@@ -206,7 +259,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
             self.message_user(request, refusal, messages.ERROR)
 
     def _discard(self, request: HttpRequest, rows: Any) -> None:
-        rows = list(rows)
+        rows = list(rows.only("id", "task_name", "task_id", "reason", "status") if isinstance(rows, QuerySet)
+                    else rows)
         dead = {row.id for row in rows if row.status == DeadLetter.Status.DEAD}
         changed = deadletter.discard(rows, by=request.user.get_username())
         for row in rows:
@@ -232,7 +286,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         return ours + super().get_urls()  # before the catch-all "<object_id>/" redirect
 
     def _acted_on(self, request: HttpRequest, object_id: str) -> DeadLetter | HttpResponse:
-        """The row a detail-page button posts about, or the response that refuses the request."""
+        """The row a detail-page button posts about, or the response that refuses the request (GET never acts)."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
         if not self.has_act_permission(request):
@@ -248,25 +302,57 @@ class DeadLetterAdmin(admin.ModelAdmin):
         )
 
     def replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """POST: replay one dead letter, then back to its page."""
+        """POST: a page to confirm (replacement arguments may be given); with ``confirm=yes``, replay, then back."""
         row = self._acted_on(request, object_id)
         if isinstance(row, HttpResponse):
             return row
-        self._replay(request, [row])
-        return self._back_to(row)
+        form = ReplayForm(request.POST if confirmed(request.POST) else None)
+        if form.is_bound and form.is_valid():
+            self._replay(request, [row], args=form.cleaned_data["args"], kwargs=form.cleaned_data["kwargs"])
+            return self._back_to(row)
+        return self._confirm_one(request, row, "replay", form)
 
     def discard_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        """POST: discard one dead letter, then back to its page."""
+        """POST: a page to confirm; with ``confirm=yes``, discard one dead letter, then back to its page."""
         row = self._acted_on(request, object_id)
         if isinstance(row, HttpResponse):
             return row
-        self._discard(request, [row])
-        return self._back_to(row)
+        if confirmed(request.POST):
+            self._discard(request, [row])
+            return self._back_to(row)
+        return self._confirm_one(request, row, "discard", None)
+
+    def _confirm_one(self, request: HttpRequest, row: DeadLetter, verb: str, form: ReplayForm | None
+                     ) -> HttpResponse:
+        """The page that asks before a detail-page button acts; a replay says why it would be refused, if it would."""
+        refusal = None
+        if verb == "replay":
+            from celery import current_app
+
+            app = current_app._get_current_object()
+            app.loader.import_default_modules()
+            refusal = deadletter.replay_refusal(row, app.tasks.get(row.task_name))
+        return TemplateResponse(request, "safetynet/admin/deadletter/confirm.html", {
+            **self.admin_site.each_context(request), "opts": self.opts, "original": row, "verb": verb,
+            "title": f"{verb.capitalize()} dead letter #{row.pk}?", "form": form, "refusal": refusal,
+            "message": display.shown(row)["exception_message"], **_arguments(row),
+            "post_to": reverse(f"{self.admin_site.name}:safetynet_deadletter_{verb}", args=[row.pk]),
+            "cancel": reverse(f"{self.admin_site.name}:safetynet_deadletter_change", args=[row.pk]),
+        }, status=400 if form is not None and form.is_bound else 200)
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
                     extra_context: dict[str, Any] | None = None) -> HttpResponse:
         context = {**(extra_context or {}), "safetynet_can_act": self.has_act_permission(request)}
         return super().change_view(request, object_id, form_url, extra_context=context)
+
+
+def _arguments(row: DeadLetter) -> dict[str, Any]:
+    """The context of ``arguments.html``: args and kwargs within the caps, what was redacted, what was cut."""
+    shown = display.shown(row)
+    return {"args": display.shown_json(shown["args"]), "kwargs": display.shown_json(shown["kwargs"]),
+            "redacted": row.redacted, "truncated": shown["truncated"],
+            "shown_cut": shown["shown_cut"],
+            "placeholder": deadletter.REDACTED}
 
 
 def _epoch(value: float) -> str:

@@ -16,6 +16,13 @@ Every key, its default and its meaning::
     REDACT_PATTERNS       regular expressions; a key that matches one is redacted too
     DEAD_LETTER_MAX_ROWS  cap on the dead-letter store; the oldest rows beyond it are evicted, loudly
                           (None: no cap)
+    DEAD_LETTER_MAX_MESSAGE_CHARS    a dead letter keeps at most this many characters of the exception message,
+                          the detail and each attempt's message (a marked, cut copy with the size and sha256 beyond)
+    DEAD_LETTER_MAX_TRACEBACK_CHARS  … of the traceback and each attempt's traceback (its end is kept)
+    DEAD_LETTER_MAX_ARGUMENT_BYTES   each positional argument and keyword argument value, as JSON; a larger one
+                          is replaced by a marker object (size, sha256, the start of its JSON)
+    DEAD_LETTER_MAX_ARGUMENTS_TOTAL_BYTES  the arguments as a whole (the largest are replaced by markers first)
+    DEAD_LETTER_MAX_HEADERS_BYTES    the kept headers as a whole, as JSON
     SPOOL_FLUSH_SECONDS   how often each worker moves spooled dead letters into the database
     SPOOL_DIR             where dead letters wait when the database is down: an absolute path to a folder only
                           the workers' user can write (None: a private folder of that user, e.g.
@@ -100,6 +107,11 @@ DEFAULTS: dict[str, Any] = {
     ),
     "REDACT_PATTERNS": (r"(^|_)(password|secret|token)$",),
     "DEAD_LETTER_MAX_ROWS": 100_000,
+    "DEAD_LETTER_MAX_MESSAGE_CHARS": 10_000,
+    "DEAD_LETTER_MAX_TRACEBACK_CHARS": 20_000,
+    "DEAD_LETTER_MAX_ARGUMENT_BYTES": 65_536,
+    "DEAD_LETTER_MAX_ARGUMENTS_TOTAL_BYTES": 262_144,
+    "DEAD_LETTER_MAX_HEADERS_BYTES": 65_536,
     "SPOOL_DIR": None,
     "SPOOL_FLUSH_SECONDS": 30,
     "ALERT_MAIL_ADMINS": True,
@@ -147,6 +159,11 @@ class Settings:
     redact_keys: frozenset[str]
     redact_patterns: tuple[re.Pattern[str], ...]
     dead_letter_max_rows: int | None
+    dead_letter_max_message_chars: int
+    dead_letter_max_traceback_chars: int
+    dead_letter_max_argument_bytes: int
+    dead_letter_max_arguments_total_bytes: int
+    dead_letter_max_headers_bytes: int
     spool_dir: str | None
     spool_flush_seconds: int
     alert_mail_admins: bool
@@ -256,6 +273,13 @@ def _time_limit_retries(key: str, value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigurationError(f"SAFETYNET[{key!r}] must be a whole number >= 0 (or None), got {value!r}")
+    return value
+
+
+def _size(key: str, value: Any, least: int) -> int:
+    """A size cap: a whole number, at least ``least`` (room for the marker that says what was cut)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigurationError(f"SAFETYNET[{key!r}] must be a whole number >= {least}, got {value!r}")
     return value
 
 
@@ -378,6 +402,13 @@ def build(user: dict[str, Any]) -> Settings:
         )
     if merged["UNCLASSIFIED"] not in ("retry", "fail"):
         raise ConfigurationError(f"SAFETYNET['UNCLASSIFIED'] must be 'retry' or 'fail', got {merged['UNCLASSIFIED']!r}")
+    argument_bytes = _size("DEAD_LETTER_MAX_ARGUMENT_BYTES", merged["DEAD_LETTER_MAX_ARGUMENT_BYTES"], 1024)
+    total_bytes = _size("DEAD_LETTER_MAX_ARGUMENTS_TOTAL_BYTES", merged["DEAD_LETTER_MAX_ARGUMENTS_TOTAL_BYTES"], 1024)
+    if total_bytes < argument_bytes:
+        raise ConfigurationError(
+            f"SAFETYNET['DEAD_LETTER_MAX_ARGUMENTS_TOTAL_BYTES'] ({total_bytes}) must be at least "
+            f"DEAD_LETTER_MAX_ARGUMENT_BYTES ({argument_bytes}): the arguments as a whole hold at least one argument"
+        )
     settings = Settings(
         default_policy=policy,
         default_retry_on=_matchers("DEFAULT_RETRY_ON", merged["DEFAULT_RETRY_ON"]),
@@ -390,6 +421,14 @@ def build(user: dict[str, Any]) -> Settings:
         redact_patterns=_patterns(merged["REDACT_PATTERNS"]),
         dead_letter_max_rows=(None if merged["DEAD_LETTER_MAX_ROWS"] is None
                               else _positive_int("DEAD_LETTER_MAX_ROWS", merged["DEAD_LETTER_MAX_ROWS"])),
+        dead_letter_max_message_chars=_size("DEAD_LETTER_MAX_MESSAGE_CHARS", merged["DEAD_LETTER_MAX_MESSAGE_CHARS"],
+                                            200),
+        dead_letter_max_traceback_chars=_size("DEAD_LETTER_MAX_TRACEBACK_CHARS",
+                                              merged["DEAD_LETTER_MAX_TRACEBACK_CHARS"], 200),
+        dead_letter_max_argument_bytes=argument_bytes,
+        dead_letter_max_arguments_total_bytes=total_bytes,
+        dead_letter_max_headers_bytes=_size("DEAD_LETTER_MAX_HEADERS_BYTES", merged["DEAD_LETTER_MAX_HEADERS_BYTES"],
+                                            1024),
         spool_dir=_spool_dir(merged["SPOOL_DIR"]),
         spool_flush_seconds=_positive_int("SPOOL_FLUSH_SECONDS", merged["SPOOL_FLUSH_SECONDS"]),
         alert_mail_admins=_boolean("ALERT_MAIL_ADMINS", merged["ALERT_MAIL_ADMINS"]),

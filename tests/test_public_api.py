@@ -67,8 +67,9 @@ PUBLIC_MODULES = {
         "Plugin", "Reason", "Retry", "TaskEnded",
     ],
     "safetynet.deadletter": [
-        "NOT_READ_BY_REPLAY", "REDACTED", "Failure", "ReplayOutcome", "discard", "enforce_cap", "fingerprint",
-        "flush_spool", "give_up", "normalise_message", "purge", "record", "replay", "replay_refusal",
+        "NOT_READ_BY_REPLAY", "REDACTED", "TRUNCATED", "Failure", "ReplayOutcome", "cap_fields", "cap_value", "discard",
+        "enforce_cap", "fingerprint", "flush_spool", "give_up", "is_truncated", "normalise_message", "purge", "record",
+        "replacement_arguments", "replay", "replay_refusal", "truncated_paths",
     ],
     "safetynet.contrib.prometheus": [
         "ATTEMPTS", "BREAKER_CHANGES", "BREAKER_REFUSED", "DEAD", "DEAD_LETTERS_EVICTED", "RETRY_DELAY", "RUNTIME",

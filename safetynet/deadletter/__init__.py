@@ -12,12 +12,21 @@ The supported Python API::
     purge(older_than)                    delete rows whose last failure is older than a moment
     flush_spool()                        move spooled records into the database
     replay_refusal(row, task)            why a row cannot be replayed (None: it can)
+    replacement_arguments(args, kwargs)  replacement arguments checked (TypeError/ValueError saying what is wrong)
+    cap_fields(fields) / is_truncated(v) the size caps (DEAD_LETTER_MAX_*) and their marker objects
     give_up(Failure(...))                record a task given up (what the runtime does), announced once
     fingerprint(task, type, message)     the key alike failures share
 
 ``rows`` is a ``DeadLetter``, an id, a list of ids or a queryset (``DeadLetter.objects.matching(...)``).
 """
 
+from safetynet.deadletter._caps import (
+    TRUNCATED,
+    cap_fields,
+    cap_value,
+    is_truncated,
+    truncated_paths,
+)
 from safetynet.deadletter._fingerprints import fingerprint, normalise_message
 from safetynet.deadletter._recording import (
     Failure,
@@ -31,6 +40,7 @@ from safetynet.deadletter._replay import (
     ReplayOutcome,
     discard,
     purge,
+    replacement_arguments,
     replay,
     replay_refusal,
 )
@@ -39,16 +49,22 @@ from safetynet.redaction import REDACTED
 __all__ = [
     "NOT_READ_BY_REPLAY",
     "REDACTED",
+    "TRUNCATED",
     "Failure",
     "ReplayOutcome",
+    "cap_fields",
+    "cap_value",
     "discard",
     "enforce_cap",
     "fingerprint",
     "flush_spool",
     "give_up",
+    "is_truncated",
     "normalise_message",
     "purge",
     "record",
+    "replacement_arguments",
     "replay",
     "replay_refusal",
+    "truncated_paths",
 ]

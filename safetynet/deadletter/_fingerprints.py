@@ -14,6 +14,9 @@ _VOLATILE = [
     (re.compile(r"\d+(\.\d+)?"), "<n>"),
 ]
 _FRAME = re.compile(r'File "([^"]+)", line \d+, in (\S+)')
+#: Only the start of a message is read (the normalised basis keeps 500 characters anyway): a
+#: message of megabytes costs no more than a long one.
+_READ_CHARS = 8192
 
 
 def normalise_message(message: str) -> str:
@@ -25,9 +28,9 @@ def normalise_message(message: str) -> str:
 
 def fingerprint(task_name: str, exception_type: str, message: str, traceback: str = "") -> str:
     """sha1 of task, exception type and normalised message (the top frame when there is no message)."""
-    basis = normalise_message(message)
+    basis = normalise_message(message[:_READ_CHARS])
     if not basis:
-        frames = _FRAME.findall(traceback or "")
+        frames = _FRAME.findall((traceback or "")[-_READ_CHARS:])
         basis = ":".join(frames[-1]) if frames else ""
     return hashlib.sha1(f"{task_name}\n{exception_type}\n{basis}".encode()).hexdigest()
 

@@ -33,6 +33,7 @@ from django.db.models import Min
 
 from safetynet import conf, signals
 from safetynet.deadletter import _spool
+from safetynet.deadletter._caps import cap_fields, cap_text
 from safetynet.deadletter._fingerprints import fingerprint
 from safetynet.deadletter._storable import is_outage, storable
 from safetynet.models import DeadLetter
@@ -135,9 +136,12 @@ def fields_of(failure: Failure) -> dict[str, Any]:
     # A header's text is free text too: the message patterns and the secret arguments' values go.
     kept_headers = redact_text_values(kept_headers, secrets, "headers", redacted)
     raw_text, detail = _safe_raw_body(failure.raw_body, detail)
+    raw_text = cap_text(raw_text, conf.get().dead_letter_max_argument_bytes)
     first = history[0].get("started") if history else None
     failed_at = failure.failed_at
-    fields = storable({
+    # Redacted whole first, made storable (JSON the database takes, names that fit), then cut to the caps: no secret
+    # survives in what is kept of a long value.
+    fields = cap_fields(storable({
         "task_name": failure.task_name,
         "task_id": failure.task_id,
         "args": safe_args,
@@ -162,7 +166,7 @@ def fields_of(failure: Failure) -> dict[str, Any]:
         "raw_body": base64.b64encode(raw_text.encode()).decode() if raw_text else "",
         "replay_of_id": int(replay_of) if str(replay_of or "").isdigit() else None,
         "audit": [{"action": "dead", "at": _as_datetime(failed_at).isoformat(), "nonce": uuid.uuid4().hex}],
-    })
+    }), secrets)
     # From the storable text: a lone surrogate cannot even be hashed.
     fields["fingerprint"] = fingerprint(fields["task_name"], fields["exception_type"], fields["exception_message"],
                                         fields["traceback"])
@@ -237,12 +241,15 @@ def give_up(failure: Failure, *, task: Any = None, runtime: float | None = None,
     or None when the task id was recorded before (the death was announced then).
     """
     if log:
-        # The detail may quote the failure (a Reject's reason): redacted like the stored one.
-        detail = redact_text(scrub_values(failure.detail, sensitive_values(failure.args, failure.kwargs,
-                                                                           list(failure.parameters))))
-        extra = {"task_name": failure.task_name, "task_id": failure.task_id, "attempt": failure.attempts,
+        # The line is as bounded as the row (a name or detail of megabytes, a hostile message, is cut here too),
+        # and the detail, which may quote the failure (a Reject's reason), is redacted like the stored one.
+        name, task_id = str(failure.task_name)[:255], str(failure.task_id)[:255]
+        detail = redact_text(scrub_values(
+            cap_text(str(failure.detail or ""), conf.get().dead_letter_max_message_chars),
+            sensitive_values(failure.args, failure.kwargs, list(failure.parameters))))
+        extra = {"task_name": name, "task_id": task_id, "attempt": failure.attempts,
                  "reason": str(failure.reason), "detail": detail}
-        logger.warning("%s[%s] gave up after attempt %s: %s (%s)", failure.task_name, failure.task_id,
+        logger.warning("%s[%s] gave up after attempt %s: %s (%s)", name, task_id,
                        failure.attempts, failure.reason, detail, extra=extra)
     facts: DeadLetterFacts | None = None
     if not eager:
@@ -324,7 +331,8 @@ def flush_spool() -> int:
     moved = 0
     for spooled in _spool.pending():
         try:
-            row = store(storable(spooled.fields))
+            # A file spooled before the caps is cut like a new record, then made storable.
+            row = store(cap_fields(storable(spooled.fields)))
         except Exception as error:
             if is_outage(error):
                 raise  # the database is away: this file and the ones after it wait for the next flush

@@ -13,14 +13,44 @@ from typing import Any
 from celery import current_app
 from django.db import DatabaseError, InterfaceError, connections, router, transaction
 
-from safetynet import progress, signals
+from safetynet import conf, progress, signals
+from safetynet.deadletter._caps import cap_arguments, is_truncated, truncated_paths
 from safetynet.models import DeadLetter
 from safetynet.protocol import headers as header_names
 from safetynet.redaction import REDACTED, parameter_names, redact
 
-__all__ = ["NOT_READ_BY_REPLAY", "ReplayOutcome", "discard", "purge", "replay", "replay_refusal"]
+__all__ = ["NOT_READ_BY_REPLAY", "ReplayOutcome", "discard", "purge", "replacement_arguments", "replay",
+           "replay_refusal"]
 
 logger = logging.getLogger("safetynet")
+
+
+def replacement_arguments(args: Any, kwargs: Any) -> tuple[list[Any] | None, dict[str, Any] | None]:
+    """Replacement ``args`` (a list or tuple) and ``kwargs`` (a dict with string keys), checked; None: not given.
+
+    Raises TypeError saying what is wrong (a string is not a list of arguments), and ValueError
+    for a truncation marker given back as if it were a value.
+    """
+    if args is not None and not isinstance(args, (list, tuple)):
+        raise TypeError(f"replacement args must be a list (or tuple) of positional arguments, got "
+                        f"{type(args).__name__} {_short(args)}")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"replacement kwargs must be a dict of keyword arguments, got {type(kwargs).__name__} "
+                            f"{_short(kwargs)}")
+        odd = [key for key in kwargs if not isinstance(key, str)]
+        if odd:
+            raise TypeError(f"replacement kwargs must have string keys (argument names), got {_short(odd[0])}")
+    cut = truncated_paths(args if args is not None else [], kwargs if kwargs is not None else {})
+    if cut:
+        raise ValueError(f"replacement {', '.join(cut)} is a marker of a value cut when stored, not a value: "
+                         "give the whole value")
+    return (list(args) if args is not None else None), (dict(kwargs) if kwargs is not None else None)
+
+
+def _short(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:79] + "…"
 
 
 def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None, *, check_arguments: bool = True
@@ -40,6 +70,13 @@ def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None, *,
                 "replay it with args/kwargs given by hand")
     if argument_paths and not given:
         return f"arguments {', '.join(argument_paths)} were redacted when stored; replay it with replacement args/kwargs"
+    # What would be sent: a value cut when stored must be replaced, whichever of args/kwargs holds it.
+    cut = truncated_paths(row.args if args is None else [], row.kwargs if kwargs is None else {})
+    if cut:
+        return (f"arguments {', '.join(cut)} were cut when stored (over the dead-letter size caps, "
+                "DEAD_LETTER_MAX_ARGUMENT_BYTES); replay it with replacement "
+                + ("args" if all(path.startswith("args") for path in cut)
+                   else "kwargs" if all(path.startswith("kwargs") for path in cut) else "args and kwargs"))
     check = getattr(task, "__header__", None) if check_arguments and getattr(task, "typing", False) else None
     if check is not None:  # what apply_async checks before it sends
         try:
@@ -115,6 +152,7 @@ def replay(
     A row is refused when its task no longer exists, or when it has redacted values and
     no replacement arguments are given.
     """
+    args, kwargs = replacement_arguments(args, kwargs)  # before anything is read or sent
     app = app or current_app._get_current_object()
     app.loader.import_default_modules()
     outcomes: list[ReplayOutcome] = []
@@ -150,16 +188,20 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
         event["queue"] = queue
     if (args is not None or kwargs is not None) and sendable:
         edited_args, edited_kwargs, _ = redact(args or [], kwargs or {}, parameter_names(sendable[0][1]))
+        edited_args, edited_kwargs = cap_arguments(edited_args, edited_kwargs, conf.get())
         event["edited"] = {"args": edited_args if args is not None else None,
                            "kwargs": edited_kwargs if kwargs is not None else None}
     with app.producer_or_acquire() as producer:
         for row, task in sendable:
             new_id = str(uuid.uuid4())
-            # A header redacted when stored (by key, or text blanked in its value) is not sent as redacted.
+            stored = {} if is_truncated(row.headers) else (row.headers or {})
+            # A header redacted when stored (by key, or text blanked in its value) or cut is not sent as its
+            # placeholder.
             cut = {path[len("headers."):].split(".", 1)[0].split("[", 1)[0]
                    for path in (row.redacted or []) if path.startswith("headers.")}
-            headers = {key: value for key, value in (row.headers or {}).items()
-                       if key not in header_names.DELIVERY and value != REDACTED and key not in cut}
+            headers = {key: value for key, value in stored.items()
+                       if key not in header_names.DELIVERY and value != REDACTED and key not in cut
+                       and not is_truncated(value)}
             headers[header_names.REPLAY_OF] = str(row.id)
             options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}
             if queue or row.queue:

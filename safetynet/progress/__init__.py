@@ -11,7 +11,8 @@ What a user is shown is only what is safe to show: the state, the numbers and me
 reported, the attempt, when the next one is due; on success the return value if the task
 declared ``progress_result=True`` (dict values under ``REDACT_KEYS`` redacted); on failure the
 exception's ``public_message`` (a str attribute you set), else ``PROGRESS_ERROR_MESSAGE``. Never
-the exception's text, a traceback, or the arguments.
+the exception's text, a traceback, or the arguments. A failed task whose dead letter staff replayed
+answers with where it goes on (``replayed_as``, ``replayed_url``), and the widget follows it.
 """
 
 from safetynet.progress._store import (
@@ -21,9 +22,11 @@ from safetynet.progress._store import (
     owner_of,
     public_message,
     purge,
+    replayed_as,
     status_of,
     track,
 )
 from safetynet.protocol.headers import PROGRESS as HEADER
 
-__all__ = ["HEADER", "as_json", "can_see", "carry_over", "owner_of", "public_message", "purge", "status_of", "track"]
+__all__ = ["HEADER", "as_json", "can_see", "carry_over", "owner_of", "public_message", "purge", "replayed_as",
+           "status_of", "track"]

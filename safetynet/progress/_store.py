@@ -7,9 +7,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from safetynet import conf
-from safetynet.models import TaskProgress
+from safetynet.models import DeadLetter, TaskProgress
 
-__all__ = ["as_json", "can_see", "carry_over", "owner_of", "public_message", "purge", "status_of", "track", "write"]
+__all__ = ["as_json", "can_see", "carry_over", "owner_of", "public_message", "purge", "replayed_as", "status_of",
+           "track", "write"]
 
 logger = logging.getLogger("safetynet")
 
@@ -91,10 +92,32 @@ def can_see(request: Any, progress: Any) -> bool:
     return bool(user.is_active and user.is_staff and user.has_perm("safetynet.view_taskprogress"))
 
 
+def replayed_as(progress: Any) -> Any:
+    """The progress row of the replay of a failed task (its dead letter replayed, the replay tracked), or None.
+
+    A replay carries the owner over (``carry_over``): a user who watched the first run follows it here.
+    Asked only of a failed row, so a running task costs nothing.
+    """
+    if progress.state != TaskProgress.State.FAILED:
+        return None
+    new_id = (DeadLetter.objects.filter(task_id=progress.task_id).exclude(replayed_task_id="")
+              .values_list("replayed_task_id", flat=True).first())
+    return TaskProgress.objects.filter(task_id=new_id).first() if new_id else None
+
+
 def status_of(task_id: str) -> dict[str, Any] | None:
-    """The endpoint's answer for ``task_id``, for a server-rendered page (no access check: do your own)."""
+    """The endpoint's answer for ``task_id``, for a server-rendered page (no access check: do your own).
+
+    A failed task whose dead letter was replayed says so: ``replayed_as`` is the new task id.
+    """
     progress = TaskProgress.objects.filter(task_id=task_id).first()
-    return None if progress is None else as_json(progress)
+    if progress is None:
+        return None
+    shown = as_json(progress)
+    replay = replayed_as(progress)
+    if replay is not None:
+        shown["replayed_as"] = replay.task_id
+    return shown
 
 
 def purge(older_than: datetime | None = None) -> int:

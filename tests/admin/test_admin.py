@@ -51,9 +51,38 @@ def messages_of(response):
     return [str(message) for message in response.context["messages"]]
 
 
+def confirmation_fields(page):
+    """The fields the confirmation page's form posts (as a browser would send them)."""
+    form = page[page.index('id="confirm-form"'):]
+    form = form[:form.index("</form>")]
+    fields = {}
+    for name, value in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', form):
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
 def act(client, action, *rows):
-    return client.post(reverse(CHANGELIST), {"action": action, "_selected_action": [r.pk for r in rows],
-                                             "index": "0", "select_across": "0"}, follow=True)
+    """A list action, confirmed: the first POST only asks (nothing changes), the page's form acts.
+
+    A first POST that is refused (no permission) is returned as it is, for the caller to check.
+    """
+    before = {row.pk: state(row) for row in rows}
+    asked = client.post(reverse(CHANGELIST), {"action": action, "_selected_action": [r.pk for r in rows],
+                                              "index": "0", "select_across": "0"}, follow=True)
+    if "Are you sure?" not in asked.text:
+        return asked
+    assert asked.status_code == 200 and not asked.redirect_chain
+    assert {row.pk: state(row) for row in rows} == before
+    return client.post(reverse(CHANGELIST), confirmation_fields(asked.text), follow=True)
+
+
+def press(client, button, row, **fields):
+    """A detail-page button, confirmed: its POST shows a confirmation page; the page's form acts."""
+    before = state(row)
+    asked = client.post(url(button, row))
+    assert asked.status_code == 200 and 'id="confirm-form"' in asked.text
+    assert state(row) == before
+    return client.post(url(button, row), {"confirm": "yes", **fields}, follow=True)
 
 
 # -- who may do what -------------------------------------------------------------------
@@ -131,11 +160,15 @@ def test_a_post_without_the_csrf_token_is_rejected(row, throwaway_queue):
     assert client.post(url("replay", row)).status_code == 403
     assert client.post(url("discard", row)).status_code == 403
     assert state(row) == before and queued_messages(throwaway_queue) == []
-    # With the token from the detail page's form, the same button works.
+    # With the token from the detail page's form, the same button asks to confirm; the confirmation needs it too.
     page = client.get(url("change", row)).text
     replay_form = page[page.index(f'action="{url("replay", row)}"'):]
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', replay_form)[1]
-    assert client.post(url("replay", row), {"csrfmiddlewaretoken": token}).status_code == 302
+    asked = client.post(url("replay", row), {"csrfmiddlewaretoken": token})
+    assert asked.status_code == 200 and state(row) == before
+    assert client.post(url("replay", row), {"confirm": "yes"}).status_code == 403
+    assert state(row) == before
+    assert client.post(url("replay", row), {"csrfmiddlewaretoken": token, "confirm": "yes"}).status_code == 302
     assert state(row)[0] == "replayed"
 
 
@@ -263,7 +296,7 @@ def test_replay_selected_reports_each_refusal_and_leaves_those_rows(operator, ro
 def test_replay_button(operator, row, throwaway_queue):
     page = operator.get(url("change", row)).text
     assert f'action="{url("replay", row)}"' in page and f'action="{url("discard", row)}"' in page
-    response = operator.post(url("replay", row), follow=True)
+    response = press(operator, "replay", row)
     assert response.redirect_chain == [(url("change", row), 302)]
     row.refresh_from_db()
     assert row.status == "replayed" and row.replay_count == 1 and row.audit[-1]["by"] == "operator"
@@ -271,8 +304,8 @@ def test_replay_button(operator, row, throwaway_queue):
     assert url("replay", row) not in response.text  # only dead rows have the buttons
     [message] = queued_messages(throwaway_queue)
     assert message["headers"]["id"] == row.replayed_task_id
-    # Pressing it again (an old tab): refused, and said so.
-    again = operator.post(url("replay", row), follow=True)
+    # Confirming it again (an old tab): refused, and said so.
+    again = operator.post(url("replay", row), {"confirm": "yes"}, follow=True)
     assert messages_of(again) == [f"Not replayed, left as it was: #{row.pk}: status is replayed, not dead"]
     assert DeadLetter.objects.get(pk=row.pk).replay_count == 1
 
@@ -280,7 +313,9 @@ def test_replay_button(operator, row, throwaway_queue):
 def test_replay_button_of_an_unregistered_task(operator, throwaway_queue):
     gone = make_dead_letter("tests.fixtures.tasks.renamed_long_ago", delivery_info={"routing_key": throwaway_queue})
     before = state(gone)
-    response = operator.post(url("replay", gone), follow=True)
+    asked = operator.post(url("replay", gone))
+    assert "it would be refused: task &#x27;tests.fixtures.tasks.renamed_long_ago&#x27; is not registered" in asked.text
+    response = operator.post(url("replay", gone), {"confirm": "yes"}, follow=True)
     assert messages_of(response) == [
         f"Not replayed, left as it was: #{gone.pk}: task 'tests.fixtures.tasks.renamed_long_ago' is not registered any more; "
         "the row is left as it was"]
@@ -294,7 +329,7 @@ def test_discard_selected_and_button(operator, row, throwaway_queue):
     second.refresh_from_db()
     assert second.status == "discarded" and second.audit[-1] == {**second.audit[-1], "action": "discard",
                                                                  "by": "operator"}
-    response = operator.post(url("discard", row), follow=True)
+    response = press(operator, "discard", row)
     assert messages_of(response) == ["Discarded 1 dead letter."]
     row.refresh_from_db()
     assert row.status == "discarded" and row.replay_count == 0

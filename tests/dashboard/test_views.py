@@ -203,7 +203,11 @@ def test_actions_are_post_only_and_csrf_checked(throwaway_queue):
 def test_replay_from_the_detail_page_sends_the_task_and_shows_it(throwaway_queue):
     row = make_dead_letter("tests.fixtures.tasks.ping", delivery_info={"routing_key": throwaway_queue})
     client = logged_in(person("operator", "view_deadletter", "change_deadletter"))
-    response = client.post(url("dead_letter_action", row.id, "replay"), follow=True)
+    asked = client.post(url("dead_letter_action", row.id, "replay"))  # the button: a confirmation page first
+    assert asked.status_code == 200 and 'id="confirm-form"' in text(asked)
+    assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
+    assert queued_messages(throwaway_queue) == []
+    response = client.post(url("dead_letter_action", row.id, "replay"), {"confirm": "yes"}, follow=True)
     fresh = DeadLetter.objects.get(pk=row.pk)
     assert fresh.status == DeadLetter.Status.REPLAYED
     assert fresh.replayed_by == "operator (dashboard)"
@@ -225,18 +229,22 @@ def test_a_replay_that_died_again_is_shown_as_such(admin_client_):
 
 def test_a_replay_refused_leaves_the_row_and_says_why(admin_client_):
     row = make_dead_letter("tests.fixtures.tasks.no_such_task")
-    response = admin_client_.post(url("dead_letter_action", row.id, "replay"), follow=True)
+    asked = admin_client_.post(url("dead_letter_action", row.id, "replay"))
+    assert "not registered any more" in text(asked)  # the confirmation page says so before anything is tried
+    response = admin_client_.post(url("dead_letter_action", row.id, "replay"), {"confirm": "yes"}, follow=True)
     assert DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
     assert any("Not replayed" in notice for notice in notices(response))
 
 
 def test_discard_from_the_detail_page(admin_client_):
     row = make_dead_letter()
-    admin_client_.post(url("dead_letter_action", row.id, "discard"))
+    asked = admin_client_.post(url("dead_letter_action", row.id, "discard"))
+    assert asked.status_code == 200 and DeadLetter.objects.get(pk=row.pk).status == DeadLetter.Status.DEAD
+    admin_client_.post(url("dead_letter_action", row.id, "discard"), {"confirm": "yes"})
     fresh = DeadLetter.objects.get(pk=row.pk)
     assert fresh.status == DeadLetter.Status.DISCARDED
     assert fresh.audit[-1]["by"] == "root (dashboard)"
-    response = admin_client_.post(url("dead_letter_action", row.id, "discard"), follow=True)
+    response = admin_client_.post(url("dead_letter_action", row.id, "discard"), {"confirm": "yes"}, follow=True)
     assert any("already discarded" in notice for notice in notices(response))
 
 
@@ -258,7 +266,7 @@ def test_failures_are_grouped_by_fingerprint_with_an_example(admin_client_):
     assert [(group["count"], group["exception_type"]) for group in groups] == [(3, "ConnectionError"),
                                                                                (1, "ValueError")]
     assert groups[0]["first_seen"] <= groups[0]["last_seen"]
-    assert "Traceback" in groups[0]["example_row"].traceback
+    assert "Traceback" in groups[0]["example_traceback"]
     assert "traceback</summary>" in text(response)
 
 
@@ -268,15 +276,23 @@ def test_a_group_is_replayed_or_discarded_whole(admin_client_, throwaway_queue):
              for n in range(3)]
     other = make_dead_letter("tests.fixtures.tasks.ping", exception=ValueError("gone"), **routed)
     fingerprint = alike[0].fingerprint
-    response = admin_client_.post(url("failure_group_action", fingerprint, "replay"), follow=True)
+    asked = admin_client_.post(url("failure_group_action", "replay"), {"fingerprint": fingerprint})
+    assert asked.status_code == 200 and "Replay 3 dead letters?" in text(asked)
+    assert {row.status for row in DeadLetter.objects.filter(fingerprint=fingerprint)} == {"dead"}
+    assert queued_messages(throwaway_queue) == []
+    response = admin_client_.post(url("failure_group_action", "replay"), {"fingerprint": fingerprint, "confirm": "yes"},
+                                  follow=True)
     assert {row.status for row in DeadLetter.objects.filter(fingerprint=fingerprint)} == {"replayed"}
     assert len(queued_messages(throwaway_queue)) == 3
     assert DeadLetter.objects.get(pk=other.pk).status == "dead"
     assert any(notice.startswith("Replayed 3 dead letters") for notice in notices(response))
 
-    admin_client_.post(url("failure_group_action", other.fingerprint, "discard"))
+    admin_client_.post(url("failure_group_action", "discard"), {"fingerprint": other.fingerprint})
+    assert DeadLetter.objects.get(pk=other.pk).status == "dead"
+    admin_client_.post(url("failure_group_action", "discard"), {"fingerprint": other.fingerprint, "confirm": "yes"})
     assert DeadLetter.objects.get(pk=other.pk).status == "discarded"
-    response = admin_client_.post(url("failure_group_action", other.fingerprint, "discard"), follow=True)
+    response = admin_client_.post(url("failure_group_action", "discard"),
+                                  {"fingerprint": other.fingerprint, "confirm": "yes"}, follow=True)
     assert any("nothing done" in notice for notice in notices(response))
 
 
@@ -296,7 +312,7 @@ def test_the_schedule_lists_what_waits_soonest_first_and_brings_one_forward(admi
     assert response.context["counts"] == {"retry": 1, "outbox": 1}
     assert [item["row"].key for item in admin_client_.get(url("schedule"), {"kind": "retry"}).context["rows"]] \
         == [later.key]
-    admin_client_.post(url("schedule_due_now", later.key))
+    admin_client_.post(url("schedule_due_now"), {"key": later.key})
     assert ScheduledMessage.objects.get(key=later.key).due_at <= time.time()
 
 
@@ -333,7 +349,7 @@ def test_odd_input_gets_an_answer_not_a_server_error(admin_client_):
         assert admin_client_.get(url("dead_letters"), {"page": page}).status_code == 200
     response = admin_client_.get(url("overview"), {"task": "tests.fixtures.tasks.ping\x00"})
     assert response.status_code == 400 and "cannot exist" in response.content.decode()
-    assert admin_client_.post(url("schedule_due_now", "a\x00b")).status_code == 404
+    assert admin_client_.post(url("schedule_due_now"), {"key": "a\x00b"}).status_code == 404
 
 
 def test_the_detail_shows_header_values_through_the_message_patterns(admin_client_):

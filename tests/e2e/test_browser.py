@@ -144,6 +144,11 @@ def test_staff_filter_dead_letters_replay_one_and_see_it_succeed(page, demo_site
     assert page.locator("#timeline tbody tr").count() >= 2  # two attempts
     page.click("#replay-form button[type=submit]")
     page.wait_for_load_state()
+    assert "Replay dead letter #" in page.content()  # it asks first: nothing is sent yet
+    assert page.locator("span.status.status-replayed").count() == 0
+    shot(page, "3a-replay-confirmation")
+    page.click("#confirm-form button[type=submit]")
+    page.wait_for_load_state()
     assert page.locator("span.status.status-replayed").count() == 1
     assert re.search(r"Replayed 1 dead letter", page.content())
     deadline = time.monotonic() + 30
@@ -153,6 +158,20 @@ def test_staff_filter_dead_letters_replay_one_and_see_it_succeed(page, demo_site
     assert page.locator("#replay-outcome").get_attribute("data-state") == "SUCCESS"
     assert page.locator("#replay-outcome").inner_text() == "succeeded"
     shot(page, "3-replayed-and-succeeded")
+
+
+def test_the_dashboard_is_styled_under_its_own_content_security_policy(page, demo_site):
+    refused = []
+    page.on("console", lambda message: refused.append(message.text)
+            if "Content Security Policy" in message.text else None)
+    log_in(page, demo_site, "staff", "/safetynet/failures/")
+    response = page.reload()
+    assert "style-src 'nonce-" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
+    # the stylesheet applied (its nonce matched): the header bar is dark, the table has its border
+    assert page.evaluate("getComputedStyle(document.querySelector('header')).backgroundColor") == "rgb(29, 36, 48)"
+    page.goto(f"{demo_site}/safetynet/breakers/")
+    assert refused == []
 
 
 def test_a_user_who_is_not_staff_is_refused(page, demo_site):
@@ -188,3 +207,36 @@ def test_the_progress_widget_shows_an_error_for_a_task_that_dies(page, demo_site
     for leak in ("demo-secret-42", "Traceback", "KeyError", "no field 'margin'", "sales.html"):
         assert leak not in content
     shot(page, "7-progress-failed")
+
+
+def test_the_progress_widget_follows_a_replay_of_its_task(browser, page, demo_site):
+    log_in(page, demo_site, "shopper", "/reports/")
+    page.click("#broken-report")
+    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'failed'")
+    first = page.locator(".safetynet-progress").get_attribute("data-task-id")
+
+    # Staff replay its dead letter from the dashboard, in a browser of their own.
+    staff = browser.new_context(viewport={"width": 1280, "height": 900})
+    staff.set_default_timeout(20_000)
+    desk = staff.new_page()
+    try:
+        log_in(desk, demo_site, "staff", f"/safetynet/dead/?q={first}")
+        desk.locator("tr.dead-letter a").first.click()
+        desk.wait_for_load_state()
+        desk.click("#replay-form button[type=submit]")
+        desk.wait_for_load_state()
+        desk.click("#confirm-form button[type=submit]")
+        desk.wait_for_load_state()
+        second = desk.locator("#replayed-task-id").inner_text()
+    finally:
+        staff.close()
+    assert second and second != first
+
+    # The shopper's page, left open on the failure, follows the replay (it is broken too: it fails again).
+    page.wait_for_function(f"document.querySelector('.safetynet-progress').dataset.taskId === '{second}'",
+                           timeout=60_000)
+    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'failed'")
+    shot(page, "8-progress-followed-the-replay")
+    # A page opened later on the first task follows at once.
+    page.goto(f"{demo_site}/reports/{first}/")
+    page.wait_for_function(f"document.querySelector('.safetynet-progress').dataset.taskId === '{second}'")

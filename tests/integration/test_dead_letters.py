@@ -234,3 +234,39 @@ def test_a_card_token_is_never_stored_nor_logged(app, tmp_path, worker_database,
         cursor.execute("SELECT * FROM safetynet_deadletter WHERE task_id = %s", [result.id])
         assert secret not in repr(cursor.fetchall())
     assert secret not in worker.log.read_text()
+
+
+def test_a_ten_megabyte_argument_is_cut_on_every_path_that_records(app, fault, tmp_path, worker_database, spool_dir):
+    """The worker child (the core decided), the main process (a hard time limit) and the consumer (an unknown
+    task) each store a marker, not the 10 MB; the child's 10 MB exception message is cut too."""
+    from safetynet import conf, deadletter
+    from safetynet.models import DeadLetter
+
+    huge = "x" * (10 * 1024 * 1024)
+    worker = start_worker(tmp_path, worker_database, spool_dir, app, "huge")
+    try:
+        sent = {
+            "permanent_error": dead_letter_tasks.permanent.apply_async((huge,), queue=worker.queue).id,
+            "time_limit": dead_letter_tasks.slow.apply_async((huge,), queue=worker.queue).id,
+            "unknown_task": late_deployed_tasks.late.apply_async((huge,), queue=worker.queue).id,
+        }
+
+        def recorded():
+            found = {row.reason: row for row in DeadLetter.objects.filter(task_id__in=sent.values())}
+            return found if len(found) == 3 else None
+
+        rows = wait_until(recorded, 90, "three dead letters")
+    finally:
+        worker.stop()
+    for reason, task_id in sent.items():
+        row = rows[reason]
+        assert row.task_id == task_id
+        [marker] = row.args
+        assert deadletter.is_truncated(marker) and marker["bytes"] == len(huge) + 2, reason
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT length(t::text) FROM safetynet_deadletter t WHERE id = %s", [row.pk])
+            assert cursor.fetchone()[0] < 100_000, reason
+    message = rows["permanent_error"].exception_message
+    assert len(message) <= conf.get().dead_letter_max_message_chars and "characters in all, sha256" in message
+    [outcome] = deadletter.replay(rows["permanent_error"])
+    assert "args[0] were cut when stored" in outcome.error

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
@@ -17,8 +18,8 @@ from django.utils import timezone
 
 from safetynet.models import DeadLetter
 
-__all__ = ["FILTERS", "Noun", "add_filters", "local", "moment", "one_line", "os_user", "positive", "seconds",
-           "span", "columns", "when"]
+__all__ = ["FILTERS", "Noun", "add_filters", "columns", "json_for_terminal", "local", "moment", "one_line", "os_user",
+           "positive", "printable", "seconds", "span", "when"]
 
 def seconds(value: float) -> str:
     if math.isinf(value):
@@ -119,13 +120,76 @@ def os_user() -> str:
         return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
+# -- stored text on a terminal -------------------------------------------------------------------
+
+#: Candidates: anything but printable ASCII, newline and tab (then checked one by one, so text stays quick).
+_NOT_PLAIN = re.compile(r"[^\x20-\x7e\n\t]")
+#: Control, format (bidi overrides, zero-width), surrogate and line/paragraph separator characters.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _unsafe(char: str) -> bool:
+    return unicodedata.category(char) in _UNSAFE_CATEGORIES
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if not _unsafe(char):
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control and format characters written as escapes (ESC as ``\\x1b``,
+    a carriage return as ``\\x0d``), so stored text cannot move the cursor, recolour, retitle or link; newlines
+    and tabs are kept."""
+    return _NOT_PLAIN.sub(_escaped, text)
+
+
+def _json_escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if not _unsafe(char):
+        return char
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a UTF-16 surrogate pair, as JSON writes characters beyond the first plane
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def json_for_terminal(text: str) -> str:
+    """JSON text with the characters ``json.dumps(ensure_ascii=False)`` leaves raw but a terminal acts on (DEL, C1
+    controls such as the 8-bit CSI, bidi overrides, line separators, lone surrogates) written as ``\\uXXXX``: the
+    same JSON, safe to print. (They can only be inside strings: JSON's own syntax is ASCII.)"""
+    return _NOT_PLAIN.sub(_json_escaped, text)
+
+
+class _PrintableOutput:
+    """The command's output, escaping what a terminal would act on in every line written."""
+
+    def __init__(self, output: Any) -> None:
+        self._output = output
+
+    def write(self, message: str = "", style_func: Any = None, ending: str | None = None) -> None:
+        self._output.write(printable(message), style_func=style_func, ending=ending)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._output, name)
+
+
 class Noun:
-    """One noun of ``manage.py safetynet``: its actions write through the command's output."""
+    """One noun of ``manage.py safetynet``: its actions write through the command's output.
+
+    ``self.stdout`` escapes control characters in what it writes (stored text is shown, never acted on by the
+    terminal); ``write_json`` writes JSON, which escapes them its own way.
+    """
 
     def __init__(self, command: BaseCommand) -> None:
-        self.stdout = command.stdout
+        self.stdout = _PrintableOutput(command.stdout)
+        self._raw_stdout = command.stdout
         self.style = command.style
 
     def write_json(self, value: Any) -> None:
-        """``value`` as indented JSON."""
-        self.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+        """``value`` as indented JSON (safe to print: see ``json_for_terminal``)."""
+        self._raw_stdout.write(json_for_terminal(json.dumps(value, indent=2, ensure_ascii=False, default=str)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
 
@@ -11,7 +12,8 @@ from django.db import DatabaseError, InterfaceError
 from django.db.models import QuerySet
 from kombu.exceptions import OperationalError
 
-from safetynet import deadletter, redaction
+from safetynet import conf, deadletter, redaction
+from safetynet.dashboard import display
 from safetynet.deadletter import _spool
 from safetynet.exceptions import ConfigurationError
 from safetynet.management.nouns._text import (
@@ -31,40 +33,75 @@ from safetynet.models import DeadLetter
 __all__ = ["DeadLetters"]
 
 
-def _exception(row: DeadLetter) -> str:
-    if row.exception_type and row.exception_message:
-        return f"{row.exception_type}: {row.exception_message}"
-    return row.exception_type or row.exception_message or "-"
+#: The columns `dead list` reads (the exception message only as far as it is shown: see display.with_heads).
+SUMMARY_COLUMNS = ("id", "task_name", "task_id", "reason", "status", "attempts", "last_failed_at", "exception_type",
+                   "fingerprint", "replay_count")
 
 
-def _summary(row: DeadLetter) -> dict[str, Any]:
+def _exception(exception_type: str, message: str) -> str:
+    if exception_type and message:
+        return f"{exception_type}: {message}"
+    return exception_type or message or "-"
+
+
+def _summary(row: DeadLetter, message: str) -> dict[str, Any]:
     return {
         "id": row.id, "task_name": row.task_name, "task_id": row.task_id, "reason": row.reason,
         "status": row.status, "attempts": row.attempts, "last_failed_at": row.last_failed_at.isoformat(),
-        "exception_type": row.exception_type, "exception_message": row.exception_message,
+        "exception_type": row.exception_type, "exception_message": message,
         "fingerprint": row.fingerprint, "replay_count": row.replay_count,
     }
 
 
 def _everything(row: DeadLetter) -> dict[str, Any]:
-    """Every stored field of a row, for `dead show --json` (the raw body by size only)."""
+    """Every stored field of a row within the caps, for `dead show --json` (the raw body by size only)."""
+    shown = display.shown(row)
+    headers = shown["headers"]
     return {
-        **_summary(row),
-        "args": row.args, "kwargs": row.kwargs, "redacted": row.redacted, "headers": redaction.masked_headers(row.headers),
+        **_summary(row, shown["exception_message"]),
+        "args": shown["args"], "kwargs": shown["kwargs"], "redacted": row.redacted,
+        "truncated": shown["truncated"], "shown_cut": shown["shown_cut"],
+        "headers": headers if deadletter.is_truncated(headers) else redaction.masked_headers(headers),
         "queue": row.queue, "exchange": row.exchange, "routing_key": row.routing_key,
-        "detail": redaction.redact_text(row.detail), "traceback": row.traceback, "history": row.history,
-        "omitted_attempts": row.omitted_attempts, "first_failed_at": row.first_failed_at.isoformat(),
+        "detail": redaction.redact_text(shown["detail"]), "traceback": shown["traceback"],
+        "history": shown["history"], "omitted_attempts": shown["omitted_attempts"],
+        "first_failed_at": row.first_failed_at.isoformat(),
         "worker": row.worker, "raw_body_bytes": len(row.raw_body) * 3 // 4 if row.raw_body else 0,
         "replayed_task_id": row.replayed_task_id,
         "replayed_at": row.replayed_at.isoformat() if row.replayed_at else None,
-        "replayed_by": row.replayed_by, "replay_of": row.replay_of_id, "audit": row.audit,
+        "replayed_by": row.replayed_by, "replay_of": row.replay_of_id,
+        "audit": [deadletter.cap_value(event, conf.get().dead_letter_max_argument_bytes)[0] for event in row.audit or []],
         "created_at": row.created_at.isoformat(),
     }
 
 
-def _refusal(row: DeadLetter, app: Any) -> str | None:
+def _refusal(row: DeadLetter, app: Any, args: Any = None, kwargs: Any = None) -> str | None:
     """Why replay() would refuse ``row``, for --dry-run: the very check replay() makes."""
-    return deadletter.replay_refusal(row, app.tasks.get(row.task_name))
+    return deadletter.replay_refusal(row, app.tasks.get(row.task_name), args, kwargs)
+
+
+def _how(error: str | None, row_id: int) -> str:
+    """A refusal, with how to replay the row anyway when replacement arguments would do."""
+    if error and "replacement" in error:
+        return f"{error} (dead replay --id {row_id} --args '[...]' --kwargs '{{...}}')"
+    return error or ""
+
+
+def _json_argument(kind: type, name: str) -> Any:
+    """An argparse type: JSON text that must be a list (--args) or an object (--kwargs)."""
+    def parse(text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+        try:
+            deadletter.replacement_arguments(value if kind is list else None, value if kind is dict else None)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+
+    parse.__name__ = name  # argparse names the type in its error message
+    return parse
 
 
 class DeadLetters(Noun):
@@ -92,12 +129,21 @@ class DeadLetters(Noun):
         replay = actions.add_parser(
             "replay", help="run dead letters again, with a fresh attempt count",
             description="Send the selected dead letters' tasks again, with their arguments and headers and a "
-                        "fresh attempt count. Rows that cannot be replayed (task gone, arguments redacted, not "
-                        "dead) are left as they were, and the command exits non-zero.")
+                        "fresh attempt count. Rows that cannot be replayed (task gone, arguments redacted or cut "
+                        "when stored and no --args/--kwargs given, not dead) are left as they were, and the "
+                        "command exits non-zero.")
         add_filters(replay, selects="replay")
         replay.add_argument("--all", action="store_true", help="every row the filters select (needed without "
                                                                "--id or a filter)")
         replay.add_argument("--queue", help="send to this queue instead of the one each task died on")
+        # dest: call_command() takes an option named "args" for the command's positional arguments
+        replay.add_argument("--args", dest="replacement_args", type=_json_argument(list, "JSON list"), default=None,
+                            metavar="JSON",
+                            help="replacement positional arguments, a JSON list (with --id): for a row whose "
+                                 "arguments were redacted or cut when stored")
+        replay.add_argument("--kwargs", dest="replacement_kwargs", type=_json_argument(dict, "JSON object"),
+                            default=None, metavar="JSON",
+                            help="replacement keyword arguments, a JSON object (with --id)")
         replay.add_argument("--by", default=None, help="who replays, for the audit trail (default: the OS user)")
         replay.add_argument("--dry-run", action="store_true", help="print what would be replayed; send nothing")
         replay.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
@@ -162,16 +208,18 @@ class DeadLetters(Noun):
         """One line per dead letter, newest failure first."""
         rows = self._selected(options, verb="list")
         limit = options["limit"]
-        page = list(rows[:limit])
+        # Of each exception message, only what is shown: the cap of one field (JSON), or a line's worth.
+        page = list(display.with_heads(rows.only(*SUMMARY_COLUMNS), "exception_message",
+                                       most=None if options["json"] else 200)[:limit])
         if options["json"]:
-            self.write_json([_summary(row) for row in page])
+            self.write_json([_summary(row, display.bounded_head(row, "exception_message")) for row in page])
             return
         if not page:
             self.stdout.write("No dead letters match.")
             return
         lines = [("id", "task", "reason", "status", "attempts", "last failure", "exception")]
         lines += [(str(row.id), row.task_name, row.reason, row.status, str(row.attempts), local(row.last_failed_at),
-                   one_line(_exception(row))) for row in page]
+                   one_line(_exception(row.exception_type, row.exception_message_head or ""))) for row in page]
         for line in columns(lines):
             self.stdout.write(line)
         total = len(page) if len(page) < limit else rows.count()
@@ -187,6 +235,7 @@ class DeadLetters(Noun):
             self.write_json(_everything(row))
             return
         write = self.stdout.write
+        shown = display.shown(row)  # every long field within its cap
         alike = DeadLetter.objects.filter(fingerprint=row.fingerprint).count()
         delivery = ", ".join(part for part in (
             f"queue {row.queue}" if row.queue else "", f"exchange {row.exchange}" if row.exchange else "",
@@ -195,9 +244,9 @@ class DeadLetters(Noun):
         fields = [
             ("task", f"{row.task_name}  (task id {row.task_id})"),
             ("status", row.status),
-            ("reason", row.reason + (f": {redaction.redact_text(row.detail)}" if row.detail else "")),
-            ("attempts", str(row.attempts) + (f" ({row.omitted_attempts} not kept in the history)"
-                                              if row.omitted_attempts else "")),
+            ("reason", row.reason + (f": {redaction.redact_text(shown['detail'])}" if shown["detail"] else "")),
+            ("attempts", str(row.attempts) + (f" ({shown['omitted_attempts']} not kept in the history)"
+                                              if shown["omitted_attempts"] else "")),
             ("first failure", local(row.first_failed_at)),
             ("last failure", local(row.last_failed_at)),
             ("worker", row.worker or "-"),
@@ -215,16 +264,25 @@ class DeadLetters(Noun):
         for line in columns([(f"  {name}", value) for name, value in fields]):
             write(line)
         write("")
-        write(f"Exception: {_exception(row)}")
+        write(f"Exception: {_exception(row.exception_type, shown['exception_message'])}")
         write("")
         write("Arguments" + (f" (redacted when stored: {', '.join(row.redacted)})" if row.redacted else "") + ":")
-        write("  args   " + json.dumps(row.args, ensure_ascii=False, default=str))
-        write("  kwargs " + json.dumps(row.kwargs, ensure_ascii=False, default=str))
-        if row.headers:
-            write("Headers: " + json.dumps(redaction.masked_headers(row.headers), ensure_ascii=False, default=str))
+        write("  args   " + json.dumps(shown["args"], ensure_ascii=False, default=str))
+        write("  kwargs " + json.dumps(shown["kwargs"], ensure_ascii=False, default=str))
+        if shown["truncated"]:
+            needs = [path for path in shown["truncated"] if not path.startswith("headers")]
+            write(f"  cut when stored (over the size caps; each kept as a marker with its size and sha256): "
+                  f"{', '.join(shown['truncated'])}" + ("; replay it with --args/--kwargs" if needs else ""))
+        if shown["shown_cut"]:
+            write(f"  too large to show, stored whole (shown as markers with their size and sha256): "
+                  f"{', '.join(shown['shown_cut'])}")
+        headers = shown["headers"]
+        if headers:
+            shown_headers = headers if deadletter.is_truncated(headers) else redaction.masked_headers(headers)
+            write("Headers: " + json.dumps(shown_headers, ensure_ascii=False, default=str))
         write("")
         write("Attempts:")
-        entries = [entry for entry in row.history or [] if isinstance(entry, dict)]
+        entries = shown["history"]
         if entries:
             table = [("  attempt", "started", "duration", "exception", "action", "delay", "reason", "worker")]
             for entry in entries:
@@ -238,8 +296,8 @@ class DeadLetters(Noun):
                 ))
             for line in columns(table):
                 write(line)
-            if row.omitted_attempts:
-                write(f"  ({row.omitted_attempts} attempts between the first and the latest were not kept)")
+            if shown["omitted_attempts"]:
+                write(f"  ({shown['omitted_attempts']} attempts between the first and the latest were not kept)")
             # Messages and tracebacks, alike consecutive attempts together.
             runs: list[tuple[list[Any], str, str]] = []
             for entry in entries:
@@ -253,29 +311,35 @@ class DeadLetters(Noun):
                     continue
                 which = f"attempt {attempts[0]}" if len(attempts) == 1 else f"attempts {attempts[0]}–{attempts[-1]}"
                 write(f"\n  {which}: {message}".rstrip())
-                if trace and trace == row.traceback:
+                if trace and trace == shown["traceback"]:
                     write("    (traceback: the final one, below)")
                 elif trace:
-                    for text in trace.rstrip().splitlines():
+                    for text in trace.rstrip().split("\n"):
                         write(f"    {text}")
         else:
             write("  (no attempt history was recorded)")
         write("")
-        write("Traceback:" if row.traceback else "Traceback: -")
-        for text in (row.traceback or "").rstrip().splitlines():
+        write("Traceback:" if shown["traceback"] else "Traceback: -")
+        for text in shown["traceback"].rstrip().split("\n") if shown["traceback"] else []:
             write(f"  {text}")
         write("")
         write("Audit trail:")
+        limit = conf.get().dead_letter_max_argument_bytes
         for event in row.audit or []:
             if not isinstance(event, dict):
                 continue
             extra = {key: value for key, value in event.items() if key not in ("action", "at", "by", "nonce")}
+            extra = deadletter.cap_value(extra, limit)[0] if extra else extra  # a huge argument edit, cut
             by = f" by {event['by']}" if event.get("by") else ""
             details = ("  " + json.dumps(extra, ensure_ascii=False, default=str)) if extra else ""
             write(f"  {when(event.get('at'))}  {event.get('action', '?')}{by}{details}")
 
     def replay(self, options: dict[str, Any]) -> None:
         """Replay the selected rows; exit non-zero when any was refused."""
+        args, kwargs = options.get("replacement_args"), options.get("replacement_kwargs")
+        if (args is not None or kwargs is not None) and not options.get("id"):
+            raise CommandError("--args and --kwargs replace the arguments of the rows named by --id: give --id ID "
+                               "(repeatable). Nothing was changed.")
         selected = self._selected(options, verb="replay").order_by("id")
         if not selected.exists():
             if options["json"]:
@@ -286,7 +350,8 @@ class DeadLetters(Noun):
         if options["dry_run"]:
             app = current_app._get_current_object()
             app.loader.import_default_modules()
-            predicted = [(row, _refusal(row, app)) for row in selected.defer(*deadletter.NOT_READ_BY_REPLAY)]
+            predicted = [(row, _refusal(row, app, args, kwargs))
+                         for row in selected.defer(*deadletter.NOT_READ_BY_REPLAY)]
             if options["json"]:
                 self.write_json([{"id": row.id, "task_name": row.task_name, "would_replay": error is None,
                                    "queue": (options["queue"] or row.queue or None) if error is None else None,
@@ -295,7 +360,7 @@ class DeadLetters(Noun):
             self.stdout.write("Dry run: nothing is sent or changed.")
             for row, error in predicted:
                 target = options["queue"] or row.queue or "its default queue"
-                self.stdout.write(f"{row.id} {row.task_name}: " + (f"would be refused: {error}" if error
+                self.stdout.write(f"{row.id} {row.task_name}: " + (f"would be refused: {_how(error, row.id)}" if error
                                                                    else f"would be replayed to {target}"))
             refused = sum(1 for _, error in predicted if error)
             self.stdout.write(f"Would replay {len(predicted) - refused} of {len(predicted)}; "
@@ -303,7 +368,8 @@ class DeadLetters(Noun):
             return
         try:
             # the queryset itself: replay streams it in batches instead of loading every row
-            outcomes = deadletter.replay(selected, queue=options["queue"] or None, by=options["by"] or os_user())
+            outcomes = deadletter.replay(selected, queue=options["queue"] or None, by=options["by"] or os_user(),
+                                         args=args, kwargs=kwargs)
         except (OperationalError, DatabaseError, InterfaceError) as error:  # the broker or the database
             raise CommandError(
                 f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they were; "
@@ -316,7 +382,7 @@ class DeadLetters(Noun):
         else:
             for outcome in outcomes:
                 self.stdout.write(f"{outcome.dead_letter_id} {outcome.task_name}: "
-                                  + (f"refused: {outcome.error}" if outcome.error
+                                  + (f"refused: {_how(outcome.error, outcome.dead_letter_id)}" if outcome.error
                                      else f"replayed as {outcome.new_task_id}"))
             self.stdout.write(f"Replayed {len(outcomes) - len(refused)} of {len(outcomes)}; "
                               f"{len(refused)} refused (left as they were).")

@@ -2,6 +2,10 @@
 (function () {
   "use strict";
 
+  /* After a failure, how long the widget keeps asking (less and less often) whether staff replayed the task. */
+  var WATCH_AFTER_FAILURE_MS = 30 * 60 * 1000;
+  var WATCH_LONGEST_WAIT_MS = 60 * 1000;
+
   function show(element, visible) { if (element) { element.hidden = !visible; } }
   function say(element, text) { if (element) { element.textContent = text; } }  /* text, never HTML */
 
@@ -24,6 +28,7 @@
       show(error, true);
       return;
     }
+    show(bar, true); show(message, true); show(done, false); show(error, false);
     if (bar && data.total) {
       bar.max = data.total;
       bar.value = data.current || 0;
@@ -39,9 +44,21 @@
     say(message, words);
   }
 
+  /* The task failed and staff replayed it: watch the replay instead, under its new task id. */
+  function follow(widget, data) {
+    widget.setAttribute("data-url", data.replayed_url);
+    widget.setAttribute("data-task-id", data.replayed_as);
+    render(widget, { state: "queued", message: "Trying again…", done: false });
+    widget.dispatchEvent(new CustomEvent("safetynet:replayed", {
+      bubbles: true, detail: { taskId: data.task_id, replayedAs: data.replayed_as }
+    }));
+  }
+
   function poll(widget) {
     var interval = parseInt(widget.getAttribute("data-interval"), 10) || 1000;
     var failures = 0;
+    var watchUntil = null;  /* set when a failure is first seen */
+    var watchWait = interval;
     function again(delay) { window.setTimeout(tick, delay); }
     function tick() {
       fetch(widget.getAttribute("data-url"), { credentials: "same-origin", headers: { "Accept": "application/json" } })
@@ -58,8 +75,23 @@
         .then(function (data) {
           if (data === null) { return; }
           failures = 0;
+          if (data.replayed_url && data.replayed_as) {
+            follow(widget, data);
+            watchUntil = null;
+            watchWait = interval;
+            again(0);
+            return;
+          }
           render(widget, data);
-          if (!data.done) { again(interval); }
+          if (!data.done) { again(interval); return; }
+          if (data.state === "failed") {  /* staff may replay it: ask now and then, for a while */
+            var now = Date.now();
+            if (watchUntil === null) { watchUntil = now + WATCH_AFTER_FAILURE_MS; }
+            if (now < watchUntil) {
+              watchWait = Math.min(WATCH_LONGEST_WAIT_MS, watchWait * 2);
+              again(watchWait);
+            }
+          }
         })
         .catch(function () {
           failures += 1;  /* the server or the network is away: back off, up to a minute */

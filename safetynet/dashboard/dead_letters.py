@@ -1,0 +1,245 @@
+"""The dead-letter pages: failures grouped by fingerprint, the list, one letter; replay and discard, confirmed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.core.paginator import Paginator
+from django.db import DatabaseError
+from django.db.models import Count, Max, Min, Q
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
+from django.views.decorators.http import require_safe
+from kombu.exceptions import OperationalError
+
+from safetynet import deadletter, redaction
+from safetynet.dashboard import display
+from safetynet.dashboard.forms import ReplayForm, confirmed
+from safetynet.dashboard.pages import (
+    PAGE_SIZE,
+    page_number,
+    render_page,
+    staff_action,
+    staff_page,
+    storable,
+    tell,
+    username,
+)
+from safetynet.exceptions import ConfigurationError
+from safetynet.models import DeadLetter
+
+__all__ = ["dead_letter", "dead_letter_action", "dead_letters", "failure_group_action", "failures"]
+
+#: The columns a dead-letter list row shows (the rest of a row, tracebacks and arguments, stays in the database;
+#: the exception message is read only as far as the list shows it).
+LIST_COLUMNS = ("id", "task_name", "task_id", "reason", "status", "attempts", "exception_type", "last_failed_at",
+                "replay_count")
+
+# -- failures grouped by fingerprint -----------------------------------------------------------
+
+@require_safe
+@staff_page("safetynet.view_deadletter")
+def failures(request: HttpRequest) -> HttpResponse:
+    """Dead letters waiting for a decision, grouped by fingerprint: count, first and last seen, an example."""
+    page = page_number(request)
+    groups = list(
+        DeadLetter.objects.dead().order_by().values("fingerprint")
+        .annotate(count=Count("id"), first_seen=Min("first_failed_at"), last_seen=Max("last_failed_at"),
+                  task_name=Max("task_name"), exception_type=Max("exception_type"), example=Max("id"),
+                  reasons=Count("reason", distinct=True))
+        .order_by("-count", "-last_seen", "fingerprint")[(page - 1) * PAGE_SIZE: page * PAGE_SIZE + 1]
+    )
+    more = len(groups) > PAGE_SIZE
+    groups = groups[:PAGE_SIZE]
+    examples = {row.id: row for row in display.with_heads(
+        DeadLetter.objects.filter(id__in=[group["example"] for group in groups]).only("id", "reason"),
+        "exception_message", "traceback")}
+    for group in groups:
+        example = examples.get(group["example"])
+        group["example_message"] = display.bounded_head(example, "exception_message") if example else ""
+        group["example_traceback"] = display.bounded_head(example, "traceback") if example else ""
+    return render_page(request, "failures.html", "failures", {
+        "groups": groups, "page_number": page, "has_next": more, "has_previous": page > 1,
+        "can_act": request.user.has_perm("safetynet.change_deadletter"),
+    })
+
+
+@staff_action("safetynet.change_deadletter")
+def failure_group_action(request: HttpRequest, action: str) -> HttpResponse:
+    """POST ``fingerprint``: ask to confirm, then (with ``confirm=yes``) replay or discard every dead letter of it.
+
+    The fingerprint is a field, not a part of the URL: a stored one that is not hex still has its buttons.
+    """
+    fingerprint = request.POST.get("fingerprint")
+    back = HttpResponseRedirect(reverse("safetynet_dashboard:failures"))
+    if fingerprint is None or not storable(fingerprint):
+        tell(request, "error", "Say which failures: a fingerprint is needed; nothing done.")
+        return back
+    rows = DeadLetter.objects.dead().filter(fingerprint=fingerprint)
+    count = rows.count()
+    if not count:
+        tell(request, "warning", f"No dead letter waits with fingerprint {fingerprint[:12]!r}; nothing done.")
+        return back
+    if not confirmed(request.POST):
+        example = display.with_heads(rows.only("id", "task_name", "exception_type").order_by("-id"),
+                                     "exception_message", most=300).first()
+        return render_page(request, "confirm.html", "failures", {
+            "action": action, "count": count, "fingerprint": fingerprint, "example": example,
+            "example_message": display.bounded_head(example, "exception_message") if example else "",
+            "ids": display.ids_text(list(rows.order_by("id").values_list("id", flat=True)[:20])),
+            "post_to": reverse("safetynet_dashboard:failure_group_action", args=[action]),
+            "cancel": reverse("safetynet_dashboard:failures"),
+        })
+    _act(request, action, rows)
+    return back
+
+
+def _act(request: HttpRequest, action: str, rows: Any, *, args: Any = None, kwargs: Any = None) -> None:
+    """Replay or discard ``rows`` and say what happened; a broker or database that fails loses nothing."""
+    if action == "discard":
+        changed = deadletter.discard(rows, by=username(request))
+        tell(request, "success" if changed else "warning",
+             f"Discarded {changed} dead letter{'' if changed == 1 else 's'}." if changed
+             else "Nothing discarded: already replayed or discarded.")
+        return
+    if action != "replay":
+        raise Http404(f"no action {action!r}")
+    try:
+        outcomes = deadletter.replay(rows, by=username(request), args=args, kwargs=kwargs)
+    except (OperationalError, DatabaseError, ConfigurationError) as error:
+        tell(request, "error", f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they "
+                               "were; see the log for any sent but not marked.")
+        return
+    done, refusals = display.replay_summary(outcomes)
+    if done:
+        tell(request, "success", done)
+    for refusal in refusals:
+        tell(request, "error", refusal)
+    if not outcomes:
+        tell(request, "warning", "Nothing replayed: no dead letter waits there.")
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+
+class DeadLetterFilters(forms.Form):
+    """The dead-letter list's filters; a bad value is reported and left out, the others still apply."""
+
+    STATUSES = [(status.value, status.label) for status in DeadLetter.Status] + [("all", "all")]
+
+    task = forms.CharField(required=False, max_length=255, help_text="a task name, or a prefix ending in *")
+    reason = forms.ChoiceField(required=False, choices=[("", "any reason"), *DeadLetter.Reason.choices])
+    status = forms.ChoiceField(required=False, choices=STATUSES)
+    q = forms.CharField(required=False, max_length=200, label="search",
+                        help_text="a task id, or words of the exception")
+    fingerprint = forms.CharField(required=False, max_length=40, widget=forms.HiddenInput)
+
+
+@require_safe
+@staff_page("safetynet.view_deadletter")
+def dead_letters(request: HttpRequest) -> HttpResponse:
+    """Dead letters, newest first, filtered and searched, a page at a time."""
+    form = DeadLetterFilters(request.GET or None)
+    wanted: dict[str, str] = {}
+    if form.is_bound:
+        form.is_valid()
+        wanted = {name: value for name, value in form.cleaned_data.items() if value}
+        for name, errors in form.errors.items():
+            tell(request, "error", f"Filter {name!r} left out: {' '.join(errors)}")
+    status = wanted.get("status", DeadLetter.Status.DEAD)
+    rows = DeadLetter.objects.matching(task=wanted.get("task"), reason=wanted.get("reason"),
+                                       fingerprint=wanted.get("fingerprint"),
+                                       status=None if status == "all" else status)
+    search = wanted.get("q", "").strip()
+    if search:
+        rows = rows.filter(Q(task_id=search) | Q(exception_message__icontains=search)
+                           | Q(exception_type__icontains=search))
+    paginator = Paginator(display.with_heads(rows.only(*LIST_COLUMNS), "exception_message", most=200)
+                          .order_by("-last_failed_at", "-id"), PAGE_SIZE)
+    page = paginator.get_page(request.GET.get("page"))
+    keep = request.GET.copy()
+    keep.pop("page", None)
+    if not form.is_bound:
+        form = DeadLetterFilters(initial={"status": DeadLetter.Status.DEAD})
+    return render_page(request, "dead_letters.html", "dead_letters", {
+        "form": form, "page_obj": page, "rows": page.object_list, "query": keep.urlencode(),
+        "filtered": bool(set(wanted) - {"status"}) or status != DeadLetter.Status.DEAD,
+    })
+
+
+@require_safe
+@staff_page("safetynet.view_deadletter")
+def dead_letter(request: HttpRequest, pk: int) -> HttpResponse:
+    """One dead letter: what failed, every attempt, its arguments (redacted), what was done to it."""
+    row = get_object_or_404(DeadLetter, pk=pk)
+    return render_page(request, "dead_letter.html", "dead_letters", {
+        **_shown(row), "replay": _replay_outcome(row),
+        "alike": DeadLetter.objects.filter(fingerprint=row.fingerprint).count(),
+        "can_act": request.user.has_perm("safetynet.change_deadletter"),
+    })
+
+
+def _shown(row: DeadLetter) -> dict[str, Any]:
+    """What a page shows of one dead letter: every long field within its cap, secrets masked once more."""
+    shown = display.shown(row)
+    headers = shown["headers"]
+    return {
+        "row": row, "entries": display.history_entries(row), "events": display.audit_events(row),
+        "headers": redaction.masked_headers(headers) if not deadletter.is_truncated(headers) else headers,
+        "detail": redaction.redact_text(shown["detail"]), "message": shown["exception_message"],
+        "traceback": shown["traceback"], "args": display.shown_json(shown["args"]),
+        "kwargs": display.shown_json(shown["kwargs"]), "placeholder": deadletter.REDACTED,
+        "truncated": shown["truncated"],
+            "shown_cut": shown["shown_cut"],
+    }
+
+
+def _replay_outcome(row: DeadLetter) -> dict[str, str] | None:
+    """How the latest replay of ``row`` went: died again (a dead letter of its own), or the result backend's state."""
+    if not row.replayed_task_id:
+        return None
+    again = DeadLetter.objects.filter(task_id=row.replayed_task_id).only("id").first()
+    if again is not None:
+        return {"state": "FAILURE", "text": "died again", "dead_letter": str(again.id)}
+    from celery import current_app
+
+    try:
+        state = current_app.AsyncResult(row.replayed_task_id).state
+    except Exception as error:  # no result backend, or it is away: say so, the page still shows
+        return {"state": "UNKNOWN", "text": f"unknown (the result backend did not say: {type(error).__name__})"}
+    text = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retrying", "STARTED": "running",
+            "PENDING": "waiting (or the result backend keeps no record of it)"}.get(state, state.lower())
+    return {"state": state, "text": text}
+
+
+@staff_action("safetynet.change_deadletter")
+def dead_letter_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    """POST: ask to confirm (with replacement arguments for a replay), then, with ``confirm=yes``, replay or
+    discard one dead letter and go back to its page."""
+    row = get_object_or_404(DeadLetter, pk=pk)
+    back = HttpResponseRedirect(reverse("safetynet_dashboard:dead_letter", args=[row.id]))
+    if row.status != DeadLetter.Status.DEAD:
+        tell(request, "warning", f"Dead letter #{row.id} is already {row.status}; nothing done.")
+        return back
+    form = ReplayForm(request.POST if confirmed(request.POST) else None)
+    if action == "replay" and form.is_bound and form.is_valid():
+        _act(request, action, [row], args=form.cleaned_data["args"], kwargs=form.cleaned_data["kwargs"])
+        return back
+    if action == "discard" and form.is_bound:
+        _act(request, action, [row])
+        return back
+    return render_page(request, "confirm.html", "dead_letters", {
+        **_shown(row), "action": action, "form": form, "refusal": _refusal(row) if action == "replay" else None,
+        "post_to": reverse("safetynet_dashboard:dead_letter_action", args=[row.id, action]),
+        "cancel": reverse("safetynet_dashboard:dead_letter", args=[row.id]),
+    }, status=400 if form.is_bound else 200)
+
+
+def _refusal(row: DeadLetter) -> str | None:
+    """Why a replay of ``row`` with its stored arguments would be refused (None: it would be sent)."""
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    app.loader.import_default_modules()
+    return deadletter.replay_refusal(row, app.tasks.get(row.task_name))
