@@ -10,7 +10,7 @@ from django.db.models import Q
 
 from safetynet.protocol.reasons import Reason
 
-__all__ = ["BreakerState", "DeadLetter", "DeadLetterQuerySet", "IdempotencyClaim", "ScheduledMessage", "SharedKey",
+__all__ = ["BreakerState", "DeadLetter", "DeadLetterQuerySet", "FailureGroup", "IdempotencyClaim", "ScheduledMessage", "SharedKey",
            "TaskProgress", "TaskStats"]
 
 
@@ -116,6 +116,31 @@ class DeadLetter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task_name}[{self.task_id}] {self.reason}"
+
+
+class FailureGroup(models.Model):
+    """The dead letters waiting for a decision of one fingerprint, summed: the failures page reads these rows.
+
+    Kept by ``safetynet.deadletter`` on every write (a new letter adds itself; replay, discard,
+    purge and the cap recount the fingerprints they touched), so the page never groups the whole
+    table. A group with no letter waiting is deleted.
+    """
+
+    fingerprint = models.CharField(max_length=40, primary_key=True)
+    #: Dead letters of the fingerprint with status ``dead``.
+    count = models.PositiveBigIntegerField(default=0)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    task_name = models.CharField(max_length=255)
+    exception_type = models.CharField(max_length=255, blank=True)
+    #: The newest waiting letter's id (the example the page shows).
+    example_id = models.BigIntegerField()
+
+    class Meta:
+        indexes = [models.Index(fields=["-count", "-last_seen", "fingerprint"], name="safetynet_fg_order")]
+
+    def __str__(self) -> str:
+        return f"{self.fingerprint[:12]} x{self.count}"
 
 
 class IdempotencyClaim(models.Model):

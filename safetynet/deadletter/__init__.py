@@ -28,6 +28,9 @@ from safetynet.deadletter._caps import (
     truncated_paths,
 )
 from safetynet.deadletter._fingerprints import fingerprint, normalise_message
+from safetynet.deadletter._groups import rebuild as rebuild_failure_groups
+from safetynet.deadletter._groups import recount as recount_failure_groups
+from safetynet.deadletter._groups import waiting_count
 from safetynet.deadletter._recording import (
     Failure,
     enforce_cap,
@@ -62,9 +65,12 @@ __all__ = [
     "is_truncated",
     "normalise_message",
     "purge",
+    "rebuild_failure_groups",
+    "recount_failure_groups",
     "record",
     "replacement_arguments",
     "replay",
     "replay_refusal",
     "truncated_paths",
+    "waiting_count",
 ]

@@ -32,7 +32,7 @@ from django.db import close_old_connections, router, transaction
 from django.db.models import Min
 
 from safetynet import conf, signals
-from safetynet.deadletter import _spool
+from safetynet.deadletter import _groups, _spool
 from safetynet.deadletter._caps import cap_fields, cap_text
 from safetynet.deadletter._fingerprints import fingerprint
 from safetynet.deadletter._storable import is_outage, storable
@@ -291,7 +291,10 @@ def store(fields: dict[str, Any]) -> Any:
         # failure is dropped by the database itself. Whether this insert won is told by the nonce.
         rows.bulk_create([DeadLetter(**values)], ignore_conflicts=True)
         row = rows.filter(task_id=values["task_id"]).first()  # where it was written, not a replica
-    return row if row is not None and row.audit and row.audit[0].get("nonce") == nonce else None
+    if row is None or not row.audit or row.audit[0].get("nonce") != nonce:
+        return None
+    _groups.added(row)
+    return row
 
 
 def _announce(row: Any) -> None:
@@ -359,7 +362,9 @@ def enforce_cap() -> int:
         return 0
     evicted = DeadLetter.objects.filter(id__lte=boundary_id)
     oldest = evicted.aggregate(oldest=Min("last_failed_at"))["oldest"]
+    touched = set(evicted.dead().order_by().values_list("fingerprint", flat=True).distinct())
     count, _ = evicted.delete()
+    _groups.recount(touched)
     logger.warning(
         "safetynet: the dead-letter store is over its cap of %s rows: evicted the %s oldest (oldest failure %s)",
         cap, count, oldest, extra={"evicted": count, "cap": cap},

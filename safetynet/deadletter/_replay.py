@@ -14,6 +14,7 @@ from celery import current_app
 from django.db import DatabaseError, InterfaceError, connections, router, transaction
 
 from safetynet import conf, progress, signals
+from safetynet.deadletter import _groups
 from safetynet.deadletter._caps import cap_arguments, is_truncated, truncated_paths
 from safetynet.models import DeadLetter
 from safetynet.protocol import headers as header_names
@@ -156,6 +157,7 @@ def replay(
     app = app or current_app._get_current_object()
     app.loader.import_default_modules()
     outcomes: list[ReplayOutcome] = []
+    touched: set[str] = set()
     for batch in _batches(rows, batch_size):
         with transaction.atomic():
             # Claim the rows: a second replay running at the same time skips them instead of sending twice.
@@ -173,6 +175,9 @@ def replay(
                 else:
                     sendable.append((row, task))
             outcomes.extend(_send(app, sendable, queue=queue, args=args, kwargs=kwargs, by=by))
+            sent = {outcome.dead_letter_id for outcome in outcomes if outcome.new_task_id}
+            touched.update(row.fingerprint for row, _task in sendable if row.id in sent)
+    _groups.recount(touched)
     return outcomes
 
 
@@ -291,18 +296,21 @@ def discard(rows: Any, *, by: str = "") -> int:
     """Mark dead letters handled without running them; return how many changed."""
     at = _now().isoformat()
     changed = 0
+    touched: set[str] = set()
     for batch in _batches(rows, 500):
         with transaction.atomic():
             # Read again under a lock: a replay committing meanwhile must not be overwritten, and a row a
             # replay holds right now is skipped (that replay marks it).
             dead = list(DeadLetter.objects.select_for_update(skip_locked=True)
                         .filter(id__in=[row.id for row in batch], status=DeadLetter.Status.DEAD)
-                        .only("id", "status", "audit"))
+                        .only("id", "status", "audit", "fingerprint"))
             for row in dead:
                 row.status = DeadLetter.Status.DISCARDED
                 row.audit = [*row.audit, {"action": "discard", "by": by, "at": at}]
             DeadLetter.objects.bulk_update(dead, ["status", "audit"])
         changed += len(dead)
+        touched.update(row.fingerprint for row in dead)
+    _groups.recount(touched)
     return changed
 
 
@@ -311,5 +319,8 @@ def purge(older_than: datetime, *, status: str | None = None) -> int:
     rows = DeadLetter.objects.older_than(older_than)
     if status:
         rows = rows.filter(status=status)
+    touched = set(rows.filter(status=DeadLetter.Status.DEAD).order_by().values_list("fingerprint", flat=True)
+                  .distinct())
     count, _ = rows.delete()
+    _groups.recount(touched)
     return count
