@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django import forms
 from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.db.models import F, Q
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_safe
 from kombu.exceptions import OperationalError
 
@@ -28,9 +32,10 @@ from safetynet.dashboard.pages import (
     username,
 )
 from safetynet.exceptions import ConfigurationError
-from safetynet.models import DeadLetter, FailureGroup
+from safetynet.models import DeadLetter, FailureGroup, TaskStats
 
-__all__ = ["dead_letter", "dead_letter_action", "dead_letters", "failure_group_action", "failures"]
+__all__ = ["bulk_action", "dead_letter", "dead_letter_action", "dead_letter_live", "dead_letters", "failure_group_action",
+           "failures"]
 
 #: The columns a dead-letter list row shows (the rest of a row, tracebacks and arguments, stays in the database;
 #: the exception message is read only as far as the list shows it).
@@ -113,7 +118,16 @@ def _act(request: HttpRequest, action: str, rows: Any, *, args: Any = None, kwar
                                "were; see the log for any sent but not marked.")
         return
     done, refusals = display.replay_summary(outcomes)
-    if done:
+    sent = [outcome for outcome in outcomes if outcome.new_task_id]
+    if sent:
+        # Each replayed letter's page follows its new task until it ends: link there.
+        links = format_html_join(", ", '<a href="{}">#{}</a> as <code>{}</code>', (
+            (reverse("safetynet_dashboard:dead_letter", args=[outcome.dead_letter_id]), outcome.dead_letter_id,
+             outcome.new_task_id) for outcome in sent[:20]))
+        more = f" and {len(sent) - 20} more" if len(sent) > 20 else ""
+        tell(request, "success", format_html("Replayed {} dead letter{}: {}{}.", len(sent),
+                                             "" if len(sent) == 1 else "s", links, more))
+    elif done:
         tell(request, "success", done)
     for refusal in refusals:
         tell(request, "error", refusal)
@@ -128,35 +142,95 @@ class DeadLetterFilters(forms.Form):
 
     STATUSES = [(status.value, status.label) for status in DeadLetter.Status] + [("all", "all")]
 
-    task = forms.CharField(required=False, max_length=255, help_text="a task name, or a prefix ending in *")
+    task = forms.CharField(required=False, max_length=255,
+                           help_text="part of a task name (import_row finds shop.tasks.import_row); "
+                                     "shop.* for names that start with shop.; =name for exactly that name")
     reason = forms.ChoiceField(required=False, choices=[("", "any reason"), *DeadLetter.Reason.choices])
     status = forms.ChoiceField(required=False, choices=STATUSES)
+    queue = forms.CharField(required=False, max_length=255)
     q = forms.CharField(required=False, max_length=200, label="search",
                         help_text="a task id, or words of the exception")
+    since = forms.DateTimeField(required=False, widget=forms.HiddenInput)
+    until = forms.DateTimeField(required=False, widget=forms.HiddenInput)
     fingerprint = forms.CharField(required=False, max_length=40, widget=forms.HiddenInput)
+    sort = forms.ChoiceField(required=False, widget=forms.HiddenInput, choices=[
+        (key, key) for name in ("last_failed", "id", "task", "reason", "status", "attempts") for key in (name, f"-{name}")])
+
+
+#: The list's sortable columns: ``?sort=name`` (ascending) or ``-name``; the newest failure first by default.
+SORTS = {"last_failed": ("last_failed_at", "id"), "id": ("id",), "task": ("task_name", "id"),
+         "reason": ("reason", "id"), "status": ("status", "id"), "attempts": ("attempts", "id")}
+DEFAULT_SORT = "-last_failed"
+
+
+def task_filter(text: str) -> Q:
+    """What the task field matches: ``=name`` exactly, ``prefix*`` by its start, anything else as part of a name."""
+    text = text.strip()
+    if text.startswith("="):
+        return Q(task_name=text[1:])
+    if text.endswith("*"):
+        return Q(task_name__startswith=text.rstrip("*"))
+    return Q(task_name__icontains=text)
+
+
+def task_suggestions() -> list[str]:
+    """Task names to suggest in the filter: those with dead letters waiting and those that ran this week."""
+    week = timezone.now() - timedelta(days=7)
+    names = set(FailureGroup.objects.values_list("task_name", flat=True)[:500])
+    names.update(TaskStats.objects.filter(period=TaskStats.HOUR, start__gte=week)
+                 .values_list("task_name", flat=True).distinct()[:500])
+    return sorted(names)
+
+
+def _sorted_headers(query: Any, sort: str) -> dict[str, dict[str, Any]]:
+    """Each sortable column's link (toggling its direction) and whether the list is sorted by it."""
+    headers = {}
+    for name in SORTS:
+        current = sort.lstrip("-") == name
+        wanted = (name if sort.startswith("-") else f"-{name}") if current else (
+            f"-{name}" if name in ("last_failed", "id", "attempts") else name)
+        keep = query.copy()
+        keep["sort"] = wanted
+        keep.pop("page", None)
+        headers[name] = {"url": "?" + keep.urlencode(), "current": current, "up": current and not sort.startswith("-")}
+    return headers
 
 
 @require_safe
 @staff_page("safetynet.view_deadletter")
 def dead_letters(request: HttpRequest) -> HttpResponse:
-    """Dead letters, newest first, filtered and searched, a page at a time."""
+    """Dead letters, newest first (or sorted by a column), filtered and searched, a page at a time."""
     form = DeadLetterFilters(request.GET or None)
-    wanted: dict[str, str] = {}
+    wanted: dict[str, Any] = {}
     if form.is_bound:
         form.is_valid()
         wanted = {name: value for name, value in form.cleaned_data.items() if value}
         for name, errors in form.errors.items():
             tell(request, "error", f"Filter {name!r} left out: {' '.join(errors)}")
     status = wanted.get("status", DeadLetter.Status.DEAD)
-    rows = DeadLetter.objects.matching(task=wanted.get("task"), reason=wanted.get("reason"),
-                                       fingerprint=wanted.get("fingerprint"),
-                                       status=None if status == "all" else status)
+    rows = DeadLetter.objects.matching(reason=wanted.get("reason"), fingerprint=wanted.get("fingerprint"),
+                                       status=None if status == "all" else status,
+                                       since=wanted.get("since"), until=wanted.get("until"))
+    if wanted.get("task"):
+        rows = rows.filter(task_filter(wanted["task"]))
+    if wanted.get("queue"):
+        rows = rows.filter(queue=wanted["queue"])
     search = wanted.get("q", "").strip()
     if search:
         rows = rows.filter(Q(task_id=search) | Q(exception_message__icontains=search)
                            | Q(exception_type__icontains=search))
+    sort = wanted.get("sort") or DEFAULT_SORT
+    columns = SORTS[sort.lstrip("-")]
+    ordering = [f"-{column}" if sort.startswith("-") else column for column in columns]
+    unfiltered = not (set(wanted) - {"status", "sort"})
     paginator = Paginator(display.with_heads(rows.only(*LIST_COLUMNS), "exception_message", most=200)
-                          .order_by("-last_failed_at", "-id"), PAGE_SIZE)
+                          .order_by(*ordering), PAGE_SIZE)
+    if unfiltered and status == DeadLetter.Status.DEAD:
+        # The waiting letters are counted in the failures' summary: no COUNT over the table for the usual page.
+        paginator.count = deadletter.waiting_count()  # type: ignore[misc]
+    elif set(wanted) - {"sort", "status"} == {"fingerprint"} and status == DeadLetter.Status.DEAD:
+        group = FailureGroup.objects.filter(fingerprint=wanted["fingerprint"]).first()
+        paginator.count = group.count if group else 0  # type: ignore[misc]
     page = paginator.get_page(request.GET.get("page"))
     keep = request.GET.copy()
     keep.pop("page", None)
@@ -164,8 +238,54 @@ def dead_letters(request: HttpRequest) -> HttpResponse:
         form = DeadLetterFilters(initial={"status": DeadLetter.Status.DEAD})
     return render_page(request, "dead_letters.html", "dead_letters", {
         "form": form, "page_obj": page, "rows": page.object_list, "query": keep.urlencode(),
-        "filtered": bool(set(wanted) - {"status"}) or status != DeadLetter.Status.DEAD,
+        "filtered": not unfiltered or status != DeadLetter.Status.DEAD,
+        "range": (wanted.get("since"), wanted.get("until")) if wanted.get("since") or wanted.get("until") else None,
+        "headers": _sorted_headers(request.GET, sort), "suggestions": task_suggestions(),
+        "can_act": request.user.has_perm("safetynet.change_deadletter"),
+        "back": request.get_full_path(),
     })
+
+
+@staff_action("safetynet.change_deadletter")
+def bulk_action(request: HttpRequest, action: str) -> HttpResponse:
+    """POST ``ids`` (the rows ticked in the list): ask to confirm with their count, then replay or discard them."""
+    if action not in ("replay", "discard"):
+        raise Http404(f"no action {action!r}")
+    back_to = request.POST.get("back") or ""
+    if not url_has_allowed_host_and_scheme(back_to, allowed_hosts={request.get_host()}) or not back_to.startswith("/"):
+        back_to = reverse("safetynet_dashboard:dead_letters")
+    back = HttpResponseRedirect(back_to)
+    try:
+        ids = sorted({int(value) for value in request.POST.getlist("ids")})
+    except ValueError:
+        tell(request, "error", "Those rows are not dead-letter numbers; nothing done.")
+        return back
+    if not ids:
+        tell(request, "warning", "Tick the rows to act on first; nothing done.")
+        return back
+    if len(ids) > MOST_SELECTED:
+        tell(request, "error", f"At most {MOST_SELECTED} rows at once (a page); nothing done.")
+        return back
+    rows = DeadLetter.objects.filter(id__in=ids)
+    waiting = rows.dead()
+    count = waiting.count()
+    if not count:
+        tell(request, "warning", "None of the ticked dead letters is waiting any more (already replayed or "
+                                 "discarded); nothing done.")
+        return back
+    if not confirmed(request.POST):
+        shown = list(waiting.only("id", "task_name", "exception_type", "reason").order_by("id")[:MOST_SELECTED])
+        return render_page(request, "confirm.html", "dead_letters", {
+            "action": action, "count": count, "selected": shown, "skipped": len(ids) - count,
+            "ids": display.ids_text([row.id for row in shown]), "post_to": request.path, "cancel": back_to,
+            "back": back_to,
+        })
+    _act(request, action, waiting)
+    return back
+
+
+#: The most rows one bulk action takes (one page of the list).
+MOST_SELECTED = PAGE_SIZE
 
 
 @require_safe
@@ -175,7 +295,8 @@ def dead_letter(request: HttpRequest, pk: int) -> HttpResponse:
     row = get_object_or_404(DeadLetter, pk=pk)
     return render_page(request, "dead_letter.html", "dead_letters", {
         **_shown(row), "replay": _replay_outcome(row),
-        "alike": DeadLetter.objects.filter(fingerprint=row.fingerprint).count(),
+        "alike": DeadLetter.objects.filter(fingerprint=row.fingerprint).exclude(pk=row.pk).count(),
+        "live_url": reverse("safetynet_dashboard:dead_letter_live", args=[row.id]) if row.replayed_task_id else "",
         "can_act": request.user.has_perm("safetynet.change_deadletter"),
     })
 
@@ -195,6 +316,25 @@ def _shown(row: DeadLetter) -> dict[str, Any]:
     }
 
 
+#: The replay states after which nothing changes any more.
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+@require_safe
+@staff_page("safetynet.view_deadletter")
+def dead_letter_live(request: HttpRequest, pk: int) -> HttpResponse:
+    """How the latest replay of one dead letter is going, as JSON: the detail page shows it when it lands."""
+    row = get_object_or_404(DeadLetter.objects.only("id", "replayed_task_id"), pk=pk)
+    outcome = _replay_outcome(row) or {"state": "NONE", "text": "not replayed"}
+    again = outcome.get("dead_letter")
+    return JsonResponse({
+        "figures": {"replay-text": outcome["text"]}, "states": {"replay": outcome["state"]},
+        "links": {"replay-dead-letter": {"url": reverse("safetynet_dashboard:dead_letter", args=[again]),
+                                         "text": f"dead letter #{again}"} if again else None},
+        "done": outcome["state"] in FINAL_STATES,
+    })
+
+
 def _replay_outcome(row: DeadLetter) -> dict[str, str] | None:
     """How the latest replay of ``row`` went: died again (a dead letter of its own), or the result backend's state."""
     if not row.replayed_task_id:
@@ -209,7 +349,7 @@ def _replay_outcome(row: DeadLetter) -> dict[str, str] | None:
     except Exception as error:  # no result backend, or it is away: say so, the page still shows
         return {"state": "UNKNOWN", "text": f"unknown (the result backend did not say: {type(error).__name__})"}
     text = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retrying", "STARTED": "running",
-            "PENDING": "waiting (or the result backend keeps no record of it)"}.get(state, state.lower())
+            "PENDING": "waiting for a worker (or the result backend keeps no record of it)"}.get(state, state.lower())
     return {"state": state, "text": text}
 
 

@@ -11,17 +11,17 @@ from typing import Any
 
 from django.apps import apps
 from django.contrib.auth.views import redirect_to_login
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_POST
 
 __all__ = [
-    "CONTENT_SECURITY_POLICY", "MAX_PAGE", "PAGES", "PAGE_SIZE", "page_number", "percent", "render_page",
-    "secured", "staff_action", "staff_page", "storable", "tell", "username", "utc",
+    "CONTENT_SECURITY_POLICY", "MAX_PAGE", "PAGES", "PAGE_SIZE", "frame", "page_number", "percent", "refused",
+    "render_page", "secured", "staff_action", "staff_page", "storable", "tell", "username", "utc",
 ]
 
 logger = logging.getLogger("safetynet")
@@ -31,15 +31,17 @@ PAGE_SIZE = 50
 #: The pages of the navigation bar: (url name, title, permission).
 PAGES = (
     ("overview", "Overview", "safetynet.view_taskstats"),
+    ("queues", "Queues & workers", "safetynet.view_taskstats"),
     ("failures", "Failures", "safetynet.view_deadletter"),
     ("dead_letters", "Dead letters", "safetynet.view_deadletter"),
     ("schedule", "Schedule", "safetynet.view_scheduledmessage"),
     ("breakers", "Breakers", "safetynet.view_breakerstate"),
 )
-#: What a page may load: its own stylesheet (a nonce per response), images and forms of this site; nothing
-#: else, no script, and no frame around it.
-CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self'; form-action 'self'; "
-                           "frame-ancestors 'none'; base-uri 'none'")
+#: What a page may load: its own stylesheet and script (a nonce per response), images, forms and the live figures'
+#: JSON of this site; nothing else, and no frame around it.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; "
+                           "connect-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+                           "base-uri 'none'")
 
 
 def secured(request: HttpRequest, response: HttpResponse) -> HttpResponse:
@@ -62,7 +64,7 @@ def staff_page(permission: str) -> Callable[[Callable[..., HttpResponse]], Calla
             if not user.is_authenticated:
                 return secured(request, redirect_to_login(request.get_full_path()))
             if not (user.is_active and user.is_staff and user.has_perm(permission)):
-                raise PermissionDenied(f"the safetynet dashboard needs a staff account with {permission}")
+                return secured(request, refused(request, permission))
             return secured(request, view(request, *args, **kwargs))
 
         return never_cache(guarded)
@@ -76,6 +78,42 @@ def staff_action(permission: str) -> Callable[[Callable[..., HttpResponse]], Cal
         return staff_page(permission)(csrf_protect(require_POST(view)))
 
     return decorate
+
+
+def refused(request: HttpRequest, permission: str) -> HttpResponse:
+    """403: a page that says who is logged in, what is missing, and where to go instead."""
+    logger.info("safetynet dashboard: refused %s to %s (needs %s)", request.path, request.user.get_username(),
+                permission)
+    return render(request, "safetynet/dashboard/403.html", {
+        "permission": permission, "staff": getattr(request.user, "is_staff", False),
+        "frame": frame(request), "csp_nonce": getattr(request, "safetynet_csp_nonce", ""),
+        "navigation": [], "page": "refused",
+    }, status=403)
+
+
+def _reversed(*names: str) -> str:
+    for name in names:
+        try:
+            return reverse(name)
+        except NoReverseMatch:
+            continue
+    return ""
+
+
+def frame(request: HttpRequest) -> dict[str, str]:
+    """What the header shows around every page: who is logged in, log out, the admin and the site."""
+    user = request.user
+    name = ""
+    if user.is_authenticated:
+        name = (user.get_full_name() if hasattr(user, "get_full_name") else "") or user.get_username()
+    logout = _reversed("admin:logout", "logout") if user.is_authenticated else ""
+    return {
+        "user_name": name,
+        "admin_url": _reversed("admin:index") if apps.is_installed("django.contrib.admin") and
+        getattr(user, "is_staff", False) else "",
+        "site_url": getattr(settings, "SAFETYNET_SITE_URL", None) or "/",
+        "logout_url": logout,
+    }
 
 
 def tell(request: HttpRequest, level: str, text: str) -> None:
@@ -99,7 +137,7 @@ def render_page(request: HttpRequest, template: str, page: str, context: dict[st
     navigation = [{"name": name, "title": title, "url": reverse(f"safetynet_dashboard:{name}"), "current": name == page}
                   for name, title, permission in PAGES if user.has_perm(permission)]
     return render(request, f"safetynet/dashboard/{template}",
-                  {**context, "navigation": navigation, "notices": shown, "page": page,
+                  {**context, "navigation": navigation, "notices": shown, "page": page, "frame": frame(request),
                    "csp_nonce": getattr(request, "safetynet_csp_nonce", "")}, status=status)
 
 

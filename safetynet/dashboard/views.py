@@ -23,20 +23,27 @@ what it shows); nothing on a page is larger than the cap of one field (``DEAD_LE
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any
+from urllib.parse import urlencode
 
 from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.db.models import Count
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_safe
 
-from safetynet import breakers, stats
+from safetynet import breakers, deadletter, stats
 from safetynet import schedule as durable_schedule
-from safetynet.dashboard.charts import bar_chart
+from safetynet.dashboard import brokers
+from safetynet.dashboard.charts import line_chart, stacked_chart
 from safetynet.dashboard.dead_letters import (
+    bulk_action,
     dead_letter,
+    dead_letter_live,
     dead_letter_action,
     dead_letters,
     failure_group_action,
@@ -53,44 +60,170 @@ from safetynet.dashboard.pages import (
     utc,
 )
 from safetynet.exceptions import ConfigurationError
-from safetynet.models import DeadLetter, ScheduledMessage
+from safetynet.models import ScheduledMessage, TaskStats
+from safetynet.stats import human_duration
 
 __all__ = [
-    "breaker_action", "breakers_page", "dead_letter", "dead_letter_action", "dead_letters", "failure_group_action",
-    "failures", "overview", "schedule", "schedule_due_now",
+    "breaker_action", "breakers_page", "bulk_action", "dead_letter", "dead_letter_live", "dead_letter_action", "dead_letters", "failure_group_action",
+    "failures", "live", "overview", "queues", "schedule", "schedule_due_now",
 ]
 
 
 # -- overview ---------------------------------------------------------------------------------
 
+#: The longest custom range (the hour rows are read beyond a few hours).
+LONGEST_RANGE = 31 * 86_400
+
+
+def _moment(text: str) -> datetime | None:
+    """A moment from a link (ISO 8601) or a ``datetime-local`` field (the current time zone)."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed)
+
+
+def _range(request: HttpRequest) -> tuple[str, int, datetime | None, list[str]]:
+    """(window name or "custom", seconds, end or None for now, errors) from ``window`` or ``since``/``until``."""
+    errors = []
+    since_text, until_text = request.GET.get("since") or "", request.GET.get("until") or ""
+    if since_text or until_text:
+        since, until = _moment(since_text), _moment(until_text) if until_text else timezone.now()
+        if since is None or until is None:
+            errors.append("A custom range needs two moments such as 2026-12-05T14:00; showing 24h.")
+        elif not since < until:
+            errors.append("A custom range must start before it ends; showing 24h.")
+        elif (until - since).total_seconds() > LONGEST_RANGE:
+            errors.append("A custom range is at most 31 days long; showing 24h.")
+        else:
+            seconds = (until - since).total_seconds()
+            step = TaskStats.MINUTE if seconds <= 3600 else TaskStats.HOUR
+            # Whole steps, ending with the step that holds ``until``.
+            return "custom", int(-(-seconds // step) * step), until - timedelta(microseconds=1), errors
+        return "24h", stats.WINDOWS["24h"], None, errors
+    window = request.GET.get("window") or "24h"
+    if window not in stats.WINDOWS:
+        errors.append(f"Unknown window {window!r}: choose one of {', '.join(stats.WINDOWS)}. Showing 24h.")
+        window = "24h"
+    return window, stats.WINDOWS[window], None, errors
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(dt_timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ").replace("Z", "+00:00")
+
+
+def _dead_link(task: str | None, since: datetime, until: datetime, **more: str) -> str:
+    """The dead-letter list of every status behind a "given up" figure (one task, or all), over a range."""
+    query = {"status": "all", "since": _iso(since), "until": _iso(until), **more}
+    if task:
+        query["task"] = f"={task}"
+    return reverse("safetynet_dashboard:dead_letters") + "?" + urlencode(query)
+
+
+def _overview_data(request: HttpRequest) -> tuple[dict[str, Any], list[str]]:
+    name, seconds, end, errors = _range(request)
+    task = request.GET.get("task") or None
+    if task is not None and not storable(task):
+        task = None
+        errors.append("That task name cannot exist; showing every task.")
+    data = stats.overview(seconds, now=end, task_name=task)
+    return {"window": name, "seconds": seconds, "data": data, "task": task or ""}, errors
+
+
+def _overview_figures(found: dict[str, Any]) -> dict[str, Any]:
+    totals = found["data"].totals
+    return {"total_runs": totals.runs, "total_success": percent(totals.success_rate), "total_retries": totals.retries,
+            "total_dead": totals.dead, "dead_waiting": deadletter.waiting_count(),
+            "scheduled": ScheduledMessage.objects.filter(state=ScheduledMessage.State.SCHEDULED).count()}
+
+
 @require_safe
 @staff_page("safetynet.view_taskstats")
 def overview(request: HttpRequest) -> HttpResponse:
-    """Per task over a window: runs, success rate, retries, deaths by reason, p50/p95; charts over time."""
-    window = request.GET.get("window") or "24h"
-    status = 200
-    if window not in stats.WINDOWS:
-        status, window = 400, "24h"
-        tell(request, "error", f"Unknown window {request.GET['window']!r}: choose one of "
-                               f"{', '.join(stats.WINDOWS)}. Showing 24h.")
-    task = request.GET.get("task") or None
-    if task is not None and not storable(task):
-        status, task = 400, None
-        tell(request, "error", "That task name cannot exist; showing every task.")
-    data = stats.overview(stats.WINDOWS[window], task_name=task)
+    """Per task over a window or a range: runs, success rate, retries, deaths by reason, p50/p95; charts over time."""
+    found, errors = _overview_data(request)
+    for error in errors:
+        tell(request, "error", error)
+    data, task = found["data"], found["task"] or None
+
+    def link(moment: datetime, biggest: str) -> str:
+        after = moment + timedelta(seconds=data.step)
+        if biggest == "given up":
+            return _dead_link(task, moment, after)
+        if data.step == TaskStats.HOUR:  # zoom into the hour, a bar a minute
+            return "?" + urlencode({"since": _iso(moment), "until": _iso(after), **({"task": task} if task else {})})
+        return ""
+
     charts = [
-        bar_chart("chart-successes", "Successes", data.points, data.successes, data.step),
-        bar_chart("chart-retries", "Retries", data.points, data.retries, data.step),
-        bar_chart("chart-dead", "Given up (dead letters)", data.points, data.dead, data.step),
+        stacked_chart("chart-outcomes", "Outcomes", data.points, data.step,
+                      [("succeeded", "series-succeeded", data.successes), ("retried", "series-retried", data.retries),
+                       ("given up", "series-given-up", data.dead)], link=link),
+        line_chart("chart-latency", "Run time of an attempt", data.points, data.step,
+                   [("p50", "series-p50", data.p50s), ("p95", "series-p95", data.p95s)]),
     ]
+    query = request.GET.copy()
     return render_page(request, "overview.html", "overview", {
-        "window": window, "windows": list(stats.WINDOWS), "data": data, "charts": charts, "task": task or "",
-        "rows": [{"summary": summary, "success": percent(summary.success_rate)} for summary in data.tasks],
-        "total_success": percent(data.totals.success_rate),
-        "dead_waiting": DeadLetter.objects.dead().count(),
-        "scheduled": ScheduledMessage.objects.filter(state=ScheduledMessage.State.SCHEDULED).count(),
+        **found, "windows": list(stats.WINDOWS), "charts": charts, "figures": _overview_figures(found),
+        "rows": [{"summary": summary, "success": percent(summary.success_rate),
+                  "dead_url": _dead_link(summary.task_name, data.start, data.end),
+                  "reasons": [(reason, count, _dead_link(summary.task_name, data.start, data.end, reason=reason))
+                              for reason, count in summary.dead_by_reason.items()]}
+                 for summary in data.tasks],
+        "dead_url": _dead_link(task, data.start, data.end),
         "breakers": _breaker_states(only_unhealthy=True),
-    }, status=status)
+        "live_url": reverse("safetynet_dashboard:live", args=["overview"]) + "?" + query.urlencode(),
+        "since_value": timezone.localtime(data.start).strftime("%Y-%m-%dT%H:%M"),
+        "until_value": timezone.localtime(data.end).strftime("%Y-%m-%dT%H:%M"),
+        "time_zone": timezone.get_current_timezone_name(),
+    }, status=400 if errors else 200)
+
+
+# -- queues and workers ---------------------------------------------------------------------------
+
+def _queue_figures(snapshot: brokers.Snapshot) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for queue in snapshot.queues:
+        for field in ("depth", "in_flight", "scheduled"):
+            figures[f"queue:{queue['name']}:{field}"] = queue[field]
+    for worker in snapshot.workers:
+        figures[f"worker:{worker['name']}:active"] = worker["active"]
+        figures[f"worker:{worker['name']}:reserved"] = worker["reserved"]
+        figures[f"worker:{worker['name']}:last"] = (
+            human_duration(max(0.0, time.time() - worker["last_answer"])) + " ago")
+    figures["workers_count"] = sum(1 for worker in snapshot.workers if worker["answering"])
+    return figures
+
+
+@require_safe
+@staff_page("safetynet.view_taskstats")
+def queues(request: HttpRequest) -> HttpResponse:
+    """Each queue's depth (from the broker), in flight and scheduled; the workers that answer. Read-only."""
+    from celery import current_app
+
+    snapshot = brokers.snapshot(current_app._get_current_object())
+    return render_page(request, "queues.html", "queues", {
+        "snapshot": snapshot, "figures": _queue_figures(snapshot), "now": time.time(),
+        "durable": ScheduledMessage.objects.filter(state=ScheduledMessage.State.SCHEDULED).count(),
+        "timeout": brokers.BROKER_TIMEOUT, "inspect_timeout": brokers.INSPECT_TIMEOUT,
+        "live_url": reverse("safetynet_dashboard:live", args=["queues"]),
+    })
+
+
+# -- live figures ---------------------------------------------------------------------------------
+
+@require_safe
+@staff_page("safetynet.view_taskstats")
+def live(request: HttpRequest, what: str) -> HttpResponse:
+    """The figures of a page as JSON, for the page's script to refresh them without a reload."""
+    if what == "overview":
+        found, _ = _overview_data(request)
+        return JsonResponse({"figures": _overview_figures(found)})
+    if what == "queues":
+        from celery import current_app
+
+        return JsonResponse({"figures": _queue_figures(brokers.snapshot(current_app._get_current_object()))})
+    raise Http404(f"no live figures for {what!r}")
 
 
 # -- the durable schedule and the outbox --------------------------------------------------------
@@ -112,6 +245,7 @@ def schedule(request: HttpRequest) -> HttpResponse:
              "age": now - row.created_at} for row in page.object_list]
     return render_page(request, "schedule.html", "schedule", {
         "rows": rows, "page_obj": page, "kind": kind, "kinds": ScheduledMessage.Kind.choices, "counts": counts,
+        "kind_counts": [{"label": label, "count": counts.get(value, 0)} for value, label in ScheduledMessage.Kind.choices],
         "can_act": request.user.has_perm("safetynet.change_scheduledmessage"),
     })
 

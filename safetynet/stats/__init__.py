@@ -35,12 +35,13 @@ from safetynet.stats._reading import (
     WINDOWS,
     Overview,
     TaskSummary,
+    human_duration,
     overview,
     percentile,
 )
 
-__all__ = ["OUTCOMES", "RUNTIME_BUCKETS", "WINDOWS", "Overview", "TaskSummary", "connect", "flush", "overview",
-           "percentile", "prune", "record"]
+__all__ = ["OUTCOMES", "RUNTIME_BUCKETS", "WINDOWS", "Overview", "TaskSummary", "connect", "flush", "human_duration",
+           "overview", "percentile", "prune", "record"]
 
 
 def _on_task_ended(event: TaskEnded) -> None:

@@ -33,7 +33,7 @@ def sent(queue):
 
 def _pages(client):
     row = make_dead_letter("tests.fixtures.tasks.ping")
-    for name in ("overview", "failures", "dead_letters", "schedule", "breakers"):
+    for name in ("overview", "queues", "failures", "dead_letters", "schedule", "breakers"):
         yield name, client.get(url(name))
     yield "dead_letter", client.get(url("dead_letter", row.id))
     yield "confirm replay", client.post(url("dead_letter_action", row.id, "replay"))
@@ -48,10 +48,15 @@ def test_every_page_carries_its_own_security_headers_and_needs_no_inline_script(
         assert response["X-Content-Type-Options"] == "nosniff" and response["Referrer-Policy"] == "same-origin"
         policy = response["Content-Security-Policy"]
         nonce = re.search(r"style-src 'nonce-([A-Za-z0-9_-]+)'", policy)[1]
-        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "script-src" not in policy
-        # the one stylesheet carries the nonce; nothing the policy would block is on the page
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        # scripts only by the same nonce (the dashboard's one file); fetches only to this site
+        assert f"script-src 'nonce-{nonce}'" in policy and "connect-src 'self'" in policy and "unsafe" not in policy
+        # the one stylesheet and the one script carry the nonce; nothing the policy would block is on the page
         assert re.findall(r"<style[^>]*>", page) == [f'<style nonce="{nonce}">'], name
-        assert "<script" not in page and not re.search(r"\son[a-z]+=", page) and ' style="' not in page, name
+        assert re.findall(r"<script[^>]*>", page) == [
+            f'<script nonce="{nonce}" src="/static/safetynet/dashboard.js">'], name
+        assert "</script>" in page and not re.search(r"<script[^>]*>[^<]", page), name  # no inline code
+        assert not re.search(r"\son[a-z]+=", page) and ' style="' not in page, name
 
 
 def test_a_new_nonce_for_every_response(admin_client_):

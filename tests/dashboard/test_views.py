@@ -3,6 +3,7 @@
 import re
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from django.urls import reverse
@@ -79,7 +80,7 @@ def no_stats_yet():
     TaskStats.objects.all().delete()
 
 
-def test_the_overview_shows_each_task_and_three_charts(admin_client_, no_stats_yet):
+def test_the_overview_shows_each_task_a_stacked_outcome_chart_and_a_latency_chart(admin_client_, no_stats_yet):
     now = time.time()
     for _ in range(8):
         stats.record("shop.send_mail", "success", runtime=0.2, at=now)
@@ -91,17 +92,36 @@ def test_the_overview_shows_each_task_and_three_charts(admin_client_, no_stats_y
     response = admin_client_.get(url("overview"), {"window": "1h"})
     assert response.status_code == 200
     page = text(response)
-    for chart in ("chart-successes", "chart-retries", "chart-dead"):
-        svg = re.search(rf'<svg class="chart" id="{chart}".*?</svg>', page, re.S)
-        assert svg, chart
-        assert len(re.findall(r"<rect ", svg.group(0))) == 60  # one bar a minute
-    successes = re.search(r'<svg class="chart" id="chart-successes".*?</svg>', page, re.S).group(0)
-    assert 'data-value="8"' in successes
+    outcomes = re.search(r'<svg class="chart" id="chart-outcomes".*?</svg>', page, re.S).group(0)
+    # one column this minute, stacked: 8 succeeded, 1 retried, 2 given up; the rest of the hour is empty
+    assert len(re.findall(r'<g class="column"', outcomes)) == 1
+    assert re.findall(r'data-series="([a-z ]+)" data-value="(\d+)"', outcomes) == [
+        ("succeeded", "8"), ("retried", "1"), ("given up", "2")]
+    # axes: gridlines with labelled values, and time labels along the bottom; a legend with each total
+    assert len(re.findall(r'<line class="grid"', outcomes)) >= 3
+    assert re.search(r'text-anchor="end">(10|12)</text>', outcomes)  # the top of the y-axis, a round number
+    assert len(re.findall(r'<text x="[0-9.]+" y="2[0-9.]+" text-anchor="start">\d\d:\d\d</text>', outcomes)) >= 5
+    legend = re.search(r'<ul class="legend" id="chart-outcomes-legend">.*?</ul>', page, re.S).group(0)
+    assert "succeeded <span class=\"muted\">8</span>" in legend and "given up <span class=\"muted\">2</span>" in legend
+    latency = re.search(r'<svg class="chart" id="chart-latency".*?</svg>', page, re.S).group(0)
+    assert 'data-series="p50"' in latency and 'data-series="p95"' in latency and "<circle" in latency
     table = re.search(r'<table id="task-table">.*?</table>', page, re.S).group(0)
     assert "shop.send_mail" in table and "shop.charge" in table
     assert "permanent_error" in table and "retries_exhausted" in table
+    assert "0.000" not in table and re.search(r">\d+ ms</td>", table)  # human units
     # 8 of the 10 tasks that ended succeeded (the retried one has not ended)
-    assert response.context["total_success"] == "80 %"
+    assert response.context["figures"]["total_success"] == "80 %"
+
+
+def test_a_given_up_figure_links_to_its_rows_of_every_status(admin_client_, no_stats_yet):
+    stats.record("shop.charge", "dead", runtime=0.1, reason="permanent_error")
+    stats.flush()
+    page = text(admin_client_.get(url("overview"), {"window": "24h"}))
+    links = re.findall(r'href="(/safetynet/dead/\?[^"]+)"', page)
+    given_up = [link for link in links if "task=%3Dshop.charge" in link]
+    assert given_up and all("status=all" in link and "since=" in link and "until=" in link for link in given_up)
+    # an hour's column that holds a death links to its dead letters too
+    assert re.search(r'<a href="/safetynet/dead/\?status=all&amp;since=', page)
 
 
 def test_the_overview_of_one_task(admin_client_, no_stats_yet):
@@ -110,7 +130,29 @@ def test_the_overview_of_one_task(admin_client_, no_stats_yet):
     stats.flush()
     response = admin_client_.get(url("overview"), {"window": "7d", "task": "shop.a"})
     assert [row.task_name for row in response.context["data"].tasks] == ["shop.a"]
-    assert len(response.context["charts"][0].bars) == 168
+    assert len(response.context["data"].points) == 168
+
+
+def test_a_custom_range_and_its_mistakes(admin_client_, no_stats_yet):
+    stats.record("shop.a", "success", runtime=0.1)
+    stats.flush()
+    now = datetime.now(tz=timezone.utc)
+    since = (now - timedelta(minutes=30)).isoformat()
+    response = admin_client_.get(url("overview"), {"since": since, "until": now.isoformat()})
+    assert response.status_code == 200 and response.context["window"] == "custom"
+    assert response.context["data"].step == 60 and len(response.context["data"].points) in (30, 31)
+    assert response.context["figures"]["total_runs"] == 1
+    for bad in ({"since": "yesterday"}, {"since": now.isoformat(), "until": since},
+                {"since": (now - timedelta(days=40)).isoformat()}):
+        response = admin_client_.get(url("overview"), bad)
+        assert response.status_code == 400 and response.context["window"] == "24h"
+
+
+def test_the_live_figures_of_the_overview(admin_client_, no_stats_yet):
+    stats.record("shop.a", "dead", runtime=0.1, reason="permanent_error")
+    stats.flush()
+    figures = admin_client_.get(url("live", "overview"), {"window": "1h"}).json()["figures"]
+    assert figures["total_runs"] == 1 and figures["total_dead"] == 1 and figures["total_success"] == "0 %"
 
 
 def test_an_unknown_window_is_refused_with_a_message(admin_client_):
@@ -212,7 +254,10 @@ def test_replay_from_the_detail_page_sends_the_task_and_shows_it(throwaway_queue
     assert fresh.status == DeadLetter.Status.REPLAYED
     assert fresh.replayed_by == "operator (dashboard)"
     assert [message["headers"]["id"] for message in queued_messages(throwaway_queue)] == [fresh.replayed_task_id]
-    assert any(f"#{row.id} as {fresh.replayed_task_id}" in notice for notice in notices(response))
+    # the message links the letter's page (which follows the new task) and names the new task id
+    link = url("dead_letter", row.id)
+    assert any(f'<a href="{link}">#{row.id}</a> as <code>{fresh.replayed_task_id}</code>' in notice
+               for notice in notices(response))
     page = text(response)
     assert 'class="status status-replayed"' in page and fresh.replayed_task_id in page
     assert 'id="replay-outcome"' in page

@@ -1,0 +1,219 @@
+"""What the queues page asks the broker and the workers: read-only, bounded in time, cached.
+
+- Queue depth: a passive ``queue_declare`` per queue (kombu's: ``LLEN`` of the queue's lists on
+  Redis, the queue's message count on RabbitMQ). A queue the broker does not know has no depth
+  (Redis keeps no empty list: "empty"; RabbitMQ: "not declared").
+- Workers: one ``inspect`` broadcast each for ``active_queues``, ``active``, ``reserved`` and
+  ``scheduled``, sent at the same time with a short timeout; the answer is cached for a few seconds
+  and served while a new one is asked (stale while revalidating), so a page never waits for workers
+  that are not there.
+
+Every call to the broker runs on a small thread pool with a deadline: a broker that is slow or away
+makes the page say "unknown" within ``BROKER_TIMEOUT`` seconds, never hang it. At most one probe
+of each kind runs at a time; a request arriving meanwhile waits for the same one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BROKER_TIMEOUT", "DEPTH_CACHE_SECONDS", "WORKER_CACHE_SECONDS", "Snapshot", "snapshot"]
+
+#: How long the page waits for the broker (connect and every reply), in seconds.
+BROKER_TIMEOUT = 1.0
+#: How long the workers are asked each time (an inspect broadcast waits this long for replies).
+INSPECT_TIMEOUT = 0.6
+#: How long a depth reading and a workers' answer are served before being asked again.
+DEPTH_CACHE_SECONDS = 2.0
+WORKER_CACHE_SECONDS = 5.0
+
+_pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="safetynet-broker")
+_lock = threading.Lock()
+_running: dict[str, Future] = {}
+_cache: dict[str, tuple[float, Any]] = {}
+#: When each worker last answered, per broker: a worker that stops answering is shown as silent, not dropped.
+_seen: dict[str, dict[str, float]] = {}
+#: How long a worker that stopped answering stays on the page.
+SILENT_SHOWN_SECONDS = 600.0
+
+
+@dataclass
+class Snapshot:
+    """One reading of the broker and the workers, as the queues page shows it."""
+
+    queues: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    #: Why the depths or the workers are unknown ("" when they are known).
+    broker_error: str = ""
+    workers_error: str = ""
+    #: When the workers were last asked (epoch seconds; None: never answered yet).
+    workers_asked_at: float | None = None
+    broker: str = ""
+
+
+def _shared(key: str, job: Callable[[], Any], *, fresh_for: float, wait: float, stale_ok: bool) -> tuple[Any, str]:
+    """The cached answer of ``job`` (asked again when older than ``fresh_for``): (answer, error text)."""
+    now = time.monotonic()
+    with _lock:
+        cached = _cache.get(key)
+        if cached is not None and now - cached[0] < fresh_for:
+            return cached[1], ""
+        future = _running.get(key)
+        if future is None:
+            future = _pool.submit(job)
+            _running[key] = future
+
+            def done(finished: Future, key: str = key) -> None:
+                with _lock:
+                    _running.pop(key, None)
+                    if finished.exception() is None:
+                        _cache[key] = (time.monotonic(), finished.result())
+                    else:  # a failure is remembered too: the next page does not wait for it again at once
+                        _cache[key] = (time.monotonic(), finished.exception())
+
+            future.add_done_callback(done)
+    if stale_ok and cached is not None:
+        return cached[1], ""
+    try:
+        return future.result(timeout=wait), ""
+    except FutureTimeout:
+        return None, f"no answer within {wait:g} s"
+    except Exception as error:
+        return None, _said(error)
+
+
+def _said(error: BaseException) -> str:
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}{': ' + text if text else ''}"
+
+
+def _connection(app: Any) -> Any:
+    return app.connection_for_read(connect_timeout=BROKER_TIMEOUT, transport_options={
+        "socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT, "max_retries": 0})
+
+
+def _depths(app: Any, names: list[str]) -> dict[str, tuple[int | None, str]]:
+    """Each queue's depth by a passive declare: (count, note)."""
+    found: dict[str, tuple[int | None, str]] = {}
+    with _connection(app) as connection:
+        connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT)
+        channel = connection.channel()
+        try:
+            for name in names:
+                try:
+                    _, count, _ = channel.queue_declare(queue=name, passive=True)
+                    found[name] = (int(count), "")
+                except Exception as error:
+                    if "NOT_FOUND" not in str(error) and "404" not in str(error):
+                        raise
+                    # Redis keeps no empty list; RabbitMQ closes the channel on a queue it does not know.
+                    found[name] = (0, "empty") if connection.transport_cls in ("redis", "rediss") else (
+                        None, "not declared")
+                    channel = connection.channel()
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                pass
+    return found
+
+
+def _ask_workers(app: Any, limit: int | None) -> dict[str, Any]:
+    """``active_queues``, ``active``, ``reserved`` and ``scheduled`` of every worker that answers, in parallel."""
+    def ask(method: str) -> dict[str, Any]:
+        with _connection(app) as connection:
+            inspect = app.control.inspect(timeout=INSPECT_TIMEOUT, connection=connection, limit=limit)
+            return getattr(inspect, method)() or {}
+
+    futures = {method: _pool.submit(ask, method) for method in ("active_queues", "active", "reserved", "scheduled")}
+    answers = {method: future.result(timeout=INSPECT_TIMEOUT + BROKER_TIMEOUT + 1)
+               for method, future in futures.items()}
+    return {"asked_at": time.time(), **answers}
+
+
+def _routing_key(task: Any) -> str:
+    request = task.get("request", task) if isinstance(task, dict) else {}
+    info = request.get("delivery_info") or {}
+    return str(info.get("routing_key") or "")
+
+
+def known_queues(app: Any, workers: dict[str, Any] | None) -> list[str]:
+    """The default queue, the declared ones, those of static routes, and those the workers consume."""
+    names = [app.conf.task_default_queue or "celery"]
+    for queue in app.conf.task_queues or ():
+        names.append(getattr(queue, "name", str(queue)))
+    routes = app.conf.task_routes
+    for route in (routes.values() if isinstance(routes, dict) else ()):
+        if isinstance(route, dict) and route.get("queue"):
+            names.append(str(route["queue"]))
+    for queues in ((workers or {}).get("active_queues") or {}).values():
+        for queue in queues or ():
+            if isinstance(queue, dict) and queue.get("name") and not queue.get("exclusive"):
+                names.append(str(queue["name"]))
+    return sorted(set(names), key=lambda name: (name != names[0], name))
+
+
+def snapshot(app: Any) -> Snapshot:
+    """Queues with their depth, in-flight and scheduled counts, and the workers that answered."""
+    broker = app.connection_for_read().as_uri()  # the password masked
+    key = f"{broker}|"
+    workers_key = key + "workers"
+    cached_workers = _cache.get(workers_key)
+    known = cached_workers[1] if cached_workers and isinstance(cached_workers[1], dict) else None
+    limit = len(known["active_queues"]) if known and known.get("active_queues") else None
+    workers, workers_error = _shared(workers_key, lambda: _ask_workers(app, limit), fresh_for=WORKER_CACHE_SECONDS,
+                                     wait=INSPECT_TIMEOUT + 0.3, stale_ok=True)
+    if isinstance(workers, BaseException):
+        workers, workers_error = None, _said(workers)
+    names = known_queues(app, workers)
+    depths, broker_error = _shared(key + "depth:" + ",".join(names), lambda: _depths(app, names),
+                                   fresh_for=DEPTH_CACHE_SECONDS, wait=BROKER_TIMEOUT, stale_ok=False)
+    if isinstance(depths, BaseException):
+        depths, broker_error = None, _said(depths)
+    shown = Snapshot(broker=broker, broker_error=broker_error, workers_error=workers_error)
+    in_flight: dict[str, int] = {}
+    scheduled: dict[str, int] = {}
+    consumers: dict[str, list[str]] = {}
+    if workers:
+        shown.workers_asked_at = workers["asked_at"]
+        for name, queues in sorted((workers.get("active_queues") or {}).items()):
+            active = (workers.get("active") or {}).get(name) or []
+            reserved = (workers.get("reserved") or {}).get(name) or []
+            held = (workers.get("scheduled") or {}).get(name) or []
+            for task in [*active, *reserved]:
+                in_flight[_routing_key(task)] = in_flight.get(_routing_key(task), 0) + 1
+            for task in held:
+                scheduled[_routing_key(task)] = scheduled.get(_routing_key(task), 0) + 1
+            queue_names = [str(queue.get("name")) for queue in queues or () if isinstance(queue, dict)]
+            for queue in queue_names:
+                consumers.setdefault(queue, []).append(name)
+            _seen.setdefault(broker, {})[name] = workers["asked_at"]
+            shown.workers.append({"name": name, "queues": queue_names, "active": len(active),
+                                  "reserved": len(reserved), "scheduled": len(held),
+                                  "last_answer": workers["asked_at"], "answering": True})
+    # A worker that answered before but not this time is shown, silent, for a while: it may be busy or gone.
+    answered = {worker["name"] for worker in shown.workers}
+    for name, last in sorted(_seen.get(broker, {}).items()):
+        if name not in answered and time.time() - last < SILENT_SHOWN_SECONDS:
+            shown.workers.append({"name": name, "queues": [], "active": None, "reserved": None, "scheduled": None,
+                                  "last_answer": last, "answering": False})
+    for name in names:
+        depth, note = (depths or {}).get(name, (None, ""))
+        shown.queues.append({"name": name, "depth": depth, "note": note or ("" if depths else "unknown"),
+                             "in_flight": in_flight.get(name, 0) if workers else None,
+                             "scheduled": scheduled.get(name, 0) if workers else None,
+                             "consumers": consumers.get(name, [])})
+    return shown
+
+
+def forget() -> None:
+    """Drop every cached answer (tests; a changed broker)."""
+    with _lock:
+        _cache.clear()
+        _seen.clear()
