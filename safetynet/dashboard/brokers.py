@@ -33,7 +33,9 @@ INSPECT_TIMEOUT = 0.6
 DEPTH_CACHE_SECONDS = 2.0
 WORKER_CACHE_SECONDS = 5.0
 
-_pool = ThreadPoolExecutor(max_workers=6, thread_name_prefix="safetynet-broker")
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="safetynet-broker")
+#: The four inspect broadcasts of one probe run side by side here (never on ``_pool``, which runs the probe).
+_inspect_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="safetynet-inspect")
 _lock = threading.Lock()
 _running: dict[str, Future] = {}
 _cache: dict[str, tuple[float, Any]] = {}
@@ -57,13 +59,14 @@ class Snapshot:
     broker: str = ""
 
 
-def _shared(key: str, job: Callable[[], Any], *, fresh_for: float, wait: float, stale_ok: bool) -> tuple[Any, str]:
-    """The cached answer of ``job`` (asked again when older than ``fresh_for``): (answer, error text)."""
+def _start(key: str, job: Callable[[], Any], *, fresh_for: float) -> tuple[tuple[float, Any] | None, Future | None]:
+    """The cached answer of ``job`` (with its age) and, when it is older than ``fresh_for``, the probe asking again
+    (one at a time per key: a request arriving meanwhile gets the running one)."""
     now = time.monotonic()
     with _lock:
         cached = _cache.get(key)
         if cached is not None and now - cached[0] < fresh_for:
-            return cached[1], ""
+            return cached, None
         future = _running.get(key)
         if future is None:
             future = _pool.submit(job)
@@ -72,20 +75,27 @@ def _shared(key: str, job: Callable[[], Any], *, fresh_for: float, wait: float, 
             def done(finished: Future, key: str = key) -> None:
                 with _lock:
                     _running.pop(key, None)
-                    if finished.exception() is None:
-                        _cache[key] = (time.monotonic(), finished.result())
-                    else:  # a failure is remembered too: the next page does not wait for it again at once
-                        _cache[key] = (time.monotonic(), finished.exception())
+                    # A failure is remembered too: the next page does not wait for it again at once.
+                    _cache[key] = (time.monotonic(), finished.exception() or finished.result())
 
             future.add_done_callback(done)
-    if stale_ok and cached is not None:
-        return cached[1], ""
-    try:
-        return future.result(timeout=wait), ""
-    except FutureTimeout:
-        return None, f"no answer within {wait:g} s"
-    except Exception as error:
-        return None, _said(error)
+    return cached, future
+
+
+def _answer(cached: tuple[float, Any] | None, future: Future | None, deadline: float) -> tuple[Any, str]:
+    """What a probe answered by ``deadline`` (monotonic), else the cached answer, else why there is none."""
+    value: Any = cached[1] if cached is not None else None
+    if future is not None:
+        try:
+            value = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            if cached is None:
+                return None, f"no answer within {BROKER_TIMEOUT:g} s"
+        except Exception as error:
+            return None, _said(error)
+    if isinstance(value, BaseException):
+        return None, _said(value)
+    return value, ""
 
 
 def _said(error: BaseException) -> str:
@@ -124,14 +134,14 @@ def _depths(app: Any, names: list[str]) -> dict[str, tuple[int | None, str]]:
     return found
 
 
-def _ask_workers(app: Any, limit: int | None) -> dict[str, Any]:
+def _ask_workers(app: Any) -> dict[str, Any]:
     """``active_queues``, ``active``, ``reserved`` and ``scheduled`` of every worker that answers, in parallel."""
     def ask(method: str) -> dict[str, Any]:
         with _connection(app) as connection:
-            inspect = app.control.inspect(timeout=INSPECT_TIMEOUT, connection=connection, limit=limit)
+            inspect = app.control.inspect(timeout=INSPECT_TIMEOUT, connection=connection)
             return getattr(inspect, method)() or {}
 
-    futures = {method: _pool.submit(ask, method) for method in ("active_queues", "active", "reserved", "scheduled")}
+    futures = {method: _inspect_pool.submit(ask, method) for method in ("active_queues", "active", "reserved", "scheduled")}
     answers = {method: future.result(timeout=INSPECT_TIMEOUT + BROKER_TIMEOUT + 1)
                for method, future in futures.items()}
     return {"asked_at": time.time(), **answers}
@@ -160,22 +170,27 @@ def known_queues(app: Any, workers: dict[str, Any] | None) -> list[str]:
 
 
 def snapshot(app: Any) -> Snapshot:
-    """Queues with their depth, in-flight and scheduled counts, and the workers that answered."""
+    """Queues with their depth, in-flight and scheduled counts, and the workers that answered.
+
+    The broker and the workers are asked at the same time; the page waits for neither longer than
+    ``BROKER_TIMEOUT`` (the workers' last answer, if any, is shown while they are asked again).
+    """
     broker = app.connection_for_read().as_uri()  # the password masked
-    key = f"{broker}|"
-    workers_key = key + "workers"
+    workers_key = f"{broker}|workers"
     cached_workers = _cache.get(workers_key)
     known = cached_workers[1] if cached_workers and isinstance(cached_workers[1], dict) else None
-    limit = len(known["active_queues"]) if known and known.get("active_queues") else None
-    workers, workers_error = _shared(workers_key, lambda: _ask_workers(app, limit), fresh_for=WORKER_CACHE_SECONDS,
-                                     wait=INSPECT_TIMEOUT + 0.3, stale_ok=True)
-    if isinstance(workers, BaseException):
-        workers, workers_error = None, _said(workers)
-    names = known_queues(app, workers)
-    depths, broker_error = _shared(key + "depth:" + ",".join(names), lambda: _depths(app, names),
-                                   fresh_for=DEPTH_CACHE_SECONDS, wait=BROKER_TIMEOUT, stale_ok=False)
-    if isinstance(depths, BaseException):
-        depths, broker_error = None, _said(depths)
+    names = known_queues(app, known)
+    began = time.monotonic()
+    workers_cached, workers_probe = _start(workers_key, lambda: _ask_workers(app),
+                                           fresh_for=WORKER_CACHE_SECONDS)
+    depths_cached, depths_probe = _start(f"{broker}|depth:" + ",".join(names), lambda: _depths(app, names),
+                                         fresh_for=DEPTH_CACHE_SECONDS)
+    depths, broker_error = _answer(depths_cached, depths_probe, began + BROKER_TIMEOUT)
+    # Stale while revalidating: with an earlier answer, the page does not wait for the workers.
+    workers, workers_error = _answer(workers_cached, None if workers_cached else workers_probe,
+                                     began + max(BROKER_TIMEOUT, INSPECT_TIMEOUT + 0.2))
+    if workers is None and workers_cached is None and workers_probe is not None and not workers_error:
+        workers_error = "asking them"
     shown = Snapshot(broker=broker, broker_error=broker_error, workers_error=workers_error)
     in_flight: dict[str, int] = {}
     scheduled: dict[str, int] = {}
