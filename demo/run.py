@@ -481,6 +481,93 @@ def send_mix(app: Any, deadline: float) -> dict[str, int]:
     return counted
 
 
+#: Exports the partner's API refuses for an hour (429, Retry-After: 3600): they wait on the durable schedule.
+WAITING_EXPORTS = ("weekly-north", "weekly-south")
+
+
+def fill_the_schedule(app: Any, deadline: float) -> int:
+    """Two exports that come back in an hour: the dashboard's schedule page shows them waiting."""
+    from safetynet.models import ScheduledMessage
+
+    ids = [app.send_task("shop.tasks.export_report", (name,)).id for name in WAITING_EXPORTS]
+    while time.monotonic() < deadline:
+        waiting = ScheduledMessage.objects.filter(task_id__in=ids, state=ScheduledMessage.State.SCHEDULED).count()
+        if waiting == len(ids):
+            return waiting
+        time.sleep(0.3)
+    raise DemoError(f"the exports {', '.join(WAITING_EXPORTS)} did not reach the durable schedule; see {WORKER_LOG}")
+
+
+def exercise_breakers() -> dict[str, str]:
+    """Calls through the two declared breakers, as the shop's code would: the partner's API fails (its breaker
+    opens), the payment gateway answers (its breaker stays closed)."""
+    import safetynet
+    from safetynet import breakers
+
+    for _ in range(6):
+        try:
+            with safetynet.breaker("partner-api"):
+                raise ConnectionError("partner API: connection refused")
+        except (ConnectionError, safetynet.BreakerOpen):
+            pass
+    for _ in range(12):
+        with safetynet.breaker("payment-gateway"):
+            pass
+    return {name: breakers.state_of(name)["state"] for name in ("partner-api", "payment-gateway")}
+
+
+#: The made-up day before the run: (task, runs an hour at the quiet time, its typical run time in seconds).
+HISTORY = (("shop.tasks.sync_catalog", 120, 0.04), ("shop.tasks.notify_customer", 80, 0.25),
+           ("shop.tasks.import_row", 60, 0.012), ("shop.tasks.send_welcome_email", 20, 0.6),
+           ("shop.tasks.fetch_exchange_rate", 30, 0.15))
+
+
+def make_up_history() -> int:
+    """A day of counts before the run (hour rows) and an hour of minute rows, so the charts show a shape.
+
+    Only successes, retries and run times are made up, never tasks given up: every "given up" figure
+    on the dashboard links to dead letters that exist. The minutes and the hour of this run keep their
+    real counts (a made-up row never replaces one the worker wrote).
+    """
+    import bisect
+    import math
+    from datetime import datetime, timedelta, timezone
+
+    from safetynet.models import TaskStats
+    from safetynet.stats import RUNTIME_BUCKETS
+
+    now = datetime.now(tz=timezone.utc)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    minute = now.replace(second=0, microsecond=0)
+    rows = []
+
+    def row(period: int, start: datetime, task: str, runs: int, typical: float, busy: float) -> TaskStats:
+        retries = round(runs * (0.02 + 0.05 * busy))
+        histogram = [0] * len(RUNTIME_BUCKETS)
+        slow = round(runs * (0.04 + 0.1 * busy))  # the slow tail grows when busy
+        histogram[bisect.bisect_left(RUNTIME_BUCKETS, typical)] += runs - slow
+        histogram[bisect.bisect_left(RUNTIME_BUCKETS, typical * (3 + 4 * busy))] += slow
+        return TaskStats(period=period, start=start, task_name=task, runs=runs, successes=runs - retries,
+                         retries=retries, snoozes=0, dead=0, dead_by_reason={},
+                         runtime_sum=runs * typical * (1 + busy), runtime_buckets=histogram)
+
+    for back in range(1, 24):
+        start = hour - timedelta(hours=back)
+        busy = (1 + math.sin(2 * math.pi * (start.hour - 9) / 24)) / 2  # busiest mid-afternoon UTC
+        for index, (task, quiet, typical) in enumerate(HISTORY):
+            runs = round(quiet * (1 + 3 * busy) * (1 + 0.15 * math.sin(back * 1.7 + index)))
+            rows.append(row(TaskStats.HOUR, start, task, runs, typical, busy))
+    for back in range(3, 60):
+        start = minute - timedelta(minutes=back)
+        busy = (1 + math.sin(back / 6)) / 2
+        for index, (task, quiet, typical) in enumerate(HISTORY):
+            runs = max(0, round(quiet / 60 * (1 + 3 * busy) * (1 + 0.4 * math.sin(back * 2.3 + index))))
+            if runs:
+                rows.append(row(TaskStats.MINUTE, start, task, runs, typical, busy))
+    TaskStats.objects.bulk_create(rows, ignore_conflicts=True)
+    return len(rows)
+
+
 def make_users() -> None:
     from django.contrib.auth.models import User
 
@@ -552,6 +639,8 @@ def main() -> int:
         collect_events(deadline + 10)
         say(f"  sending {len(MIX)} more tasks for the dashboard…")
         mix = send_mix(app, deadline)
+        waiting = fill_the_schedule(app, deadline)
+        say(f"  {waiting} exports the partner refuses for an hour wait on the durable schedule")
     finally:
         timings["stop"] = stop_worker(worker)
         smtp.stop()
@@ -560,6 +649,10 @@ def main() -> int:
         partner.stop()
     problems = report(app, smtp, api, inventory, gateway, partner, timings)
     make_users()
+    states = exercise_breakers()
+    made_up = make_up_history()
+    say(f"  breakers: {', '.join(f'{name} {state}' for name, state in states.items())}; the charts' past day is "
+        f"made up by the demo ({made_up} rows of successes, retries and run times; the last minutes are this run's)")
     from shop.tasks import partner_feed_flag
 
     partner_feed_flag().touch()

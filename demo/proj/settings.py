@@ -19,6 +19,7 @@ TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
+    "django.contrib.admin",
     "django.contrib.contenttypes",
     "django.contrib.auth",
     "django.contrib.sessions",
@@ -62,7 +63,14 @@ DATABASES = {
 
 # safetynet's own settings: the defaults are what the demo shows, but for the dashboard's counts,
 # written every second so the pages fill while you look.
-SAFETYNET: dict = {"STATS_FLUSH_SECONDS": 1.0}
+SAFETYNET: dict = {
+    "STATS_FLUSH_SECONDS": 1.0,
+    # Two upstreams behind breakers, for the dashboard's breakers page (run.py calls through them).
+    "BREAKERS": {
+        "partner-api": {"min_calls": 4, "failure_rate": 0.5, "open_seconds": 1800},
+        "payment-gateway": {"min_calls": 10, "failure_rate": 0.5, "open_seconds": 60},
+    },
+}
 
 # -- Celery (read by proj/celery.py with namespace="CELERY") ------------------------------
 REDIS_URL = os.environ.get("SAFETYNET_DEMO_REDIS_URL", "").strip()

@@ -1,5 +1,7 @@
-"""The demo's pages: log in, the shop's reports (the progress widget), the staff dashboard, the progress endpoint."""
+"""The demo's pages: log in, the shop's reports (the progress widget), the staff dashboard, the admin, the progress
+endpoint."""
 
+from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
@@ -12,5 +14,6 @@ urlpatterns = [
     path("reports/", views.reports, name="reports"),
     path("reports/<str:task_id>/", views.report, name="report"),
     path("safetynet/", include("safetynet.dashboard.urls")),
+    path("admin/", admin.site.urls),
     path("tasks/", include("safetynet.progress.urls")),
 ]
