@@ -116,7 +116,7 @@ def make_dead_letters(count: int, now: datetime, rng: random.Random) -> None:
                                               2, '0') AS task,
                     ({kinds})[1 + (g * 31 + g / 10) %% {len(EXCEPTIONS)}] AS kind,
                     %s::timestamptz - make_interval(secs => (g * 2654435761 %% {DAYS * 86_400})) AS failed
-                FROM generate_series(1, %s) AS g
+                FROM generate_series(1::bigint, %s) AS g
             ) AS base
         ) AS shaped
     """
