@@ -32,6 +32,8 @@ INSPECT_TIMEOUT = 0.6
 #: How long a depth reading and a workers' answer are served before being asked again.
 DEPTH_CACHE_SECONDS = 2.0
 WORKER_CACHE_SECONDS = 5.0
+#: An answer older than this is not shown while the workers are asked again: the page waits for the new one.
+STALE_SECONDS = 30.0
 
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="safetynet-broker")
 #: The four inspect broadcasts of one probe run side by side here (never on ``_pool``, which runs the probe).
@@ -186,8 +188,10 @@ def snapshot(app: Any) -> Snapshot:
     depths_cached, depths_probe = _start(f"{broker}|depth:" + ",".join(names), lambda: _depths(app, names),
                                          fresh_for=DEPTH_CACHE_SECONDS)
     depths, broker_error = _answer(depths_cached, depths_probe, began + BROKER_TIMEOUT)
-    # Stale while revalidating: with an earlier answer, the page does not wait for the workers.
-    workers, workers_error = _answer(workers_cached, None if workers_cached else workers_probe,
+    # Stale while revalidating: with a recent answer, the page does not wait for the workers; with an old one
+    # (nobody looked for a while) it waits for the new answer, up to its deadline.
+    recent = workers_cached is not None and time.monotonic() - workers_cached[0] < STALE_SECONDS
+    workers, workers_error = _answer(workers_cached, None if recent else workers_probe,
                                      began + max(BROKER_TIMEOUT, INSPECT_TIMEOUT + 0.2))
     if workers is None and workers_cached is None and workers_probe is not None and not workers_error:
         workers_error = "asking them"

@@ -18,7 +18,7 @@ from safetynet.stats import human_duration
 __all__ = ["Chart", "Column", "Line", "Segment", "Tick", "line_chart", "nice_ticks", "stacked_chart"]
 
 WIDTH, HEIGHT = 640, 220
-LEFT, RIGHT, TOP, BOTTOM = 52, 8, 10, 24
+LEFT, RIGHT, TOP, BOTTOM = 62, 8, 10, 26
 
 
 @dataclass(frozen=True)

@@ -297,6 +297,7 @@ def dead_letter(request: HttpRequest, pk: int) -> HttpResponse:
         **_shown(row), "replay": _replay_outcome(row),
         "alike": DeadLetter.objects.filter(fingerprint=row.fingerprint).exclude(pk=row.pk).count(),
         "live_url": reverse("safetynet_dashboard:dead_letter_live", args=[row.id]) if row.replayed_task_id else "",
+        "live_interval": 1500,
         "can_act": request.user.has_perm("safetynet.change_deadletter"),
     })
 

@@ -32,6 +32,7 @@ from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_safe
@@ -222,7 +223,13 @@ def live(request: HttpRequest, what: str) -> HttpResponse:
     if what == "queues":
         from celery import current_app
 
-        return JsonResponse({"figures": _queue_figures(brokers.snapshot(current_app._get_current_object()))})
+        snapshot = brokers.snapshot(current_app._get_current_object())
+        figures = _queue_figures(snapshot)
+        context = {"snapshot": snapshot, "figures": figures}
+        # The rows themselves, drawn as the page draws them: a worker or a queue that appears shows up too.
+        return JsonResponse({"figures": figures, "fragments": {
+            "queue-rows": render_to_string("safetynet/dashboard/_queue_rows.html", context, request),
+            "worker-rows": render_to_string("safetynet/dashboard/_worker_rows.html", context, request)}})
     raise Http404(f"no live figures for {what!r}")
 
 

@@ -45,6 +45,11 @@
     var stamp = document.querySelector("[data-live-stamp]");
 
     function apply(data) {
+      var fragments = data.fragments || {};  /* rows drawn by the server (escaped there), replaced whole */
+      Object.keys(fragments).forEach(function (id) {
+        var element = document.getElementById(id);
+        if (element) { element.innerHTML = fragments[id]; }
+      });
       var figures = data.figures || {};
       Object.keys(figures).forEach(function (key) {
         all('[data-figure="' + key.replace(/"/g, "") + '"]').forEach(function (element) {
