@@ -278,23 +278,32 @@ def test_the_progress_widget_turns_into_a_check_mark(page, demo_site):
     log_in(page, demo_site, "shopper", "/reports/")
     page.click("#sales-report")
     widget = page.locator(".safetynet-progress")
-    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'running'")
+    page.wait_for_function("document.querySelector('.safetynet-progress')?.dataset.state === 'running'")
     assert page.locator("progress.safetynet-progress-bar").is_visible()
+    page.wait_for_function("document.querySelector('.safetynet-progress-message')?.textContent.includes('parts done')")
+    assert re.search(r"· \d of 5 parts done$", page.locator(".safetynet-progress-message").inner_text())
+    assert "%" not in page.locator(".safetynet-progress-message").inner_text()
     shot(page, "5-progress-running")
-    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'succeeded'")
+    page.wait_for_function("document.querySelector('.safetynet-progress')?.dataset.state === 'succeeded'")
     assert page.locator(".safetynet-progress-done").is_visible()
     assert not page.locator("progress.safetynet-progress-bar").is_visible()
     assert "✓" in widget.inner_text() and "is ready" in widget.inner_text()
+    result = page.locator("a.safetynet-progress-result")  # the result's link, in its slot
+    assert result.is_visible() and result.get_attribute("href") == "/reports/?month=2026-11"
+    # the default stylesheet applies: the widget has its border
+    assert page.evaluate("getComputedStyle(document.querySelector('.safetynet-progress')).borderTopStyle") == "solid"
     shot(page, "6-progress-done")
 
 
 def test_the_progress_widget_shows_an_error_for_a_task_that_dies(page, demo_site):
     log_in(page, demo_site, "shopper", "/reports/")
     page.click("#broken-report")
-    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'failed'")
+    page.wait_for_function("document.querySelector('.safetynet-progress')?.dataset.state === 'failed'")
     error = page.locator(".safetynet-progress-error")
     assert error.is_visible()
     assert error.inner_text() == "Sorry, this did not work. The team has been told."
+    task_id = page.locator(".safetynet-progress").get_attribute("data-task-id")
+    assert page.locator(".safetynet-progress-reference").inner_text() == f"Reference: {task_id}"
     content = page.content()
     for leak in ("demo-secret-42", "Traceback", "KeyError", "no field 'margin'", "sales.html"):
         assert leak not in content
@@ -304,7 +313,7 @@ def test_the_progress_widget_shows_an_error_for_a_task_that_dies(page, demo_site
 def test_the_progress_widget_follows_a_replay_of_its_task(browser, page, demo_site):
     log_in(page, demo_site, "shopper", "/reports/")
     page.click("#broken-report")
-    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'failed'")
+    page.wait_for_function("document.querySelector('.safetynet-progress')?.dataset.state === 'failed'")
     first = page.locator(".safetynet-progress").get_attribute("data-task-id")
 
     # Staff replay its dead letter from the dashboard, in a browser of their own.
@@ -325,13 +334,13 @@ def test_the_progress_widget_follows_a_replay_of_its_task(browser, page, demo_si
     assert second and second != first
 
     # The shopper's page, left open on the failure, follows the replay (it is broken too: it fails again).
-    page.wait_for_function(f"document.querySelector('.safetynet-progress').dataset.taskId === '{second}'",
+    page.wait_for_function(f"document.querySelector('.safetynet-progress')?.dataset.taskId === '{second}'",
                            timeout=60_000)
-    page.wait_for_function("document.querySelector('.safetynet-progress').dataset.state === 'failed'")
+    page.wait_for_function("document.querySelector('.safetynet-progress')?.dataset.state === 'failed'")
     shot(page, "8-progress-followed-the-replay")
     # A page opened later on the first task follows at once.
     page.goto(f"{demo_site}/reports/{first}/")
-    page.wait_for_function(f"document.querySelector('.safetynet-progress').dataset.taskId === '{second}'")
+    page.wait_for_function(f"document.querySelector('.safetynet-progress')?.dataset.taskId === '{second}'")
 
 
 def test_the_queues_page_shows_the_demo_queue_depth_and_its_worker(page, demo_site):

@@ -147,6 +147,25 @@ def test_the_widget_markup(alice):
     assert 'data-url="/tasks/abc%22%3Cx%3E/"' in html and "<x>" not in html
     assert '<progress class="safetynet-progress-bar">' in html and "safetynet/progress.js" in html
     assert "safetynet-progress-done" in html and "safetynet-progress-error" in html
+    # the default stylesheet, the result's slot and the reference shown on failure
+    assert '<link rel="stylesheet" href="/static/safetynet/progress.css">' in html
+    assert '<a class="safetynet-progress-result" hidden></a>' in html
+    assert 'class="safetynet-progress-reference" hidden' in html and 'data-unit=""' in html
+
+
+def test_the_widget_without_its_stylesheet_and_with_a_unit(alice):
+    html = Template('{% load safetynet_progress %}{% progress_widget "t1" css=False unit="parts" %}').render(Context())
+    assert "progress.css" not in html and 'data-unit="parts"' in html
+
+
+def test_the_default_stylesheet_weighs_nothing():
+    from pathlib import Path
+
+    import safetynet
+
+    css = (Path(safetynet.__file__).parent / "static" / "safetynet" / "progress.css").read_text()
+    rules = [line.split("{")[0].strip() for line in css.splitlines() if "{" in line and not line.startswith("@")]
+    assert rules and all(rule.startswith(":where(") for rule in rules)  # any project rule overrides it
 
 
 def test_purge_deletes_old_rows(alice):

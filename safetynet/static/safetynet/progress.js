@@ -9,23 +9,49 @@
   function show(element, visible) { if (element) { element.hidden = !visible; } }
   function say(element, text) { if (element) { element.textContent = text; } }  /* text, never HTML */
 
+  /* A result link only to this site or over http(s): never a javascript: or data: address. */
+  function safeLink(url) {
+    if (typeof url !== "string") { return null; }
+    if (/^\/(?!\/)/.test(url) || /^https?:\/\//i.test(url)) { return url; }
+    return null;
+  }
+
+  function counted(widget, data) {
+    if (!data.total) { return ""; }
+    var unit = widget.getAttribute("data-unit");
+    var current = Math.floor(data.current || 0);
+    return current + " of " + Math.round(data.total) + (unit ? " " + unit : "") + " done";
+  }
+
   function render(widget, data) {
     var bar = widget.querySelector(".safetynet-progress-bar");
     var message = widget.querySelector(".safetynet-progress-message");
     var done = widget.querySelector(".safetynet-progress-done");
     var error = widget.querySelector(".safetynet-progress-error");
+    var result = widget.querySelector(".safetynet-progress-result");
+    var reference = widget.querySelector(".safetynet-progress-reference");
     widget.setAttribute("data-state", data.state);
+    show(result, false); show(reference, false);
     if (data.state === "succeeded") {
       show(bar, false); show(message, false); show(error, false);
       var text = widget.querySelector(".safetynet-progress-done-text");
       say(text, data.message || "Done");
       show(done, true);
+      var link = data.result && typeof data.result === "object" ? safeLink(data.result.url) : null;
+      if (result && link) {
+        result.setAttribute("href", link);
+        say(result, data.result.label || "Open the result");
+        show(result, true);
+      }
       return;
     }
     if (data.state === "failed") {
       show(bar, false); show(message, false); show(done, false);
       say(error, data.error || "Sorry, this did not work.");
       show(error, true);
+      /* What to quote to the team: the task id, which finds its dead letter on the dashboard. */
+      say(widget.querySelector(".safetynet-progress-reference-id"), widget.getAttribute("data-task-id"));
+      show(reference, true);
       return;
     }
     show(bar, true); show(message, true); show(done, false); show(error, false);
@@ -36,10 +62,11 @@
       bar.removeAttribute("value");  /* indeterminate */
     }
     var words = data.message || (data.state === "queued" ? "Waiting to start…" : "Working…");
+    var progress = counted(widget, data);
     if (data.state === "retrying") {
-      words = "Retrying (attempt " + data.attempt + ")" + (data.message ? ": " + data.message : "");
-    } else if (data.percent !== null && data.percent !== undefined) {
-      words = words + " (" + Math.round(data.percent) + " %)";
+      words = "Trying again (attempt " + data.attempt + ")" + (data.message ? ": " + data.message : "");
+    } else if (progress) {
+      words = words + " · " + progress;
     }
     say(message, words);
   }
