@@ -68,8 +68,9 @@ PUBLIC_MODULES = {
     ],
     "safetynet.deadletter": [
         "NOT_READ_BY_REPLAY", "REDACTED", "TRUNCATED", "Failure", "ReplayOutcome", "cap_fields", "cap_value", "discard",
-        "enforce_cap", "fingerprint", "flush_spool", "give_up", "is_truncated", "normalise_message", "purge", "record",
-        "replacement_arguments", "replay", "replay_refusal", "truncated_paths",
+        "enforce_cap", "fingerprint", "flush_spool", "give_up", "is_truncated", "normalise_message", "purge",
+        "rebuild_failure_groups", "recount_failure_groups", "record", "replacement_arguments", "replay",
+        "replay_refusal", "truncated_paths", "waiting_count",
     ],
     "safetynet.contrib.prometheus": [
         "ATTEMPTS", "BREAKER_CHANGES", "BREAKER_REFUSED", "DEAD", "DEAD_LETTERS_EVICTED", "RETRY_DELAY", "RUNTIME",
