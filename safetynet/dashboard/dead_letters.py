@@ -148,7 +148,7 @@ class DeadLetterFilters(forms.Form):
     reason = forms.ChoiceField(required=False, choices=[("", "any reason"), *DeadLetter.Reason.choices])
     status = forms.ChoiceField(required=False, choices=STATUSES)
     queue = forms.CharField(required=False, max_length=255)
-    q = forms.CharField(required=False, max_length=200, label="search",
+    q = forms.CharField(required=False, max_length=200, label="Search",
                         help_text="a task id, or words of the exception")
     since = forms.DateTimeField(required=False, widget=forms.HiddenInput)
     until = forms.DateTimeField(required=False, widget=forms.HiddenInput)
