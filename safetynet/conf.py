@@ -64,6 +64,7 @@ Every key, its default and its meaning::
     PROGRESS_ERROR_MESSAGE  what a user is shown when a task failed and its exception has no public_message
     PROGRESS_MIN_INTERVAL how often at most self.progress() writes (seconds; the last call of a run always lands)
     PROGRESS_KEEP_SECONDS how long progress rows are kept after their last change
+    DASHBOARD_SITE_URL    where the dashboard's "Site" link goes (default "/")
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ DEFAULTS: dict[str, Any] = {
     "STATS_HOUR_KEEP_SECONDS": 90 * 86_400,
     "PROGRESS_ACCESS": None,
     "PROGRESS_ERROR_MESSAGE": "Sorry, this did not work. The team has been told.",
+    "DASHBOARD_SITE_URL": "/",
     "PROGRESS_MIN_INTERVAL": 0.5,
     "PROGRESS_KEEP_SECONDS": 7 * 86_400,
 }
@@ -189,6 +191,7 @@ class Settings:
     stats_hour_keep_seconds: float
     progress_access: Callable[..., bool] | None
     progress_error_message: str
+    dashboard_site_url: str
     progress_min_interval: float
     progress_keep_seconds: float
 
@@ -458,6 +461,7 @@ def build(user: dict[str, Any]) -> Settings:
                                          86_400, 3660 * 86_400),
         progress_access=_optional_callable("PROGRESS_ACCESS", merged["PROGRESS_ACCESS"]),
         progress_error_message=_text("PROGRESS_ERROR_MESSAGE", merged["PROGRESS_ERROR_MESSAGE"], 500),
+        dashboard_site_url=_text("DASHBOARD_SITE_URL", merged["DASHBOARD_SITE_URL"], 2000),
         progress_min_interval=_seconds("PROGRESS_MIN_INTERVAL", merged["PROGRESS_MIN_INTERVAL"], 0, 3600),
         progress_keep_seconds=_seconds("PROGRESS_KEEP_SECONDS", merged["PROGRESS_KEEP_SECONDS"], 60, 3660 * 86_400),
     )

@@ -11,13 +11,14 @@ from typing import Any
 
 from django.apps import apps
 from django.contrib.auth.views import redirect_to_login
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.http import require_POST
+
+from safetynet import conf
 
 __all__ = [
     "CONTENT_SECURITY_POLICY", "MAX_PAGE", "PAGES", "PAGE_SIZE", "frame", "page_number", "percent", "refused",
@@ -111,7 +112,7 @@ def frame(request: HttpRequest) -> dict[str, str]:
         "user_name": name,
         "admin_url": _reversed("admin:index") if apps.is_installed("django.contrib.admin") and
         getattr(user, "is_staff", False) else "",
-        "site_url": getattr(settings, "SAFETYNET_SITE_URL", None) or "/",
+        "site_url": conf.get().dashboard_site_url,
         "logout_url": logout,
     }
 
