@@ -1,8 +1,10 @@
 """The queues page: depths read from the real broker, a clear "unknown" within its timeout when the broker is away."""
 
+import os
 import socket
 import threading
 import time
+import uuid
 
 import pytest
 from celery import Celery
@@ -116,3 +118,37 @@ def test_the_view_with_a_silent_broker_answers_in_under_two_seconds(silent_broke
     assert response.status_code == 200 and took < 2.0
     page = response.content.decode()
     assert 'id="broker-error"' in page and ">unknown<" in page
+
+
+RABBITMQ_URL = os.environ.get("SAFETYNET_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture
+def rabbitmq_app():
+    """An app on RabbitMQ (skipped when no RabbitMQ answers there), and a queue of its own."""
+    rabbit = Celery("rabbit", broker=RABBITMQ_URL, set_as_current=False)
+    try:
+        with rabbit.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except Exception as error:
+        pytest.skip(f"no RabbitMQ at {RABBITMQ_URL}: {error!r}")
+    name = f"safetynet-test-{uuid.uuid4().hex}"
+    rabbit.conf.task_routes = {"tests.fixtures.tasks.ping": {"queue": name}}
+    yield rabbit, name
+    with rabbit.connection_for_write() as connection:
+        Queue(name)(connection.default_channel).delete()
+
+
+def test_the_depth_of_a_rabbitmq_queue_and_one_it_does_not_know(rabbitmq_app):
+    rabbit, name = rabbitmq_app
+    with rabbit.connection_for_write() as connection:
+        target = Queue(name, Exchange(name), routing_key=name)
+        producer = Producer(connection.default_channel)
+        for number in range(4):
+            producer.publish({"n": number}, exchange=target.exchange, routing_key=name, declare=[target])
+    shown = brokers.snapshot(rabbit)
+    depths = {queue["name"]: (queue["depth"], queue["note"]) for queue in shown.queues}
+    assert depths[name] == (4, "")
+    # "celery" was never declared on this vhost: RabbitMQ does not know it, and the page says so
+    assert depths["celery"] in ((None, "not declared"), (0, ""))
+    assert shown.broker_error == ""
