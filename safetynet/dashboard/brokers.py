@@ -105,9 +105,16 @@ def _said(error: BaseException) -> str:
     return f"{type(error).__name__}{': ' + text if text else ''}"
 
 
+#: Transports whose every reply waits at most ``socket_timeout`` (kombu's Redis ones); the others (RabbitMQ's
+#: ``connect_timeout`` aside) take no such option: SQLAlchemy's would refuse it.
+_SOCKET_TIMEOUT_TRANSPORTS = ("redis", "rediss", "sentinel")
+
+
 def _connection(app: Any) -> Any:
-    return app.connection_for_read(connect_timeout=BROKER_TIMEOUT, transport_options={
-        "socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT, "max_retries": 0})
+    options: dict[str, Any] = {}
+    if str(app.connection_for_read().transport_cls) in _SOCKET_TIMEOUT_TRANSPORTS:
+        options = {"socket_timeout": BROKER_TIMEOUT, "socket_connect_timeout": BROKER_TIMEOUT}
+    return app.connection_for_read(connect_timeout=BROKER_TIMEOUT, transport_options=options)
 
 
 def _depths(app: Any, names: list[str]) -> dict[str, tuple[int | None, str]]:

@@ -152,3 +152,13 @@ def test_the_depth_of_a_rabbitmq_queue_and_one_it_does_not_know(rabbitmq_app):
     # "celery" was never declared on this vhost: RabbitMQ does not know it, and the page says so
     assert depths["celery"] in ((None, "not declared"), (0, ""))
     assert shown.broker_error == ""
+
+
+def test_a_database_broker_has_depths_and_no_worker_to_ask(tmp_path):
+    # kombu's SQLAlchemy transport (the demo's default): no broadcast, so no worker answers; the depth is read
+    files = Celery("files", broker=f"sqla+sqlite:///{tmp_path / 'broker.sqlite3'}", set_as_current=False)
+    files.send_task("tests.fixtures.tasks.ping", ())
+    files.send_task("tests.fixtures.tasks.ping", ())
+    shown = brokers.snapshot(files)
+    assert [(queue["name"], queue["depth"]) for queue in shown.queues] == [("celery", 2)]
+    assert shown.broker_error == "" and shown.workers == []
