@@ -26,7 +26,7 @@ lint: $(VENV)/.installed
 
 # The docs site (mkdocs.yml): --strict makes a broken link, anchor or API reference fail the build.
 docs: $(VENV)/.installed
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: $(VENV)/.installed services lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
