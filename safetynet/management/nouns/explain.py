@@ -8,9 +8,12 @@ task's source, its explicit ``self.retry(...)`` calls (``runtime.retrycalls``), 
 
 from __future__ import annotations
 
+import ast
 import builtins
 import importlib
+import inspect
 import re
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -97,10 +100,6 @@ def _resolve(name: str, namespace: dict[str, Any]) -> Any:
 
 def _raised_in_source(function: Any) -> list[str]:
     """Names of the exception classes the body raises (``raise X(...)``, ``raise X``), in source order."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError, IndentationError):
@@ -123,6 +122,15 @@ def _outcome(verdict: Verdict, rules: Rules) -> str:
     if verdict.kind == "fail":
         return f"given up at once: permanent error ({rule})"
     return f"retried ({rule})"
+
+
+def _classify(rules: Rules, example: BaseException) -> Verdict | str:
+    """The verdict on ``example``, or why there is none (a predicate that fails on an instance made without its
+    arguments)."""
+    try:
+        return rules.classify(example, 0.0)
+    except Exception as error:
+        return f"cannot tell (a rule failed on an instance made without arguments: {type(error).__name__}: {error})"
 
 
 class Explain(Noun):
@@ -315,7 +323,8 @@ class Explain(Noun):
                 lines.append(f"  {kind.name}: caught, then self.retry() at line {call.line}" +
                              (" (its waits cannot be read)" if call.unread else ""))
             else:
-                lines.append(f"  {kind.name}: {_outcome(rules.classify(kind.example, 0.0), rules)}")
+                verdict = _classify(rules, kind.example)
+                lines.append(f"  {kind.name}: " + (verdict if isinstance(verdict, str) else _outcome(verdict, rules)))
         if lines:
             write("When an attempt raises:")
             for line in dict.fromkeys(lines):
@@ -346,7 +355,9 @@ class Explain(Noun):
                   f"{manual.describe()}")
             self._table(manual, limit, run_time, run_time_words, outcome_of_retry="retry (self.retry)")
             return
-        verdict = rules.classify(kind.example, 0.0)
+        verdict = _classify(rules, kind.example)
+        if isinstance(verdict, str):
+            raise CommandError(f"--exception {kind.name}: {verdict}")
         if verdict.kind == "fail":
             write(f"When an attempt raises {kind.name}: {_outcome(verdict, rules)}")
             self._table(policy, limit, run_time, run_time_words, fails_at_once=verdict.rule)
