@@ -21,7 +21,7 @@ services:
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check safetynet tests bench demo
+	$(VENV)/bin/ruff check safetynet tests bench demo mkdocs_hooks.py
 	$(VENV)/bin/mypy
 
 # The docs site (mkdocs.yml): --strict makes a broken link, anchor or API reference fail the build.

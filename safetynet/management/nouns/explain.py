@@ -114,14 +114,13 @@ def _raised_in_source(function: Any) -> list[str]:
     return names
 
 
-def _outcome(verdict: Verdict, rules: Rules) -> str:
+def _outcome(verdict: Verdict) -> str:
     """What a verdict does, in words."""
     if verdict.kind == "snooze":
         return "tried again after the Snooze's delay (no attempt used)"
-    rule = verdict.rule
     if verdict.kind == "fail":
-        return f"given up at once: permanent error ({rule})"
-    return f"retried ({rule})"
+        return f"given up at once: permanent error ({verdict.rule})"
+    return f"retried ({verdict.rule})"
 
 
 def _classify(rules: Rules, example: BaseException) -> Verdict | str:
@@ -324,7 +323,7 @@ class Explain(Noun):
                              (" (its waits cannot be read)" if call.unread else ""))
             else:
                 verdict = _classify(rules, kind.example)
-                lines.append(f"  {kind.name}: " + (verdict if isinstance(verdict, str) else _outcome(verdict, rules)))
+                lines.append(f"  {kind.name}: " + (verdict if isinstance(verdict, str) else _outcome(verdict)))
         if lines:
             write("When an attempt raises:")
             for line in dict.fromkeys(lines):
@@ -359,13 +358,13 @@ class Explain(Noun):
         if isinstance(verdict, str):
             raise CommandError(f"--exception {kind.name}: {verdict}")
         if verdict.kind == "fail":
-            write(f"When an attempt raises {kind.name}: {_outcome(verdict, rules)}")
+            write(f"When an attempt raises {kind.name}: {_outcome(verdict)}")
             self._table(policy, limit, run_time, run_time_words, fails_at_once=verdict.rule)
             return
         if verdict.kind == "snooze":
-            write(f"When an attempt raises {kind.name}: {_outcome(verdict, rules)}; no schedule to show.")
+            write(f"When an attempt raises {kind.name}: {_outcome(verdict)}; no schedule to show.")
             return
-        write(f"When every attempt raises {kind.name}: {_outcome(verdict, rules)}")
+        write(f"When every attempt raises {kind.name}: {_outcome(verdict)}")
         self._table(policy, limit, run_time, run_time_words)
 
     def _table(self, policy: RetryPolicy, limit: int, run_time: float, run_time_words: str, *,
