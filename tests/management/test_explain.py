@@ -148,3 +148,14 @@ def test_explain_speaks_in_words_and_human_durations(name):
     assert "none jitter" not in text and "UNCLASSIFIED=" not in text
     assert not re.search(r"\d\.\d{3}\s?s\b", text), text  # no "0.000 s"
     assert not re.search(r"\d(s|m|h)\b", text), text  # "5 s", "10 min", "2 h": never "600s"
+
+
+def test_explain_says_when_the_source_cannot_be_read():
+    import safetynet
+
+    namespace = {"__name__": "tests.fixtures.made_without_a_file"}
+    exec("def no_source(self, order):\n    raise self.retry(countdown=5)\n", namespace)  # no file to read back
+    safetynet.task(bind=True, max_retries=2)(namespace["no_source"])
+    text = explain("tests.fixtures.made_without_a_file.no_source")
+    assert "self.retry(): the source of tests.fixtures.made_without_a_file.no_source cannot be read" in text
+    assert "the schedule below is the automatic one" in text and "retry (self.retry)" not in text
