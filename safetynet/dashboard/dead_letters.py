@@ -117,7 +117,7 @@ def _act(request: HttpRequest, action: str, rows: Any, *, args: Any = None, kwar
         tell(request, "error", f"Replay stopped: {type(error).__name__}: {error}. Rows not sent are left as they "
                                "were; see the log for any sent but not marked.")
         return
-    done, refusals = display.replay_summary(outcomes)
+    _, refusals = display.replay_summary(outcomes)
     sent = [outcome for outcome in outcomes if outcome.new_task_id]
     if sent:
         # Each replayed letter's page follows its new task until it ends: link there.
@@ -127,8 +127,6 @@ def _act(request: HttpRequest, action: str, rows: Any, *, args: Any = None, kwar
         more = f" and {len(sent) - 20} more" if len(sent) > 20 else ""
         tell(request, "success", format_html("Replayed {} dead letter{}: {}{}.", len(sent),
                                              "" if len(sent) == 1 else "s", links, more))
-    elif done:
-        tell(request, "success", done)
     for refusal in refusals:
         tell(request, "error", refusal)
     if not outcomes:
