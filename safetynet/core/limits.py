@@ -188,6 +188,8 @@ class Admission:
     turn: float = 0.0
     #: Seconds between turns (a returning task refused again waits up to this much more: jitter).
     gap: float = 0.0
+    #: The call is a task back for its turn (it kept its place on the line).
+    returning: bool = False
 
 
 def prune(limit: Limit, state: Usage, now: float) -> None:
@@ -224,10 +226,11 @@ def admit(limit: Limit, state: Usage, now: float, task_id: str = "") -> Admissio
         turn = earliest
     else:
         turn = max(earliest, state.line + gap) if state.line > now else earliest
-        state.line = turn
+        if task_id:  # a call that is no task (or not a deferred one) waits behind the line without joining it
+            state.line = turn
     if task_id:
         state.turns[task_id] = turn
-    return Admission(False, reason, turn, gap)
+    return Admission(False, reason, turn, gap, returning)
 
 
 def take(limit: Limit, state: Usage, now: float, token: str, lease: float, task_id: str = "") -> None:

@@ -135,21 +135,21 @@ def acquire(wanted: Sequence[tuple[str, str]], *, task_id: str = "") -> Ticket:
                          repr(core.DEFAULT_HOLD)]
             answer = _store.script(client, _store.ACQUIRE)(keys=keys, args=args)
             if int(answer[0]):
-                result = (True, float(_store.text(answer[1])), "", -1, 0.0, 0.0)
+                result = (True, float(_store.text(answer[1])), "", -1, 0.0, 0.0, False)
             else:
                 result = (False, float(_store.text(answer[1])), _store.text(answer[2]), int(answer[3]),
-                          float(_store.text(answer[4])), float(_store.text(answer[5])))
+                          float(_store.text(answer[4])), float(_store.text(answer[5])), bool(int(answer[6])))
         except shared.redis_errors() as error:
             logger.warning("safetynet: Redis did not answer (%r); limits %s checked in the database", error,
                            ", ".join(name for name, _ in wanted))
     if result is None:
         store = "database"
         result = _store.database_acquire(specs, token, task_id, lease)
-    admitted, now, reason, index, turn, gap = result
+    admitted, now, reason, index, turn, gap, returning = result
     if not admitted:
         config, limit_keys = specs[index]
         delay = max(0.0, turn - now)
-        if reason != "line" and task_id:
+        if returning:
             # Back for its turn and refused again (others came first): the next free place, spread a little.
             delay += random.uniform(0, min(gap, 1.0))
         signals.limit_deferred.send_robust(sender=None, name=config.name, partition=limit_keys.partition,

@@ -91,11 +91,11 @@ end
 # KEYS: per limit, 6: hash, leases, log, turns, all-leases, all-log.
 # ARGV: count of limits, token, task id ("" for none), lease seconds, turn grace, then per limit 4:
 #       concurrency (0: none), rate count (0: none), rate interval, default hold.
-# Returns {1, now} or {0, now, reason, index of the limit, turn, gap}.
+# Returns {1, now} or {0, now, reason, index of the limit, turn, gap, returning (1/0)}.
 ACQUIRE = _NOW + """
 local n, token, task = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local lease, grace = tonumber(ARGV[4]), tonumber(ARGV[5])
-local worst, worst_reason, worst_index, worst_gap = nil, '', -1, 0
+local worst, worst_reason, worst_index, worst_gap, worst_returning = nil, '', -1, 0, 0
 for i = 0, n - 1 do
   local k, a = i * 6, 5 + i * 4
   local concurrency, count = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
@@ -131,7 +131,7 @@ for i = 0, n - 1 do
     local turn = earliest
     if not returning then
       if line > now then turn = math.max(earliest, line + gap) end
-      redis.call('HSET', KEYS[k + 1], 'line', tostring(turn))
+      if task ~= '' then redis.call('HSET', KEYS[k + 1], 'line', tostring(turn)) end
     end
     local keep = math.ceil((turn - now + grace) * 1000)
     extend(KEYS[k + 1], keep)
@@ -139,11 +139,14 @@ for i = 0, n - 1 do
       redis.call('ZADD', KEYS[k + 4], turn, task)
       extend(KEYS[k + 4], keep)
     end
-    if worst == nil or turn > worst then worst, worst_reason, worst_index, worst_gap = turn, reason, i, gap end
+    if worst == nil or turn > worst then
+      worst, worst_reason, worst_index, worst_gap = turn, reason, i, gap
+      worst_returning = returning and 1 or 0
+    end
   end
 end
 if worst ~= nil then
-  return {0, tostring(now), worst_reason, worst_index, tostring(worst), tostring(worst_gap)}
+  return {0, tostring(now), worst_reason, worst_index, tostring(worst), tostring(worst_gap), worst_returning}
 end
 for i = 0, n - 1 do
   local k, a = i * 6, 5 + i * 4
@@ -202,12 +205,12 @@ return renewed
 
 # KEYS: hash. ARGV: seconds. Paused until now + seconds (a longer pause already there stays).
 PAUSE = _NOW + """
-local until = now + tonumber(ARGV[1])
+local ends = now + tonumber(ARGV[1])
 local paused = tonumber(redis.call('HGET', KEYS[1], 'paused') or '0')
-if until > paused then
-  redis.call('HSET', KEYS[1], 'paused', tostring(until))
-  extend(KEYS[1], math.ceil((until - now) * 1000) + 3600000)
-  return tostring(until)
+if ends > paused then
+  redis.call('HSET', KEYS[1], 'paused', tostring(ends))
+  extend(KEYS[1], math.ceil((ends - now) * 1000) + 3600000)
+  return tostring(ends)
 end
 return tostring(paused)
 """
@@ -254,26 +257,26 @@ def _locked(keys: list[Keys], using: str) -> dict[str, LimitState]:
 
 
 def database_acquire(wanted: list[tuple[Limit, Keys]], token: str, task_id: str, lease: float
-                     ) -> tuple[bool, float, str, int, float, float]:
-    """``ACQUIRE`` on the database: (admitted, now, reason, index, turn, gap)."""
+                     ) -> tuple[bool, float, str, int, float, float, bool]:
+    """``ACQUIRE`` on the database: (admitted, now, reason, index, turn, gap, returning)."""
     using = _using()
     now = time.time()
     with transaction.atomic(using=using):
         rows = _locked([keys for _, keys in wanted], using)
         usages = {row_key: _usage(row) for row_key, row in rows.items()}
-        worst: tuple[float, str, int, float] | None = None
+        worst: tuple[float, str, int, float, bool] | None = None
         for index, (limit, keys) in enumerate(wanted):
             admission = core.admit(limit, usages[keys.row], now, task_id)
             if not admission.admitted and (worst is None or admission.turn > worst[0]):
-                worst = (admission.turn, admission.reason, index, admission.gap)
+                worst = (admission.turn, admission.reason, index, admission.gap, admission.returning)
         if worst is None:
             for limit, keys in wanted:
                 core.take(limit, usages[keys.row], now, token, lease, task_id)
         for row_key, row in rows.items():
             _store(row, usages[row_key], now, using)
     if worst is None:
-        return True, now, "", -1, 0.0, 0.0
-    return False, now, worst[1], worst[2], worst[0], worst[3]
+        return True, now, "", -1, 0.0, 0.0, False
+    return False, now, worst[1], worst[2], worst[0], worst[3], worst[4]
 
 
 def database_release(held: list[Keys], token: str, seconds: float) -> None:
