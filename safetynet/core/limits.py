@@ -216,7 +216,8 @@ def admit(limit: Limit, state: Usage, now: float, task_id: str = "") -> Admissio
         reason = reason or "concurrency"
     count, interval = limit.rate_count, limit.rate_interval
     if count is not None and interval is not None and len(state.log) >= count:
-        earliest = max(earliest, state.log[len(state.log) - count] + interval)
+        # A microsecond past the moment the oldest call leaves the window (floating point must not keep it in).
+        earliest = max(earliest, state.log[len(state.log) - count] + interval + 1e-6)
         reason = reason or "rate"
     if not reason and not returning and state.line > now:
         reason = "line"

@@ -122,7 +122,7 @@ for i = 0, n - 1 do
     local used = redis.call('ZCARD', KEYS[k + 3])
     if used >= count then
       local oldest = redis.call('ZRANGE', KEYS[k + 3], used - count, used - count, 'WITHSCORES')
-      earliest = math.max(earliest, tonumber(oldest[2]) + interval)
+      earliest = math.max(earliest, tonumber(oldest[2]) + interval + 0.000001)
       if reason == '' then reason = 'rate' end
     end
   end
