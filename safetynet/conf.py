@@ -398,7 +398,7 @@ def _limits(value: Any) -> dict[str, Limit]:
             item = {field.name: getattr(item, field.name) for field in dataclasses.fields(Limit) if field.name != "name"}
         else:
             raise ConfigurationError(f"{where} must be a dict of its fields (concurrency, rate, partition_by, "
-                                     f"tighten_on_429, max_pause) or a Limit(...), got {item!r}")
+                                     f"tighten_on_429, max_pause, margin) or a Limit(...), got {item!r}")
         partition = item.get("partition_by")
         if isinstance(partition, str) and "." in partition:
             try:

@@ -7,10 +7,13 @@ A limit has a name ("partner-api") and is declared in ``SAFETYNET["LIMITS"]``::
     partition_by  one limit per value of a task argument ("customer_id") or of a callable over the arguments
 
 The rate is a **sliding window log**: a call is admitted when fewer than N calls were admitted in the
-last interval, whatever the instant. That is the contract upstreams state ("100 a minute") and the one
+last interval (and ``margin``: 2 % of it by default, at most a second), whatever the instant. That is the contract upstreams state ("100 a minute") and the one
 an upstream counting on its side checks; a token bucket of the same rate lets up to twice N through in
 one interval (a full bucket, then the refill), and a fixed window lets 2N through across its edge.
-The log costs one entry per call in the interval, bounded by N.
+The log costs one entry per call in the interval, bounded by N. The margin is for the time between
+the check and the call reaching the upstream, which varies (a process waits for a CPU, a connection
+is made): without it, a call admitted the instant the oldest left the window can reach the upstream
+sooner after it than a second, and the upstream counts N + 1.
 
 ``admit`` is the decision, shared by the Redis script (which mirrors it, line by line) and the
 database fallback (which calls it): given a limit's state and the time, admit the call or give it a
@@ -80,6 +83,9 @@ class Limit:
     tighten_on_429: bool | float = False
     #: The longest pause a Retry-After may ask for.
     max_pause: float = 300.0
+    #: Seconds added to the rate's interval, for the varying time from the check to the upstream (None: 2 % of
+    #: the interval, at most 1 s; 0: the exact interval).
+    margin: float | None = None
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +107,8 @@ class Limit:
             number_in_range(f"{owner}: tighten_on_429 (seconds to pause without a Retry-After)", tighten, 0.1,
                             86_400)
         number_in_range(f"{owner}: max_pause", self.max_pause, 0.1, 86_400)
+        if self.margin is not None:
+            number_in_range(f"{owner}: margin", self.margin, 0, 3600)
 
     @property
     def rate_count(self) -> int | None:
@@ -111,6 +119,14 @@ class Limit:
     def rate_interval(self) -> float | None:
         """The interval of the rate, in seconds (None without one)."""
         return None if self.rate is None else parse_rate(self.rate)[1]
+
+    @property
+    def window(self) -> float | None:
+        """The window the rate is counted over: the interval and its margin (None without a rate)."""
+        interval = self.rate_interval
+        if interval is None:
+            return None
+        return interval + (min(0.02 * interval, 1.0) if self.margin is None else self.margin)
 
     @property
     def partitioned(self) -> bool:
@@ -131,8 +147,7 @@ class Limit:
         if self.concurrency is not None:
             spacing = hold / self.concurrency
         if self.rate is not None:
-            count, interval = parse_rate(self.rate)
-            spacing = max(spacing, interval / count)
+            spacing = max(spacing, (self.window or 0.0) / (self.rate_count or 1))
         return spacing
 
     def describe(self) -> str:
@@ -195,9 +210,9 @@ class Admission:
 def prune(limit: Limit, state: Usage, now: float) -> None:
     """Forget expired leases, calls out of the window and turns long past."""
     state.leases = {token: until for token, until in state.leases.items() if until > now}
-    interval = limit.rate_interval
-    if interval is not None:
-        state.log = [at for at in state.log if at > now - interval]
+    window = limit.window
+    if window is not None:
+        state.log = [at for at in state.log if at > now - window]
     state.turns = {task: turn for task, turn in state.turns.items() if turn > now - TURN_GRACE}
 
 
@@ -214,7 +229,7 @@ def admit(limit: Limit, state: Usage, now: float, task_id: str = "") -> Admissio
     if limit.concurrency is not None and len(state.leases) >= limit.concurrency:
         earliest = max(earliest, now + hold / limit.concurrency)
         reason = reason or "concurrency"
-    count, interval = limit.rate_count, limit.rate_interval
+    count, interval = limit.rate_count, limit.window
     if count is not None and interval is not None and len(state.log) >= count:
         # A microsecond past the moment the oldest call leaves the window (floating point must not keep it in).
         earliest = max(earliest, state.log[len(state.log) - count] + interval + 1e-6)

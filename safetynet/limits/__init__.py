@@ -131,7 +131,7 @@ def acquire(wanted: Sequence[tuple[str, str]], *, task_id: str = "") -> Ticket:
             for config, limit_keys in specs:
                 keys += [limit_keys.base, limit_keys.leases, limit_keys.log, limit_keys.turns, limit_keys.all_leases,
                          limit_keys.all_log]
-                args += [config.concurrency or 0, config.rate_count or 0, repr(config.rate_interval or 0.0),
+                args += [config.concurrency or 0, config.rate_count or 0, repr(config.window or 0.0),
                          repr(core.DEFAULT_HOLD)]
             answer = _store.script(client, _store.ACQUIRE)(keys=keys, args=args)
             if int(answer[0]):

@@ -3,7 +3,7 @@ waits for its turn deferred (a snooze, no attempt used), not in a worker slot.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from safetynet import limits
@@ -24,7 +24,7 @@ def limit_names(value: Any) -> tuple[str, ...]:
 
 class LimitGuard(Plugin):
     """The option ``limit="partner-api"`` (or a list of names): admitted by every limit, or deferred until its
-    turn; the concurrency slots are held while the body runs and given back when the run ends."""
+    turn; the concurrency slots are held while the body runs and given back as soon as it ended."""
 
     name = "limit"
     options = frozenset({"limit"})
@@ -61,5 +61,20 @@ class LimitGuard(Plugin):
         if ticket is not None:
             attempt.notes[self.name] = ticket
 
+    def around_body(self, attempt: Attempt, body: Callable[[], Any]) -> Any:
+        # The slots are given back as soon as the body (and the plug-ins inside it) ended: the next call may
+        # start while this run's end is still being recorded.
+        ticket = attempt.notes.get(self.name)
+        try:
+            result = body()
+        except BaseException as error:
+            attempt.notes[self.name] = None
+            limits.finish(ticket, error if attempt.ran else None)
+            raise
+        attempt.notes[self.name] = None
+        limits.finish(ticket, None)
+        return result
+
     def after_run(self, attempt: Attempt, error: BaseException | None) -> None:
+        # Only when the body never started (a later guard refused the run): the slots are given back here.
         limits.finish(attempt.notes.get(self.name), error)

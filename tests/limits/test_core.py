@@ -75,7 +75,7 @@ def test_concurrency_admits_n_and_then_gives_turns_spaced_by_the_mean_hold():
 
 
 def test_a_task_back_for_its_turn_and_refused_is_not_sent_to_the_back():
-    limit = Limit(rate="2/s")
+    limit = Limit(rate="2/s", margin=0)
     state = Usage()
     run(limit, state, 10.0)
     run(limit, state, 10.0)
@@ -97,6 +97,19 @@ def test_a_pause_holds_every_call_until_it_ends():
     assert Limit(rate="1/s", tighten_on_429=True, max_pause=60).pause_for(600.0) == 60.0
     assert Limit(rate="1/s", tighten_on_429=True).pause_for(None) == 1.0
     assert Limit(rate="1/s", tighten_on_429=5).pause_for(None) == 5.0
+
+
+def test_the_rate_s_window_has_a_margin_for_the_way_to_the_upstream():
+    assert Limit(rate="50/s").window == pytest.approx(1.02)
+    assert Limit(rate="100/h").window == 3601.0  # 2 %, at most a second
+    assert Limit(rate="10/s", margin=0).window == 1.0
+    state = Usage()
+    limit = Limit(rate="1/s")
+    assert run(limit, state, 0.0).admitted
+    refused = run(limit, state, 1.0, "a")  # a second later: still inside the window and its margin
+    assert refused.reason == "rate" and refused.turn == pytest.approx(1.02)
+    with pytest.raises(ConfigurationError, match="margin must be a number from 0"):
+        Limit(rate="1/s", margin=-1)
 
 
 def test_the_mean_hold_follows_the_calls():

@@ -72,9 +72,9 @@ def test_the_rate_is_a_sliding_window_and_the_wait_is_until_the_oldest_call_leav
         limits.release(limits.acquire([(name, "")]))
     with pytest.raises(LimitReached) as refused:
         limits.acquire([(name, "")])
-    assert refused.value.reason == "rate" and 1.5 < refused.value.delay <= 2.0
+    assert refused.value.reason == "rate" and 1.5 < refused.value.delay <= 2.05  # 2 s and its 2 % margin
     assert limits.state_of(name)["calls"] == 3
-    time.sleep(max(0.0, began + 2.05 - time.time()))
+    time.sleep(max(0.0, began + 2.1 - time.time()))
     limits.release(limits.acquire([(name, "")]))
 
 
