@@ -73,9 +73,10 @@ PUBLIC_MODULES = {
     ],
     "safetynet.contrib.prometheus": [
         "ATTEMPTS", "BREAKER_CHANGES", "BREAKER_REFUSED", "DEAD", "DEAD_LETTERS_EVICTED", "RETRY_DELAY", "RUNTIME",
-        "BreakerCollector", "DeadLetterCollector", "PORT_ENVIRONMENT_VARIABLE", "RETRY_DELAY_BUCKETS",
+        "BreakerCollector", "DeadLetterCollector", "LIMIT_DEFERRALS", "LIMIT_PAUSES", "LIMIT_WAIT",
+        "LIMIT_WAIT_BUCKETS", "LimitCollector", "PORT_ENVIRONMENT_VARIABLE", "RETRY_DELAY_BUCKETS",
         "RUNTIME_BUCKETS", "collector_registry", "flush", "install", "metrics_view", "multiprocess_dir", "on_breaker_changed",
-        "on_breaker_refused", "on_dead_letters_evicted", "on_task_ended", "on_task_retrying", "on_worker_ready",
+        "on_breaker_refused", "on_dead_letters_evicted", "on_limit_deferred", "on_limit_paused", "on_task_ended", "on_task_retrying", "on_worker_ready",
         "start_worker_http_server", "uninstall", "worker_http_address",
     ],
     "safetynet.contrib.sentry": [

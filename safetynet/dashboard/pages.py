@@ -34,7 +34,7 @@ PAGES = (
     ("failures", "Failures", "safetynet.view_deadletter"),
     ("dead_letters", "Dead letters", "safetynet.view_deadletter"),
     ("schedule", "Schedule", "safetynet.view_scheduledmessage"),
-    ("breakers", "Breakers", "safetynet.view_breakerstate"),
+    ("breakers", "Upstreams", "safetynet.view_breakerstate"),
 )
 #: What a page may load: its own stylesheet (a nonce per response), images and forms of this site; nothing
 #: else, no script, and no frame around it.

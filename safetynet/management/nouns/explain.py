@@ -10,6 +10,7 @@ from safetynet import conf
 from safetynet.core.classify import describe_matcher
 from safetynet.core.forecast import forecast
 from safetynet.exceptions import ConfigurationError
+from safetynet.limits.plugin import limit_names
 from safetynet.management.nouns._text import Noun, seconds, span
 from safetynet.runtime import options
 from safetynet.runtime.registry import UnknownTask, find_task
@@ -93,6 +94,7 @@ class Explain(Noun):
                 write(f"Breaker: {task.breaker}  (opens at {rule}; open {seconds(config.open_seconds)}, then "
                       f"{config.half_open_probes} probe(s) at once; while open the task is deferred, no attempt "
                       "used)")
+        self._explain_limits(task, settings)
         mode = task.enqueue or settings.enqueue
         write("Enqueue: " + {"now": "delay()/apply_async() publish at once (Celery's way)",
                              "on_commit": "delay()/apply_async() publish once the caller's transaction commits",
@@ -117,6 +119,24 @@ class Explain(Noun):
             write(f"\nGives up after attempt {last.attempt}, {span(*last.starts)} after the first attempt started.")
         else:
             write(f"\n… and on (listed {limit} attempts; raise --limit to see more).")
+
+    def _explain_limits(self, task: SafetyTask, settings: Any) -> None:
+        """The limits the task goes through, and what happens over them."""
+        names = limit_names(task.limit)
+        if not names:
+            return
+        write = self.stdout.write
+        for name in names:
+            config = settings.limits.get(name)
+            if config is None:
+                write(f"Limit: {name!r}, which SAFETYNET['LIMITS'] does not declare (safetynet.E007)")
+                continue
+            write(f"Limit: {name}  ({config.describe()}; shared by every worker)")
+        write(f"Over a limit: the body does not run; the task is deferred until its turn (no attempt used, the "
+              f"deadline still counts), waiting in the durable schedule when that is "
+              f"{seconds(settings.durable_retry_seconds) if settings.durable_retry_seconds is not None else 'never'}"
+              f" or more; a slot is a lease of {seconds(settings.limit_lease_seconds)} renewed by the heartbeat "
+              "(a killed worker's slots are free again within it).")
 
     def _explain_delivery(self, task: SafetyTask, settings: Any) -> None:
         """Idempotency, acknowledgement and crash handling, in one or two lines."""
