@@ -98,20 +98,37 @@ def record_success(sender=None, **_):
 # -- records -------------------------------------------------------------------------------------
 
 
+# Deferrals are counted in the process and written when it stops: a Redis write per deferral would be the
+# benchmark's own cost, inside the path it measures.
+_counts: dict[str, int] = {}
+_reasons: dict[str, int] = {}
+_waits: list[float] = []
+
+
 @receiver(safetynet_signals.task_retrying, weak=False)
 def record_deferral(sender=None, delay=None, entry=None, **_):
     action = (entry or {}).get("action", "retry")  # "snooze": deferred by the limit, no attempt used
-    client = records()
-    with client.pipeline(transaction=False) as pipe:
-        pipe.incr(f"limits:safetynet:{action}")
-        if action == "snooze":
-            pipe.rpush("limits:safetynet:waits", f"{delay!r}")
-        pipe.execute()
+    _counts[action] = _counts.get(action, 0) + 1
+    if action == "snooze":
+        _waits.append(delay)
 
 
 @receiver(safetynet_signals.limit_deferred, weak=False)
 def record_reason(sender=None, name=None, reason=None, **_):
-    records().hincrby("limits:safetynet:reasons", reason or "?", 1)
+    _reasons[reason or "?"] = _reasons.get(reason or "?", 0) + 1
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def flush_counts(**_):
+    client = records()
+    with client.pipeline(transaction=False) as pipe:
+        for action, count in _counts.items():
+            pipe.incrby(f"limits:safetynet:{action}", count)
+        for reason, count in _reasons.items():
+            pipe.hincrby("limits:safetynet:reasons", reason, count)
+        if _waits:
+            pipe.rpush("limits:safetynet:waits", *(f"{wait!r}" for wait in _waits))
+        pipe.execute()
 
 
 @receiver(safetynet_signals.task_dead, weak=False)
