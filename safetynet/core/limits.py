@@ -7,7 +7,8 @@ A limit has a name ("partner-api") and is declared in ``SAFETYNET["LIMITS"]``::
     partition_by  one limit per value of a task argument ("customer_id") or of a callable over the arguments
 
 The rate is a **sliding window log**: a call is admitted when fewer than N calls were admitted in the
-last interval (and ``margin``: 2 % of it by default, at most a second), whatever the instant. That is the contract upstreams state ("100 a minute") and the one
+last interval (and ``margin``: 50 ms, or 2 % of the interval when that is more, at most a second, by
+default), whatever the instant. That is the contract upstreams state ("100 a minute") and the one
 an upstream counting on its side checks; a token bucket of the same rate lets up to twice N through in
 one interval (a full bucket, then the refill), and a fixed window lets 2N through across its edge.
 The log costs one entry per call in the interval, bounded by N. The margin is for the time between
@@ -20,7 +21,8 @@ database fallback (which calls it): given a limit's state and the time, admit th
 turn. Refused calls wait in a **line**: each newcomer refused gets the turn after the last one given
 out, ``gap`` seconds later (the interval over N, or the mean hold over the concurrency), so a backlog
 comes back at the pace the limit lets through rather than all at once. A newcomer finding capacity
-while a line is waiting joins the line too (the waiting ones come first); a task coming back for
+while a line reaching more than ``LINE_SLACK`` ahead is waiting joins the line too (the waiting ones
+come first); a task coming back for
 its turn (it is on the line) takes the capacity there is, or waits briefly for the next, never at
 the back again. Nothing here does I/O.
 """
@@ -36,7 +38,7 @@ from typing import Any
 from safetynet.core.upstream import number_in_range
 from safetynet.exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_HOLD", "TURN_GRACE", "Admission", "Limit", "Usage", "admit", "held_for", "parse_rate", "prune",
+__all__ = ["DEFAULT_HOLD", "LINE_SLACK", "TURN_GRACE", "Admission", "Limit", "Usage", "admit", "held_for", "parse_rate", "prune",
            "take"]
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
@@ -49,6 +51,9 @@ DEFAULT_HOLD = 1.0
 HOLD_WEIGHT = 0.2
 #: A turn not taken this long after it came is forgotten (its task was lost, revoked or expired).
 TURN_GRACE = 600.0
+#: A line ending less than this far ahead does not hold a newcomer back from free capacity: turns that close are
+#: forecasts within the brokers' own delays, and deferring the newcomer would cost a run for nothing.
+LINE_SLACK = 1.0
 
 
 def parse_rate(value: Any, owner: str = "rate") -> tuple[int, float]:
@@ -83,8 +88,8 @@ class Limit:
     tighten_on_429: bool | float = False
     #: The longest pause a Retry-After may ask for.
     max_pause: float = 300.0
-    #: Seconds added to the rate's interval, for the varying time from the check to the upstream (None: 2 % of
-    #: the interval, at most 1 s; 0: the exact interval).
+    #: Seconds added to the rate's interval, for the varying time from the check to the upstream (None: 50 ms or
+    #: 2 % of the interval, whichever is more, at most 1 s; 0: the exact interval).
     margin: float | None = None
     name: str = field(default="", compare=False)
 
@@ -126,7 +131,7 @@ class Limit:
         interval = self.rate_interval
         if interval is None:
             return None
-        return interval + (min(0.02 * interval, 1.0) if self.margin is None else self.margin)
+        return interval + (min(max(0.05, 0.02 * interval), 1.0) if self.margin is None else self.margin)
 
     @property
     def partitioned(self) -> bool:
@@ -234,7 +239,7 @@ def admit(limit: Limit, state: Usage, now: float, task_id: str = "") -> Admissio
         # A microsecond past the moment the oldest call leaves the window (floating point must not keep it in).
         earliest = max(earliest, state.log[len(state.log) - count] + interval + 1e-6)
         reason = reason or "rate"
-    if not reason and not returning and state.line > now:
+    if not reason and not returning and state.line > now + LINE_SLACK:
         reason = "line"
     if not reason:
         return Admission(True, gap=gap)

@@ -69,7 +69,7 @@ def test_concurrency_admits_n_and_then_gives_turns_spaced_by_the_mean_hold():
     assert (first.admitted, first.reason, first.turn) == (False, "concurrency", 101.5)  # hold 3 s / 2 slots
     assert (second.reason, second.turn) == ("concurrency", 103.0)  # the next place on the line
     state.leases.popitem()
-    third = run(limit, state, 100.5, "c")  # a slot is free, but a and b wait before c
+    third = run(limit, state, 100.5, "c")  # a slot is free, but a and b wait before c (the line is > 1 s ahead)
     assert (third.admitted, third.reason, third.turn) == (False, "line", 104.5)
     assert run(limit, state, 101.5, "a").admitted  # a is back for its turn: it takes the slot
 
@@ -87,6 +87,15 @@ def test_a_task_back_for_its_turn_and_refused_is_not_sent_to_the_back():
     assert state.line == pytest.approx(12.0)
 
 
+def test_a_newcomer_takes_free_capacity_when_the_line_ends_within_a_second():
+    limit = Limit(concurrency=1)
+    state = Usage(hold=0.5)
+    assert run(limit, state, 0.0).admitted
+    assert run(limit, state, 0.0, "a").turn == pytest.approx(0.5)  # waits for the slot: the line ends at 0.5
+    state.leases.clear()
+    assert run(limit, state, 0.1, "b").admitted  # the line ends 0.4 s ahead: b does not wait behind it
+
+
 def test_a_pause_holds_every_call_until_it_ends():
     limit = Limit(rate="100/s")
     state = Usage(paused=50.0)
@@ -100,14 +109,15 @@ def test_a_pause_holds_every_call_until_it_ends():
 
 
 def test_the_rate_s_window_has_a_margin_for_the_way_to_the_upstream():
-    assert Limit(rate="50/s").window == pytest.approx(1.02)
-    assert Limit(rate="100/h").window == 3601.0  # 2 %, at most a second
+    assert Limit(rate="50/s").window == pytest.approx(1.05)  # 50 ms
+    assert Limit(rate="10/20s").window == pytest.approx(20.4)  # 2 %
+    assert Limit(rate="100/h").window == 3601.0  # at most a second
     assert Limit(rate="10/s", margin=0).window == 1.0
     state = Usage()
     limit = Limit(rate="1/s")
     assert run(limit, state, 0.0).admitted
     refused = run(limit, state, 1.0, "a")  # a second later: still inside the window and its margin
-    assert refused.reason == "rate" and refused.turn == pytest.approx(1.02)
+    assert refused.reason == "rate" and refused.turn == pytest.approx(1.05)
     with pytest.raises(ConfigurationError, match="margin must be a number from 0"):
         Limit(rate="1/s", margin=-1)
 
