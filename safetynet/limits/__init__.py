@@ -275,8 +275,13 @@ class limit(contextlib.ContextDecorator):  # noqa: N801 - used like a function: 
             raise ConfigurationError(f"limit {name!r} is partitioned (partition_by={config.partition_by!r}): give "
                                      f"the partition, safetynet.limit({name!r}, partition=...)")
         self.name = name
+        self.given = partition
         self.partition = "" if partition is None or not config.partitioned else str(partition)
         self._active: list[Ticket | None] = []
+
+    def _recreate_cm(self) -> limit:
+        # As a decorator, each call gets its own: calls in several threads must not share one stack of tickets.
+        return type(self)(self.name, self.given)
 
     def __enter__(self) -> Ticket | None:
         ticket = acquire_or_skip([(self.name, self.partition)], task_id=_current_task_id())
