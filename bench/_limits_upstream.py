@@ -1,7 +1,9 @@
 """The upstream of ``bench/limits.py``: an HTTP server in the benchmark's process that records every call.
 
 ``GET /call?n=N&system=S`` answers 200 after ``latency`` seconds. Each request is recorded with
-its start (when it arrived, ``time.time()``: the clock the workers' records use too), its end
+its start (when its connection was accepted, ``time.time()``: the clock the workers' records use
+too; stamped by the server's loop before the request's thread is started, so that starting a
+thread on a busy machine does not move it), its end
 (just before the answer is written), its task number, its system, and how many calls were in
 progress when it started, itself included.
 """
@@ -32,6 +34,8 @@ class Upstream:
         self.lock = threading.Lock()
         self.calls: list[Call] = []
         self.in_progress = 0
+        #: When each connection was accepted, by its socket's id (read by its handler).
+        self.accepted: dict[int, float] = {}
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,7 +47,8 @@ class Upstream:
                     n = int(query.get("n", ["-1"])[0])
                 except ValueError:
                     n = -1
-                call = upstream.begin(n, query.get("system", ["?"])[0])
+                call = upstream.begin(n, query.get("system", ["?"])[0],
+                                      upstream.accepted.pop(id(self.request), None))
                 time.sleep(upstream.latency)
                 upstream.end(call)
                 body = b'{"ok": true}'
@@ -63,14 +68,18 @@ class Upstream:
             daemon_threads = True
             request_queue_size = 256
 
+            def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+                upstream.accepted[id(request)] = time.time()
+                super().process_request(request, client_address)
+
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, name="limits-upstream", daemon=True)
 
-    def begin(self, n: int, system: str) -> Call:
+    def begin(self, n: int, system: str, accepted: float | None = None) -> Call:
         with self.lock:
             self.in_progress += 1
-            call = Call(time.time(), 0.0, n, system, self.in_progress)
+            call = Call(accepted if accepted is not None else time.time(), 0.0, n, system, self.in_progress)
             self.calls.append(call)
             return call
 
