@@ -19,8 +19,9 @@ The same tasks run through each system in turn, alternating over ``--rounds`` ro
   database ``bench_limits_<pid>`` of the run's own (dead letters, the durable schedule of long
   deferrals), dropped at the end unless ``--keep``.
 
-Each round sends every task at once (``--tasks``, 2,000; 300 with ``--quick``), then waits until
-each has ended. Per system and round it reports, from the stub's records:
+Each round puts every task in the queue (``--tasks``, 2,000; 300 with ``--quick``) before it starts
+the workers, so they face the whole backlog at once, then waits until each has ended. Per system and
+round it reports, from the stub's records:
 
 - ``max_concurrent``: the most calls in progress at once;
 - ``max_per_second``: the most calls started in any one-second window (sliding: from each call's
@@ -192,14 +193,16 @@ def run_system(system: str, number: int, args: argparse.Namespace, redis_server:
     workers = [Worker(f"{system}-{number}-{index}", queue, env, log_dir) for index in range(1, WORKERS + 1)]
     began = time.monotonic()
     try:
+        # Every task is in the queue before a worker starts: a backlog of --tasks, whatever the speed of sending.
+        for n in range(args.tasks):
+            task.apply_async(kwargs={"n": n}, queue=queue)
+            run.sent += 1
+        print(f"[{system} {number}] {run.sent} tasks sent to {queue} in {time.monotonic() - began:.1f}s; "
+              "starting the workers", flush=True)
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.wait_ready(STARTUP_TIMEOUT)
-        for n in range(args.tasks):
-            task.apply_async(kwargs={"n": n}, queue=queue)
-            run.sent += 1
-        print(f"[{system} {number}] {run.sent} tasks sent to {queue}", flush=True)
         last_ended, last_progress, last_report = -1, time.monotonic(), time.monotonic()
         while True:
             ended = client.zcard(f"limits:{system}:ok") + client.zcard(f"limits:{system}:dead")
@@ -275,7 +278,8 @@ def _row(label: str, values: list[object]) -> str:
 
 def report(runs: list[Run], args: argparse.Namespace, checks: dict[str, tuple[float, float, int]]) -> int:
     print()
-    print(f"{args.tasks} tasks per round, all sent at once; upstream call {args.latency * 1000:g} ms; "
+    print(f"{args.tasks} tasks per round, all queued before the workers start; upstream call "
+          f"{args.latency * 1000:g} ms; "
           f"{WORKERS} prefork workers x {PROCESSES} processes per system")
     print(f"safetynet: limit 'partner' = {json.dumps(limit_fields(args))} (shared); celery: rate_limit="
           f"{args.rate!r} (per worker)")

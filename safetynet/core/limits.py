@@ -38,8 +38,8 @@ from typing import Any
 from safetynet.core.upstream import number_in_range
 from safetynet.exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_HOLD", "LINE_SLACK", "TURN_GRACE", "Admission", "Limit", "Usage", "admit", "held_for", "parse_rate", "prune",
-           "take"]
+__all__ = ["DEFAULT_HOLD", "LINE_SLACK", "TURN_GRACE", "Admission", "Limit", "Usage", "admit", "held_for",
+           "parse_rate", "prune", "take"]
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
           "hour": 3600.0, "d": 86_400.0, "day": 86_400.0}
