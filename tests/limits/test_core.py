@@ -152,3 +152,14 @@ def test_no_window_of_the_interval_ever_holds_more_than_n_calls(count, interval,
     assert not pending  # everybody got through, in finite time
     for start in admitted:
         assert sum(1 for at in admitted if start <= at < start + interval) <= count
+
+
+def test_a_deferral_by_a_limit_uses_no_attempt_and_the_deadline_still_counts():
+    from safetynet import Dead, LimitReached, Retry, RetryPolicy, decide
+    from safetynet.core.classify import Rules
+
+    policy = RetryPolicy(max_attempts=3, deadline=60)
+    waiting = decide(policy, Rules(), 3, LimitReached("partner-api", 20.0, "rate"), started_at=0.0, now=30.0)
+    assert waiting == Retry(20.0, "Snooze", consumes_attempt=False)  # the 3rd of 3 attempts: still not used up
+    late = decide(policy, Rules(), 1, LimitReached("partner-api", 40.0, "line"), started_at=0.0, now=30.0)
+    assert isinstance(late, Dead) and late.reason == "deadline_exceeded"
