@@ -123,9 +123,8 @@ class BreakerOpen(Snooze):
 
 
 class LimitReached(Snooze):
-    """The limit ``name`` lets no more calls through now (``reason``: "concurrency", "rate", "paused" after a
-    429, or "line": others wait before this call). In a task this defers it, without using an attempt, for
-    ``delay`` seconds (until its turn)."""
+    """The limit ``name`` lets no more calls through now (``reason``: "concurrency", "rate", or "paused" after a
+    429). In a task this defers it, without using an attempt, for ``delay`` seconds (until its turn)."""
 
     def __init__(self, name: str, delay: float, reason: str = "", message: str = "") -> None:
         self.name = name

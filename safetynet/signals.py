@@ -27,7 +27,7 @@ outside the process that ran it), the dead-letter signals with ``sender`` the ``
     "half_open", "closed"), at (seconds since the epoch), by_hand (forced by staff)
 ``breaker_refused``: a breaker refused a call (sender None). kwargs: name, state
 ``limit_deferred``: a limit refused a call, which waits for its turn (sender None). kwargs: name, partition
-    ("" when not partitioned), reason ("concurrency", "rate", "paused", "line"), wait (seconds)
+    ("" when not partitioned), reason ("concurrency", "rate", "paused"), wait (seconds)
 ``limit_paused``: a 429 paused a limit (sender None). kwargs: name, partition, seconds
 
 Receivers run where the event happens (mostly the worker); one that raises is logged and

@@ -9,8 +9,7 @@ Metrics (``task`` is the task name; no other per-task label)::
     safetynet_dead_letters_evicted_total           dead-letter rows deleted by DEAD_LETTER_MAX_ROWS
     safetynet_dead_letters{task}                   dead letters waiting for a decision (status "dead"),
                                                    read from the database at scrape time
-    safetynet_limit_deferrals_total{limit, reason} calls (task runs) a limit deferred: concurrency, rate, paused,
-                                                   line (others were waiting first)
+    safetynet_limit_deferrals_total{limit, reason} calls (task runs) a limit deferred: concurrency, rate, paused
     safetynet_limit_wait_seconds{limit}            histogram: the wait a deferral scheduled (until the task's turn)
     safetynet_limit_pauses_total{limit}            a 429 paused the limit (tighten_on_429)
     safetynet_limit_slots_in_use{limit}            concurrency slots held now, over every partition, and

@@ -20,11 +20,11 @@ sooner after it than a second, and the upstream counts N + 1.
 database fallback (which calls it): given a limit's state and the time, admit the call or give it a
 turn. Refused calls wait in a **line**: each newcomer refused gets the turn after the last one given
 out, ``gap`` seconds later (the interval over N, or the mean hold over the concurrency), so a backlog
-comes back at the pace the limit lets through rather than all at once. A newcomer finding capacity
-while a line reaching more than ``LINE_SLACK`` ahead is waiting joins the line too (the waiting ones
-come first); a task coming back for
-its turn (it is on the line) takes the capacity there is, or waits briefly for the next, never at
-the back again. Nothing here does I/O.
+comes back at the pace the limit lets through rather than all at once. A task coming back for its
+turn (it is on the line) takes the capacity there is, or waits briefly for the next, never at the
+back again. The limiter never leaves capacity unused while a call asks for it: a newcomer finding
+capacity takes it even while others wait for their turn (a turn is a forecast, and its task may be
+late: holding capacity for it would cost a deferral now and the capacity itself). Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 from safetynet.core.upstream import number_in_range
 from safetynet.exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_HOLD", "LINE_SLACK", "TURN_GRACE", "Admission", "Limit", "Usage", "admit", "held_for",
+__all__ = ["DEFAULT_HOLD", "TURN_GRACE", "Admission", "Limit", "Usage", "admit", "held_for",
            "parse_rate", "prune", "take"]
 
 _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
@@ -51,9 +51,6 @@ DEFAULT_HOLD = 1.0
 HOLD_WEIGHT = 0.2
 #: A turn not taken this long after it came is forgotten (its task was lost, revoked or expired).
 TURN_GRACE = 600.0
-#: A line ending less than this far ahead does not hold a newcomer back from free capacity: turns that close are
-#: forecasts within the brokers' own delays, and deferring the newcomer would cost a run for nothing.
-LINE_SLACK = 1.0
 
 
 def parse_rate(value: Any, owner: str = "rate") -> tuple[int, float]:
@@ -203,7 +200,7 @@ class Admission:
     """What ``admit`` decided: admitted, or the turn (seconds since the epoch) and why not now."""
 
     admitted: bool
-    #: "", or why not: "paused", "concurrency", "rate" or "line" (a line waits before it).
+    #: "", or why not: "paused", "concurrency" or "rate".
     reason: str = ""
     turn: float = 0.0
     #: Seconds between turns (a returning task refused again waits up to this much more: jitter).
@@ -239,8 +236,6 @@ def admit(limit: Limit, state: Usage, now: float, task_id: str = "") -> Admissio
         # A microsecond past the moment the oldest call leaves the window (floating point must not keep it in).
         earliest = max(earliest, state.log[len(state.log) - count] + interval + 1e-6)
         reason = reason or "rate"
-    if not reason and not returning and state.line > now + LINE_SLACK:
-        reason = "line"
     if not reason:
         return Admission(True, gap=gap)
     if returning:

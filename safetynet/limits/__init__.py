@@ -127,7 +127,7 @@ def acquire(wanted: Sequence[tuple[str, str]], *, task_id: str = "") -> Ticket:
     if client is not None:
         try:
             keys: list[str] = []
-            args: list[Any] = [len(specs), token, task_id, repr(lease), repr(core.TURN_GRACE), repr(core.LINE_SLACK)]
+            args: list[Any] = [len(specs), token, task_id, repr(lease), repr(core.TURN_GRACE)]
             for config, limit_keys in specs:
                 keys += [limit_keys.base, limit_keys.leases, limit_keys.log, limit_keys.turns, limit_keys.all_leases,
                          limit_keys.all_log]

@@ -89,15 +89,15 @@ end
 
 # The mirror of safetynet.core.limits.admit and take over several limits, all admitted or none.
 # KEYS: per limit, 6: hash, leases, log, turns, all-leases, all-log.
-# ARGV: count of limits, token, task id ("" for none), lease seconds, turn grace, line slack, then per limit 4:
+# ARGV: count of limits, token, task id ("" for none), lease seconds, turn grace, then per limit 4:
 #       concurrency (0: none), rate count (0: none), rate interval, default hold.
 # Returns {1, now} or {0, now, reason, index of the limit, turn, gap, returning (1/0)}.
 ACQUIRE = _NOW + """
 local n, token, task = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local lease, grace, slack = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease, grace = tonumber(ARGV[4]), tonumber(ARGV[5])
 local worst, worst_reason, worst_index, worst_gap, worst_returning = nil, '', -1, 0, 0
 for i = 0, n - 1 do
-  local k, a = i * 6, 6 + i * 4
+  local k, a = i * 6, 5 + i * 4
   local concurrency, count = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local interval, default_hold = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local state = redis.call('HMGET', KEYS[k + 1], 'line', 'hold', 'paused')
@@ -126,7 +126,6 @@ for i = 0, n - 1 do
       if reason == '' then reason = 'rate' end
     end
   end
-  if reason == '' and not returning and line > now + slack then reason = 'line' end
   if reason ~= '' then
     local turn = earliest
     if not returning then
@@ -149,7 +148,7 @@ if worst ~= nil then
   return {0, tostring(now), worst_reason, worst_index, tostring(worst), tostring(worst_gap), worst_returning}
 end
 for i = 0, n - 1 do
-  local k, a = i * 6, 6 + i * 4
+  local k, a = i * 6, 5 + i * 4
   local concurrency, count, interval = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   if concurrency > 0 then
     redis.call('ZADD', KEYS[k + 2], now + lease, token)

@@ -69,9 +69,12 @@ def test_concurrency_admits_n_and_then_gives_turns_spaced_by_the_mean_hold():
     assert (first.admitted, first.reason, first.turn) == (False, "concurrency", 101.5)  # hold 3 s / 2 slots
     assert (second.reason, second.turn) == ("concurrency", 103.0)  # the next place on the line
     state.leases.popitem()
-    third = run(limit, state, 100.5, "c")  # a slot is free, but a and b wait before c (the line is > 1 s ahead)
-    assert (third.admitted, third.reason, third.turn) == (False, "line", 104.5)
-    assert run(limit, state, 101.5, "a").admitted  # a is back for its turn: it takes the slot
+    assert run(limit, state, 100.5, "c").admitted  # a slot is free: c takes it, though a and b wait for turns
+    refused = run(limit, state, 101.5, "a")  # a is back for its turn, finds none free: the next free place
+    assert (refused.reason, refused.turn, refused.returning) == ("concurrency", 103.0, True)
+    assert state.line == 103.0  # and not at the back of the line
+    state.leases.popitem()
+    assert run(limit, state, 103.0, "a").admitted
 
 
 def test_a_task_back_for_its_turn_and_refused_is_not_sent_to_the_back():
@@ -85,15 +88,6 @@ def test_a_task_back_for_its_turn_and_refused_is_not_sent_to_the_back():
     again = run(limit, state, 10.9, "a")  # came back early: no token yet, and it keeps its place in front
     assert (again.admitted, again.reason, again.turn) == (False, "rate", pytest.approx(11.0))
     assert state.line == pytest.approx(12.0)
-
-
-def test_a_newcomer_takes_free_capacity_when_the_line_ends_within_a_second():
-    limit = Limit(concurrency=1)
-    state = Usage(hold=0.5)
-    assert run(limit, state, 0.0).admitted
-    assert run(limit, state, 0.0, "a").turn == pytest.approx(0.5)  # waits for the slot: the line ends at 0.5
-    state.leases.clear()
-    assert run(limit, state, 0.1, "b").admitted  # the line ends 0.4 s ahead: b does not wait behind it
 
 
 def test_a_pause_holds_every_call_until_it_ends():
