@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from safetynet.core.classify import http_status, is_network_error
 from safetynet.core.decision import Dead, Decision, Done, Retry, decide
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
+from safetynet.core.limits import Limit
 from safetynet.core.upstream import Breaker
 from safetynet.exceptions import (
     BreakerOpen,
@@ -20,6 +21,7 @@ from safetynet.exceptions import (
     CrashLoop,
     IdempotencyKeyError,
     KeyInProgress,
+    LimitReached,
     Permanent,
     SafetynetError,
     Snooze,
@@ -30,6 +32,7 @@ from safetynet.exceptions import (
 if TYPE_CHECKING:
     from safetynet.breakers import breaker
     from safetynet.idempotency import atomic
+    from safetynet.limits import limit
     from safetynet.runtime.task import SafetyTask, task
 
 __version__ = "0.1.0.dev0"
@@ -48,6 +51,8 @@ __all__ = [
     "Fixed",
     "IdempotencyKeyError",
     "KeyInProgress",
+    "Limit",
+    "LimitReached",
     "Permanent",
     "Retry",
     "RetryPolicy",
@@ -62,6 +67,7 @@ __all__ = [
     "decide",
     "http_status",
     "is_network_error",
+    "limit",
     "task",
 ]
 
@@ -71,6 +77,7 @@ _LAZY = {
     "task": "safetynet.runtime.task",
     "atomic": "safetynet.idempotency",
     "breaker": "safetynet.breakers",
+    "limit": "safetynet.limits",
 }
 
 

@@ -17,6 +17,8 @@ W007      a task's body calls its own task synchronously (``fetch(url)`` or ``se
           ``fetch``): it runs inside the same attempt, not as a retry
 E003      idempotent tasks are declared but the claims' database is neither PostgreSQL nor SQLite
 E004      a task goes through a breaker that ``SAFETYNET["BREAKERS"]`` does not declare
+E007      a task names a limit that ``SAFETYNET["LIMITS"]`` does not declare
+E008      a task's limit is partitioned by an argument the task does not take
 E005      ``USE_TZ`` is False
 E006      the dead-letter spool folder can be written by another user (or belongs to one, or
           cannot be created): it is refused, so dead letters spooled during an outage are only logged
@@ -27,6 +29,7 @@ W006      ``SPOOL_DIR`` is not set and no private folder outlives a reboot (no w
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -36,6 +39,7 @@ from safetynet import conf
 from safetynet.core.policy import CeleryBackoff, Exponential, Fixed, RetryPolicy
 from safetynet.deadletter import _spool_folder
 from safetynet.exceptions import ConfigurationError
+from safetynet.limits.plugin import limit_names
 from safetynet.runtime import options
 from safetynet.runtime.registry import user_tasks
 from safetynet.runtime.selfcalls import self_calls
@@ -146,6 +150,37 @@ def _check_self_calls(name: str, task: Any) -> list[checks.CheckMessage]:
     ) for call in self_calls(task)]
 
 
+def _check_limits(name: str, task: Any, declared: dict[str, Any]) -> list[checks.CheckMessage]:
+    """E007: the task names a limit nobody declared. E008: it is partitioned by an argument the task does not take."""
+    messages: list[checks.CheckMessage] = []
+    for limit in limit_names(getattr(task, "limit", None)):
+        config = declared.get(limit)
+        if config is None:
+            known = ", ".join(sorted(declared)) or "none"
+            messages.append(checks.Error(
+                f"Task {name} names limit {limit!r}, which SAFETYNET['LIMITS'] does not declare (declared: {known}).",
+                obj=name, id="safetynet.E007",
+                hint=f"Declare it: SAFETYNET['LIMITS'] = {{{limit!r}: {{'concurrency': 5, 'rate': '100/m'}}}}, or fix "
+                     "the name.",
+            ))
+            continue
+        by = config.partition_by
+        if not isinstance(by, str):
+            continue
+        try:
+            parameters = list(inspect.signature(type(task).run).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        names = {parameter.name for parameter in parameters[1:]}
+        if by not in names and not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+            messages.append(checks.Error(
+                f"Task {name} goes through limit {limit!r}, partitioned by the argument {by!r}, which the task does "
+                f"not take (it takes: {', '.join(sorted(names)) or 'nothing'}).", obj=name, id="safetynet.E008",
+                hint="Give the limit a partition_by the task takes, or a callable taking the task's arguments.",
+            ))
+    return messages
+
+
 def _broker_visibility_timeout(app: Any) -> float | None:
     scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+")[0]
     if scheme not in _VISIBILITY_DEFAULTS:
@@ -155,7 +190,7 @@ def _broker_visibility_timeout(app: Any) -> float | None:
 
 @checks.register("safetynet")
 def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E002–E004, W001–W005, W007 over every registered task and the Celery configuration."""
+    """E002–E004, E007, E008, W001–W005, W007 over every registered task and the Celery configuration."""
     messages: list[checks.CheckMessage] = []
     try:
         conf.get()
@@ -177,6 +212,8 @@ def check_tasks(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
                 f"(declared: {known}).", obj=name, id="safetynet.E004",
                 hint=f"Declare it: SAFETYNET['BREAKERS'] = {{{breaker!r}: Breaker(...)}}, or fix the name.",
             ))
+        if isinstance(task, SafetyTask):
+            messages.extend(_check_limits(name, task, conf.get().limits))
         if getattr(task, "acks_late", False) and name not in idempotent:
             messages.append(checks.Warning(
                 f"Task {name} acknowledges late (acks_late=True) but declares no idempotency_key: a message "

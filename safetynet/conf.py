@@ -53,6 +53,10 @@ Every key, its default and its meaning::
     RELAY_POLL_SECONDS    how often a relay looks for due messages (a due message waits at most about this long)
     SCHEDULE_KEEP_SECONDS how long a published message's row is kept, to drop a late second copy of it
     BREAKERS              circuit breakers by name: {"smtp": Breaker(...) or a dict of its fields}
+    LIMITS                limits on the calls to an upstream, by name: {"partner-api": {"concurrency": 5, "rate": "100/m",
+                          "partition_by": "customer_id"}} (a Limit(...) or a dict of its fields); see docs/limits.md
+    LIMIT_LEASE_SECONDS   a concurrency slot outlives its worker's last heartbeat this long (renewed every third of
+                          it): a worker killed while holding slots frees them within this time
     RETRY_BUDGET          retries through a breaker: {"ratio": 0.2, "min_retries": 3, "window": 60} of its first
                           attempts; past it a retry waits longer. None: no budget
     STATS                 count runs, retries and deaths per task and minute for the dashboard (False: count nothing)
@@ -82,6 +86,7 @@ from django.utils.module_loading import import_string
 
 from safetynet.core.classify import Matcher, as_matchers, http_status, is_network_error
 from safetynet.core.policy import Exponential, RetryPolicy
+from safetynet.core.limits import Limit
 from safetynet.core.upstream import Breaker, RetryBudget
 from safetynet.exceptions import ConfigurationError
 
@@ -131,6 +136,8 @@ DEFAULTS: dict[str, Any] = {
     "RELAY_POLL_SECONDS": 0.5,
     "SCHEDULE_KEEP_SECONDS": 86_400,
     "BREAKERS": {},
+    "LIMITS": {},
+    "LIMIT_LEASE_SECONDS": 30.0,
     "RETRY_BUDGET": {"ratio": 0.2, "min_retries": 3, "window": 60},
     "STATS": True,
     "STATS_FLUSH_SECONDS": 10.0,
@@ -184,6 +191,8 @@ class Settings:
     relay_poll_seconds: float
     schedule_keep_seconds: float
     breakers: dict[str, Any]
+    limits: dict[str, Limit]
+    limit_lease_seconds: float
     retry_budget: Any
     stats: bool
     stats_flush_seconds: float
@@ -367,6 +376,45 @@ def _breakers(value: Any) -> dict[str, Any]:
     return breakers
 
 
+def _limits(value: Any) -> dict[str, Limit]:
+    """``LIMITS``: each a ``Limit`` or a dict of its fields, under a name; a dotted ``partition_by`` is imported."""
+    if not isinstance(value, dict):
+        raise ConfigurationError(
+            f"SAFETYNET['LIMITS'] must be a dict of name -> {{'concurrency': N, 'rate': 'N/m', ...}} (or Limit(...)), "
+            f"got {value!r}"
+        )
+    limits = {}
+    fields = [item.name for item in dataclasses.fields(Limit) if item.name != "name"]
+    for name, item in value.items():
+        if not isinstance(name, str) or not _BREAKER_NAME.match(name):
+            raise ConfigurationError(f"SAFETYNET['LIMITS']: a limit's name is 1 to 100 letters, digits or "
+                                     f"_ . : -, got {name!r}")
+        where = f"SAFETYNET['LIMITS'][{name!r}]"
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - set(fields))
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], fields, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else f" Fields: {', '.join(fields)}."
+                raise ConfigurationError(f"{where}: unknown field {unknown[0]!r}.{hint}")
+            item = dict(item)
+        elif isinstance(item, Limit):
+            item = {field.name: getattr(item, field.name) for field in dataclasses.fields(Limit) if field.name != "name"}
+        else:
+            raise ConfigurationError(f"{where} must be a dict of its fields (concurrency, rate, partition_by, "
+                                     f"tighten_on_429, max_pause, margin) or a Limit(...), got {item!r}")
+        partition = item.get("partition_by")
+        if isinstance(partition, str) and "." in partition:
+            try:
+                item["partition_by"] = import_string(partition)
+            except ImportError as error:
+                raise ConfigurationError(f"{where}: partition_by: cannot import {error}") from None
+        try:
+            limits[name] = Limit(**item, name=name)
+        except ConfigurationError as error:
+            raise ConfigurationError(f"SAFETYNET['LIMITS']: {error}") from None
+    return limits
+
+
 def _retry_budget(value: Any) -> Any:
     if value is None or isinstance(value, RetryBudget):
         return value
@@ -452,6 +500,8 @@ def build(user: dict[str, Any]) -> Settings:
         relay_poll_seconds=_seconds("RELAY_POLL_SECONDS", merged["RELAY_POLL_SECONDS"], 0.05, 60),
         schedule_keep_seconds=_seconds("SCHEDULE_KEEP_SECONDS", merged["SCHEDULE_KEEP_SECONDS"], 60, 90 * 86_400),
         breakers=_breakers(merged["BREAKERS"]),
+        limits=_limits(merged["LIMITS"]),
+        limit_lease_seconds=_seconds("LIMIT_LEASE_SECONDS", merged["LIMIT_LEASE_SECONDS"], 1, 3600),
         retry_budget=_retry_budget(merged["RETRY_BUDGET"]),
         stats=_boolean("STATS", merged["STATS"]),
         stats_flush_seconds=_seconds("STATS_FLUSH_SECONDS", merged["STATS_FLUSH_SECONDS"], 0.1, 3600),

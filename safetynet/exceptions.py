@@ -12,7 +12,8 @@ The hierarchy::
           │    └── ClaimLost         another run took this run's idempotency claim over; its writes rolled back
           ├── Permanent              do not try again: dead-letter now
           └── Snooze                 try again after ``delay`` without using up an attempt
-               └── BreakerOpen       the upstream's breaker is open: not before it may half-open
+               ├── BreakerOpen       the upstream's breaker is open: not before it may half-open
+               └── LimitReached      the upstream's limit (concurrency, rate) is reached: not before its turn
 
 This module imports nothing, so the pure decision core can depend on it.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "CrashLoop",
     "IdempotencyKeyError",
     "KeyInProgress",
+    "LimitReached",
     "Permanent",
     "SafetynetError",
     "Snooze",
@@ -118,3 +120,17 @@ class BreakerOpen(Snooze):
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.name, self.delay, self.message))
+
+
+class LimitReached(Snooze):
+    """The limit ``name`` lets no more calls through now (``reason``: "concurrency", "rate", or "paused" after a
+    429). In a task this defers it, without using an attempt, for ``delay`` seconds (until its turn)."""
+
+    def __init__(self, name: str, delay: float, reason: str = "", message: str = "") -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(delay, message or f"limit {name!r} reached ({reason or 'full'}); "
+                                           f"next turn in {max(0.0, delay):.2f}s")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return (type(self), (self.name, self.delay, self.reason, self.message))

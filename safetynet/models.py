@@ -287,6 +287,31 @@ class BreakerState(models.Model):
         return f"{self.name} {self.state}"
 
 
+class LimitState(models.Model):
+    """A limit's (or one partition's) shared state when Redis is not configured or does not answer
+    (see safetynet.limits); changed under a row lock."""
+
+    #: The limit's name, and the partition after a NUL-free separator (``name`` alone when not partitioned).
+    key = models.CharField(max_length=255, primary_key=True)
+    name = models.CharField(max_length=100, db_index=True)
+    #: Concurrency slots held: {token: lease expires at}.
+    leases = models.JSONField(default=dict)
+    #: When each call in the rate's window was admitted, oldest first.
+    log = models.JSONField(default=list)
+    #: The last turn given out (seconds since the epoch): the end of the waiting line.
+    line = models.FloatField(default=0.0)
+    #: The mean time a slot is held (None before a call ended).
+    hold = models.FloatField(null=True, blank=True)
+    #: Paused after a 429 until then.
+    paused = models.FloatField(default=0.0)
+    #: Tasks waiting for their turn: {task id: turn}.
+    turns = models.JSONField(default=dict)
+    updated = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return self.key
+
+
 class TaskStats(models.Model):
     """What one task did in one period (a minute or an hour): the dashboard's aggregates.
 

@@ -26,6 +26,9 @@ outside the process that ran it), the dead-letter signals with ``sender`` the ``
 ``breaker_changed``: a breaker changed state (sender None). kwargs: name, state ("open",
     "half_open", "closed"), at (seconds since the epoch), by_hand (forced by staff)
 ``breaker_refused``: a breaker refused a call (sender None). kwargs: name, state
+``limit_deferred``: a limit refused a call, which waits for its turn (sender None). kwargs: name, partition
+    ("" when not partitioned), reason ("concurrency", "rate", "paused"), wait (seconds)
+``limit_paused``: a 429 paused a limit (sender None). kwargs: name, partition, seconds
 
 Receivers run where the event happens (mostly the worker); one that raises is logged and
 does not change the outcome.
@@ -57,7 +60,8 @@ if TYPE_CHECKING:
     from safetynet.protocol.attempt import Attempt
 
 __all__ = ["announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_quarantined",
-           "dead_letter_recorded", "dead_letters_evicted", "drain_successes", "stop_consuming", "task_dead", "task_ended",
+           "dead_letter_recorded", "dead_letters_evicted", "drain_successes", "limit_deferred", "limit_paused",
+           "stop_consuming", "task_dead", "task_ended",
            "task_replayed", "task_retrying"]
 
 logger = logging.getLogger("safetynet")
@@ -71,6 +75,8 @@ dead_letters_evicted = Signal()
 dead_letter_quarantined = Signal()
 breaker_changed = Signal()
 breaker_refused = Signal()
+limit_deferred = Signal()
+limit_paused = Signal()
 
 
 #: A success as batch consumers get it: (task name, run time in seconds or None, when it ended).

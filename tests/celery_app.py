@@ -18,6 +18,8 @@ app.conf.update(
     result_accept_content=["json", os.environ.get("SAFETYNET_TEST_RESULT_SERIALIZER", "json")],
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    broker_transport_options=({"visibility_timeout": float(os.environ["SAFETYNET_TEST_VISIBILITY_TIMEOUT"])}
+                              if os.environ.get("SAFETYNET_TEST_VISIBILITY_TIMEOUT") else {}),
     include=["tests.fixtures.tasks", "tests.fixtures.dead_letter_tasks", "tests.fixtures.idempotent_tasks", "tests.fixtures.scheduled_tasks", "tests.fixtures.breaker_tasks", *filter(None, os.environ.get("SAFETYNET_TEST_INCLUDE", "").split(","))],
 )
 app.set_default()

@@ -52,6 +52,10 @@ SAFETYNET = {
     # The flusher thread would write the counts of one test while another reads them: tests flush by hand.
     "STATS_FLUSH_SECONDS": float(os.environ.get("SAFETYNET_TEST_STATS_FLUSH_SECONDS") or 3600),
     "BREAKERS": {"upstream": {"min_calls": 3, "failure_rate": 0.5, "open_seconds": 4}},
+    # tests/fixtures/limit_tasks.py goes through them (tests/integration/test_limits.py).
+    "LIMITS": {"test-slots": {"concurrency": 2},
+               "test-customers": {"concurrency": 1, "rate": "2/s", "partition_by": "customer_id"}},
+    "LIMIT_LEASE_SECONDS": float(os.environ.get("SAFETYNET_TEST_LIMIT_LEASE_SECONDS") or 30),
 }
 ADMINS = [("Ops", "ops@example.com")]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

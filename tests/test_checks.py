@@ -102,3 +102,15 @@ def test_a_task_that_calls_itself_synchronously_warns_with_the_line():
         assert message.id == "safetynet.W007"
         assert f"risky_tasks.py:{line}: {call}" in message.msg
     assert messages_for("fetch_feed_later") == set()  # .delay() and .apply_async() send a new message
+
+
+def test_a_task_naming_an_undeclared_limit_or_partitioned_by_a_missing_argument_is_an_error():
+    assert messages_for("through_an_unknown_limit") == {"safetynet.E007"}
+    with override_settings(SAFETYNET={"LIMITS": {"nowhere-limit": {"rate": "1/s"},
+                                                 "per-customer": {"rate": "1/s", "partition_by": "customer_id"}}}):
+        assert messages_for("through_an_unknown_limit") == set()
+        [message] = [m for m in checks.check_tasks()
+                     if m.obj == "tests.fixtures.risky_tasks.partitioned_by_a_missing_argument"]
+        assert message.id == "safetynet.E008" and "'customer_id'" in message.msg and "order_id" in message.msg
+    with override_settings(SAFETYNET={"LIMITS": {"per-customer": {"rate": "1/s", "partition_by": "order_id"}}}):
+        assert messages_for("partitioned_by_a_missing_argument") == set()

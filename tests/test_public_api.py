@@ -12,9 +12,9 @@ import safetynet.testing
 def test_public_names():
     assert sorted(safetynet.__all__) == sorted([
         "Breaker", "BreakerOpen", "CeleryBackoff", "ClaimLost", "ConfigurationError", "CrashLoop", "Dead", "Decision", "Done", "Exponential",
-        "Fixed", "IdempotencyKeyError", "KeyInProgress", "Permanent", "Retry", "RetryPolicy", "SafetyTask",
+        "Fixed", "IdempotencyKeyError", "KeyInProgress", "Limit", "LimitReached", "Permanent", "Retry", "RetryPolicy", "SafetyTask",
         "SafetynetError", "Snooze", "TaskSignal", "Transient", "__version__", "atomic", "breaker", "decide", "http_status",
-        "is_network_error", "task",
+        "is_network_error", "limit", "task",
     ])
     for name in safetynet.__all__:
         assert getattr(safetynet, name) is not None
@@ -59,7 +59,7 @@ def test_users_test_suites_get_the_fixtures_with_no_configuration(tmp_path):
 PUBLIC_MODULES = {
     "safetynet.signals": [
         "announce", "announce_success", "breaker_changed", "breaker_refused", "consume", "dead_letter_quarantined",
-        "dead_letter_recorded", "dead_letters_evicted", "drain_successes",
+        "dead_letter_recorded", "dead_letters_evicted", "drain_successes", "limit_deferred", "limit_paused",
         "stop_consuming", "task_dead", "task_ended", "task_replayed", "task_retrying",
     ],
     "safetynet.typing": [
@@ -74,9 +74,10 @@ PUBLIC_MODULES = {
     ],
     "safetynet.contrib.prometheus": [
         "ATTEMPTS", "BREAKER_CHANGES", "BREAKER_REFUSED", "DEAD", "DEAD_LETTERS_EVICTED", "RETRY_DELAY", "RUNTIME",
-        "BreakerCollector", "DeadLetterCollector", "PORT_ENVIRONMENT_VARIABLE", "RETRY_DELAY_BUCKETS",
+        "BreakerCollector", "DeadLetterCollector", "LIMIT_DEFERRALS", "LIMIT_PAUSES", "LIMIT_WAIT",
+        "LIMIT_WAIT_BUCKETS", "LimitCollector", "PORT_ENVIRONMENT_VARIABLE", "RETRY_DELAY_BUCKETS",
         "RUNTIME_BUCKETS", "collector_registry", "flush", "install", "metrics_view", "multiprocess_dir", "on_breaker_changed",
-        "on_breaker_refused", "on_dead_letters_evicted", "on_task_ended", "on_task_retrying", "on_worker_ready",
+        "on_breaker_refused", "on_dead_letters_evicted", "on_limit_deferred", "on_limit_paused", "on_task_ended", "on_task_retrying", "on_worker_ready",
         "start_worker_http_server", "uninstall", "worker_http_address",
     ],
     "safetynet.contrib.sentry": [

@@ -11,7 +11,7 @@ import time
 
 from safetynet import conf, shared
 
-__all__ = ["budgeted", "count_first_attempt"]
+__all__ = ["budgeted", "count_first_attempt", "usage"]
 
 def _budget_keys(scope: str, kind: str, now: float, window: float) -> list[str]:
     bucket = math.floor(now / (window / 12))
@@ -39,3 +39,14 @@ def budgeted(scope: str, delay: float) -> tuple[float, bool]:
         shared.incr(retry_keys[-1], ttl=budget.window * 2)
         return delay, True
     return max(delay, budget.window / 4 + random.uniform(0, budget.window / 4)), False
+
+
+def usage(scope: str) -> tuple[int, int] | None:
+    """First attempts and retries counted in ``scope``'s window now (None without a budget)."""
+    budget = conf.get().retry_budget
+    if budget is None:
+        return None
+    now = time.time()
+    counted = shared.counts(_budget_keys(scope, "first", now, budget.window) + _budget_keys(scope, "retry", now,
+                                                                                               budget.window))
+    return sum(counted[:12]), sum(counted[12:])

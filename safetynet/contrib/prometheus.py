@@ -9,6 +9,12 @@ Metrics (``task`` is the task name; no other per-task label)::
     safetynet_dead_letters_evicted_total           dead-letter rows deleted by DEAD_LETTER_MAX_ROWS
     safetynet_dead_letters{task}                   dead letters waiting for a decision (status "dead"),
                                                    read from the database at scrape time
+    safetynet_limit_deferrals_total{limit, reason} calls (task runs) a limit deferred: concurrency, rate, paused
+    safetynet_limit_wait_seconds{limit}            histogram: the wait a deferral scheduled (until the task's turn)
+    safetynet_limit_pauses_total{limit}            a 429 paused the limit (tighten_on_429)
+    safetynet_limit_slots_in_use{limit}            concurrency slots held now, over every partition, and
+    safetynet_limit_calls_in_window{limit}         calls in the rate's window now: read from the shared store
+                                                   at scrape time
 
 Where each number comes from:
 
@@ -53,7 +59,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, start_http_server
 
-from safetynet import breakers, conf, signals
+from safetynet import breakers, conf, limits, signals
 from safetynet.exceptions import ConfigurationError
 from safetynet.protocol.events import TaskEnded
 
@@ -70,6 +76,11 @@ __all__ = [
     "RUNTIME_BUCKETS",
     "BreakerCollector",
     "DeadLetterCollector",
+    "LIMIT_DEFERRALS",
+    "LIMIT_PAUSES",
+    "LIMIT_WAIT",
+    "LIMIT_WAIT_BUCKETS",
+    "LimitCollector",
     "collector_registry",
     "flush",
     "install",
@@ -78,6 +89,8 @@ __all__ = [
     "on_breaker_changed",
     "on_breaker_refused",
     "on_dead_letters_evicted",
+    "on_limit_deferred",
+    "on_limit_paused",
     "on_task_ended",
     "on_task_retrying",
     "on_worker_ready",
@@ -146,6 +159,20 @@ BREAKER_CHANGES = Counter(
 )
 BREAKER_REFUSED = Counter(
     "safetynet_breaker_refused", "Calls (and task runs) a breaker refused, by breaker.", ["breaker"],
+)
+
+LIMIT_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                      float("inf"))
+LIMIT_DEFERRALS = Counter(
+    "safetynet_limit_deferrals", "Calls (and task runs) a limit deferred until their turn, by limit and reason.",
+    ["limit", "reason"],
+)
+LIMIT_WAIT = Histogram(
+    "safetynet_limit_wait_seconds", "Seconds a deferral by a limit scheduled before the task's turn.", ["limit"],
+    buckets=LIMIT_WAIT_BUCKETS,
+)
+LIMIT_PAUSES = Counter(
+    "safetynet_limit_pauses", "Times a 429 from the upstream paused a limit (tighten_on_429).", ["limit"],
 )
 
 # -- receivers: each is a label lookup and an increment or observe ---------------------
@@ -240,6 +267,47 @@ def on_breaker_refused(sender: Any = None, name: str = "", **_: Any) -> None:
     BREAKER_REFUSED.labels(name).inc()
 
 
+def on_limit_deferred(sender: Any = None, name: str = "", reason: str = "", wait: float | None = None,
+                      **_: Any) -> None:
+    """``limit_deferred``: count the deferral and observe its wait (partitions are not labels: unbounded)."""
+    LIMIT_DEFERRALS.labels(name, reason).inc()
+    if wait is not None:
+        LIMIT_WAIT.labels(name).observe(wait)
+
+
+def on_limit_paused(sender: Any = None, name: str = "", **_: Any) -> None:
+    """``limit_paused``: count the pause."""
+    LIMIT_PAUSES.labels(name).inc()
+
+
+class LimitCollector:
+    """``safetynet_limit_slots_in_use{limit}`` and ``safetynet_limit_calls_in_window{limit}``, read from the shared
+    store at scrape time."""
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("safetynet_limit_slots_in_use", "Concurrency slots held now.", labels=["limit"])
+        yield GaugeMetricFamily("safetynet_limit_calls_in_window", "Calls in the rate's window now.",
+                                labels=["limit"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        slots = GaugeMetricFamily("safetynet_limit_slots_in_use",
+                                  "Concurrency slots held now, over every partition of the limit.", labels=["limit"])
+        calls = GaugeMetricFamily("safetynet_limit_calls_in_window",
+                                  "Calls started in the rate's window now, over every partition.", labels=["limit"])
+        for name, config in sorted(conf.get().limits.items()):
+            try:
+                state = limits.state_of(name)
+            except Exception as error:  # the store is away: this limit is left out of the scrape
+                logger.warning("safetynet: limit %r left out of the scrape: %r", name, error)
+                continue
+            if config.concurrency is not None:
+                slots.add_metric([name], state["in_use"])
+            if config.rate is not None:
+                calls.add_metric([name], state["calls"])
+        yield slots
+        yield calls
+
+
 class BreakerCollector:
     """``safetynet_breaker_state{breaker,state}``: 1 for each breaker's current state, read from the shared store."""
 
@@ -310,6 +378,7 @@ def collector_registry(*, dead_letters: bool = True) -> CollectorRegistry:
     if dead_letters:
         registry.register(DeadLetterCollector())
         registry.register(BreakerCollector())
+        registry.register(LimitCollector())
     return registry
 
 
@@ -399,6 +468,8 @@ _SAFETYNET_RECEIVERS = (
     (signals.dead_letters_evicted, on_dead_letters_evicted),
     (signals.breaker_changed, on_breaker_changed),
     (signals.breaker_refused, on_breaker_refused),
+    (signals.limit_deferred, on_limit_deferred),
+    (signals.limit_paused, on_limit_paused),
 )
 
 

@@ -36,7 +36,7 @@ PAGES = (
     ("failures", "Failures", "safetynet.view_deadletter"),
     ("dead_letters", "Dead letters", "safetynet.view_deadletter"),
     ("schedule", "Schedule", "safetynet.view_scheduledmessage"),
-    ("breakers", "Breakers", "safetynet.view_breakerstate"),
+    ("breakers", "Upstreams", "safetynet.view_breakerstate"),
 )
 #: What a page may load: its own stylesheet and script (a nonce per response), images, forms and the live figures'
 #: JSON of this site; nothing else, and no frame around it.

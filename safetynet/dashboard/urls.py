@@ -20,6 +20,7 @@ urlpatterns = [
     path("schedule/", views.schedule, name="schedule"),
     path("schedule/due-now/", views.schedule_due_now, name="schedule_due_now"),
     path("breakers/", views.breakers_page, name="breakers"),
+    path("upstreams/", views.breakers_page, name="upstreams"),
     re_path(r"^breakers/(?P<name>[A-Za-z0-9_.:-]{1,100})/(?P<action>open|close)/$", views.breaker_action,
             name="breaker_action"),
 ]

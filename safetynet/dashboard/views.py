@@ -13,7 +13,7 @@ with a confirmation page, and act only on its POST (``confirm=yes``). Every resp
     replay, discard (one, group) change_deadletter
     schedule                     view_scheduledmessage   durable retries and the outbox, by due time
     bring forward                change_scheduledmessage
-    breakers                     view_breakerstate
+    upstreams (breakers/)        view_breakerstate       breakers, retry budgets and limits, with their use now
     open, close by hand          change_breakerstate
 
 Every list is paginated in the database and reads only the columns it shows (of a long text, only
@@ -37,7 +37,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_safe
 
-from safetynet import breakers, deadletter, stats
+from safetynet import breakers, conf, deadletter, limits, stats
+from safetynet.breakers import budgets
 from safetynet import schedule as durable_schedule
 from safetynet.dashboard import brokers
 from safetynet.dashboard.charts import line_chart, stacked_chart
@@ -294,12 +295,55 @@ def _breaker_states(*, only_unhealthy: bool = False) -> list[dict[str, Any]]:
     return shown
 
 
+def _budget_uses() -> list[dict[str, Any]]:
+    """The retry budgets in use: each breaker's and each named one's first attempts and retries in the window."""
+    budget = conf.get().retry_budget
+    if budget is None:
+        return []
+    from safetynet.runtime.registry import user_tasks
+
+    scopes = [("breaker", name) for name in sorted(breakers.declared())]
+    named = sorted({task.retry_budget for task in user_tasks().values()
+                    if isinstance(getattr(task, "retry_budget", None), str)})
+    scopes += [("budget", name) for name in named]
+    shown = []
+    for kind, name in scopes:
+        try:
+            counted = budgets.usage(f"{'named' if kind == 'budget' else kind}:{name}")
+        except Exception as error:  # the store is away: shown, not raised
+            shown.append({"kind": kind, "name": name, "error": type(error).__name__})
+            continue
+        if counted is None:
+            continue
+        firsts, retries = counted
+        allowed = max(budget.min_retries, int(budget.ratio * firsts))
+        shown.append({"kind": kind, "name": name, "firsts": firsts, "retries": retries, "allowed": allowed,
+                      "spent": retries >= allowed})
+    return shown
+
+
+def _limit_states() -> list[dict[str, Any]]:
+    """Each declared limit with its use now; a store that fails is shown, not raised."""
+    shown = []
+    for name, config in sorted(limits.declared().items()):
+        row: dict[str, Any] = {"name": name, "config": config, "rule": config.describe(),
+                               "concurrency": config.concurrency, "rate_count": config.rate_count}
+        try:
+            row.update(limits.state_of(name))
+        except Exception as error:
+            row["error"] = type(error).__name__
+        shown.append(row)
+    return shown
+
+
 @require_safe
 @staff_page("safetynet.view_breakerstate")
 def breakers_page(request: HttpRequest) -> HttpResponse:
-    """Every declared breaker: state, failure rate over its window, time to half-open; open or close by hand."""
+    """The upstreams: every declared breaker (state, failure rate over its window, time to half-open; open or close
+    by hand), the retry budgets in use, and every limit with its use now."""
     return render_page(request, "breakers.html", "breakers", {
         "breakers": _breaker_states(), "can_act": request.user.has_perm("safetynet.change_breakerstate"),
+        "budget": conf.get().retry_budget, "budgets": _budget_uses(), "limits": _limit_states(),
     })
 
 

@@ -8,9 +8,12 @@ the other hooks are called in:
 3. ``DjangoTasks``: a ``django.tasks`` task's result record (each attempt's end, its retry, its death) and its
    own ``backoff()`` (before the budget, which may only lengthen the wait it chose);
 4. ``BreakerGuard``: no run while the upstream's breaker is open (a deferral, no attempt used);
-5. ``BudgetGuard``: first attempts earn retries; a retry past the budget waits longer;
-6. ``Idempotency``: the key is claimed (a duplicate gets the stored result or waits);
-7. ``Tracking``: an idempotent task's message is kept until a run takes it (sent again if lost).
+5. ``LimitGuard``: no run until every limit the task names admits it (a deferral until its turn, no attempt
+   used); after the breaker, so a task whose upstream is down takes no slot and no place in the rate, and
+   before the budget, so a deferred first attempt earns the budget once, when it runs;
+6. ``BudgetGuard``: first attempts earn retries; a retry past the budget waits longer;
+7. ``Idempotency``: the key is claimed (a duplicate gets the stored result or waits);
+8. ``Tracking``: an idempotent task's message is kept until a run takes it (sent again if lost).
 
 To add a feature: write a ``safetynet.protocol.attempt.Plugin`` subclass in its own package,
 declare the task options it reads, override the hooks it needs, and put it here.
@@ -24,6 +27,7 @@ from typing import Any
 from safetynet import conf
 from safetynet.breakers.plugin import BreakerGuard, BudgetGuard
 from safetynet.idempotency.plugin import Idempotency
+from safetynet.limits.plugin import LimitGuard
 from safetynet.progress.plugin import Progress
 from safetynet.protocol.attempt import Plugin
 from safetynet.schedule.plugin import SecondCopy, Tracking
@@ -31,8 +35,8 @@ from safetynet.taskrecords.plugin import DjangoTasks
 
 __all__ = ["HOOKS", "PLUGINS", "Pipeline", "pipeline_of"]
 
-PLUGINS: tuple[Plugin, ...] = (SecondCopy(), Progress(), DjangoTasks(), BreakerGuard(), BudgetGuard(), Idempotency(),
-                               Tracking())
+PLUGINS: tuple[Plugin, ...] = (SecondCopy(), Progress(), DjangoTasks(), BreakerGuard(), LimitGuard(), BudgetGuard(),
+                               Idempotency(), Tracking())
 
 
 def _overrides(plugin: Plugin, hook: str) -> bool:

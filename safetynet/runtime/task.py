@@ -123,6 +123,9 @@ class SafetyTask(_Base):
     #: The name of a breaker in ``SAFETYNET["BREAKERS"]``: while it is open the body is not run and
     #: the task is deferred (no attempt used) until it may half-open.
     breaker: str | None = None
+    #: The name of a limit in ``SAFETYNET["LIMITS"]``, or a list of them: the body runs only once every one
+    #: admits it; until then the task is deferred (no attempt used) until its turn.
+    limit: str | list[str] | tuple[str, ...] | None = None
     #: Whose retry budget its retries spend (``RETRY_BUDGET``): None, its breaker's (if it has one);
     #: True, its queue's; a string, a budget of that name shared by the tasks naming it; False, none.
     retry_budget: bool | str | None = None

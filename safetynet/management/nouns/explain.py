@@ -26,6 +26,7 @@ from safetynet.core.durations import duration, duration_range
 from safetynet.core.forecast import Step, forecast
 from safetynet.core.policy import RetryPolicy
 from safetynet.exceptions import ConfigurationError, Permanent, Snooze, Transient
+from safetynet.limits.plugin import limit_names
 from safetynet.management.nouns._text import Noun
 from safetynet.runtime import options
 from safetynet.runtime.outcome import manual_policy
@@ -200,6 +201,7 @@ class Explain(Noun):
                 write(f"Breaker: {task.breaker}  (opens at {rule}; open {duration(config.open_seconds)}, then "
                       f"{config.half_open_probes} probe(s) at once; while open the task is deferred, no attempt "
                       "used)")
+        self._explain_limits(task, settings)
         mode = task.enqueue or settings.enqueue
         write("Enqueue: " + {"now": "delay()/apply_async() publish at once (Celery's way)",
                              "on_commit": "delay()/apply_async() publish once the caller's transaction commits",
@@ -396,6 +398,25 @@ class Explain(Noun):
                     "included." if policy.deadline is not None else "")
         write(f"Gives up after attempt {last.attempt}, which starts {duration_range(*last.starts)} after the first; "
               f"{run_time_words}.{deadline}")
+
+    def _explain_limits(self, task: SafetyTask, settings: Any) -> None:
+        """The limits the task goes through, and what happens over them."""
+        names = limit_names(task.limit)
+        if not names:
+            return
+        write = self.stdout.write
+        for name in names:
+            config = settings.limits.get(name)
+            if config is None:
+                write(f"Limit: {name!r}, which SAFETYNET['LIMITS'] does not declare (safetynet.E007)")
+                continue
+            write(f"Limit: {name}  ({config.describe()}; shared by every worker)")
+        durable = settings.durable_retry_seconds
+        where = (f"waiting in the durable schedule when that is {duration(durable)} or more"
+                 if durable is not None else "waiting as a broker message")
+        write(f"Over a limit: the body does not run; the task is deferred until its turn (no attempt used, the "
+              f"deadline still counts), {where}; a slot is a lease of {duration(settings.limit_lease_seconds)} "
+              "renewed by the heartbeat (a killed worker's slots are free again within it).")
 
     def _explain_delivery(self, task: SafetyTask, settings: Any) -> None:
         """Idempotency, acknowledgement and crash handling, in one or two lines."""
