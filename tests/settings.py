@@ -2,6 +2,8 @@
 
 import os
 
+import django
+
 SECRET_KEY = "safetynet-tests"
 DEBUG = False
 USE_TZ = True
@@ -53,8 +55,13 @@ SAFETYNET = {
     "STATS_FLUSH_SECONDS": float(os.environ.get("SAFETYNET_TEST_STATS_FLUSH_SECONDS") or 3600),
     "BREAKERS": {"upstream": {"min_calls": 3, "failure_rate": 0.5, "open_seconds": 4}},
 }
-ADMINS = [("Ops", "ops@example.com")]
-EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# Django 6.0 takes ADMINS as addresses (its (name, address) pairs are deprecated); 5.2 only as pairs. Django 6.1
+# configures mail in MAILERS (EMAIL_BACKEND is deprecated there).
+ADMINS = ["ops@example.com"] if django.VERSION >= (6, 0) else [("Ops", "ops@example.com")]
+if django.VERSION >= (6, 1):
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 ROOT_URLCONF = "tests.urls"
 STATIC_URL = "/static/"
 LOGGING_CONFIG = None
@@ -69,8 +76,6 @@ try:
 except ImportError:
     pass
 else:
-    import django as _django
-
-    if _django.VERSION < (6, 0):
+    if django.VERSION < (6, 0):
         INSTALLED_APPS.append("django_tasks")
         TASKS["immediate"]["BACKEND"] = "django_tasks.backends.immediate.ImmediateBackend"
