@@ -1,16 +1,21 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both make .venv themselves.
-PYTHON ?= python3
+# The two commands a newcomer needs: `make demo` and `make test`. Both make .venv themselves, with the newest
+# supported Python found on the machine (.ci/python says which; `make test PYTHON=python3.12` chooses).
+PYTHON ?= $(shell .ci/python)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The oldest supported Celery, for the second CI run.
-CELERY_OLDEST ?= 5.5.3
+# The oldest supported stack, for the second CI leg: Python 3.11, Django 5.2 with the django-tasks backport,
+# Celery 5.5.3.
+PYTHON_OLDEST ?= $(shell .ci/python 3.11)
+OLDEST_PIP ?= 'Django==5.2.*' 'celery[redis]==5.5.3'
 
 .PHONY: demo test test-oldest lint docs services clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@python='$(PYTHON)'; test -n "$$python" || { echo "no Python to make $(VENV) with (.ci/python)" >&2; exit 1; }; \
+	  echo "$$python -m venv $(VENV)"; "$$python" -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' $(EXTRA_PIP)
+	$(PY) -m pip install -q -e '.[dev$(EXTRAS)]' $(EXTRA_PIP)
+	@$(PY) -c 'import sys, django, celery; print(f"$(VENV): Python {sys.version.split()[0]}, Django {django.get_version()}, Celery {celery.__version__}")'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -32,7 +37,7 @@ test: $(VENV)/.installed services lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-oldest:
-	$(MAKE) test VENV=.venv-celery-oldest EXTRA_PIP='celery[redis]==$(CELERY_OLDEST)'
+	$(MAKE) test VENV=.venv-oldest PYTHON='$(PYTHON_OLDEST)' EXTRAS=',django-tasks' EXTRA_PIP="$(OLDEST_PIP)"
 
 clean:
-	rm -rf $(VENV) .venv-celery-oldest demo/var .pytest_cache site
+	rm -rf $(VENV) .venv-oldest .venv-celery-oldest demo/var .pytest_cache site

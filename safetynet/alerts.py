@@ -52,7 +52,7 @@ def _mail(subject: str, body: str) -> None:
     if not getattr(settings, "ADMINS", None):
         return
     try:
-        mail_admins(subject, body, fail_silently=False)
+        mail_admins(subject, body)  # Django 6.1 deprecates fail_silently (False is the default everywhere)
     except Exception as error:
         logger.error("safetynet: mail_admins failed: %r", error)
 

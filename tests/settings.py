@@ -2,6 +2,8 @@
 
 import os
 
+import django
+
 SECRET_KEY = "safetynet-tests"
 DEBUG = False
 USE_TZ = True
@@ -57,8 +59,13 @@ SAFETYNET = {
                "test-customers": {"concurrency": 1, "rate": "2/s", "partition_by": "customer_id"}},
     "LIMIT_LEASE_SECONDS": float(os.environ.get("SAFETYNET_TEST_LIMIT_LEASE_SECONDS") or 30),
 }
-ADMINS = [("Ops", "ops@example.com")]
-EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# Django 6.0 takes ADMINS as addresses (its (name, address) pairs are deprecated); 5.2 only as pairs. Django 6.1
+# configures mail in MAILERS (EMAIL_BACKEND is deprecated there).
+ADMINS = ["ops@example.com"] if django.VERSION >= (6, 0) else [("Ops", "ops@example.com")]
+if django.VERSION >= (6, 1):
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 ROOT_URLCONF = "tests.urls"
 STATIC_URL = "/static/"
 LOGGING_CONFIG = None
@@ -73,8 +80,6 @@ try:
 except ImportError:
     pass
 else:
-    import django as _django
-
-    if _django.VERSION < (6, 0):
+    if django.VERSION < (6, 0):
         INSTALLED_APPS.append("django_tasks")
         TASKS["immediate"]["BACKEND"] = "django_tasks.backends.immediate.ImmediateBackend"

@@ -425,7 +425,7 @@ def worker_database(django_db_setup, django_db_blocker):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.urls(__name__)
 def test_a_prefork_worker_with_two_children_exposes_the_sums(tmp_path, worker_database, client, monkeypatch):
-    from tests.integration.conftest import BROKERS, Worker, configure_app
+    from tests.integration.conftest import BROKERS, Worker, configure_app, release_app
 
     broker, backend = BROKERS["redis"]
     app = configure_app(broker, backend)
@@ -486,9 +486,7 @@ def test_a_prefork_worker_with_two_children_exposes_the_sums(tmp_path, worker_da
             assert (check.returncode, check.stdout + check.stderr) == (0, "")
     finally:
         worker.stop()
-        # not app.close(): that takes the shared test app out of Celery's active apps, and tasks declared later
-        # (safetynet.task is a shared_task) would no longer be registered on it
-        app.pool.force_close_all()
+        release_app(app)
 
 
 def test_successes_counted_in_batches_read_as_if_observed_one_by_one():

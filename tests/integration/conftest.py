@@ -88,6 +88,13 @@ def configure_app(broker, backend):
     return app
 
 
+def release_app(app):
+    """Drop the test process's broker connections after a test, like ``app.close()`` but keeping the app registered:
+    ``close()`` also takes it out of Celery's active apps, and a task declared later in the same run (a shared task
+    defined inside a test) would then never be registered on it."""
+    app._pool = None
+
+
 @pytest.fixture(scope="session")
 def worker_database(django_db_setup, django_db_blocker):
     """The test database's name, for worker processes (pytest-django made and migrated it)."""
@@ -109,7 +116,7 @@ def worker(request, tmp_path_factory, worker_database, spool_dir):
                      database=worker_database, spool_dir=spool_dir).start(app)
     yield running
     running.stop()
-    app.close()
+    release_app(app)
 
 
 def wait_for(result, timeout):

@@ -31,7 +31,7 @@ from django.db import connection, transaction
 
 from safetynet.models import ScheduledMessage
 from tests.fixtures import scheduled_tasks
-from tests.integration.conftest import BROKERS, ROOT, Worker, configure_app, wait_until
+from tests.integration.conftest import BROKERS, ROOT, Worker, configure_app, release_app, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -179,7 +179,7 @@ def test_outbox_with_the_broker_down_runs_the_committed_task_once_and_never_the_
               f"back; row last_error={row['last_error']!r}")
     finally:
         worker.stop()
-        app.close()
+        release_app(app)
 
 
 # -- 2. a long retry is a row, not an ETA message ------------------------------------------------
@@ -229,7 +229,7 @@ def test_a_retry_longer_than_the_threshold_waits_in_the_database_and_runs_once_w
         print(f"\ndurable retry: ran {late:.3f}s after its due time")
     finally:
         worker.stop()
-        app.close()
+        release_app(app)
 
 
 
@@ -261,7 +261,7 @@ def test_every_retry_of_a_task_waits_in_the_database_not_only_the_first(tmp_path
             f"attempt 3 arrived with relay header {third} (attempt 2's was {second})")
     finally:
         worker.stop()
-        app.close()
+        release_app(app)
 
 # -- 3. two relays killed at random --------------------------------------------------------------
 
@@ -423,7 +423,7 @@ def test_two_relays_killed_at_random_publish_every_scheduled_retry_exactly_once(
         for worker in workers:
             worker.stop()
         delete_queue(queue)
-        app.close()
+        release_app(app)
 
     runs = ledger(run_id, prefix=True)
     first_runs = Counter(name for name, _, attempt, _, _ in runs if attempt == 1)
@@ -552,4 +552,4 @@ def test_a_relay_killed_after_sending_before_committing_leaves_a_second_copy_tha
               "relay pass ran, the other was dropped")
     finally:
         worker.stop()
-        app.close()
+        release_app(app)
