@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from safetynet.core.decision import Dead, Retry
@@ -29,13 +29,15 @@ NOTE = "django_tasks"
 PREFIX = "django.tasks:"
 
 
-def error_of(exception: BaseException, traceback_text: str | None = None) -> dict[str, str]:
-    """A ``TaskError``'s fields: the exception's class path and its traceback, redacted like a dead letter's."""
+def error_of(exception: BaseException, traceback_text: str | None = None, *,
+             clean: Callable[[str], str] = redact_text) -> dict[str, str]:
+    """A ``TaskError``'s fields: the exception's class path and its traceback, redacted like a dead letter's
+    (``clean``: the task's own cleaner, which also blanks the values of its sensitive arguments)."""
     import traceback
 
     klass = type(exception)
     text = traceback_text if traceback_text is not None else "".join(traceback.format_exception(exception))
-    return {"exception_class_path": f"{klass.__module__}.{klass.__qualname__}", "traceback": redact_text(text)}
+    return {"exception_class_path": f"{klass.__module__}.{klass.__qualname__}", "traceback": clean(text)}
 
 
 def _set(result: Any, **fields: Any) -> None:
