@@ -292,6 +292,23 @@ def _execute(celery_task: Any, module_path: str, alias: str, args: tuple[Any, ..
     return value
 
 
+def _flush(**_: Any) -> None:
+    taskrecords.flush()
+
+
+@functools.lru_cache(maxsize=1)
+def _connect_flushes() -> None:
+    """The records this process batched are written when a request ends and when a worker (or its child) stops,
+    not only a few milliseconds later."""
+    from celery import signals as celery_signals
+    from django.core.signals import request_finished
+
+    request_finished.connect(_flush, dispatch_uid="safetynet.taskrecords.flush.request", weak=False)
+    celery_signals.worker_process_shutdown.connect(_flush, dispatch_uid="safetynet.taskrecords.flush.child",
+                                                   weak=False)
+    celery_signals.worker_shutdown.connect(_flush, dispatch_uid="safetynet.taskrecords.flush.worker", weak=False)
+
+
 def _celery_aliases() -> list[str]:
     """The aliases of ``settings.TASKS`` whose backend is a ``CeleryBackend``."""
     from django.conf import settings
@@ -320,6 +337,7 @@ class CeleryBackend(_compat.BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.settings = _Options.parse(alias, self.options)
+        _connect_flushes()
 
     def validate_task(self, task: Any) -> None:
         """Django's checks; then the task's own options, and its Celery task made (refused with ``InvalidTask``)."""
