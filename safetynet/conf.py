@@ -64,6 +64,8 @@ Every key, its default and its meaning::
     PROGRESS_ERROR_MESSAGE  what a user is shown when a task failed and its exception has no public_message
     PROGRESS_MIN_INTERVAL how often at most self.progress() writes (seconds; the last call of a run always lands)
     PROGRESS_KEEP_SECONDS how long progress rows are kept after their last change
+    TASK_RESULTS_KEEP_SECONDS  how long the results of django.tasks tasks (TaskRecord rows) are kept after their
+                          last change
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ DEFAULTS: dict[str, Any] = {
     "PROGRESS_ERROR_MESSAGE": "Sorry, this did not work. The team has been told.",
     "PROGRESS_MIN_INTERVAL": 0.5,
     "PROGRESS_KEEP_SECONDS": 7 * 86_400,
+    "TASK_RESULTS_KEEP_SECONDS": 7 * 86_400,
 }
 
 #: How ``delay()``/``apply_async()`` can send a task (the ``ENQUEUE`` setting, the ``enqueue`` option).
@@ -191,6 +194,7 @@ class Settings:
     progress_error_message: str
     progress_min_interval: float
     progress_keep_seconds: float
+    task_results_keep_seconds: float
 
 
 _cached: Settings | None = None
@@ -460,6 +464,8 @@ def build(user: dict[str, Any]) -> Settings:
         progress_error_message=_text("PROGRESS_ERROR_MESSAGE", merged["PROGRESS_ERROR_MESSAGE"], 500),
         progress_min_interval=_seconds("PROGRESS_MIN_INTERVAL", merged["PROGRESS_MIN_INTERVAL"], 0, 3600),
         progress_keep_seconds=_seconds("PROGRESS_KEEP_SECONDS", merged["PROGRESS_KEEP_SECONDS"], 60, 3660 * 86_400),
+        task_results_keep_seconds=_seconds("TASK_RESULTS_KEEP_SECONDS", merged["TASK_RESULTS_KEEP_SECONDS"], 60,
+                                           3660 * 86_400),
     )
     if settings.lost_message_seconds is not None and settings.schedule_keep_seconds <= settings.lost_message_seconds:
         raise ConfigurationError(

@@ -27,7 +27,7 @@ from safetynet.background import Job, runner
 from safetynet.models import TaskRecord
 
 __all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "flush", "insert",
-           "moment", "read", "replayed"]
+           "moment", "purge", "read", "replayed"]
 
 logger = logging.getLogger("safetynet")
 
@@ -303,6 +303,21 @@ def replayed(old_id: str, new_id: str, enqueued: float) -> None:
     })
     # The worker may have written it first (it ran already): the link is added.
     TaskRecord.objects.using(using).filter(pk=new_id, replay_of="").update(replay_of=old.id)
+
+
+def purge(older_than: datetime | None = None) -> int:
+    """Delete the records not changed since ``older_than`` (default: TASK_RESULTS_KEEP_SECONDS ago) of tasks that
+    finished; return how many. A task still waiting or running keeps its record whatever its age."""
+    from datetime import timedelta
+
+    from safetynet import conf
+
+    if older_than is None:
+        older_than = datetime.now(tz=timezone.utc) - timedelta(seconds=conf.get().task_results_keep_seconds)
+    deleted, _ = (TaskRecord.objects.using(database())
+                  .filter(updated_at__lt=older_than,
+                          status__in=[TaskRecord.Status.SUCCESSFUL, TaskRecord.Status.FAILED]).delete())
+    return int(deleted)
 
 
 # -- RUNNING, for a run that takes a while ---------------------------------------------------------
