@@ -78,12 +78,14 @@ def _truncate_records() -> None:
         cursor.execute(f"TRUNCATE {connection.ops.quote_name(TaskRecord._meta.db_table)}")
 
 
-def _wait_marker(client, key: str, timeout: float) -> float:
+def _wait_marker(client, key: str, timeout: float) -> tuple[float, float]:
+    """When the worker ran the marker, and its CPU time then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = client.get(key)
         if value is not None:
-            return float(value)
+            when, cpu = value.split()
+            return float(when), float(cpu)
         time.sleep(0.01)
     raise RuntimeError(f"the worker did not reach marker {key} within {timeout:.0f}s")
 
@@ -121,14 +123,28 @@ def _senders() -> dict[str, object]:
     return senders
 
 
-def run_slice(client, run_id: str, send, n: int) -> float:
+class Slice:
+    """One slice's figures: tasks a second (enqueue + run), and CPU microseconds a task in this process
+    (enqueueing, with its background writes) and in the worker (from marker to marker; solo pool only)."""
+
+    def __init__(self, tps: float, enqueue_cpu: float, worker_cpu: float | None) -> None:
+        self.tps, self.enqueue_cpu, self.worker_cpu = tps, enqueue_cpu, worker_cpu
+
+
+_last_worker_cpu: list[float] = []
+
+
+def run_slice(client, run_id: str, send, n: int) -> Slice:
     key = f"bench:djtasks:{run_id}:{uuid.uuid4().hex}"
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     for _ in range(n):
         send()
     bench.marker.apply_async((key,))
-    ended = _wait_marker(client, key, SLICE_TIMEOUT)
-    return n / (ended - started)
+    enqueue_cpu = (time.process_time() - cpu) / n * 1e6
+    ended, worker_cpu = _wait_marker(client, key, SLICE_TIMEOUT)
+    previous = _last_worker_cpu[-1] if _last_worker_cpu else None
+    _last_worker_cpu.append(worker_cpu)
+    return Slice(n / (ended - started), enqueue_cpu, (worker_cpu - previous) / n * 1e6 if previous else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(tempfile.mkdtemp(prefix="bench-djtasks-")) / "worker.log"
     worker = Worker(options.pool, options.concurrency, log)
     figures: dict[str, list[float]] = {system: [] for system in systems}
+    cpu: dict[str, tuple[list[float], list[float]]] = {system: ([], []) for system in systems}
     try:
         warm = f"bench:djtasks:{run_id}:warm"
         bench.marker.apply_async((warm,))
@@ -173,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
             order = systems[number % len(systems):] + systems[:number % len(systems)]
             line = []
             for system in order:
-                tps = run_slice(client, run_id, senders[system], n)
-                figures[system].append(tps)
-                line.append(f"{system}={tps:.0f}/s")
+                figures_of = run_slice(client, run_id, senders[system], n)
+                figures[system].append(figures_of.tps)
+                cpu[system][0].append(figures_of.enqueue_cpu)
+                if figures_of.worker_cpu is not None:
+                    cpu[system][1].append(figures_of.worker_cpu)
+                line.append(f"{system}={figures_of.tps:.0f}/s")
             print(f"round {number + 1}: " + " ".join(line), flush=True)
     finally:
         worker.stop()
@@ -184,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = medians["backend"] / medians["celery"]
     fennel = f"{medians['fennel'] / medians['celery']:.3f}" if "fennel" in medians else "n/a"
     print("medians: " + " ".join(f"{system}={value:.0f}/s" for system, value in medians.items()))
+    print("CPU a task (median, microseconds): " + " ".join(
+        f"{system}: enqueue {statistics.median(cpu[system][0]):.0f}"
+        + (f" worker {statistics.median(cpu[system][1]):.0f}" if cpu[system][1] and options.pool == "solo" else "")
+        for system in systems))
     print(f"backend_tps={medians['backend']:.0f} celery_tps={medians['celery']:.0f} ratio={ratio:.3f} "
           f"fennel_ratio={fennel}")
     return 0

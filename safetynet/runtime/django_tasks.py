@@ -348,7 +348,8 @@ class CeleryBackend(_compat.BaseTaskBackend):
         # A worker imports the task's module once: it must know it through every Celery backend (``using()``).
         for alias in _celery_aliases():
             if alias != self.alias:
-                celery_task_for(task, _compat.api.task_backends[alias].settings, alias)
+                other: Any = _compat.api.task_backends[alias]
+                celery_task_for(task, other.settings, alias)
 
     def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Validate, record (``READY``) and send; return the ``TaskResult``."""

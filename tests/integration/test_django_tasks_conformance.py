@@ -268,6 +268,8 @@ def test_run_after_must_be_aware(backend):
 
 
 def test_run_after_cannot_be_given_to_the_decorator(backend):
+    if api.__name__ != "django.tasks":
+        pytest.skip("Django 6.0's @task refuses run_after; the django-tasks backport does not check it")
     with pytest.raises(TypeError, match="run_after"):
         api.task(run_after=timezone.now())
 
