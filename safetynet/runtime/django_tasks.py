@@ -337,19 +337,25 @@ class CeleryBackend(_compat.BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.settings = _Options.parse(alias, self.options)
+        self._valid: dict[int, Any] = {}
         _connect_flushes()
 
     def validate_task(self, task: Any) -> None:
-        """Django's checks; then the task's own options, and its Celery task made (refused with ``InvalidTask``)."""
-        super().validate_task(task)
-        if celery_name(task.module_path, self.alias) in _registered:
+        """Django's checks; then the task's own options, and its Celery task made (refused with ``InvalidTask``).
+        A task object found valid is not checked again (``enqueue`` validates each time; a Task is immutable and
+        the backend is made anew when ``TASKS`` changes)."""
+        if self._valid.get(id(task)) is task:
             return
-        celery_task_for(task, self.settings, self.alias)
-        # A worker imports the task's module once: it must know it through every Celery backend (``using()``).
-        for alias in _celery_aliases():
-            if alias != self.alias:
-                other: Any = _compat.api.task_backends[alias]
-                celery_task_for(task, other.settings, alias)
+        super().validate_task(task)
+        if celery_name(task.module_path, self.alias) not in _registered:
+            celery_task_for(task, self.settings, self.alias)
+            # A worker imports the task's module once: it must know it through every Celery backend (``using()``).
+            for alias in _celery_aliases():
+                if alias != self.alias:
+                    other: Any = _compat.api.task_backends[alias]
+                    celery_task_for(task, other.settings, alias)
+        if len(self._valid) < 10_000:  # (``using()`` makes new objects: a bound, not a cache of every one)
+            self._valid[id(task)] = task
 
     def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Validate, record (``READY``) and send; return the ``TaskResult``."""

@@ -120,7 +120,7 @@ def read(result_id: str) -> TaskRecord | None:
 # -- the batch: rows written together, a few milliseconds later -------------------------------------
 
 #: At most this long between a row joining the batch and its write (a read in the same process writes at once).
-FLUSH_SECONDS = 0.02
+FLUSH_SECONDS = 0.05
 #: A batch this large is written at once, by the caller that filled it.
 FLUSH_ROWS = 500
 
