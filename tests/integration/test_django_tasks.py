@@ -11,13 +11,14 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from tests.fixtures import django_tasks as tasks
 from tests.fixtures import recording
 from tests.integration.conftest import BROKERS, Worker, configure_app, wait_until
 
 compat = pytest.importorskip("safetynet.taskrecords._compat")
 if not compat.AVAILABLE:
     pytest.skip(compat.MISSING, allow_module_level=True)
+
+from tests.fixtures import django_tasks as tasks  # noqa: E402  (needs Django's tasks API)
 
 from safetynet import deadletter  # noqa: E402
 from safetynet.models import DeadLetter, ScheduledMessage, TaskRecord  # noqa: E402

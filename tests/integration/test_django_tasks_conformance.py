@@ -16,12 +16,13 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from tests.fixtures import django_tasks as tasks
 from tests.integration.conftest import BROKERS, Worker, configure_app
 
 compat = pytest.importorskip("safetynet.taskrecords._compat")
 if not compat.AVAILABLE:
     pytest.skip(compat.MISSING, allow_module_level=True)
+
+from tests.fixtures import django_tasks as tasks  # noqa: E402  (needs Django's tasks API)
 
 from safetynet.taskrecords._compat import (  # noqa: E402
     InvalidTask,
