@@ -73,7 +73,8 @@ app.conf.update(
 app.set_default()
 django.setup()
 
-from safetynet.taskrecords._compat import api  # noqa: E402  (needs Django set up)
+import safetynet  # noqa: E402  (needs Django set up)
+from safetynet.taskrecords._compat import api  # noqa: E402
 
 task = api.task
 
@@ -86,6 +87,11 @@ def ensure_database() -> bool:
 @shared_task(name="bench.celery_noop", ignore_result=True)
 def celery_noop() -> None:
     """The plain Celery no-op, sent with ``apply_async``."""
+
+
+@safetynet.task(name="bench.safetynet_noop", ignore_result=True)
+def safetynet_noop() -> None:
+    """The same no-op as a plain ``@safetynet.task`` (a reference: safetynet's own path, without django.tasks)."""
 
 
 @shared_task(name="bench.marker", ignore_result=True)

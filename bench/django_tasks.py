@@ -3,20 +3,24 @@ plain Celery task sent with ``apply_async``, and (when it is installed) through 
 
     .venv/bin/python bench/django_tasks.py [--quick] [--tasks N] [--rounds R] [--pool solo|prefork]
 
+Needs Django's tasks API: Django 6 (or the django-tasks backport on 5.2).
+
 One worker subprocess (solo pool by default) consumes the benchmark's queue and runs every system's tasks. A
 round runs, for each system in turn (the order rotates from round to round, so none always goes first), a slice
 of N no-ops (5,000; 500 with ``--quick``):
 
 1. the clock starts; this process enqueues the N no-ops one by one, as an application would
    (``django_noop.enqueue()``: validate, write the ``TaskRecord``, publish; ``celery_noop.apply_async()``;
-   ``fennel_noop.enqueue()``), then a marker task;
+   ``safetynet_noop.apply_async()``, a plain ``@safetynet.task``, for reference: safetynet's own path without
+   django.tasks; ``fennel_noop.enqueue()``), then a marker task;
 2. the worker runs them in order as they arrive; the marker records when it ran: every no-op before it has.
 
 A slice's figure is N / (the marker's time − the start): enqueueing and running, overlapped as in production.
 safetynet's records are truncated before each round so every round starts from the same table. Each round is
 printed; the figures compared are the medians over rounds, and the last line is
 ``backend_tps=… celery_tps=… ratio=… fennel_ratio=…`` (ratio = backend / celery, fennel_ratio = fennel / celery,
-or ``n/a`` with the reason on the line before when django-tasks-fennel is not installed).
+or ``n/a`` with the reason on the line before when django-tasks-fennel is not installed); the line before it gives
+``safetynet_ratio`` (plain safetynet / celery) and each system's CPU time a task, in this process and the worker.
 
 Redis: database 11 by default (``SAFETYNET_BENCH_DJTASKS_REDIS``); the run deletes the keys it made (its queue,
 its markers, fennel's results), never the whole database. PostgreSQL: a database of its own
@@ -117,6 +121,7 @@ def _senders() -> dict[str, object]:
     senders = {
         "backend": bench.django_noop.enqueue,
         "celery": bench.celery_noop.apply_async,
+        "safetynet": bench.safetynet_noop.apply_async,
     }
     if not bench.FENNEL_MISSING:
         senders["fennel"] = bench.fennel_noop.enqueue
@@ -151,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="500 tasks a slice, 3 rounds")
     parser.add_argument("--tasks", type=int, default=None, help="no-ops per slice (default 5000, --quick 500)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, --quick 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
     parser.add_argument("--pool", choices=("solo", "prefork"), default="solo")
     parser.add_argument("--concurrency", type=int, default=1)
     options = parser.parse_args(argv)
     n = options.tasks or (500 if options.quick else 5000)
-    rounds = options.rounds or (3 if options.quick else 5)
+    rounds = options.rounds or 3
     if n < 1 or rounds < 1:
         parser.error("--tasks and --rounds must be at least 1")
 
@@ -208,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{system}: enqueue {statistics.median(cpu[system][0]):.0f}"
         + (f" worker {statistics.median(cpu[system][1]):.0f}" if cpu[system][1] and options.pool == "solo" else "")
         for system in systems))
+    print(f"safetynet_tps={medians['safetynet']:.0f} safetynet_ratio={medians['safetynet'] / medians['celery']:.3f}")
     print(f"backend_tps={medians['backend']:.0f} celery_tps={medians['celery']:.0f} ratio={ratio:.3f} "
           f"fennel_ratio={fennel}")
     return 0
