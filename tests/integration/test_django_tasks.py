@@ -192,3 +192,17 @@ def test_takes_context_attempt_on_every_attempt(worker):
     assert result.status == SUCCESSFUL and result.return_value == {"attempt": 3, "id": result.id}
     assert [error.exception_class for error in result.errors] == [ConnectionError, ConnectionError]
     assert "attempt 1 failed" in result.errors[0].traceback and "attempt 2 failed" in result.errors[1].traceback
+
+
+def test_an_idempotency_key_runs_the_effect_once(worker):
+    order = int(uuid.uuid4().int % 1_000_000)
+    first = tasks.charge.enqueue(order, 100)
+    watch(first)
+    second = tasks.charge.enqueue(order, 100)  # the same key: the stored result, not a second run
+    watch(second)
+    assert first.status == second.status == SUCCESSFUL
+    assert first.return_value == second.return_value == {"order_id": order, "amount": 100}
+    from safetynet.models import IdempotencyClaim
+
+    claim = IdempotencyClaim.objects.get(key=f"charge-{order}")
+    assert claim.state == "succeeded" and claim.task_id == first.id

@@ -143,3 +143,35 @@ def test_the_admin_shows_results_read_only():
 
 def test_the_default_backend_is_celery():
     assert isinstance(api.task_backends["default"], CeleryBackend)
+
+
+def test_safetynets_options_reach_the_celery_task():
+    from celery import current_app
+
+    celery_task = current_app.tasks[celery_name(tasks.charge.module_path, "default")]
+    assert type(celery_task).idempotency_key == "charge-{order_id}" and celery_task._idempotency is not None
+    assert celery_task.breaker == "upstream"
+    assert celery_task.retry_policy.deadline == 60
+    assert ConnectionError in celery_task.retry_on and KeyError in celery_task.fail_on
+    assert celery_task.ignore_result  # the record is the result: nothing stored twice
+
+
+def test_options_safetynet_refuses_are_invalid_tasks():
+    def refused(order_id):
+        pass
+
+    refused.__qualname__ = "refused"  # as if at module level
+    refused.__module__ = tasks.__name__
+    with pytest.raises(compat.InvalidTask, match="retry_policy"):
+        api.task(retry_policy="fast")(refused)
+    with pytest.raises(compat.InvalidTask, match="idempotency_key"):
+        api.task(idempotency_key="charge-{no_such_argument}")(refused)
+
+
+def test_importing_safetynet_tasks_needs_no_tasks_api():
+    import safetynet.tasks
+
+    assert set(dir(safetynet.tasks)) >= {"CeleryBackend", "SafetynetTask", "broker_priority"}
+    assert safetynet.tasks.CeleryBackend is CeleryBackend
+    with pytest.raises(AttributeError):
+        safetynet.tasks.NoSuchThing  # noqa: B018
