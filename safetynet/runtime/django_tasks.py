@@ -34,7 +34,7 @@ from safetynet.runtime import pipeline
 from safetynet.runtime.results import text_cleaner
 from safetynet.runtime.task import task as safety_task
 from safetynet.taskrecords import _compat
-from safetynet.taskrecords.plugin import NOTE, PREFIX, error_of
+from safetynet.taskrecords.plugin import HEADER, NOTE, PREFIX, error_of
 
 if not _compat.AVAILABLE:
     raise ImproperlyConfigured(_compat.MISSING)
@@ -43,8 +43,6 @@ __all__ = ["HEADER", "CeleryBackend", "SafetynetTask", "broker_priority", "celer
 
 logger = logging.getLogger("safetynet")
 
-#: The message header that says how a ``django.tasks`` task was enqueued (backend alias, queue, priority, time).
-HEADER = "safetynet_django_task"
 
 #: What a Django task may declare, in ``@task(...)`` (Django 6.1, or the backport) or on the backend's OPTIONS.
 _RETRY_FIELDS = ("retry_policy", "retry_on", "fail_on", "idempotency_key", "breaker", "deadline", "max_attempts",
