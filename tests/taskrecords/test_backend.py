@@ -175,3 +175,44 @@ def test_importing_safetynet_tasks_needs_no_tasks_api():
     assert safetynet.tasks.CeleryBackend is CeleryBackend
     with pytest.raises(AttributeError):
         safetynet.tasks.NoSuchThing  # noqa: B018
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_requests_end_writes_the_batch_and_others_see_it_soon():
+    import time
+    import uuid
+
+    from django.core.signals import request_finished
+    from django.db import connections
+    from kombu import Connection
+
+    from safetynet.taskrecords import _store
+    from tests.celery_app import app
+
+    queue = f"djtasks-unit-{uuid.uuid4().hex[:8]}"
+    other = connections.create_connection("default")  # another process's view: its own connection
+    try:
+        with override_settings(TASKS={"default": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [queue]}}):
+            try:
+                first = tasks.noop.using(queue_name=queue).enqueue()
+                request_finished.send(sender=None)  # (the background turn may have been first)
+                assert not _store._batch.inserts
+                with other.cursor() as cursor:
+                    cursor.execute("SELECT status FROM safetynet_taskrecord WHERE id = %s", [first.id])
+                    assert cursor.fetchall() == [("READY",)]
+                second = tasks.noop.using(queue_name=queue).enqueue()
+                deadline = time.monotonic() + 5 * _store.FLUSH_SECONDS + 2
+                while True:  # the background turn writes it within FLUSH_SECONDS (a loaded machine: a little more)
+                    with other.cursor() as cursor:
+                        cursor.execute("SELECT id FROM safetynet_taskrecord WHERE id IN (%s, %s)",
+                                       [first.id, second.id])
+                        found = {row[0] for row in cursor.fetchall()}
+                    if found == {first.id, second.id} or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+                assert found == {first.id, second.id}
+            finally:
+                with Connection(app.conf.broker_url) as connection:
+                    connection.default_channel.queue_delete(queue)
+    finally:
+        other.close()
