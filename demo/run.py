@@ -235,6 +235,7 @@ def wait_for_outcomes(deadline: float, started: float, long_retry: LongRetry) ->
 
     while True:
         long_retry.poll()
+        DJANGO_TASK.poll()
         for case in CASES:
             state = case.result.state
             if state != case.state:
@@ -263,6 +264,91 @@ def collect_events(deadline: float) -> None:
             raise DemoError("the worker did not record a final event (task_success or task_dead) for: "
                             + ", ".join(f"({case.key}) {case.call}" for case in missing))
         time.sleep(0.2)
+
+
+# -- (h) Django's tasks API --------------------------------------------------------------------
+
+
+class DjangoTaskCase:
+    """(h): a ``django.tasks`` task (``shop.tasks.book_courier``) run through safetynet's CeleryBackend, watched
+    the way Django's docs say: ``result.refresh()`` until it is finished."""
+
+    title = "django.tasks: @task book_courier, the courier's API drops the connection twice, then books"
+
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.seen: list[tuple[float, str, int, int]] = []  # (seconds after enqueue, status, attempts, errors)
+        self.sent_at = 0.0
+
+    @staticmethod
+    def task() -> Any:
+        """The task, or None when Django's tasks API is not installed (Django 5.2 without the backport)."""
+        from shop import tasks
+
+        return getattr(tasks, "book_courier", None)
+
+    def enqueue(self) -> None:
+        self.sent_at = time.time()
+        self.result = self.task().enqueue("PX-7")
+        self._note()
+
+    def _note(self) -> None:
+        state = (str(self.result.status), self.result.attempts, len(self.result.errors))
+        if not self.seen or self.seen[-1][1:] != state:
+            self.seen.append((time.time() - self.sent_at, *state))
+
+    def poll(self) -> None:
+        """Refresh the result while the other cases run (so its waits between attempts are seen)."""
+        if self.result is not None and not self.result.is_finished:
+            self.result.refresh()
+            self._note()
+
+    def wait(self, deadline: float) -> None:
+        while not self.result.is_finished:
+            if time.monotonic() > deadline:
+                raise DemoError(f"(h) did not finish in time: {self.result.status}. The end of {WORKER_LOG}:\n"
+                                f"{tail(WORKER_LOG)}")
+            time.sleep(0.05)
+            self.result.refresh()
+            self._note()
+
+    def report(self) -> list[str]:
+        from safetynet.models import TaskRecord
+
+        result = self.result
+        say()
+        say(f"(h) {self.title}")
+        say(f"      book_courier.enqueue('PX-7')   result id {result.id}   (TASKS['default']: "
+            "safetynet.tasks.CeleryBackend)")
+        say("      result.refresh() saw:  " + ";  ".join(f"+{at:.2f}s {status} attempts={attempts} errors={errors}"
+                                                      for at, status, attempts, errors in self.seen))
+        for number, error in enumerate(result.errors, 1):
+            last = error.traceback.strip().splitlines()[-1]
+            say(f"      errors[{number - 1}]  attempt {number}: {error.exception_class_path}: {short(last, 70)}")
+        value = result.return_value if result.status == "SUCCESSFUL" else "-"
+        say(f"      outcome: {result.status}  attempts={result.attempts}  return_value={value}")
+        say(f"      started_at +{(result.started_at.timestamp() - self.sent_at):.2f}s, last attempt "
+            f"+{(result.last_attempted_at.timestamp() - self.sent_at):.2f}s, finished "
+            f"+{(result.finished_at.timestamp() - self.sent_at):.2f}s; worker of each attempt: "
+            f"{', '.join(sorted(set(result.worker_ids)))}")
+        say("      on the dashboard and in `safetynet dead list` it is the Celery task "
+            "django.tasks:shop.tasks.book_courier")
+        problems = []
+        statuses = [status for _, status, _, _ in self.seen]
+        if result.status != "SUCCESSFUL":
+            problems.append(f"(h) expected SUCCESSFUL, got {result.status}")
+        if result.attempts != 3 or len(result.errors) != 2:
+            problems.append(f"(h) expected 3 attempts and 2 errors, got {result.attempts} and {len(result.errors)}")
+        if "SUCCESSFUL" in statuses[:-1] or not set(statuses[:-1]) <= {"READY", "RUNNING"}:
+            problems.append(f"(h) expected READY/RUNNING while it waited, saw {statuses}")
+        if result.return_value != {"parcel": "PX-7", "booked_on_attempt": 3} if result.status == "SUCCESSFUL" else 0:
+            problems.append(f"(h) expected the third attempt to book, got {result.return_value}")
+        if not TaskRecord.objects.filter(pk=result.id, status="SUCCESSFUL", attempts=3).exists():
+            problems.append("(h) expected its TaskRecord row SUCCESSFUL with 3 attempts")
+        return problems
+
+
+DJANGO_TASK = DjangoTaskCase()
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -446,6 +532,11 @@ def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, partner:
         say(f"      outcome: {outcome}")
         print_server_side(case, smtp, api, inventory, gateway, partner)
         problems += [f"({case.key}) {problem}" for problem in check(case, gateway)]
+    if DJANGO_TASK.result is not None:
+        problems += DJANGO_TASK.report()
+    else:
+        say()
+        say("(h) django.tasks: skipped (Django's tasks API is not installed: Django 6, or the django-tasks backport)")
     say()
     say("Times are seconds after the task was sent; attempts, raised exceptions, decisions and delays were recorded")
     say("in the worker by receivers of safetynet.signals.task_retrying / task_dead and celery's task_success.")
@@ -635,7 +726,13 @@ def main() -> int:
         timings["ready"] = f"{wait_until_ready(worker, deadline):.1f}s"
         say(f"  sending {len(CASES)} tasks; their states as the result backend reports them (seconds since start):")
         send_tasks(app)
+        if DjangoTaskCase.task() is not None:
+            DJANGO_TASK.enqueue()
         wait_for_outcomes(deadline, started_wall, LONG_RETRY)
+        if DJANGO_TASK.result is not None:
+            DJANGO_TASK.wait(deadline)
+            say(f"  {time.time() - started_wall:5.1f}s  (h) book_courier.enqueue('PX-7')"
+                f"{'':<13} {DJANGO_TASK.result.status} (django.tasks)")
         collect_events(deadline + 10)
         say(f"  sending {len(MIX)} more tasks for the dashboard…")
         mix = send_mix(app, deadline)
@@ -663,7 +760,7 @@ def main() -> int:
         for problem in problems:
             say(f"  - {problem}")
         return 1
-    say(f"All {len(CASES)} tasks ended as expected in {total:.1f}s.")
+    say(f"All {len(CASES) + (DJANGO_TASK.result is not None)} tasks ended as expected in {total:.1f}s.")
     return 0
 
 

@@ -38,7 +38,7 @@ from kombu.exceptions import OperationalError
 from safetynet import deadletter, redaction
 from safetynet.dashboard import display
 from safetynet.dashboard.forms import ReplayForm, confirmed
-from safetynet.models import DeadLetter, IdempotencyClaim
+from safetynet.models import DeadLetter, IdempotencyClaim, TaskRecord
 
 __all__ = ["DeadLetterAdmin", "FingerprintFilter"]
 
@@ -382,6 +382,39 @@ class IdempotencyClaimAdmin(admin.ModelAdmin):
     @admin.display(description="updated (UTC)", ordering="updated_at")
     def updated(self, claim: IdempotencyClaim) -> str:
         return _epoch(claim.updated_at)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(TaskRecord)
+class TaskRecordAdmin(admin.ModelAdmin):
+    """The results of ``django.tasks`` tasks, read-only: status, attempts, errors, the dead letter and replay links."""
+
+    list_display = ("id", "module_path", "status", "attempts", "queue_name", "priority", "enqueued_at",
+                    "finished_at", "dead_letter")
+    list_filter = ("status", "backend")
+    search_fields = ("=id", "module_path")
+    ordering = ("-updated_at",)  # indexed
+    readonly_fields = ("id", "backend", "module_path", "queue_name", "priority", "run_after", "args", "kwargs",
+                       "status", "enqueued_at", "started_at", "last_attempted_at", "finished_at", "attempts",
+                       "worker_ids", "errors_shown", "return_value", "dead_letter", "replay_of", "updated_at")
+    exclude = ("errors", "dead_letter_id")
+
+    @admin.display(description="errors (one per failed attempt)")
+    def errors_shown(self, record: TaskRecord) -> str:
+        return "\n\n".join(f"{error.get('exception_class_path', '?')}\n{error.get('traceback', '')}"
+                           for error in record.errors or []) or "-"
+
+    @admin.display(description="dead letter")
+    def dead_letter(self, record: TaskRecord) -> Any:
+        if record.dead_letter_id is None:
+            return "-"
+        url = reverse("admin:safetynet_deadletter_change", args=[record.dead_letter_id])
+        return format_html('<a href="{}">#{}</a>', url, record.dead_letter_id)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

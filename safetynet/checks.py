@@ -24,6 +24,9 @@ E006      the dead-letter spool folder can be written by another user (or belong
           cannot be created): it is refused, so dead letters spooled during an outage are only logged
 W006      ``SPOOL_DIR`` is not set and no private folder outlives a reboot (no writable home, no
           ``STATE_DIRECTORY``/``XDG_STATE_HOME``): the spool falls back to the temporary directory
+W008      ``TASKS`` uses ``safetynet.tasks.CeleryBackend`` but the Celery app has no broker
+          (reported by the backend's ``check()``, with Django's tasks checks)
+E009      a ``TASKS`` backend's ``OPTIONS["BACKOFF"]`` does not import (the backend's ``check()``)
 ========  =====================================================================
 """
 

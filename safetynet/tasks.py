@@ -3,9 +3,8 @@ safetynet. See docs/django-tasks.md::
 
     TASKS = {"default": {"BACKEND": "safetynet.tasks.CeleryBackend"}}
 
-The names load on first use: Celery's Django autodiscovery imports ``<app>.tasks`` for every installed app, this
-module included, and a project without Django's tasks API must still start. Without it, using a name raises
-``ImproperlyConfigured`` saying what to install.
+The names are loaded when first used: importing this module needs neither API (Celery's ``autodiscover_tasks()``
+imports every installed app's ``tasks`` module, this one included, on projects that have no tasks API at all).
 """
 
 from __future__ import annotations
@@ -19,12 +18,12 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from safetynet.runtime import django_tasks
+    if name in __all__:
+        from safetynet.runtime import django_tasks  # ImproperlyConfigured, saying what to install, without the API
 
-    return getattr(django_tasks, name)
+        return getattr(django_tasks, name)
+    raise AttributeError(f"module 'safetynet.tasks' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted(__all__)

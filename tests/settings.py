@@ -73,6 +73,11 @@ LOGGING_CONFIG = None
 # django.tasks (Django 6.0+, or the django-tasks backport on 5.2): run on Celery through safetynet.
 TASKS = {
     "default": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": []},
+    # backend-level retries (new-features #142's MAX_ATTEMPTS and BACKOFF), and the enqueue modes
+    "quick": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [],
+              "OPTIONS": {"MAX_ATTEMPTS": 2, "BACKOFF": "tests.fixtures.django_tasks.quick_backoff"}},
+    "on_commit": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [], "OPTIONS": {"ENQUEUE": "on_commit"}},
+    "outbox": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [], "OPTIONS": {"ENQUEUE": "outbox"}},
     "immediate": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend", "QUEUES": []},
 }
 try:

@@ -61,6 +61,21 @@ DATABASES = {
     }
 }
 
+# Django's tasks API (django.tasks, Django 6; or the django-tasks backport on 5.2) on Celery through safetynet:
+# shop.tasks.book_courier, case (h) of the report. Without either, the demo runs without it.
+try:
+    import django.tasks  # noqa: F401
+except ImportError:
+    try:
+        import django_tasks  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        INSTALLED_APPS.append("django_tasks")
+        TASKS = {"default": {"BACKEND": "safetynet.tasks.CeleryBackend"}}
+else:
+    TASKS = {"default": {"BACKEND": "safetynet.tasks.CeleryBackend"}}
+
 # safetynet's own settings: the defaults are what the demo shows, but for the dashboard's counts,
 # written every second so the pages fill while you look.
 SAFETYNET: dict = {

@@ -164,3 +164,25 @@ def refresh_partner_feed(self, partner):
     if not partner_feed_flag().exists():
         raise ConnectionError(f"partner {partner}: feed.example.com refused the connection")
     return partner
+
+
+# -- (h) Django's own tasks API (django.tasks, Django 6; or the django-tasks backport on 5.2) ---------------
+# settings.TASKS points it at safetynet.tasks.CeleryBackend: the same @task as in Django's docs, run on this
+# Celery worker with a retry policy; get_result()/refresh() read its durable record.
+
+try:
+    from django.tasks import task as django_task
+except ImportError:
+    try:
+        from django_tasks import task as django_task
+    except ImportError:  # Django 5.2 without the backport: the demo runs without (h)
+        django_task = None
+
+if django_task is not None and getattr(settings, "TASKS", None):
+    @django_task(takes_context=True,
+                 retry_policy=safetynet.RetryPolicy(max_attempts=4, backoff=safetynet.Fixed(1), jitter="none"))
+    def book_courier(context, parcel):
+        """The courier's booking API is busy on the first two attempts (a dropped connection), then books."""
+        if context.attempt <= 2:
+            raise ConnectionError(f"courier API dropped the connection (attempt {context.attempt}, parcel {parcel})")
+        return {"parcel": parcel, "booked_on_attempt": context.attempt}

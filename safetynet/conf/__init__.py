@@ -69,6 +69,8 @@ Every key, its default and its meaning::
     PROGRESS_MIN_INTERVAL how often at most self.progress() writes (seconds; the last call of a run always lands)
     PROGRESS_KEEP_SECONDS how long progress rows are kept after their last change
     DASHBOARD_SITE_URL    where the dashboard's "Site" link goes (default "/")
+    TASK_RESULTS_KEEP_SECONDS  how long the results of django.tasks tasks (TaskRecord rows) are kept after their
+                          last change
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ DEFAULTS: dict[str, Any] = {
     "DASHBOARD_SITE_URL": "/",
     "PROGRESS_MIN_INTERVAL": 0.5,
     "PROGRESS_KEEP_SECONDS": 7 * 86_400,
+    "TASK_RESULTS_KEEP_SECONDS": 7 * 86_400,
 }
 
 #: How ``delay()``/``apply_async()`` can send a task (the ``ENQUEUE`` setting, the ``enqueue`` option).
@@ -203,6 +206,7 @@ class Settings:
     dashboard_site_url: str
     progress_min_interval: float
     progress_keep_seconds: float
+    task_results_keep_seconds: float
 
 
 _cached: Settings | None = None
@@ -311,6 +315,8 @@ def build(user: dict[str, Any]) -> Settings:
         dashboard_site_url=_text("DASHBOARD_SITE_URL", merged["DASHBOARD_SITE_URL"], 2000),
         progress_min_interval=_seconds("PROGRESS_MIN_INTERVAL", merged["PROGRESS_MIN_INTERVAL"], 0, 3600),
         progress_keep_seconds=_seconds("PROGRESS_KEEP_SECONDS", merged["PROGRESS_KEEP_SECONDS"], 60, 3660 * 86_400),
+        task_results_keep_seconds=_seconds("TASK_RESULTS_KEEP_SECONDS", merged["TASK_RESULTS_KEEP_SECONDS"], 60,
+                                           3660 * 86_400),
     )
     if settings.lost_message_seconds is not None and settings.schedule_keep_seconds <= settings.lost_message_seconds:
         raise ConfigurationError(

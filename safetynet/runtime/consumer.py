@@ -19,7 +19,7 @@ from celery import signals as celery_signals
 from django.db import close_old_connections
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from safetynet import conf, deadletter, progress, schedule, shared, stats
+from safetynet import conf, deadletter, progress, schedule, shared, stats, taskrecords
 from safetynet.background import Job, runner
 from safetynet.deadletter import _spool_folder
 from safetynet.exceptions import ConfigurationError
@@ -154,7 +154,8 @@ def _housekeeping() -> None:
     settings = conf.get()
     jobs: tuple[tuple[str, Callable[[], int]], ...] = (
         ("schedule purge", lambda: schedule.purge(time.time() - settings.schedule_keep_seconds)),
-        ("stats prune", stats.prune), ("progress purge", progress.purge), ("shared keys purge", shared.purge_expired))
+        ("stats prune", stats.prune), ("progress purge", progress.purge), ("shared keys purge", shared.purge_expired),
+        ("django.tasks results purge", taskrecords.purge))
     for name, job in jobs:
         try:
             job()

@@ -31,19 +31,18 @@ from safetynet.core.classify import as_matchers
 from safetynet.core.policy import Fixed, RetryPolicy
 from safetynet.exceptions import ConfigurationError
 from safetynet.runtime import pipeline
+from safetynet.runtime.results import text_cleaner
 from safetynet.runtime.task import task as safety_task
 from safetynet.taskrecords import _compat
-from safetynet.taskrecords.plugin import NOTE, PREFIX, error_of
+from safetynet.taskrecords.plugin import HEADER, NOTE, PREFIX, error_of
 
 if not _compat.AVAILABLE:
     raise ImproperlyConfigured(_compat.MISSING)
 
-__all__ = ["HEADER", "CeleryBackend", "SafetynetTask", "broker_priority"]
+__all__ = ["HEADER", "CeleryBackend", "SafetynetTask", "broker_priority", "celery_name"]
 
 logger = logging.getLogger("safetynet")
 
-#: The message header that says how a ``django.tasks`` task was enqueued (backend alias, queue, priority, time).
-HEADER = "safetynet_django_task"
 
 #: What a Django task may declare, in ``@task(...)`` (Django 6.1, or the backport) or on the backend's OPTIONS.
 _RETRY_FIELDS = ("retry_policy", "retry_on", "fail_on", "idempotency_key", "breaker", "deadline", "max_attempts",
@@ -77,14 +76,39 @@ def broker_priority(priority: int, broker_url: str) -> int:
     return 9 - step if str(broker_url).split("://", 1)[0].startswith(("redis", "rediss", "sentinel")) else step
 
 
+class _Imported:
+    """A function named by its dotted path, imported when first called (the module that defines it may be the
+    one whose ``@task`` is being made: importing it now would be circular)."""
+
+    def __init__(self, path: str, where: str) -> None:
+        self.path, self.where = path, where
+        self.function: Callable[..., Any] | None = None
+
+    def load(self) -> Callable[..., Any]:
+        if self.function is None:
+            try:
+                found = import_string(self.path)
+            except ImportError as error:
+                raise ImproperlyConfigured(f"{self.where}: cannot import {self.path!r}: {error}") from None
+            if not callable(found):
+                raise ImproperlyConfigured(f"{self.where} must name a function, {self.path!r} is {found!r}")
+            self.function = found
+        return self.function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.load()(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.path}>"
+
+
 def _callable(value: Any, where: str) -> Callable[..., Any] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = import_string(value)
-        except ImportError as error:
-            raise ImproperlyConfigured(f"{where}: cannot import {value!r}: {error}") from None
+        if not value or "." not in value:
+            raise ImproperlyConfigured(f"{where} must be a function or its dotted path, got {value!r}")
+        return _Imported(value, where)
     if not callable(value):
         raise ImproperlyConfigured(f"{where} must be a function (or its dotted path), got {value!r}")
     return value  # type: ignore[no-any-return]
@@ -156,14 +180,21 @@ def _policy(task: Any, options: _Options) -> tuple[RetryPolicy | None, Callable[
 _registered: dict[str, Any] = {}
 
 
-def celery_task_for(task: Any, options: _Options) -> Any:
-    """The Celery task that runs ``task`` (made once per ``module_path``, the first backend's OPTIONS with it)."""
-    name = PREFIX + task.module_path
+def celery_name(module_path: str, alias: str) -> str:
+    """The Celery task name of a ``django.tasks`` task run through the backend ``alias``: ``django.tasks:`` and its
+    module path (``@alias`` after it for a backend other than ``default``, whose OPTIONS may retry differently)."""
+    return PREFIX + module_path + ("" if alias == "default" else f"@{alias}")
+
+
+def celery_task_for(task: Any, options: _Options, alias: str = "default") -> Any:
+    """The Celery task that runs ``task`` through the backend ``alias`` (made once per module path and alias)."""
+    name = celery_name(task.module_path, alias)
     found = _registered.get(name)
     if found is not None:
         return found
     policy, backoff = _policy(task, options)
-    declared: dict[str, Any] = {"retry_policy": policy, "_django_task": task.module_path, "_django_backoff": backoff}
+    # (backoff in a tuple: a function as a class attribute would be bound to the task)
+    declared: dict[str, Any] = {"retry_policy": policy, "_django_task": task.module_path, "_django_backoff": (backoff,)}
     retry_on = tuple(as_matchers(getattr(task, "retry_on", ()) or (), name=f"task {task.module_path}: retry_on"))
     declared["retry_on"] = retry_on + tuple(options.retry_on) + ((Exception,) if backoff is not None else ())
     declared["fail_on"] = tuple(as_matchers(getattr(task, "fail_on", ()) or (), name=f"task {task.module_path}: fail_on")
@@ -177,7 +208,7 @@ def celery_task_for(task: Any, options: _Options) -> Any:
     module_path = task.module_path
 
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return _execute(self, module_path, args, kwargs)
+        return _execute(self, module_path, alias, args, kwargs)
 
     run.__name__, run.__qualname__, run.__module__ = task.func.__name__, task.func.__qualname__, task.func.__module__
     run.__doc__ = task.func.__doc__
@@ -209,7 +240,7 @@ def _class_path(name: Any) -> str:
     return text if "." in text else f"builtins.{text}"
 
 
-def _execute(celery_task: Any, module_path: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _execute(celery_task: Any, module_path: str, alias: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The body of the Celery task: run the function as Django's backends do, noting what it ran."""
     django_task = _django_task(module_path)
     attempt = pipeline.current(celery_task)
@@ -217,7 +248,7 @@ def _execute(celery_task: Any, module_path: str, args: tuple[Any, ...], kwargs: 
         return django_task.call(*args, **kwargs)
     request = attempt.request
     meta = (request.headers or {}).get(HEADER) or {}
-    alias = str(meta.get("backend") or django_task.backend)
+    alias = str(meta.get("backend") or alias)
     backend = _compat.api.task_backends[alias]
     number, started = attempt.number, time.time()
     worker_id = str(request.hostname or "")
@@ -234,7 +265,7 @@ def _execute(celery_task: Any, module_path: str, args: tuple[Any, ...], kwargs: 
         errors=errors, worker_ids=worker_ids)
     state: dict[str, Any] = {
         "result": result, "attempt": number, "started": started, "worker_id": worker_id,
-        "backend_class": type(backend), "backoff": getattr(celery_task, "_django_backoff", None),
+        "backend_class": type(backend), "backoff": (getattr(celery_task, "_django_backoff", None) or (None,))[0],
         "fields": {"backend": alias, "module_path": module_path,
                    "queue_name": str(meta.get("queue") or django_task.queue_name),
                    "priority": int(meta.get("priority") or 0), "run_after": taskrecords.moment(meta.get("run_after")),
@@ -252,10 +283,43 @@ def _execute(celery_task: Any, module_path: str, args: tuple[Any, ...], kwargs: 
             raw = django_task.call(*args, **kwargs)
         value = _compat.normalize_json(raw)
     except Exception as exc:
-        state["error"] = error_of(exc)
+        # Redacted like a dead letter: key=value pairs of sensitive keys, and the values of sensitive arguments.
+        state["error"] = error_of(exc, clean=text_cleaner(celery_task, args, kwargs))
         raise
     state["return_value"] = value
     return value
+
+
+def _flush(**_: Any) -> None:
+    taskrecords.flush()
+
+
+@functools.lru_cache(maxsize=1)
+def _connect_flushes() -> None:
+    """The records this process batched are written when a request ends and when a worker (or its child) stops,
+    not only a few milliseconds later."""
+    from celery import signals as celery_signals
+    from django.core.signals import request_finished
+
+    request_finished.connect(_flush, dispatch_uid="safetynet.taskrecords.flush.request", weak=False)
+    celery_signals.worker_process_shutdown.connect(_flush, dispatch_uid="safetynet.taskrecords.flush.child",
+                                                   weak=False)
+    celery_signals.worker_shutdown.connect(_flush, dispatch_uid="safetynet.taskrecords.flush.worker", weak=False)
+
+
+def _celery_aliases() -> list[str]:
+    """The aliases of ``settings.TASKS`` whose backend is a ``CeleryBackend``."""
+    from django.conf import settings
+
+    found = []
+    for alias, params in (getattr(settings, "TASKS", None) or {}).items():
+        try:
+            backend_class = import_string(str(params.get("BACKEND", "")))
+        except ImportError:
+            continue  # Django reports it when that backend is used
+        if isinstance(backend_class, type) and issubclass(backend_class, CeleryBackend):
+            found.append(alias)
+    return found
 
 
 class CeleryBackend(_compat.BaseTaskBackend):
@@ -271,27 +335,45 @@ class CeleryBackend(_compat.BaseTaskBackend):
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         self.settings = _Options.parse(alias, self.options)
+        self._valid: dict[int, Any] = {}
+        _connect_flushes()
 
     def validate_task(self, task: Any) -> None:
-        """Django's checks; then the task's own options, and its Celery task made (refused with ``InvalidTask``)."""
+        """Django's checks; then the task's own options, and its Celery task made (refused with ``InvalidTask``).
+        A task object found valid is not checked again (``enqueue`` validates each time; a Task is immutable and
+        the backend is made anew when ``TASKS`` changes)."""
+        if self._valid.get(id(task)) is task:
+            return
         super().validate_task(task)
-        celery_task_for(task, self.settings)
+        if celery_name(task.module_path, self.alias) not in _registered:
+            celery_task_for(task, self.settings, self.alias)
+            # A worker imports the task's module once: it must know it through every Celery backend (``using()``).
+            for alias in _celery_aliases():
+                if alias != self.alias:
+                    other: Any = _compat.api.task_backends[alias]
+                    celery_task_for(task, other.settings, alias)
+        if len(self._valid) < 10_000:  # (``using()`` makes new objects: a bound, not a cache of every one)
+            self._valid[id(task)] = task
 
     def enqueue(self, task: Any, args: Any, kwargs: Any) -> Any:
         """Validate, record (``READY``) and send; return the ``TaskResult``."""
         self.validate_task(task)
         now = timezone.now()
-        result = _compat.TaskResult(  # its arguments are normalised as JSON here: a TypeError sends nothing
-            task=task, id=new_task_id(), status=_compat.TaskResultStatus.READY, enqueued_at=now, started_at=None,
-            finished_at=None, last_attempted_at=None, args=args, kwargs=kwargs, backend=self.alias, errors=[],
-            worker_ids=[])
+        try:  # its arguments are normalised as JSON here: a TypeError sends nothing
+            result = _compat.TaskResult(
+                task=task, id=new_task_id(), status=_compat.TaskResultStatus.READY, enqueued_at=now,
+                started_at=None, finished_at=None, last_attempted_at=None, args=args, kwargs=kwargs,
+                backend=self.alias, errors=[], worker_ids=[])
+        except TypeError as error:
+            raise TypeError(f"task {task.module_path}: its arguments must be JSON (str, int, float, bool, None, "
+                            f"lists and dicts of them): {error}") from error
         mode = "outbox" if task.run_after is not None else self.settings.enqueue
         taskrecords.insert({
             "id": result.id, "backend": self.alias, "module_path": task.module_path, "queue_name": task.queue_name,
             "priority": task.priority, "run_after": task.run_after, "args": result.args, "kwargs": result.kwargs,
             "status": _compat.TaskResultStatus.READY, "enqueued_at": now,
         }, in_transaction=mode != "now")
-        celery_task = celery_task_for(task, self.settings)
+        celery_task = celery_task_for(task, self.settings, self.alias)
         app = celery_task._get_app()
         options: dict[str, Any] = {
             "task_id": result.id, "enqueue": mode,
@@ -330,6 +412,11 @@ class CeleryBackend(_compat.BaseTaskBackend):
         """Django's checks of this backend: a Celery app must be there to send to."""
         from django.core import checks
 
+        if isinstance(self.settings.backoff, _Imported):
+            try:
+                self.settings.backoff.load()
+            except ImproperlyConfigured as error:
+                return [checks.Error(str(error), id="safetynet.E009")]
         if not current_app.conf.broker_url and not current_app.conf.task_always_eager:
             return [checks.Warning(
                 f"TASKS[{self.alias!r}] runs django.tasks on Celery, but the current Celery app has no broker_url.",

@@ -11,10 +11,13 @@ tenth of a second): a task that ends sooner goes from ``READY`` to its outcome i
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -24,8 +27,10 @@ from django.db import InterfaceError, OperationalError, connections, router, tra
 from safetynet.background import Job, runner
 from safetynet.models import TaskRecord
 
-__all__ = ["RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "insert", "moment", "read",
-           "replayed"]
+__all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "flush", "insert",
+           "moment", "purge", "read", "replayed"]
+
+logger = logging.getLogger("safetynet")
 
 #: Seconds a run goes on before its row says ``RUNNING``.
 RUNNING_AFTER = 0.2
@@ -50,6 +55,19 @@ class _Writer(threading.local):
 
 
 _writer = _Writer()
+#: Every thread's connection of this process (to close them all: ``close_connections``).
+_writers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_connections() -> None:
+    """Close the rows' own connections of every thread of this process (tests, before their database goes)."""
+    for connection in list(_writers):
+        raw = connection.connection  # (Django's close() refuses a connection made in another thread)
+        if raw is not None:
+            try:
+                raw.close()
+            except Exception:  # already broken: closed enough
+                logger.debug("safetynet: closing a records connection failed", exc_info=True)
 
 
 def _connection(using: str) -> Any:
@@ -61,6 +79,7 @@ def _connection(using: str) -> Any:
     if writer.connection is None or writer.pid != os.getpid() or writer.connection.alias != using:
         writer.connection = connections.create_connection(using)
         writer.pid = os.getpid()
+        _writers.add(writer.connection)
     connection = writer.connection
     if connection.connection is None:
         connection.ensure_connection()
@@ -87,26 +106,107 @@ def _table(connection: Any) -> str:
     return connection.ops.quote_name(TaskRecord._meta.db_table)
 
 
+_INSERT = ("INSERT INTO {table} (id, backend, module_path, queue_name, priority, run_after, args, kwargs, status, "
+           "enqueued_at, replay_of, attempts, worker_ids, errors, updated_at) VALUES ")
+_INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]', '[]', now())"
+
+
 def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
-    """Write a new row (``READY``). ``in_transaction``: in the caller's transaction (a rollback keeps nothing),
-    else at once and whatever the caller's transaction does, as the message it goes with is sent at once."""
+    """Write a new row (``READY``). ``in_transaction``: in the caller's transaction (a rollback keeps nothing).
+    Else (PostgreSQL) the row joins this process's batch, written within ``FLUSH_SECONDS`` whatever the caller's
+    transaction does (the message it goes with is sent at once); reads in this process see it at once."""
     using = database()
-    row = TaskRecord(**fields)
     if in_transaction or connections[using].vendor != "postgresql":
-        row.save(using=using, force_insert=True)
+        TaskRecord(**fields).save(using=using, force_insert=True)
         return
-    values = [row.id, row.backend, row.module_path, row.queue_name, row.priority, row.run_after,
-              json.dumps(row.args), json.dumps(row.kwargs), row.status, row.enqueued_at, row.replay_of]
-    _execute(using,
-             "INSERT INTO {table} (id, backend, module_path, queue_name, priority, run_after, args, "
-             "kwargs, status, enqueued_at, replay_of, attempts, worker_ids, errors, updated_at) "
-             "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]', '[]', now()) "
-             "ON CONFLICT (id) DO NOTHING", values)
+    get = fields.get
+    values = (get("id"), get("backend"), get("module_path"), get("queue_name"), get("priority", 0), get("run_after"),
+              json.dumps(get("args") or []), json.dumps(get("kwargs") or {}), get("status", "READY"),
+              get("enqueued_at"), get("replay_of", ""))
+    _batch.add(using, _INSERT_ROW, values)
 
 
 def read(result_id: str) -> TaskRecord | None:
-    """The row of ``result_id``, or None."""
+    """The row of ``result_id``, or None (what this process has batched is written first)."""
+    _batch.flush()
     return TaskRecord.objects.using(database()).filter(pk=str(result_id)[:64]).first()
+
+
+# -- the batch: rows written together, a few milliseconds later -------------------------------------
+
+#: At most this long between a row joining the batch and its write (a read in the same process writes at once).
+FLUSH_SECONDS = 0.05
+#: A batch this large is written at once, by the caller that filled it.
+FLUSH_ROWS = 500
+
+
+class _Batch:
+    """New rows (enqueue) and first-attempt successes (the worker), written in one statement each per turn.
+
+    Only writes whose order does not matter are batched: a new row is inserted ``ON CONFLICT DO NOTHING`` (the
+    worker's end-of-attempt write makes the whole row if it comes first), and a success is the task's last word.
+    A failed attempt, a retry, a death are written at once. A process that exits (or a worker that stops) writes
+    its batch first; a process killed outright loses at most ``FLUSH_SECONDS`` of it: the enqueued task's row is
+    then made by the worker, a success leaves the row READY/RUNNING (documented)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inserts: list[tuple[str, tuple[Any, ...]]] = []
+        self.successes: list[tuple[str, tuple[Any, ...]]] = []
+        self.pid = os.getpid()
+        self.started = False
+
+    def add(self, using: str, row: str, values: tuple[Any, ...], *, success: bool = False) -> None:
+        with self.lock:
+            if self.pid != os.getpid():  # a forked child: the parent writes its own batch
+                self.pid, self.inserts, self.successes, self.started = os.getpid(), [], [], False
+            (self.successes if success else self.inserts).append((using, values))
+            full = len(self.inserts) + len(self.successes) >= FLUSH_ROWS
+            if not self.started:
+                self.started = True
+                runner.add(Job("django.tasks records", self.turn, FLUSH_SECONDS, lane="taskrecords",
+                               at_start=False))
+        if full:
+            self.flush()
+
+    def turn(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what is batched (a failed write keeps the rows for the next turn, and raises)."""
+        if not self.inserts and not self.successes:
+            return
+        with self.lock:
+            inserts, self.inserts = self.inserts, []
+            successes, self.successes = self.successes, []
+        try:
+            for using in {using for using, _ in inserts}:
+                rows = [values for alias, values in inserts if alias == using]
+                _execute(using, _INSERT + ", ".join([_INSERT_ROW] * len(rows)) + " ON CONFLICT (id) DO NOTHING",
+                         [value for values in rows for value in values])
+            for using in {using for using, _ in successes}:
+                rows = [values for alias, values in successes if alias == using]
+                _execute(using, _ENDED + ", ".join([_ENDED_ROW] * len(rows)) + _ENDED_CONFLICT,
+                         [value for values in rows for value in values])
+        except Exception:
+            with self.lock:  # kept for the next turn (a bounded number: the oldest go first)
+                self.inserts = (inserts + self.inserts)[-100_000:]
+                self.successes = (successes + self.successes)[-100_000:]
+            raise
+
+
+_batch = _Batch()
+
+
+def flush() -> None:
+    """Write this process's batched rows now (at exit, at the end of a request, when a worker stops)."""
+    try:
+        _batch.flush()
+    except Exception:
+        logger.exception("safetynet: could not write the batched django.tasks records")
+
+
+atexit.register(flush)
 
 
 # -- the worker's writes --------------------------------------------------------------------------
@@ -127,30 +227,36 @@ def attempt_ended(result_id: str, fields: Mapping[str, Any], *, attempt: int, st
         _ended_generic(using, result_id, fields, attempt, started, worker_id, status, error, finished, return_value)
 
 
+_ENDED = ("INSERT INTO {table} AS r (id, backend, module_path, queue_name, priority, run_after, args, kwargs, "
+          "status, enqueued_at, started_at, last_attempted_at, finished_at, attempts, worker_ids, errors, "
+          "return_value, replay_of, updated_at) VALUES ")
+_ENDED_ROW = ("(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, jsonb_build_array(%s::text), "
+              "%s::jsonb, %s::jsonb, %s, now())")
+_ENDED_CONFLICT = (
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+    "started_at = coalesce(r.started_at, excluded.started_at), "
+    "last_attempted_at = excluded.last_attempted_at, finished_at = excluded.finished_at, "
+    "worker_ids = CASE WHEN r.attempts < excluded.attempts THEN r.worker_ids || excluded.worker_ids "
+    "ELSE r.worker_ids END, "
+    "errors = CASE WHEN r.attempts < excluded.attempts THEN r.errors || excluded.errors ELSE r.errors END, "
+    "attempts = greatest(r.attempts, excluded.attempts), return_value = excluded.return_value, "
+    "updated_at = now() "
+    "WHERE r.status NOT IN ('SUCCESSFUL', 'FAILED') OR r.attempts < excluded.attempts")
+
+
 def _ended_postgres(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
                     worker_id: str, status: str, error: Mapping[str, str] | None, finished: float | None,
                     return_value: Any) -> None:
     errors = json.dumps([dict(error)] if error else [])
-    _execute(
-        using,
-        "INSERT INTO {table} AS r (id, backend, module_path, queue_name, priority, run_after, args, kwargs, "
-        "status, enqueued_at, started_at, last_attempted_at, finished_at, attempts, worker_ids, errors, "
-        "return_value, replay_of, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, "
-        "%s, %s, %s, jsonb_build_array(%s::text), %s::jsonb, %s::jsonb, %s, now()) "
-        "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-        "started_at = coalesce(r.started_at, excluded.started_at), "
-        "last_attempted_at = excluded.last_attempted_at, finished_at = excluded.finished_at, "
-        "worker_ids = CASE WHEN r.attempts < excluded.attempts THEN r.worker_ids || excluded.worker_ids "
-        "ELSE r.worker_ids END, "
-        "errors = CASE WHEN r.attempts < excluded.attempts THEN r.errors || excluded.errors ELSE r.errors END, "
-        "attempts = greatest(r.attempts, excluded.attempts), return_value = excluded.return_value, "
-        "updated_at = now() "
-        "WHERE r.status NOT IN ('SUCCESSFUL', 'FAILED') OR r.attempts < excluded.attempts",
-        [result_id, fields["backend"], fields["module_path"], fields["queue_name"], fields["priority"],
-         fields.get("run_after"), json.dumps(fields.get("args") or []), json.dumps(fields.get("kwargs") or {}),
-         status, fields.get("enqueued_at"), moment(started), moment(started), moment(finished), attempt,
-         worker_id, errors, json.dumps(return_value), fields.get("replay_of") or ""],
-    )
+    values = (result_id, fields["backend"], fields["module_path"], fields["queue_name"], fields["priority"],
+              fields.get("run_after"), json.dumps(fields.get("args") or []), json.dumps(fields.get("kwargs") or {}),
+              status, fields.get("enqueued_at"), moment(started), moment(started), moment(finished), attempt,
+              worker_id, errors, json.dumps(return_value), fields.get("replay_of") or "")
+    if status == TaskRecord.Status.SUCCESSFUL and attempt == 1:
+        # The happy path: a first attempt's success is the only write of the run; nothing can come after it.
+        _batch.add(using, _ENDED_ROW, values, success=True)
+        return
+    _execute(using, _ENDED + _ENDED_ROW + _ENDED_CONFLICT, list(values))
 
 
 def _ended_generic(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
@@ -212,6 +318,21 @@ def replayed(old_id: str, new_id: str, enqueued: float) -> None:
     })
     # The worker may have written it first (it ran already): the link is added.
     TaskRecord.objects.using(using).filter(pk=new_id, replay_of="").update(replay_of=old.id)
+
+
+def purge(older_than: datetime | None = None) -> int:
+    """Delete the records not changed since ``older_than`` (default: TASK_RESULTS_KEEP_SECONDS ago) of tasks that
+    finished; return how many. A task still waiting or running keeps its record whatever its age."""
+    from datetime import timedelta
+
+    from safetynet import conf
+
+    if older_than is None:
+        older_than = datetime.now(tz=timezone.utc) - timedelta(seconds=conf.get().task_results_keep_seconds)
+    deleted, _ = (TaskRecord.objects.using(database())
+                  .filter(updated_at__lt=older_than,
+                          status__in=[TaskRecord.Status.SUCCESSFUL, TaskRecord.Status.FAILED]).delete())
+    return int(deleted)
 
 
 # -- RUNNING, for a run that takes a while ---------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from safetynet.core.decision import Dead, Retry
@@ -19,7 +19,7 @@ from safetynet.protocol.reasons import Reason
 from safetynet.redaction import redact_text
 from safetynet.taskrecords import _compat, _store
 
-__all__ = ["NOTE", "PREFIX", "DjangoTasks", "error_of", "on_task_ended", "on_task_replayed"]
+__all__ = ["HEADER", "NOTE", "PREFIX", "DjangoTasks", "error_of", "on_task_ended", "on_task_replayed"]
 
 logger = logging.getLogger("safetynet")
 
@@ -27,15 +27,19 @@ logger = logging.getLogger("safetynet")
 NOTE = "django_tasks"
 #: The Celery task name of a ``django.tasks`` task: this prefix and its ``module_path``.
 PREFIX = "django.tasks:"
+#: The message header that says how a ``django.tasks`` task was enqueued (backend alias, queue, priority, time).
+HEADER = "safetynet_django_task"
 
 
-def error_of(exception: BaseException, traceback_text: str | None = None) -> dict[str, str]:
-    """A ``TaskError``'s fields: the exception's class path and its traceback, redacted like a dead letter's."""
+def error_of(exception: BaseException, traceback_text: str | None = None, *,
+             clean: Callable[[str], str] = redact_text) -> dict[str, str]:
+    """A ``TaskError``'s fields: the exception's class path and its traceback, redacted like a dead letter's
+    (``clean``: the task's own cleaner, which also blanks the values of its sensitive arguments)."""
     import traceback
 
     klass = type(exception)
     text = traceback_text if traceback_text is not None else "".join(traceback.format_exception(exception))
-    return {"exception_class_path": f"{klass.__module__}.{klass.__qualname__}", "traceback": redact_text(text)}
+    return {"exception_class_path": f"{klass.__module__}.{klass.__qualname__}", "traceback": clean(text)}
 
 
 def _set(result: Any, **fields: Any) -> None:
@@ -83,6 +87,12 @@ class DjangoTasks(Plugin):
             return retry
         return Retry(float(delay), f"backoff() after attempt {attempt.number}")
 
+    def around_body(self, attempt: Attempt, call: Callable[[], Any]) -> Any:
+        result = call()
+        if not attempt.ran and NOTE not in attempt.notes:  # a later plug-in answered for the body
+            _answered_without_running(attempt, result)
+        return result
+
     def on_retry(self, attempt: Attempt, retry: Retry, message: Outgoing) -> None:
         state = attempt.notes.get(NOTE)
         if state is None or not retry.consumes_attempt:
@@ -97,6 +107,26 @@ class DjangoTasks(Plugin):
         _set(state["result"], status=_compat.TaskResultStatus.SUCCESSFUL, finished_at=_store.moment(finished),
              _return_value=state.get("return_value"))
         _send("task_finished", state)
+
+
+def _answered_without_running(attempt: Attempt, result: Any) -> None:
+    """The run returned without running the function: an idempotency key that already succeeded gave its stored
+    result. The record says so: ``SUCCESSFUL`` with that value (the attempt ran on this worker)."""
+    request = attempt.request
+    meta = (request.headers or {}).get(HEADER) or {}
+    module_path = str(getattr(attempt.task, "_django_task", "") or "")
+    now = time.time()
+    fields = {"backend": str(meta.get("backend") or "default"), "module_path": module_path,
+              "queue_name": str(meta.get("queue") or "default"), "priority": int(meta.get("priority") or 0),
+              "run_after": _store.moment(meta.get("run_after")), "args": list(attempt.args),
+              "kwargs": dict(attempt.kwargs), "enqueued_at": _store.moment(meta.get("enqueued_at"))}
+    try:
+        value = _compat.normalize_json(result)
+        _store.attempt_ended(request.id, fields, attempt=attempt.number, started=now,
+                             worker_id=str(request.hostname or ""), status=str(_compat.TaskResultStatus.SUCCESSFUL),
+                             finished=now, return_value=value)
+    except Exception:  # the record must not change the task's outcome
+        logger.exception("safetynet: could not write the result of %s[%s]", module_path, request.id)
 
 
 def _write_end(result_id: str, state: Mapping[str, Any], status: str, *, finished: float | None,

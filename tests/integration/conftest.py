@@ -13,11 +13,14 @@ from celery.states import READY_STATES
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Each developer may keep to Redis databases and a RabbitMQ vhost of their own (SAFETYNET_TEST_BROKER/_BACKEND,
+# SAFETYNET_TEST_AMQP_VHOST); by default the ones below.
 BROKERS = {
     # broker, result backend
-    "redis": ("redis://127.0.0.1:6379/15", "redis://127.0.0.1:6379/14"),
+    "redis": (os.environ.get("SAFETYNET_TEST_BROKER", "redis://127.0.0.1:6379/15"),
+              os.environ.get("SAFETYNET_TEST_BACKEND", "redis://127.0.0.1:6379/14")),
     "rabbitmq+postgresql": (
-        "amqp://guest:guest@127.0.0.1:5672//",
+        f"amqp://guest:guest@127.0.0.1:5672/{os.environ.get('SAFETYNET_TEST_AMQP_VHOST', '')}",
         "db+postgresql+psycopg://postgres@127.0.0.1:5432/test",
     ),
 }

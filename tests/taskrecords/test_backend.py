@@ -1,0 +1,218 @@
+"""The ``django.tasks`` backend without a worker: its OPTIONS, refusals, priorities, records, purge and admin."""
+
+from datetime import timedelta
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.test import override_settings
+from django.utils import timezone
+
+compat = pytest.importorskip("safetynet.taskrecords._compat")
+if not compat.AVAILABLE:
+    pytest.skip(compat.MISSING, allow_module_level=True)
+
+from safetynet import taskrecords  # noqa: E402
+from safetynet.models import TaskRecord  # noqa: E402
+from safetynet.runtime.django_tasks import CeleryBackend, _policy, broker_priority, celery_name  # noqa: E402
+from safetynet.taskrecords._compat import api  # noqa: E402
+from tests.fixtures import django_tasks as tasks  # noqa: E402
+from tests.fixtures.web import logged_in, person  # noqa: E402
+
+pytestmark = pytest.mark.django_db
+
+
+def backend(**options):
+    return CeleryBackend("test", {"QUEUES": [], "OPTIONS": options})
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"MAX_ATEMPTS": 3}, "unknown option 'MAX_ATEMPTS'"),
+    ({"MAX_ATTEMPTS": 0}, "whole number >= 1"),
+    ({"MAX_ATTEMPTS": True}, "whole number >= 1"),
+    ({"ENQUEUE": "later"}, "'now', 'on_commit', 'outbox'"),
+    ({"BACKOFF": 3}, "must be a function"),
+    ({"BACKOFF": "nodots"}, "dotted path"),
+    ({"RETRY_POLICY": {"max_atempts": 2}}, "RETRY_POLICY"),
+    ({"RETRY_POLICY": "fast"}, "RetryPolicy or a dict"),
+])
+def test_bad_options_are_refused_with_what_to_change(options, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        backend(**options)
+
+
+def test_a_backoff_that_cannot_be_imported_is_a_check_error():
+    errors = backend(BACKOFF="tests.fixtures.django_tasks.no_such_function").check()
+    assert [error.id for error in errors] == ["safetynet.E009"]
+    assert "no_such_function" in errors[0].msg
+
+
+def test_the_policy_the_task_declares_wins_over_the_backends():
+    options = backend(MAX_ATTEMPTS=7).settings
+    policy, backoff = _policy(tasks.flaky, options)
+    assert policy.max_attempts == 4 and backoff is None
+    policy, backoff = _policy(tasks.add, options)
+    assert policy.max_attempts == 7
+    policy, backoff = _policy(tasks.backs_off, options)
+    assert policy.max_attempts == 3 and backoff is tasks.backs_off.backoff
+
+
+@pytest.mark.parametrize(("priority", "redis", "amqp"), [(-100, 9, 0), (0, 5, 4), (1, 4, 5), (100, 0, 9)])
+def test_priorities_on_the_brokers_range(priority, redis, amqp):
+    assert broker_priority(priority, "redis://localhost/0") == redis
+    assert broker_priority(priority, "amqp://guest@localhost//") == amqp
+
+
+def test_priority_order_is_kept_on_both_brokers():
+    priorities = range(-100, 101)
+    amqp = [broker_priority(p, "amqp://") for p in priorities]
+    redis = [broker_priority(p, "redis://") for p in priorities]
+    assert amqp == sorted(amqp) and redis == sorted(redis, reverse=True)
+
+
+def test_each_celery_backend_alias_has_its_own_celery_task():
+    from celery import current_app
+
+    assert celery_name("a.b", "default") == "django.tasks:a.b"
+    assert celery_name("a.b", "quick") == "django.tasks:a.b@quick"
+    for alias in ("default", "quick", "on_commit", "outbox"):
+        assert celery_name(tasks.add.module_path, alias) in current_app.tasks
+
+
+def test_arguments_that_are_not_json_say_so(settings):
+    with pytest.raises(TypeError, match="tests.fixtures.django_tasks.add: its arguments must be JSON"):
+        tasks.add.enqueue(object(), 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_record_is_ready_at_once_for_this_process():
+    import uuid
+
+    from kombu import Connection
+
+    from tests.celery_app import app
+
+    queue = f"djtasks-unit-{uuid.uuid4().hex[:8]}"  # consumed by no worker: deleted below
+    with override_settings(TASKS={"default": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [queue]}}):
+        try:
+            result = tasks.noop.using(queue_name=queue).enqueue()
+            again = tasks.noop.get_result(result.id)  # written from the batch before the read
+        finally:
+            with Connection(app.conf.broker_url) as connection:
+                connection.default_channel.queue_delete(queue)
+    assert again.status == compat.TaskResultStatus.READY and again.enqueued_at == result.enqueued_at
+    assert again.attempts == 0 and again.errors == [] and again.worker_ids == []
+    assert TaskRecord.objects.get(pk=result.id).queue_name == queue
+
+
+def make(status, updated):
+    row = TaskRecord.objects.create(id=f"{status}-{updated}", backend="default", module_path=tasks.add.module_path,
+                                    queue_name="default", status=status)
+    TaskRecord.objects.filter(pk=row.pk).update(updated_at=timezone.now() - timedelta(days=updated))
+    return row
+
+
+def test_purge_deletes_old_finished_results_only():
+    make("SUCCESSFUL", 10), make("FAILED", 10), make("READY", 10), make("RUNNING", 10), make("SUCCESSFUL", 1)
+    assert taskrecords.purge() == 2
+    assert sorted(TaskRecord.objects.values_list("id", flat=True)) == ["READY-10", "RUNNING-10", "SUCCESSFUL-1"]
+
+
+def test_the_results_purge_command(capsys):
+    make("SUCCESSFUL", 3), make("FAILED", 1)
+    call_command("safetynet", "results", "purge", "--older-than", "2d", "--dry-run")
+    assert "would delete 1 django.tasks results" in capsys.readouterr().out
+    call_command("safetynet", "results", "purge", "--older-than", "2d")
+    assert "Deleted 1 django.tasks results" in capsys.readouterr().out
+    assert list(TaskRecord.objects.values_list("id", flat=True)) == ["FAILED-1"]
+
+
+def test_the_admin_shows_results_read_only():
+    row = make("FAILED", 1)
+    TaskRecord.objects.filter(pk=row.pk).update(
+        errors=[{"exception_class_path": "builtins.ValueError", "traceback": "Traceback…\nValueError: boom"}],
+        attempts=1, dead_letter_id=12)
+    client = logged_in(person("viewer", "view_taskrecord"))
+    listing = client.get("/admin/safetynet/taskrecord/")
+    assert listing.status_code == 200 and row.id in listing.content.decode()
+    page = client.get(f"/admin/safetynet/taskrecord/{row.id}/change/")
+    text = page.content.decode()
+    assert page.status_code == 200 and "ValueError: boom" in text and "/admin/safetynet/deadletter/12/" in text
+    assert client.get("/admin/safetynet/taskrecord/add/").status_code == 403
+
+
+def test_the_default_backend_is_celery():
+    assert isinstance(api.task_backends["default"], CeleryBackend)
+
+
+def test_safetynets_options_reach_the_celery_task():
+    from celery import current_app
+
+    celery_task = current_app.tasks[celery_name(tasks.charge.module_path, "default")]
+    assert type(celery_task).idempotency_key == "charge-{order_id}" and celery_task._idempotency is not None
+    assert celery_task.breaker == "upstream"
+    assert celery_task.retry_policy.deadline == 60
+    assert ConnectionError in celery_task.retry_on and KeyError in celery_task.fail_on
+    assert celery_task.ignore_result  # the record is the result: nothing stored twice
+
+
+def test_options_safetynet_refuses_are_invalid_tasks():
+    def refused(order_id):
+        pass
+
+    refused.__qualname__ = "refused"  # as if at module level
+    refused.__module__ = tasks.__name__
+    with pytest.raises(compat.InvalidTask, match="retry_policy"):
+        api.task(retry_policy="fast")(refused)
+    with pytest.raises(compat.InvalidTask, match="idempotency_key"):
+        api.task(idempotency_key="charge-{no_such_argument}")(refused)
+
+
+def test_importing_safetynet_tasks_needs_no_tasks_api():
+    import safetynet.tasks
+
+    assert set(dir(safetynet.tasks)) >= {"CeleryBackend", "SafetynetTask", "broker_priority"}
+    assert safetynet.tasks.CeleryBackend is CeleryBackend
+    with pytest.raises(AttributeError):
+        safetynet.tasks.NoSuchThing  # noqa: B018
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_requests_end_writes_the_batch_and_others_see_it_soon():
+    import time
+    import uuid
+
+    from django.core.signals import request_finished
+    from django.db import connections
+    from kombu import Connection
+
+    from safetynet.taskrecords import _store
+    from tests.celery_app import app
+
+    queue = f"djtasks-unit-{uuid.uuid4().hex[:8]}"
+    other = connections.create_connection("default")  # another process's view: its own connection
+    try:
+        with override_settings(TASKS={"default": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [queue]}}):
+            try:
+                first = tasks.noop.using(queue_name=queue).enqueue()
+                request_finished.send(sender=None)  # (the background turn may have been first)
+                assert not _store._batch.inserts
+                with other.cursor() as cursor:
+                    cursor.execute("SELECT status FROM safetynet_taskrecord WHERE id = %s", [first.id])
+                    assert cursor.fetchall() == [("READY",)]
+                second = tasks.noop.using(queue_name=queue).enqueue()
+                deadline = time.monotonic() + 5 * _store.FLUSH_SECONDS + 2
+                while True:  # the background turn writes it within FLUSH_SECONDS (a loaded machine: a little more)
+                    with other.cursor() as cursor:
+                        cursor.execute("SELECT id FROM safetynet_taskrecord WHERE id IN (%s, %s)",
+                                       [first.id, second.id])
+                        found = {row[0] for row in cursor.fetchall()}
+                    if found == {first.id, second.id} or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+                assert found == {first.id, second.id}
+            finally:
+                with Connection(app.conf.broker_url) as connection:
+                    connection.default_channel.queue_delete(queue)
+    finally:
+        other.close()
