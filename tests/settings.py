@@ -1,5 +1,6 @@
 """Django settings for the test suite: the real PostgreSQL of the machine, Redis as broker."""
 
+import importlib.util
 import os
 
 import django
@@ -80,11 +81,9 @@ TASKS = {
     "outbox": {"BACKEND": "safetynet.tasks.CeleryBackend", "QUEUES": [], "OPTIONS": {"ENQUEUE": "outbox"}},
     "immediate": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend", "QUEUES": []},
 }
-try:
-    import django_tasks  # noqa: F401  (the backport on Django 5.2: an app, its backends under its own name)
-except ImportError:
-    pass
-else:
+# the backport on Django 5.2 (an app, its backends under its own name); the package, not bench/django_tasks.py
+_backport = importlib.util.find_spec("django_tasks")
+if _backport is not None and _backport.submodule_search_locations is not None:
     if django.VERSION < (6, 0):
         INSTALLED_APPS.append("django_tasks")
         TASKS["immediate"]["BACKEND"] = "django_tasks.backends.immediate.ImmediateBackend"

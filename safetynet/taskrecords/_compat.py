@@ -6,6 +6,7 @@ names two exceptions differently and logs to another logger).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 __all__ = ["AVAILABLE", "api", "base", "exceptions", "signals", "BaseTaskBackend", "InvalidTask", "Task", "TaskContext",
@@ -22,6 +23,10 @@ try:  # Django 6.0 and later
     from django.utils.json import normalize_json
 except ImportError:
     try:  # the backport, on Django 5.2
+        # only the package: a module named django_tasks.py on the path (bench/django_tasks.py) is not it
+        _spec = importlib.util.find_spec("django_tasks")
+        if _spec is None or _spec.submodule_search_locations is None:
+            raise ImportError("No module named 'django_tasks'")
         import django_tasks as api  # type: ignore[import-not-found,no-redef]
         from django_tasks import base, exceptions, signals  # type: ignore[import-not-found,no-redef]
         from django_tasks.backends.base import BaseTaskBackend  # type: ignore[import-not-found,no-redef]
