@@ -19,6 +19,7 @@ class Reason(StrEnum):
     CRASH_LOOP = "crash_loop"
     UNKNOWN_TASK = "unknown_task"
     UNDECODABLE = "undecodable"
+    MALFORMED = "malformed"
     REJECTED = "rejected"
     WORKER_LOST = "worker_lost"
 
@@ -36,6 +37,7 @@ _LABELS = {
     Reason.CRASH_LOOP: "crash loop",
     Reason.UNKNOWN_TASK: "unknown task",
     Reason.UNDECODABLE: "undecodable message",
+    Reason.MALFORMED: "malformed message",
     Reason.REJECTED: "rejected",
     Reason.WORKER_LOST: "worker lost",
 }
