@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from safetynet.core import decision
 
-__all__ = ["DECIDED", "Reason"]
+__all__ = ["DECIDED", "FROM_MESSAGE", "Reason"]
 
 
 class Reason(StrEnum):
@@ -44,3 +44,6 @@ _LABELS = {
 
 #: The reasons the decision core gives (``core.decide``); the others are found by the worker itself.
 DECIDED: frozenset[Reason] = frozenset({Reason.RETRIES_EXHAUSTED, Reason.PERMANENT_ERROR, Reason.DEADLINE_EXCEEDED})
+
+#: The reasons found before any task ran: their task name is only what the message said (any text).
+FROM_MESSAGE: frozenset[Reason] = frozenset({Reason.UNKNOWN_TASK, Reason.UNDECODABLE, Reason.MALFORMED})

@@ -35,7 +35,14 @@ _REQUEST_NAMES = frozenset(name for name in dir(Context) if not name.startswith(
     "task", "properties", "delivery_info", "hostname", "is_eager", "args", "kwargs",
 })
 
-_OPTIONAL_TEXT = ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "lang", "origin")
+# Every header becomes an attribute of the request the task sees: one named after a method of it (``get``,
+# ``update``) or one of its private fields would break Celery's own use of the request.
+_REQUEST_METHODS = frozenset(
+    name for name in dir(Context) if not name.startswith("__")
+    and (name.startswith("_") or callable(getattr(Context, name)) or isinstance(Context.__dict__.get(name), property))
+)
+
+_OPTIONAL_TEXT = ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "lang", "origin", "taskset")
 # Signatures nested deeper than this (callbacks of callbacks of ...) are refused: the check is bounded.
 _MAX_DEPTH = 16
 
@@ -196,6 +203,18 @@ def _signature(value: Any, where: str, depth: int) -> Problem | None:
 
 def _fields(fields: Mapping[str, Any]) -> Problem | None:
     """The task fields Celery reads while it builds the request, schedules it and hands it to the pool."""
+    for key in fields:
+        if not isinstance(key, str) or key in _REQUEST_METHODS:
+            return Problem(f"the field {str(key)[:100]!r} would replace a method or a private field of the "
+                           f"task's request")
+    for key in ("callbacks", "errbacks", "chain"):
+        found = _signatures(fields.get(key), key, 0)
+        if found is not None:
+            return found
+    if fields.get("chord") is not None:
+        found = _signature(fields["chord"], "chord", 0)
+        if found is not None:
+            return found
     for key in _OPTIONAL_TEXT:
         value = fields.get(key)
         if value is not None and not isinstance(value, str):
@@ -213,7 +232,13 @@ def _fields(fields: Mapping[str, Any]) -> Problem | None:
                 limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)
                                   and math.isfinite(limit) and limit >= 0) for limit in timelimit):
             return Problem(f"the 'timelimit' field is not [hard, soft] seconds: {_short(timelimit)}")
+    for key in ("time_limit", "soft_time_limit"):
+        limit = fields.get(key)
+        if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                                      and math.isfinite(limit) and limit >= 0):
+            return Problem(f"the {key!r} field is not a number of seconds: {_short(limit)}")
     for key, kinds, what in (("ignore_result", (bool,), "true or false"),
+                             ("utc", (bool,), "true or false"),
                              ("group_index", (int,), "a whole number"),
                              ("replaced_task_nesting", (int,), "a whole number"),
                              ("stamped_headers", (list, tuple), "a list"),
