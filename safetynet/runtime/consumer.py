@@ -145,10 +145,12 @@ def guard_task_handler(consumer: Any, handler: Callable[[Any], Any]) -> Callable
         try:
             return handler(message)
         except Exception as error:  # noqa: BLE001  Celery could not take it: the message must not stop the worker
+            # A warning with the traceback: the dead letter is the one report (Sentry: one event).
             if message.acknowledged:
-                logger.exception("safetynet: a message Celery could not take was already acknowledged")
+                logger.warning("safetynet: Celery could not take a message it had acknowledged already",
+                               exc_info=True)
                 return None
-            logger.exception("safetynet: Celery could not take a message; it is recorded as malformed")
+            logger.warning("safetynet: Celery could not take a message; it is recorded as malformed", exc_info=True)
             return _refuse(consumer, message, messages.Problem(f"Celery could not take it: {error!r}"[:1000]),
                            error)
 

@@ -619,3 +619,75 @@ def test_a_secret_in_a_custom_header_value_reaches_no_event(init_sentry):
         ), task=void._get_current_object() if exception else None)
     assert len(error_events(transport)) == 2
     assert SECRET.encode() not in transport.serialized()
+
+
+# -- messages no task can run -------------------------------------------------------------
+
+def _received(headers, body):
+    """A real kombu message (kombu's in-memory transport), as a worker's consumer receives it."""
+    from kombu import Connection, Exchange, Producer, Queue
+
+    connection = Connection("memory://")
+    queue = Queue(f"sentry-{uuid.uuid4().hex[:8]}", Exchange(""), routing_key="x")
+    bound = queue(connection.default_channel)
+    bound.declare()
+    Producer(connection).publish(json.dumps(body).encode(), exchange="", routing_key=queue.name,
+                                 content_type="application/json", content_encoding="utf-8", headers=headers)
+    message = bound.get(accept=["application/json"])
+    assert message is not None
+    return message
+
+
+def _consumer():
+    from celery.worker.consumer.consumer import Consumer
+
+    from tests.celery_app import app
+
+    consumer = Consumer.__new__(Consumer)  # the methods Celery runs for such a message, on a bare consumer
+    consumer.app, consumer.event_dispatcher, consumer.connection_errors = app, None, ()
+    consumer.hostname, consumer.strategies = "sentry-test@host", {tasks.ping.name: None}
+    return consumer
+
+
+@pytest.mark.django_db
+def test_an_unknown_task_is_one_event(init_sentry):
+    from celery.worker.consumer.consumer import Consumer
+
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    task_id = f"unknown-{uuid.uuid4()}"
+    message = _received({"task": "nope.missing", "id": task_id, "lang": "py"}, [[1], {}, None])
+    consumer = _consumer()
+    try:
+        raise KeyError("nope.missing")
+    except KeyError as exc:  # Celery's own handling: its error line with the traceback, the task_unknown signal
+        Consumer.on_unknown_task(consumer, None, message, exc)
+    [event] = error_events(transport)
+    assert event["contexts"]["safetynet"]["task_id"] == task_id
+    assert event["tags"]["reason"] == "unknown_task"
+
+
+@pytest.mark.django_db
+def test_a_malformed_and_an_undecodable_message_are_one_event_each(init_sentry):
+    from safetynet.runtime.consumer import guard_consumer, guard_task_handler
+
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    consumer = _consumer()
+    malformed_id, undecodable_id = f"malformed-{uuid.uuid4()}", f"undecodable-{uuid.uuid4()}"
+    handler = guard_task_handler(consumer, lambda message: pytest.fail("Celery must not see it"))
+    handler(_received({"task": tasks.ping.name, "id": malformed_id, "lang": "py"}, "just a string"))
+    consumer.create_task_handler = lambda: None
+    consumer.on_decode_error = lambda message, exc: message.ack()
+    guard_consumer(consumer)  # Celery's decode callback, behind safetynet's
+    undecodable = _received({"task": tasks.ping.name, "id": undecodable_id, "lang": "py"}, [[], {}, None])
+    try:
+        raise ValueError("cannot decode")
+    except ValueError as exc:
+        import logging
+
+        from celery.worker.consumer import consumer as celery_consumer
+
+        logging.getLogger("celery.worker.consumer.consumer").critical(
+            celery_consumer.MESSAGE_DECODE_ERROR, exc, "application/json", "utf-8", "{}", "...", exc_info=True)
+        consumer.on_decode_error(undecodable, exc)
+    events = {event["contexts"]["safetynet"]["task_id"]: event["tags"]["reason"] for event in error_events(transport)}
+    assert events == {malformed_id: "malformed", undecodable_id: "undecodable"}
