@@ -25,6 +25,7 @@ from safetynet import deadletter, redaction, signals
 from safetynet.contrib import sentry as safetynet_sentry
 from safetynet.testing import simulate, simulator
 from tests.fixtures import secret_tasks, tasks
+from tests.fixtures.consumer import bare_consumer, received
 from tests.contrib.sentry_worker import SECRET, charge, charge_positional, die, poll, refund, slow, void
 
 DSN = "http://public@127.0.0.1/1"
@@ -624,29 +625,11 @@ def test_a_secret_in_a_custom_header_value_reaches_no_event(init_sentry):
 # -- messages no task can run -------------------------------------------------------------
 
 def _received(headers, body):
-    """A real kombu message (kombu's in-memory transport), as a worker's consumer receives it."""
-    from kombu import Connection, Exchange, Producer, Queue
-
-    connection = Connection("memory://")
-    queue = Queue(f"sentry-{uuid.uuid4().hex[:8]}", Exchange(""), routing_key="x")
-    bound = queue(connection.default_channel)
-    bound.declare()
-    Producer(connection).publish(json.dumps(body).encode(), exchange="", routing_key=queue.name,
-                                 content_type="application/json", content_encoding="utf-8", headers=headers)
-    message = bound.get(accept=["application/json"])
-    assert message is not None
-    return message
+    return received(headers, body)
 
 
 def _consumer():
-    from celery.worker.consumer.consumer import Consumer
-
-    from tests.celery_app import app
-
-    consumer = Consumer.__new__(Consumer)  # the methods Celery runs for such a message, on a bare consumer
-    consumer.app, consumer.event_dispatcher, consumer.connection_errors = app, None, ()
-    consumer.hostname, consumer.strategies = "sentry-test@host", {tasks.ping.name: None}
-    return consumer
+    return bare_consumer(tasks.ping.name)
 
 
 @pytest.mark.django_db

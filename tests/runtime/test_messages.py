@@ -1,5 +1,6 @@
 """``messages.problem``: what keeps Celery from taking a broker message as a task (no broker needed)."""
 
+import base64
 import json
 import uuid
 
@@ -146,3 +147,64 @@ def test_the_check_never_raises(body, headers):
         raw = b"null"
     found = problem(message(raw, headers, encode=False), registered)
     assert found is None or found.detail
+
+
+# -- the guard on a consumer: one dead letter, the message acknowledged, a replay that is well formed -------
+
+@pytest.fixture
+def queue():
+    import redis
+
+    from tests.celery_app import app
+
+    name = f"safetynet-replay-{uuid.uuid4().hex[:8]}"
+    yield name
+    redis.Redis.from_url(app.conf.broker_url).delete(name)
+
+
+@pytest.mark.django_db
+def test_the_guard_records_a_malformed_message_once_and_its_replay_is_a_fresh_message(queue):
+    import redis
+
+    from safetynet import deadletter
+    from safetynet.models import DeadLetter
+    from safetynet.runtime.consumer import guard_task_handler
+    from tests.celery_app import app
+    from tests.fixtures.consumer import bare_consumer, received
+
+    task_id = f"malformed-{uuid.uuid4()}"
+    message = received({"lang": "py", "task": NAME, "id": task_id, "retries": 0, "timelimit": "sixty",
+                        "eta": None, "origin": "somewhere", "x-order": "A-17"}, [[5], {}, None])
+    handler = guard_task_handler(bare_consumer(NAME), lambda message: pytest.fail("Celery must not see it"))
+    handler(message)
+    assert message.acknowledged
+    [row] = DeadLetter.objects.filter(task_id=task_id)
+    assert row.reason == "malformed" and "'timelimit'" in row.detail and row.args == [5]
+    assert row.headers["timelimit"] == "sixty"  # kept as it came, for whoever reads the row
+
+    [outcome] = deadletter.replay(row, queue=queue)
+    assert outcome.error is None
+    [raw] = redis.Redis.from_url(app.conf.broker_url).lrange(queue, 0, -1)
+    sent = json.loads(raw)
+    assert sent["headers"]["timelimit"] == [None, None] and sent["headers"]["origin"] != "somewhere"
+    assert sent["headers"]["x-order"] == "A-17" and sent["headers"]["id"] == outcome.new_task_id
+    assert sent["properties"]["body_encoding"] == "base64"  # kombu's Redis transport
+    replayed = Message(body=base64.b64decode(sent["body"]), content_type=sent["content-type"],
+                       content_encoding=sent["content-encoding"], headers=sent["headers"],
+                       accept=["application/json"])
+    assert problem(replayed, registered) is None
+
+
+def test_a_message_without_a_usable_id_gets_one_of_its_own(db):
+    from safetynet.models import DeadLetter
+    from safetynet.runtime.consumer import guard_task_handler
+    from tests.fixtures.consumer import bare_consumer, received
+
+    marker = uuid.uuid4().hex
+    handler = guard_task_handler(bare_consumer(NAME), lambda message: pytest.fail("Celery must not see it"))
+    for task_id in (5, None, ["a"]):
+        handler(received({"lang": "py", "task": NAME, "id": task_id, "marker": marker}, [[], {}, None]))
+    rows = list(DeadLetter.objects.filter(headers__marker=marker))
+    assert len(rows) == 3 and len({row.task_id for row in rows}) == 3
+    assert all(row.task_id.startswith("malformed-") and row.reason == "malformed" for row in rows)
+    assert sorted(str(row.headers.get("id")) for row in rows) == ["5", "None", "['a']"]
