@@ -144,7 +144,7 @@ def guard_task_handler(consumer: Any, handler: Callable[[Any], Any]) -> Callable
             return _refuse(consumer, message, found)
         try:
             return handler(message)
-        except Exception as error:  # noqa: BLE001  Celery could not take it: the message must not stop the worker
+        except Exception as error:  # Celery could not take it: the message must not stop the worker
             # A warning with the traceback: the dead letter is the one report (Sentry: one event).
             if message.acknowledged:
                 logger.warning("safetynet: Celery could not take a message it had acknowledged already",

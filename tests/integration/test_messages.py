@@ -225,7 +225,8 @@ def outcomes(token: str, run_ids: dict[int, str | None]) -> dict[int, tuple[int,
             "id", "task_id", "reason", "headers", "detail"):
         dead[int(str(row.headers[MARKER]).rsplit("-", 1)[1])].append(row)
     seen = {row.id for rows in dead.values() for row in rows}
-    for row in DeadLetter.objects.filter(task_id__in=list(by_id)).exclude(id__in=seen).only("id", "task_id", "reason"):
+    queryable = [task_id for task_id in by_id if "\x00" not in task_id]  # PostgreSQL takes no NUL in a query either
+    for row in DeadLetter.objects.filter(task_id__in=queryable).exclude(id__in=seen).only("id", "task_id", "reason"):
         dead[by_id[row.task_id]].append(row)
     return {index: (runs.get(task_id, 0) if task_id else 0, dead[index]) for index, task_id in run_ids.items()}
 
