@@ -242,6 +242,13 @@ def left_in_queue(broker: str, queue: str) -> int:
         return int(count)
 
 
+def _pong(result: Any) -> bool:
+    try:
+        return bool(result.get(timeout=30) == "pong")
+    except Exception:  # a timeout: the worker no longer serves
+        return False
+
+
 @pytest.fixture(scope="module")
 def batch():
     drawn = generate(COUNT)
@@ -273,18 +280,20 @@ def test_every_message_ends_once_and_the_worker_keeps_serving(broker_name, batch
             time.sleep(1)
         time.sleep(2)  # a second outcome of any message would come within this
         ended = outcomes(token, run_ids)
-        assert worker.process.poll() is None, f"the worker exited; log:\n{worker.log.read_text()[-4000:]}"
-        assert tasks.ping.apply_async(queue=worker.queue).get(timeout=30) == "pong"  # still serving
+        alive = worker.process.poll() is None
+        served = alive and _pong(tasks.ping.apply_async(queue=worker.queue))
         queued = left_in_queue(broker, worker.queue)
     finally:
         worker.stop()
         app.close()
     elapsed = time.monotonic() - started
 
-    wrong = {index: (batch[index], runs, [(row.reason, row.detail) for row in rows])
+    wrong = {index: (batch[index], run_ids[index], runs, [(row.reason, row.detail) for row in rows])
              for index, (runs, rows) in ended.items() if runs + len(rows) != 1}
-    assert not wrong, "\n".join(f"{index}: {case!r:.600} runs={runs} dead={rows}"
-                                for index, (case, runs, rows) in list(wrong.items())[:20])
+    assert alive and served and not wrong, "\n".join(
+        [f"worker alive={alive}, still serving={served}; log: {worker.log}"]
+        + [f"{index} {task_id}: {case!r:.600} runs={runs} dead={rows}"
+           for index, (case, task_id, runs, rows) in list(wrong.items())[:20]])
     # a well-formed message runs (``strict`` refuses other arguments than one: a permanent error)
     not_run = {index: [(row.reason, row.detail) for row in rows] for index, (runs, rows) in ended.items()
                if batch[index].well_formed and not runs
