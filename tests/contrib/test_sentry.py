@@ -459,8 +459,10 @@ REAL_CASES = {
 # Sentry's own report of each of the 5 failures in the children (CeleryIntegration's, or the
 # celery.app.trace error line), the 3 error lines of the final hard time limit in the main
 # process, the killed child of the first one (retried), and the 2 error lines of the child killed
-# running ``die`` (the pool's "Process … exited", Celery's "Task handler raised error").
-EXPECTED_DROPPED = 11
+# running ``die`` (the pool's "Process … exited", Celery's "Task handler raised error"), and the worker
+# consumer's error line for the unknown task.
+EXPECTED_DROPPED = 12
+UNKNOWN = "tests.contrib.sentry_unknown"
 
 
 @pytest.fixture(scope="module", params=["celery", "no-celery"])
@@ -480,11 +482,13 @@ def real_run(request, tmp_path_factory, worker_database, spool_dir, django_db_bl
     try:
         results = {name: task.apply_async(args, kwargs, queue=worker.queue)
                    for name, (task, args, kwargs, *_) in REAL_CASES.items()}
+        unknown = app.send_task(UNKNOWN, args=(46,), kwargs={"card_token": SECRET}, queue=worker.queue)
         ok = tasks.ping.apply_async(queue=worker.queue)
         for result in results.values():
             wait_for(result, timeout=60)
         assert ok.get(timeout=30) == "pong"
         ids.update(result.id for result in results.values())
+        ids.add(unknown.id)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             raw = recording.client().lrange(key, 0, -1)
@@ -500,7 +504,8 @@ def real_run(request, tmp_path_factory, worker_database, spool_dir, django_db_bl
             from safetynet.models import DeadLetter
 
             rows = {row.task_id: row for row in DeadLetter.objects.filter(task_id__in=ids)}
-        yield {"variant": request.param, "results": results, "envelopes": raw, "dropped": dropped, "rows": rows}
+        yield {"variant": request.param, "results": results, "envelopes": raw, "dropped": dropped, "rows": rows,
+               "unknown": unknown.id}
     finally:
         worker.stop()
         recording.client().delete(key, f"{key}:dropped")
@@ -538,6 +543,8 @@ def test_real_worker_one_event_per_final_failure_and_none_for_retries(real_run):
         assert event["fingerprint"] == ["safetynet", task.name, reason, row.fingerprint]
         if exception_type:
             assert event["exception"]["values"][-1]["type"] == exception_type, name
+    [event] = by_task.pop(real_run["unknown"])  # one event for an unknown task, not Celery's line too
+    assert (event["tags"]["task"], event["tags"]["reason"]) == (UNKNOWN, "unknown_task")
     assert by_task == {}
     # The duplicates were really made, and dropped.
     assert len(real_run["dropped"]) == EXPECTED_DROPPED, real_run["dropped"]
