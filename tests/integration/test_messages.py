@@ -237,7 +237,8 @@ def left_in_queue(broker: str, queue: str) -> int:
     with Connection(broker) as connection:
         if broker.startswith("redis"):
             client = connection.default_channel.client
-            unacked = sum(1 for _ in client.hscan_iter("unacked"))
+            # kombu keeps each unacknowledged message as [message, exchange, routing key] in one hash
+            unacked = sum(1 for _, raw in client.hscan_iter("unacked") if json.loads(raw)[2] == queue)
             return int(client.llen(queue)) + unacked
         _, count, _ = Queue(queue, Exchange(""), routing_key=queue, no_declare=True)(
             connection.default_channel).queue_declare(passive=True)
