@@ -202,53 +202,64 @@ def _signature(value: Any, where: str, depth: int) -> Problem | None:
 
 
 def _fields(fields: Mapping[str, Any]) -> Problem | None:
-    """The task fields Celery reads while it builds the request, schedules it and hands it to the pool."""
-    for key in fields:
-        if not isinstance(key, str) or key in _REQUEST_METHODS:
+    """The task fields Celery reads while it builds the request, schedules it and hands it to the pool.
+
+    One pass over the fields present: a field that is None (or absent) is what Celery expects by default."""
+    for key, value in fields.items():
+        if type(key) is not str or key in _REQUEST_METHODS:
             return Problem(f"the field {str(key)[:100]!r} would replace a method or a private field of the "
                            f"task's request")
-    for key in ("callbacks", "errbacks", "chain"):
-        found = _signatures(fields.get(key), key, 0)
-        if found is not None:
-            return found
-    if fields.get("chord") is not None:
-        found = _signature(fields["chord"], "chord", 0)
-        if found is not None:
-            return found
-    for key in _OPTIONAL_TEXT:
-        value = fields.get(key)
-        if value is not None and not isinstance(value, str):
-            return Problem(f"the {key!r} field is not a text: a {_kind(value)}")
-    retries = fields.get("retries")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
-        return Problem(f"the 'retries' field is not a whole number >= 0: {_short(retries)}")
-    for key in ("eta", "expires"):
-        found = _moment(key, fields.get(key))
-        if found is not None:
-            return found
-    timelimit = fields.get("timelimit")
-    if timelimit:  # Celery reads ``timelimit or (None, None)``
-        if not isinstance(timelimit, (list, tuple)) or len(timelimit) != 2 or not all(
-                limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool)
-                                  and math.isfinite(limit) and limit >= 0) for limit in timelimit):
-            return Problem(f"the 'timelimit' field is not [hard, soft] seconds: {_short(timelimit)}")
-    for key in ("time_limit", "soft_time_limit"):
-        limit = fields.get(key)
-        if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
-                                      and math.isfinite(limit) and limit >= 0):
-            return Problem(f"the {key!r} field is not a number of seconds: {_short(limit)}")
-    for key, kinds, what in (("ignore_result", (bool,), "true or false"),
-                             ("utc", (bool,), "true or false"),
-                             ("group_index", (int,), "a whole number"),
-                             ("replaced_task_nesting", (int,), "a whole number"),
-                             ("stamped_headers", (list, tuple), "a list"),
-                             ("stamps", (Mapping,), "a mapping"),
-                             ("groups", (list, tuple), "a list"),
-                             ("headers", (Mapping,), "a mapping")):
-        value = fields.get(key)
-        if value is not None and not isinstance(value, kinds):
-            return Problem(f"the {key!r} field is not {what}: {_short(value)}")
+        if value is None:
+            continue
+        check = _CHECKS.get(key)
+        if check is not None:
+            found = check(key, value)
+            if found is not None:
+                return found
     return None
+
+
+def _text(key: str, value: Any) -> Problem | None:
+    return None if isinstance(value, str) else Problem(f"the {key!r} field is not a text: a {_kind(value)}")
+
+
+def _seconds(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0)
+
+
+def _retries(key: str, value: Any) -> Problem | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return None
+    return Problem(f"the 'retries' field is not a whole number >= 0: {_short(value)}")
+
+
+def _timelimit(key: str, value: Any) -> Problem | None:
+    if not value:  # Celery reads ``timelimit or (None, None)``
+        return None
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            limit is None or _seconds(limit) for limit in value):
+        return None
+    return Problem(f"the 'timelimit' field is not [hard, soft] seconds: {_short(value)}")
+
+
+def _limit(key: str, value: Any) -> Problem | None:
+    return None if _seconds(value) else Problem(f"the {key!r} field is not a number of seconds: {_short(value)}")
+
+
+def _kind_check(kinds: tuple[type, ...], what: str) -> Callable[[str, Any], Problem | None]:
+    def check(key: str, value: Any) -> Problem | None:
+        return None if isinstance(value, kinds) else Problem(f"the {key!r} field is not {what}: {_short(value)}")
+
+    return check
+
+
+def _chord(key: str, value: Any) -> Problem | None:
+    return _signature(value, key, 0)
+
+
+def _linked(key: str, value: Any) -> Problem | None:
+    return _signatures(value, key, 0)
 
 
 def _moment(key: str, value: Any) -> Problem | None:
@@ -269,6 +280,19 @@ def _moment(key: str, value: Any) -> Problem | None:
     except Exception as error:  # ValueError, OverflowError, and whatever the parser raises
         return Problem(f"the {key!r} field is not a usable ISO 8601 date: {_short(value)} ({error})")
     return None
+
+
+_CHECKS: dict[str, Callable[[str, Any], Problem | None]] = {
+    **{key: _text for key in _OPTIONAL_TEXT},
+    "retries": _retries, "eta": _moment, "expires": _moment, "timelimit": _timelimit,
+    "time_limit": _limit, "soft_time_limit": _limit,
+    "ignore_result": _kind_check((bool,), "true or false"), "utc": _kind_check((bool,), "true or false"),
+    "group_index": _kind_check((int,), "a whole number"),
+    "replaced_task_nesting": _kind_check((int,), "a whole number"),
+    "stamped_headers": _kind_check((list, tuple), "a list"), "stamps": _kind_check((Mapping,), "a mapping"),
+    "groups": _kind_check((list, tuple), "a list"), "headers": _kind_check((Mapping,), "a mapping"),
+    "callbacks": _linked, "errbacks": _linked, "chain": _linked, "chord": _chord,
+}
 
 
 def _short(value: Any) -> str:
