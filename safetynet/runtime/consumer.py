@@ -194,7 +194,11 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     # A worker whose safetynet was set up after worker_init: the decode callback is wrapped now, the
     # task handler from the consumer's next connection on.
-    guard_consumer(sender)
+    if hasattr(sender, "create_task_handler") and hasattr(sender, "on_decode_error"):
+        try:
+            guard_consumer(sender)
+        except Exception:  # the jobs below must start all the same
+            logger.exception("safetynet: could not put the message guard on the worker's consumer")
     start_jobs(getattr(sender, "app", None))
 
 
