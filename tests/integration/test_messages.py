@@ -155,7 +155,7 @@ def cases(draw: Any) -> Case:
             _dump([["x" * 1_000_000], {}, None]),  # a 1 MB argument: a run
             b"[" * 5000 + b"]" * 5000,  # nested deeper than the decoder goes
             _dump({"k%d" % n: n for n in range(50_000)}),
-            # 10,000 arguments and callbacks (recording such a message takes the main process about a second)
+            # 10,000 arguments and callbacks (recording such a message takes the main process about 0.6 s)
             _dump([list(range(10_000)), {}, {"callbacks": [{"task": "x"}] * 20}]),
         ]))
     return Case(kind, task, body, id_kind=draw(ids), changes=draw(header_changes), extra=draw(extra_headers))
