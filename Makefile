@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The oldest supported Celery, for the second CI run.
 CELERY_OLDEST ?= 5.5.3
 
-.PHONY: demo test test-oldest lint services clean
+.PHONY: demo test test-oldest lint docs services clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,18 @@ services:
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check safetynet tests bench demo
+	$(VENV)/bin/ruff check safetynet tests bench demo mkdocs_hooks.py
 	$(VENV)/bin/mypy
 
-test: $(VENV)/.installed services lint
+# The docs site (mkdocs.yml): --strict makes a broken link, anchor or API reference fail the build.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+test: $(VENV)/.installed services lint docs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-oldest:
 	$(MAKE) test VENV=.venv-celery-oldest EXTRA_PIP='celery[redis]==$(CELERY_OLDEST)'
 
 clean:
-	rm -rf $(VENV) .venv-celery-oldest demo/var .pytest_cache
+	rm -rf $(VENV) .venv-celery-oldest demo/var .pytest_cache site

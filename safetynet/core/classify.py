@@ -259,7 +259,7 @@ class Rules:
             if matcher is not None:
                 retry_after = retry_after_of(exception, now) if kind == "retry" else None
                 return Verdict(kind, f"{source} {describe_matcher(matcher)}", retry_after)  # type: ignore[arg-type]
-        label = self.unclassified_label or f"UNCLASSIFIED={self.unclassified}"
+        label = self.unclassified_label or f'no rule matched; UNCLASSIFIED is "{self.unclassified}"'
         if self.unclassified == "retry":
             return Verdict("retry", label, retry_after_of(exception, now))
         return Verdict("fail", label)

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 
 from safetynet.core.classify import Rules
+from safetynet.core.durations import duration
 from safetynet.core.policy import RetryPolicy
 
 __all__ = ["DONE", "Dead", "Decision", "Done", "Retry", "decide"]
@@ -82,6 +83,12 @@ def decide(
     if policy.deadline is not None and (now + decision.delay) - started_at > policy.deadline:
         return Dead(
             DEADLINE_EXCEEDED,
-            f"next attempt at +{now + decision.delay - started_at:.3f}s is past the {policy.deadline:g}s deadline",
+            f"the next attempt would start {_precise(now + decision.delay - started_at)} after the first, past "
+            f"the {duration(policy.deadline)} deadline",
         )
     return decision
+
+
+def _precise(seconds: float) -> str:
+    """A duration close to a deadline: to the tenth of a second below an hour (rounding must not hide the excess)."""
+    return f"{seconds:.1f} s".replace(".0 s", " s") if seconds < 3600 else duration(seconds)

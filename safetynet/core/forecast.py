@@ -17,7 +17,8 @@ class Step:
     """One attempt of a schedule where every attempt fails with a retryable error.
 
     ``starts`` is when the attempt starts, in seconds after the first one started (a range
-    because of jitter); ``delay`` is the wait after it fails, or None when it is the last.
+    because of jitter, and of how long the attempts before it ran); ``delay`` is the wait after
+    it fails, or None when it is the last.
     ``outcome`` is "retry", "gives up: retries exhausted", "gives up: deadline" or
     "may give up: deadline" (jitter decides).
     """
@@ -28,8 +29,12 @@ class Step:
     outcome: str
 
 
-def forecast(policy: RetryPolicy, *, limit: int = 50) -> list[Step]:
-    """The attempts ``policy`` allows when every attempt fails, at most ``limit`` of them."""
+def forecast(policy: RetryPolicy, *, limit: int = 50, run_time: float = 0.0) -> list[Step]:
+    """The attempts ``policy`` allows when every attempt fails, at most ``limit`` of them.
+
+    Each attempt runs from 0 to ``run_time`` seconds before it fails (the task's time limit; 0 leaves run time
+    out). The deadline counts from the first attempt's start, run time included, as ``decide`` counts it.
+    """
     steps: list[Step] = []
     low = high = 0.0
     attempt = 1
@@ -38,7 +43,7 @@ def forecast(policy: RetryPolicy, *, limit: int = 50) -> list[Step]:
             steps.append(Step(attempt, (low, high), None, "gives up: retries exhausted"))
             return steps
         delay = policy.delay_range(attempt)
-        next_low, next_high = low + delay[0], high + delay[1]
+        next_low, next_high = low + delay[0], high + run_time + delay[1]
         if policy.deadline is not None and next_low > policy.deadline:
             steps.append(Step(attempt, (low, high), None, "gives up: deadline"))
             return steps

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
+from safetynet.core.durations import duration
 from safetynet.exceptions import ConfigurationError
 
 __all__ = [
@@ -117,6 +118,11 @@ def _as_backoff(value: object) -> Backoff:
         "RetryPolicy.backoff must be Fixed(seconds), Exponential(base, factor), CeleryBackoff(factor), "
         f"a number of seconds, 'exponential' or 'celery'; got {value!r}"
     )
+
+
+#: How ``describe`` names each jitter.
+_JITTER_WORDS = {"none": "no jitter", "full": "full jitter", "equal": "equal jitter",
+                 "decorrelated": "decorrelated jitter"}
 
 
 @dataclass(frozen=True)
@@ -234,20 +240,22 @@ class RetryPolicy:
         return base, self.capped(max(base, upper))
 
     def describe(self) -> str:
-        """One line a person can read: ``5 attempts, exponential 1s×2, full jitter, cap 600s``."""
-        attempts = "unlimited attempts" if self.max_attempts is None else f"{self.max_attempts} attempts"
+        """One line a person can read: ``5 attempts, exponential backoff from 1 s (×2), full jitter, waits at most
+        10 min``."""
+        attempts = ("unlimited attempts" if self.max_attempts is None
+                    else "1 attempt (no retry)" if self.max_attempts == 1 else f"{self.max_attempts} attempts")
         backoff = self.backoff
         if isinstance(backoff, Fixed):
-            shape = f"fixed {backoff.delay:g}s"
+            shape = f"a fixed {duration(backoff.delay)} between them"
         elif isinstance(backoff, Exponential):
-            shape = f"exponential {backoff.base:g}s×{backoff.factor:g}"
+            shape = f"exponential backoff from {duration(backoff.base)} (×{backoff.factor:g})"
         elif isinstance(backoff, CeleryBackoff):
-            shape = f"celery retry_backoff factor {backoff.factor}"
+            shape = f"Celery's retry_backoff ({duration(backoff.factor)}, ×2)"
         else:
             shape = repr(backoff)
-        parts = [attempts, shape, f"{self.jitter} jitter"]
+        parts = [attempts, shape, _JITTER_WORDS.get(self.jitter, f"{self.jitter} jitter")]
         if self.max_delay is not None:
-            parts.append(f"cap {self.max_delay:g}s")
+            parts.append(f"waits at most {duration(self.max_delay)}")
         if self.deadline is not None:
-            parts.append(f"deadline {self.deadline:g}s")
+            parts.append(f"deadline {duration(self.deadline)} after the first attempt started")
         return ", ".join(parts)

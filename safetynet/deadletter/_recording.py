@@ -169,8 +169,14 @@ def fields_of(failure: Failure) -> dict[str, Any]:
     }), secrets)
     # From the storable text: a lone surrogate cannot even be hashed.
     fields["fingerprint"] = fingerprint(fields["task_name"], fields["exception_type"], fields["exception_message"],
-                                        fields["traceback"])
+                                        fields["traceback"], arguments=_argument_values(fields))
     return fields
+
+
+def _argument_values(fields: Mapping[str, Any]) -> list[Any]:
+    """The stored (redacted, capped) argument values, for the fingerprint."""
+    args, kwargs = fields.get("args"), fields.get("kwargs")
+    return [*(args if isinstance(args, list) else []), *(kwargs.values() if isinstance(kwargs, dict) else [])]
 
 
 def _facts(fields: Mapping[str, Any], row_id: int | None, kept_in: str = "database") -> DeadLetterFacts:

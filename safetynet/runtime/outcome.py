@@ -32,7 +32,7 @@ from safetynet.redaction import parameter_names
 from safetynet.runtime import clock, options, sending
 from safetynet.schedule import delay_of
 
-__all__ = ["PASS_THROUGH", "RetryRequested", "after_failure", "give_up", "retry"]
+__all__ = ["PASS_THROUGH", "RetryRequested", "after_failure", "give_up", "manual_policy", "retry"]
 
 logger = logging.getLogger("safetynet")
 
@@ -80,7 +80,7 @@ def retry(attempt: Attempt, args: Any, kwargs: Any, exc: BaseException | None, t
     task = attempt.task
     now = clock.now()
     history = attempt.history
-    policy = _manual_policy(task, eta, countdown, max_retries, now)
+    policy = manual_policy(task, eta, countdown, max_retries, now)
     failure = exc if exc is not None else RetryRequested("self.retry() called without exc")
     decision = decide(policy, ALWAYS_RETRY, history.attempt, failure, history.started_at, now,
                       previous_delay=history.previous_delay, rng=clock.rng())
@@ -111,7 +111,7 @@ def _celery_retry(task: Any, *args: Any, **kwargs: Any) -> CeleryRetry:
         task.__dict__.pop("override_max_retries", None)
 
 
-def _manual_policy(task: Any, eta: Any, countdown: float | None, max_retries: int | None, now: float) -> RetryPolicy:
+def manual_policy(task: Any, eta: Any, countdown: float | None, max_retries: int | None, now: float) -> RetryPolicy:
     """The policy of an explicit ``self.retry(...)``: Celery's meaning, the deadline kept."""
     resolved = options.resolved(task)
     base = resolved.policy

@@ -15,7 +15,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SelfCall", "self_calls"]
+__all__ = ["SelfCall", "body_function", "is_bound", "self_calls"]
 
 #: Attributes of the task object that run the body in the calling process.
 _SYNCHRONOUS = frozenset({"run", "__call__"})
@@ -30,7 +30,7 @@ class SelfCall:
     text: str
 
 
-def _body_function(task: Any) -> Any:
+def body_function(task: Any) -> Any:
     """The user's function behind a task object (a function, or None when there is none to read)."""
     klass = type(task)
     body = getattr(klass, "_orig_run", None) or klass.__dict__.get("run")
@@ -55,7 +55,7 @@ def self_calls(task: Any) -> list[SelfCall]:
     """Where the body of ``task`` calls ``task`` synchronously (``task(...)``, ``task.run(...)``, and for a bound
     task ``self(...)``/``self.run(...)``); empty when the source cannot be read."""
     task = getattr(task, "_get_current_object", lambda: task)()  # shared_task's proxy
-    function = _body_function(task)
+    function = body_function(task)
     if function is None:
         return []
     try:
@@ -70,7 +70,7 @@ def self_calls(task: Any) -> list[SelfCall]:
         return []
     names = _names_of_the_task(function, task)
     parameters = definition.args.posonlyargs + definition.args.args
-    bound_name = parameters[0].arg if parameters and _is_bound(task) else None
+    bound_name = parameters[0].arg if parameters and is_bound(task) else None
     found = []
     for node in ast.walk(definition):
         if not isinstance(node, ast.Call):
@@ -82,7 +82,7 @@ def self_calls(task: Any) -> list[SelfCall]:
     return sorted(found, key=lambda call: call.line)
 
 
-def _is_bound(task: Any) -> bool:
+def is_bound(task: Any) -> bool:
     """True if the body takes the task as its first argument (``bind=True``, or a class's ``run(self, ...)``)."""
     run = type(task).__dict__.get("_orig_run") or type(task).__dict__.get("run")
     return not isinstance(run, staticmethod)

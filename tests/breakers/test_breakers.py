@@ -258,7 +258,7 @@ def test_explain_names_the_breaker_and_its_rule():
 
     out = StringIO()
     call_command("safetynet", "explain", "tests.fixtures.breaker_tasks.call_upstream", stdout=out)
-    assert "Breaker: upstream  (opens at 50% of >= 3 calls over 60s; open 4s, then 1 probe(s) at once" in out.getvalue()
+    assert "Breaker: upstream  (opens at 50% of >= 3 calls over 1 min; open 4 s, then 1 probe(s) at once" in out.getvalue()
 
 
 FLAKY = []

@@ -521,7 +521,9 @@ def test_a_prefork_worker_with_two_children_exposes_the_sums(tmp_path, worker_da
             assert (check.returncode, check.stdout + check.stderr) == (0, "")
     finally:
         worker.stop()
-        app.close()
+        # not app.close(): that takes the shared test app out of Celery's active apps, and tasks declared later
+        # (safetynet.task is a shared_task) would no longer be registered on it
+        app.pool.force_close_all()
 
 
 def test_successes_counted_in_batches_read_as_if_observed_one_by_one():

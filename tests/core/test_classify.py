@@ -129,19 +129,19 @@ def test_default_retry_on_beats_unclassified():
 
 def test_unclassified_fails_by_default():
     assert Rules().unclassified == "fail"
-    assert Rules().classify(ValueError("x"), NOW) == Verdict("fail", "UNCLASSIFIED=fail")
+    assert Rules().classify(ValueError("x"), NOW) == Verdict("fail", 'no rule matched; UNCLASSIFIED is "fail"')
 
 
 def test_unclassified_retry():
     verdict = Rules(unclassified="retry").classify(ValueError("x"), NOW)
-    assert verdict == Verdict("retry", "UNCLASSIFIED=retry")
+    assert verdict == Verdict("retry", 'no rule matched; UNCLASSIFIED is "retry"')
 
 
 def test_unclassified_applies_only_when_nothing_matches():
     rules = Rules(retry_on=(KeyError,), fail_on=(TypeError,), unclassified="retry")
     assert rules.classify(KeyError("k"), NOW).rule == "retry_on KeyError"
     assert rules.classify(TypeError("t"), NOW).rule == "fail_on TypeError"
-    assert rules.classify(ValueError("v"), NOW).rule == "UNCLASSIFIED=retry"
+    assert rules.classify(ValueError("v"), NOW).rule == 'no rule matched; UNCLASSIFIED is "retry"'
 
 
 def test_unclassified_label():
@@ -189,7 +189,7 @@ def test_precedence_table(present, unclassified, signal):
     else:
         first = next((layer for layer in LAYERS if present[layer]), None)
         if first is None:
-            assert verdict == Verdict(unclassified, f"UNCLASSIFIED={unclassified}")
+            assert verdict == Verdict(unclassified, f'no rule matched; UNCLASSIFIED is "{unclassified}"')
         else:
             kind, source = LAYER_OUTCOME[first]
             assert verdict == Verdict(kind, f"{source} Exception")
@@ -229,7 +229,7 @@ def test_first_matcher_in_a_list_names_the_rule():
 def test_http_status_rule_name():
     rules = Rules(retry_on=(http_status(429, 503),))
     assert rules.classify(requests_error(503), NOW) == Verdict("retry", "retry_on http_status(429, 503)")
-    assert rules.classify(requests_error(404), NOW) == Verdict("fail", "UNCLASSIFIED=fail")
+    assert rules.classify(requests_error(404), NOW) == Verdict("fail", 'no rule matched; UNCLASSIFIED is "fail"')
 
 
 def test_describe_matcher():

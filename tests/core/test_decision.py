@@ -49,12 +49,12 @@ def test_done_even_past_max_attempts_and_deadline():
 
 
 def test_retries_exhausted_at_max_attempts():
-    assert decide(NO_JITTER, RETRY_ALL, 1, ValueError(), START, START) == Retry(10.0, "UNCLASSIFIED=retry")
-    assert decide(NO_JITTER, RETRY_ALL, 2, ValueError(), START, START) == Retry(10.0, "UNCLASSIFIED=retry")
+    assert decide(NO_JITTER, RETRY_ALL, 1, ValueError(), START, START) == Retry(10.0, 'no rule matched; UNCLASSIFIED is "retry"')
+    assert decide(NO_JITTER, RETRY_ALL, 2, ValueError(), START, START) == Retry(10.0, 'no rule matched; UNCLASSIFIED is "retry"')
     dead = decide(NO_JITTER, RETRY_ALL, 3, ValueError(), START, START)
     assert isinstance(dead, Dead)
     assert dead.reason == "retries_exhausted"
-    assert "attempt 3 of 3" in dead.detail and "UNCLASSIFIED=retry" in dead.detail
+    assert "attempt 3 of 3" in dead.detail and 'no rule matched; UNCLASSIFIED is "retry"' in dead.detail
     assert decide(NO_JITTER, RETRY_ALL, 4, ValueError(), START, START).reason == "retries_exhausted"
 
 
@@ -93,7 +93,7 @@ def test_fail_on_is_dead_at_once():
 
 
 def test_unclassified_fail_is_a_permanent_error():
-    assert decide(NO_JITTER, Rules(), 1, ValueError(), START, START) == Dead("permanent_error", "UNCLASSIFIED=fail")
+    assert decide(NO_JITTER, Rules(), 1, ValueError(), START, START) == Dead("permanent_error", 'no rule matched; UNCLASSIFIED is "fail"')
 
 
 def test_permanent_wins_over_exhausted_and_deadline():
@@ -177,7 +177,7 @@ def test_deadline_boundary_is_inclusive():
     assert decide(policy, Rules(), 1, Transient("x"), START, START + 60) == Retry(10.0, "Transient")
     dead = decide(policy, Rules(), 1, Transient("x"), START, START + 60.5)
     assert dead.reason == "deadline_exceeded"
-    assert "70s deadline" in dead.detail
+    assert dead.detail == "the next attempt would start 70.5 s after the first, past the 1 min 10 s deadline"
 
 
 def test_exhausted_is_reported_before_deadline():
@@ -298,8 +298,8 @@ def test_decisions_are_frozen_values():
 @pytest.mark.parametrize(
     ("exception", "strict", "lenient"),
     [
-        (ValueError("x"), Dead("permanent_error", "UNCLASSIFIED=fail"), Retry(10.0, "UNCLASSIFIED=retry")),
-        (SystemExit(1), Dead("permanent_error", "UNCLASSIFIED=fail"), Retry(10.0, "UNCLASSIFIED=retry")),
+        (ValueError("x"), Dead("permanent_error", 'no rule matched; UNCLASSIFIED is "fail"'), Retry(10.0, 'no rule matched; UNCLASSIFIED is "retry"')),
+        (SystemExit(1), Dead("permanent_error", 'no rule matched; UNCLASSIFIED is "fail"'), Retry(10.0, 'no rule matched; UNCLASSIFIED is "retry"')),
         (Transient(), Retry(10.0, "Transient"), Retry(10.0, "Transient")),
         (Permanent(), Dead("permanent_error", "Permanent"), Dead("permanent_error", "Permanent")),
         (Snooze(1), Retry(1.0, "Snooze", False), Retry(1.0, "Snooze", False)),

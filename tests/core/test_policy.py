@@ -505,14 +505,25 @@ def test_policy_is_frozen_and_comparable():
 
 
 def test_describe():
-    assert RetryPolicy().describe() == "5 attempts, exponential 1s×2, full jitter, cap 600s"
+    assert RetryPolicy().describe() == "5 attempts, exponential backoff from 1 s (×2), full jitter, waits at most 10 min"
     assert (
         RetryPolicy(max_attempts=None, backoff=Fixed(3), jitter="none", max_delay=None, deadline=90).describe()
-        == "unlimited attempts, fixed 3s, none jitter, deadline 90s"
+        == "unlimited attempts, a fixed 3 s between them, no jitter, deadline 1 min 30 s after the first attempt started"
     )
     assert RetryPolicy.from_celery(max_retries=2, retry_backoff=4).describe() == (
-        "3 attempts, celery retry_backoff factor 4, full jitter, cap 600s"
+        "3 attempts, Celery's retry_backoff (4 s, ×2), full jitter, waits at most 10 min"
     )
+    assert RetryPolicy(max_attempts=1).describe().startswith("1 attempt (no retry), ")
+
+
+def test_durations_read_like_a_person_writes_them():
+    from safetynet.core.durations import duration, duration_range
+
+    assert [duration(value) for value in (0, 0.0004, 0.25, 1, 1.5, 59.9, 60, 90, 600, 3600, 3660, 5400, 86400, 90000)] \
+        == ["0 s", "0.4 ms", "0.25 s", "1 s", "1.5 s", "59.9 s", "1 min", "1 min 30 s", "10 min", "1 h", "1 h 1 min",
+            "1 h 30 min", "1 d", "1 d 1 h"]
+    assert duration(3599.7) == "1 h" and duration(float("inf")) == "∞"
+    assert duration_range(5, 5) == "5 s" and duration_range(0, 15) == "0 s–15 s"
 
 
 def test_equal_jitter_never_rounds_past_the_delay():

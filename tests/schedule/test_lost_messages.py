@@ -4,6 +4,7 @@ relay (the same table and the same resend path as the durable schedule's), again
 Messages are read back from the broker's Redis list of a queue of each test's own.
 """
 
+import os
 import json
 import time
 import uuid
@@ -21,7 +22,7 @@ from tests.celery_app import app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-BROKER = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+BROKER = redis.Redis.from_url(os.environ.get("SAFETYNET_TEST_BROKER", "redis://127.0.0.1:6379/15"))
 
 
 @pytest.fixture

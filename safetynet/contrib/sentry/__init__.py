@@ -190,7 +190,8 @@ def _wrap_log_hook(user_hook: Callable[..., Any] | None) -> Callable[..., Any]:
 # -- reporting ----------------------------------------------------------------------------
 
 def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
-                            history: list[dict[str, Any]] | None, secrets: list[str] = ()) -> str:  # type: ignore[assignment]
+                            history: list[dict[str, Any]] | None, secrets: list[str] = (),  # type: ignore[assignment]
+                            args: Any = (), kwargs: Any = None) -> str:
     """The fingerprint the dead-letter store keeps for this failure (same inputs, same redaction)."""
     exception_type = qualified_name(exception) if exception is not None else ""
     message = str(exception) if exception is not None else ""
@@ -199,7 +200,11 @@ def dead_letter_fingerprint(task_name: str, exception: BaseException | None,
     def clean(text: str) -> str:
         return redaction.redact_text(redaction.scrub_values(text, list(secrets)))
 
-    return deadletter.fingerprint(task_name, exception_type, clean(message), clean(traceback))
+    arguments = [*(args or ()), *((kwargs or {}).values() if isinstance(kwargs, Mapping) else ())]
+    # A secret argument is scrubbed from the message before it could be matched: the store, which sees the
+    # redacted arguments, matches none of it either.
+    arguments = [value for value in arguments if not (isinstance(value, str) and value in secrets)]
+    return deadletter.fingerprint(task_name, exception_type, clean(message), clean(traceback), arguments=arguments)
 
 
 def _on_task_ended(event: TaskEnded) -> None:
@@ -224,7 +229,7 @@ def _report_task_dead(task: Any, task_id: str | None, reason: str, detail: str, 
     task_name = task.name
     attempts = int(history[-1].get("attempt") or 1) if history else 1
     secrets = redaction.sensitive_values(args, kwargs, redaction.parameter_names(task))
-    fingerprint = dead_letter_fingerprint(task_name, exception, history, secrets)
+    fingerprint = dead_letter_fingerprint(task_name, exception, history, secrets, args, kwargs)
     if exception is not None:
         event, hint = event_from_exception(
             (type(exception), exception, exception.__traceback__), client_options=client.options,

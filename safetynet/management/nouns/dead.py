@@ -13,6 +13,7 @@ from django.db.models import QuerySet
 from kombu.exceptions import OperationalError
 
 from safetynet import conf, deadletter, redaction
+from safetynet.core.durations import duration as human_duration
 from safetynet.dashboard import display
 from safetynet.deadletter import _spool
 from safetynet.exceptions import ConfigurationError
@@ -289,9 +290,9 @@ class DeadLetters(Noun):
                 delay, duration = entry.get("delay"), entry.get("duration")
                 table.append((
                     f"  {entry.get('attempt', '?')}", when(entry.get("started"), "milliseconds"),
-                    f"{duration:.3f}s" if isinstance(duration, (int, float)) else "-",
+                    human_duration(duration) if isinstance(duration, (int, float)) else "-",
                     entry.get("exception") or "-", entry.get("action") or "-",
-                    f"{delay:g}s" if isinstance(delay, (int, float)) else "-",
+                    human_duration(delay) if isinstance(delay, (int, float)) else "-",
                     entry.get("reason") or "-", entry.get("worker") or "-",
                 ))
             for line in columns(table):
