@@ -67,6 +67,10 @@ def _message_fields(message: Any, synthetic_id: str = "undecodable") -> dict[str
         except (ValueError, RecursionError):
             body = None
     if isinstance(body, Mapping) and ("args" in body or "kwargs" in body):  # protocol 1, and the hybrid form
+        if not usable_name and isinstance(body.get("task"), str) and body["task"]:
+            fields["task_name"] = body["task"]
+        if not usable_id and isinstance(body.get("id"), str) and body["id"]:
+            fields["task_id"] = body["id"]
         body = [body.get("args", []), body.get("kwargs", {})]
     if (isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], (list, tuple))
             and isinstance(body[1], Mapping) and all(isinstance(key, str) for key in body[1])):

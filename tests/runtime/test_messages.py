@@ -208,3 +208,17 @@ def test_a_message_without_a_usable_id_gets_one_of_its_own(db):
     assert len(rows) == 3 and len({row.task_id for row in rows}) == 3
     assert all(row.task_id.startswith("malformed-") and row.reason == "malformed" for row in rows)
     assert sorted(str(row.headers.get("id")) for row in rows) == ["5", "None", "['a']"]
+
+
+def test_a_malformed_protocol_1_message_is_recorded_under_its_body_name_and_id(db):
+    from safetynet.models import DeadLetter
+    from safetynet.runtime.consumer import guard_task_handler
+    from tests.fixtures.consumer import bare_consumer, received
+
+    task_id = f"proto1-{uuid.uuid4()}"
+    handler = guard_task_handler(bare_consumer(NAME), lambda message: pytest.fail("Celery must not see it"))
+    message = received({}, {"task": NAME, "id": task_id, "args": [1], "kwargs": {}, "eta": "tomorrow"})
+    handler(message)
+    [row] = DeadLetter.objects.filter(task_id=task_id)
+    assert (row.task_name, row.reason, row.args) == (NAME, "malformed", [1]) and "'eta'" in row.detail
+    assert message.acknowledged
