@@ -1,6 +1,7 @@
 """Prometheus metrics for safetynet tasks; needs ``prometheus_client`` (the ``prometheus`` extra).
 
-Metrics (``task`` is the task name; no other per-task label)::
+Metrics (``task`` is the task name, or ``(unregistered)`` for an unknown, undecodable or malformed
+message whose name no registered task has: ``stats.counted_name``; no other per-task label)::
 
     safetynet_task_attempts_total{task, outcome}   attempts by how they ended: success, retry, snooze, dead
     safetynet_task_dead_total{task, reason}        tasks given up, by dead-letter reason
@@ -62,6 +63,7 @@ from prometheus_client.exposition import choose_encoder, start_http_server
 from safetynet import breakers, conf, limits, signals
 from safetynet.exceptions import ConfigurationError
 from safetynet.protocol.events import TaskEnded
+from safetynet.stats import counted_name
 
 __all__ = [
     "ATTEMPTS",
@@ -229,14 +231,14 @@ _BATCHED: bool | None = None
 
 def on_task_ended(event: TaskEnded) -> None:
     """The terminal event: count a success (and observe its run time), or a task given up, by reason."""
-    runtime, success = _happy_path(event.task_name)
+    name = counted_name(event.task_name, event.reason)  # a name from a malformed message is not a label
     if event.runtime is not None:
-        runtime.observe(event.runtime)
+        _happy_path(name)[0].observe(event.runtime)
     if not event.dead:
-        success.inc()
+        _happy_path(name)[1].inc()
         return
-    ATTEMPTS.labels(event.task_name, "dead").inc()
-    DEAD.labels(event.task_name, str(event.reason or "unknown")).inc()
+    ATTEMPTS.labels(name, "dead").inc()
+    DEAD.labels(name, str(event.reason or "unknown")).inc()
 
 
 def on_task_retrying(sender: Any = None, delay: float | None = None, entry: dict[str, Any] | None = None,
@@ -349,13 +351,17 @@ class DeadLetterCollector:
 
         family = GaugeMetricFamily(self.name, self.documentation, labels=["task"])
         try:
-            # order_by(): no ORDER BY, so the (status, task_name) index answers the GROUP BY alone
-            rows = list(DeadLetter.objects.dead().order_by().values("task_name").annotate(count=Count("id")))
+            # order_by(): no ORDER BY. By reason too: the name of an unknown or malformed message is not a label
+            rows = list(DeadLetter.objects.dead().order_by().values("task_name", "reason").annotate(count=Count("id")))
         except DatabaseError as error:  # the counters are still worth a scrape; the gauge goes absent
             logger.warning("safetynet: dead-letter gauge left out of the scrape: %r", error)
             return
-        for row in rows:
-            family.add_metric([row["task_name"]], row["count"])
+        counts: dict[str, int] = {}
+        for row in rows:  # the names of unknown, undecodable and malformed messages: one label
+            name = counted_name(row["task_name"], row["reason"])
+            counts[name] = counts.get(name, 0) + row["count"]
+        for name, count in sorted(counts.items()):
+            family.add_metric([name], count)
         yield family
 
 

@@ -67,7 +67,7 @@ def replay_refusal(row: Any, task: Any, args: Any = None, kwargs: Any = None, *,
     given = args is not None or kwargs is not None
     argument_paths = [path for path in (row.redacted or []) if not path.startswith("headers.")]
     if "body" in argument_paths and not given:
-        return ("the message body could not be decoded, so its arguments are unknown; "
+        return ("the message body could not be decoded (or held no [args, kwargs]), so its arguments are unknown; "
                 "replay it with args/kwargs given by hand")
     if argument_paths and not given:
         return f"arguments {', '.join(argument_paths)} were redacted when stored; replay it with replacement args/kwargs"
@@ -205,7 +205,8 @@ def _send(app: Any, sendable: list[tuple[Any, Any]], *, queue: str | None, args:
             cut = {path[len("headers."):].split(".", 1)[0].split("[", 1)[0]
                    for path in (row.redacted or []) if path.startswith("headers.")}
             headers = {key: value for key, value in stored.items()
-                       if key not in header_names.DELIVERY and value != REDACTED and key not in cut
+                       if key not in header_names.DELIVERY and key not in header_names.CELERY and value != REDACTED
+                       and key not in cut
                        and not is_truncated(value)}
             headers[header_names.REPLAY_OF] = str(row.id)
             options: dict[str, Any] = {"task_id": new_id, "headers": headers, "producer": producer}

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from safetynet.core import decision
 
-__all__ = ["DECIDED", "Reason"]
+__all__ = ["DECIDED", "FROM_MESSAGE", "Reason"]
 
 
 class Reason(StrEnum):
@@ -19,6 +19,7 @@ class Reason(StrEnum):
     CRASH_LOOP = "crash_loop"
     UNKNOWN_TASK = "unknown_task"
     UNDECODABLE = "undecodable"
+    MALFORMED = "malformed"
     REJECTED = "rejected"
     WORKER_LOST = "worker_lost"
 
@@ -36,9 +37,13 @@ _LABELS = {
     Reason.CRASH_LOOP: "crash loop",
     Reason.UNKNOWN_TASK: "unknown task",
     Reason.UNDECODABLE: "undecodable message",
+    Reason.MALFORMED: "malformed message",
     Reason.REJECTED: "rejected",
     Reason.WORKER_LOST: "worker lost",
 }
 
 #: The reasons the decision core gives (``core.decide``); the others are found by the worker itself.
 DECIDED: frozenset[Reason] = frozenset({Reason.RETRIES_EXHAUSTED, Reason.PERMANENT_ERROR, Reason.DEADLINE_EXCEEDED})
+
+#: The reasons found before any task ran: their task name is only what the message said (any text).
+FROM_MESSAGE: frozenset[Reason] = frozenset({Reason.UNKNOWN_TASK, Reason.UNDECODABLE, Reason.MALFORMED})

@@ -1,9 +1,15 @@
 """The worker's consumer: messages no task can run, and the background jobs every worker runs.
 
-An unknown task name (``task_unknown``), a message the worker refuses (``task_rejected``) and a body
-that cannot be decoded (the consumer's ``on_decode_error``, wrapped at ``worker_ready``) are
-recorded as ``unknown_task``, ``undecodable`` or ``rejected``. At ``worker_ready`` the main process
-starts its background jobs: the relay, the orphan sweep, the spool flush and the hourly housekeeping.
+Every message the worker receives ends as a run or as one dead letter, and none stops the worker.
+A consumer step (``MessageGuard``, added at ``worker_init``) puts a check in front of Celery's task
+message callback: a message Celery could not take as a task (``messages.problem``: a body that is not
+``[args, kwargs, embed]``, an id or a name that is not a text, a ``timelimit`` or an ``eta`` Celery
+cannot use, ...) is recorded as ``malformed`` and acknowledged, and so is one on which Celery still
+raises. An unknown task name (``task_unknown``), a message Celery refuses itself (``task_rejected``)
+and a body that cannot be decoded (the consumer's ``on_decode_error``) are recorded as
+``unknown_task``, ``malformed``, ``undecodable`` or ``rejected``. At ``worker_ready`` the main
+process starts its background jobs: the relay, the orphan sweep, the spool flush and the hourly
+housekeeping.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from celery import bootsteps
 from celery import signals as celery_signals
+from celery.exceptions import InvalidTaskError
 from django.db import close_old_connections
 from kombu.exceptions import ContentDisallowed, DecodeError
 
@@ -24,20 +32,29 @@ from safetynet.background import Job, runner
 from safetynet.deadletter import _spool_folder
 from safetynet.exceptions import ConfigurationError
 from safetynet.protocol.reasons import Reason
+from safetynet.runtime import messages
 
-__all__ = ["Relay", "connect", "start_jobs"]
+__all__ = ["MessageGuard", "Relay", "connect", "guard_consumer", "guard_task_handler", "start_jobs"]
 
 logger = logging.getLogger("safetynet")
 
 
-def _message_fields(message: Any) -> dict[str, Any]:
-    headers = dict(getattr(message, "headers", None) or {})
+def _message_fields(message: Any, synthetic_id: str = "undecodable") -> dict[str, Any]:
+    raw_headers = getattr(message, "headers", None)
+    headers: dict[Any, Any] = dict(raw_headers) if isinstance(raw_headers, Mapping) else {}
+    name, task_id = headers.get("task"), headers.get("id")
+    usable_name, usable_id = isinstance(name, str) and bool(name), isinstance(task_id, str) and bool(task_id)
+    # A name or id that is not a text is kept in the headers as it came; the row gets a fresh id of its own.
+    kept_out = {"lang", "argsrepr", "kwargsrepr"} | ({"task"} if usable_name else set()) | (
+        {"id"} if usable_id else set())
     fields: dict[str, Any] = {
-        "task_name": str(headers.get("task") or "?"),
-        "task_id": str(headers.get("id") or f"undecodable-{uuid.uuid4()}"),
-        "headers": {k: v for k, v in headers.items() if k not in {"task", "id", "lang", "argsrepr", "kwargsrepr"}},
+        "task_name": name if usable_name else ("?" if name is None else repr(name)[:200]),
+        "task_id": task_id if usable_id else f"{synthetic_id}-{uuid.uuid4()}",
+        "headers": {str(k): v for k, v in headers.items() if k not in kept_out},
         "delivery_info": getattr(message, "delivery_info", None) or {},
     }
+    if raw_headers is not None and not isinstance(raw_headers, Mapping):
+        fields["headers"] = {"headers": repr(raw_headers)[:1000]}
     try:
         body = message.decode()
     except Exception:
@@ -47,9 +64,16 @@ def _message_fields(message: Any) -> dict[str, Any]:
         # A body in a content type this worker refuses may still be a plain JSON task body.
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
-    if isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], list) and isinstance(body[1], dict):
+    if isinstance(body, Mapping) and ("args" in body or "kwargs" in body):  # protocol 1, and the hybrid form
+        if not usable_name and isinstance(body.get("task"), str) and body["task"]:
+            fields["task_name"] = body["task"]
+        if not usable_id and isinstance(body.get("id"), str) and body["id"]:
+            fields["task_id"] = body["id"]
+        body = [body.get("args", []), body.get("kwargs", {})]
+    if (isinstance(body, (list, tuple)) and len(body) >= 2 and isinstance(body[0], (list, tuple))
+            and isinstance(body[1], Mapping) and all(isinstance(key, str) for key in body[1])):
         fields["args"], fields["kwargs"] = list(body[0]), dict(body[1])
     else:
         fields["body_unknown"] = True  # replay needs arguments given by hand
@@ -57,7 +81,9 @@ def _message_fields(message: Any) -> dict[str, Any]:
 
 
 def _give_up(reason: Reason, message: Any, sender: Any, **fields: Any) -> None:
-    found = {**_message_fields(message), **{key: value for key, value in fields.items() if value is not None}}
+    synthetic_id = "malformed" if reason == Reason.MALFORMED else "undecodable"
+    found = {**_message_fields(message, synthetic_id),
+             **{key: value for key, value in fields.items() if value is not None}}
     deadletter.give_up(deadletter.Failure(reason=reason, worker=getattr(sender, "hostname", "") or "",
                                           failed_at=time.time(), **found))
 
@@ -69,25 +95,115 @@ def _on_task_unknown(sender: Any = None, message: Any = None, exc: BaseException
 
 
 def _on_task_rejected(sender: Any = None, message: Any = None, exc: BaseException | None = None, **_: Any) -> None:
-    undecodable = exc is None or isinstance(exc, (ContentDisallowed, DecodeError))
-    _give_up(Reason.UNDECODABLE if undecodable else Reason.REJECTED, message, sender, exception=exc,
+    if exc is None or isinstance(exc, (ContentDisallowed, DecodeError)):
+        reason = Reason.UNDECODABLE
+    else:
+        reason = Reason.MALFORMED if isinstance(exc, InvalidTaskError) else Reason.REJECTED
+    _give_up(reason, message, sender, exception=exc,
              exception_type="" if exc else "UnknownMessage",
              exception_message="" if exc else "the message is not in a task message format",
              detail=f"content type {getattr(message, 'content_type', '?')}")
 
 
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    consumer = sender
-    original = getattr(consumer, "on_decode_error", None)
-    if original is not None and not getattr(original, "_safetynet", False):
-        def on_decode_error(message: Any, exc: BaseException) -> Any:
-            _give_up(Reason.UNDECODABLE, message, consumer, exception=exc,
-                     detail=f"content type {message.content_type}")
-            return original(message, exc)
+def _on_decode_error(consumer: Any, original: Callable[[Any, BaseException], Any]) -> Callable[..., Any]:
+    def on_decode_error(message: Any, exc: BaseException) -> Any:
+        _give_up(Reason.UNDECODABLE, message, consumer, exception=exc,
+                 detail=f"content type {getattr(message, 'content_type', '?')}")
+        return original(message, exc)
 
-        on_decode_error._safetynet = True  # type: ignore[attr-defined]
-        consumer.on_decode_error = on_decode_error
-    start_jobs(getattr(consumer, "app", None))
+    on_decode_error._safetynet = True  # type: ignore[attr-defined]
+    return on_decode_error
+
+
+# -- every message a worker can receive ends as a run or one dead letter -------------------------
+
+def _refuse(consumer: Any, message: Any, found: messages.Problem, error: BaseException | None = None) -> None:
+    """Record the message as one dead letter (``malformed`` or ``undecodable``), then acknowledge it."""
+    reason = Reason.UNDECODABLE if found.undecodable else Reason.MALFORMED
+    failure = error or found.error
+    _give_up(reason, message, consumer, detail=found.detail, exception=failure,
+             exception_type="" if failure is not None else "MalformedMessage",
+             exception_message="" if failure is not None else found.detail)
+    if not message.acknowledged:
+        message.ack_log_error(logger, tuple(getattr(consumer, "connection_errors", ()) or ()))
+
+
+def guard_task_handler(consumer: Any, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Celery's task message callback, behind a check of the message: one that Celery could not take as a
+    task is recorded and acknowledged instead, and anything Celery still raises while it takes a message is
+    too, so that no message stops the worker."""
+    if getattr(handler, "_safetynet", False):
+        return handler
+    strategies = consumer.strategies
+
+    def registered(name: str) -> bool:
+        return name in strategies
+
+    def on_task_received(message: Any) -> Any:
+        try:
+            found = messages.problem(message, registered)
+        except Exception as error:  # the check itself must not stop the worker
+            found = messages.Problem(f"the message could not be read: {error!r}"[:1000], error=error)
+        if found is not None:
+            return _refuse(consumer, message, found)
+        try:
+            return handler(message)
+        except Exception as error:  # Celery could not take it: the message must not stop the worker
+            # A warning with the traceback: the dead letter is the one report (Sentry: one event).
+            if message.acknowledged:
+                logger.warning("safetynet: Celery could not take a message it had acknowledged already",
+                               exc_info=True)
+                return None
+            logger.warning("safetynet: Celery could not take a message; it is recorded as malformed", exc_info=True)
+            return _refuse(consumer, message, messages.Problem(f"Celery could not take it: {error!r}"[:1000]),
+                           error)
+
+    on_task_received._safetynet = True  # type: ignore[attr-defined]
+    return on_task_received
+
+
+def guard_consumer(consumer: Any) -> None:
+    """Put safetynet's message guard on a worker's consumer (idempotent): its task handler and its decode
+    error callback, also the one kombu's task consumer kept."""
+    create = consumer.create_task_handler
+    if not getattr(create, "_safetynet", False):
+        def create_task_handler(*args: Any, **kwargs: Any) -> Any:
+            return guard_task_handler(consumer, create(*args, **kwargs))
+
+        create_task_handler._safetynet = True  # type: ignore[attr-defined]
+        consumer.create_task_handler = create_task_handler
+    original = consumer.on_decode_error
+    if not getattr(original, "_safetynet", False):
+        consumer.on_decode_error = _on_decode_error(consumer, original)
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is not None and not getattr(task_consumer.on_decode_error, "_safetynet", False):
+        task_consumer.on_decode_error = consumer.on_decode_error
+
+
+class MessageGuard(bootsteps.StartStopStep):
+    """A consumer step, started after Celery's task consumer and before its event loop: ``guard_consumer``."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        guard_consumer(parent)
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.steps["consumer"].add(MessageGuard)
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    # A worker whose safetynet was set up after worker_init: the decode callback is wrapped now, the
+    # task handler from the consumer's next connection on.
+    if hasattr(sender, "create_task_handler") and hasattr(sender, "on_decode_error"):
+        try:
+            guard_consumer(sender)
+        except Exception:  # the jobs below must start all the same
+            logger.exception("safetynet: could not put the message guard on the worker's consumer")
+    start_jobs(getattr(sender, "app", None))
 
 
 # -- the background jobs of the worker's main process ------------------------------------------
@@ -191,4 +307,5 @@ def connect() -> None:
     """Connect the worker-side receivers (called from the AppConfig)."""
     celery_signals.task_unknown.connect(_on_task_unknown, dispatch_uid="safetynet.task_unknown", weak=False)
     celery_signals.task_rejected.connect(_on_task_rejected, dispatch_uid="safetynet.task_rejected", weak=False)
+    celery_signals.worker_init.connect(_on_worker_init, dispatch_uid="safetynet.worker_init", weak=False)
     celery_signals.worker_ready.connect(_on_worker_ready, dispatch_uid="safetynet.worker_ready", weak=False)

@@ -25,6 +25,7 @@ from safetynet import deadletter, redaction, signals
 from safetynet.contrib import sentry as safetynet_sentry
 from safetynet.testing import simulate, simulator
 from tests.fixtures import secret_tasks, tasks
+from tests.fixtures.consumer import bare_consumer, received
 from tests.contrib.sentry_worker import SECRET, charge, charge_positional, die, poll, refund, slow, void
 
 DSN = "http://public@127.0.0.1/1"
@@ -458,8 +459,10 @@ REAL_CASES = {
 # Sentry's own report of each of the 5 failures in the children (CeleryIntegration's, or the
 # celery.app.trace error line), the 3 error lines of the final hard time limit in the main
 # process, the killed child of the first one (retried), and the 2 error lines of the child killed
-# running ``die`` (the pool's "Process … exited", Celery's "Task handler raised error").
-EXPECTED_DROPPED = 11
+# running ``die`` (the pool's "Process … exited", Celery's "Task handler raised error"), and the worker
+# consumer's error line for the unknown task.
+EXPECTED_DROPPED = 12
+UNKNOWN = "tests.contrib.sentry_unknown"
 
 
 @pytest.fixture(scope="module", params=["celery", "no-celery"])
@@ -479,11 +482,13 @@ def real_run(request, tmp_path_factory, worker_database, spool_dir, django_db_bl
     try:
         results = {name: task.apply_async(args, kwargs, queue=worker.queue)
                    for name, (task, args, kwargs, *_) in REAL_CASES.items()}
+        unknown = app.send_task(UNKNOWN, args=(46,), kwargs={"card_token": SECRET}, queue=worker.queue)
         ok = tasks.ping.apply_async(queue=worker.queue)
         for result in results.values():
             wait_for(result, timeout=60)
         assert ok.get(timeout=30) == "pong"
         ids.update(result.id for result in results.values())
+        ids.add(unknown.id)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             raw = recording.client().lrange(key, 0, -1)
@@ -499,7 +504,8 @@ def real_run(request, tmp_path_factory, worker_database, spool_dir, django_db_bl
             from safetynet.models import DeadLetter
 
             rows = {row.task_id: row for row in DeadLetter.objects.filter(task_id__in=ids)}
-        yield {"variant": request.param, "results": results, "envelopes": raw, "dropped": dropped, "rows": rows}
+        yield {"variant": request.param, "results": results, "envelopes": raw, "dropped": dropped, "rows": rows,
+               "unknown": unknown.id}
     finally:
         worker.stop()
         recording.client().delete(key, f"{key}:dropped")
@@ -537,6 +543,8 @@ def test_real_worker_one_event_per_final_failure_and_none_for_retries(real_run):
         assert event["fingerprint"] == ["safetynet", task.name, reason, row.fingerprint]
         if exception_type:
             assert event["exception"]["values"][-1]["type"] == exception_type, name
+    [event] = by_task.pop(real_run["unknown"])  # one event for an unknown task, not Celery's line too
+    assert (event["tags"]["task"], event["tags"]["reason"]) == (UNKNOWN, "unknown_task")
     assert by_task == {}
     # The duplicates were really made, and dropped.
     assert len(real_run["dropped"]) == EXPECTED_DROPPED, real_run["dropped"]
@@ -619,3 +627,57 @@ def test_a_secret_in_a_custom_header_value_reaches_no_event(init_sentry):
         ), task=void._get_current_object() if exception else None)
     assert len(error_events(transport)) == 2
     assert SECRET.encode() not in transport.serialized()
+
+
+# -- messages no task can run -------------------------------------------------------------
+
+def _received(headers, body):
+    return received(headers, body)
+
+
+def _consumer():
+    return bare_consumer(tasks.ping.name)
+
+
+@pytest.mark.django_db
+def test_an_unknown_task_is_one_event(init_sentry):
+    from celery.worker.consumer.consumer import Consumer
+
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    task_id = f"unknown-{uuid.uuid4()}"
+    message = _received({"task": "nope.missing", "id": task_id, "lang": "py"}, [[1], {}, None])
+    consumer = _consumer()
+    try:
+        raise KeyError("nope.missing")
+    except KeyError as exc:  # Celery's own handling: its error line with the traceback, the task_unknown signal
+        Consumer.on_unknown_task(consumer, None, message, exc)
+    [event] = error_events(transport)
+    assert event["contexts"]["safetynet"]["task_id"] == task_id
+    assert event["tags"]["reason"] == "unknown_task"
+
+
+@pytest.mark.django_db
+def test_a_malformed_and_an_undecodable_message_are_one_event_each(init_sentry):
+    from safetynet.runtime.consumer import guard_consumer, guard_task_handler
+
+    transport = init_sentry(integrations=[LoggingIntegration()])
+    consumer = _consumer()
+    malformed_id, undecodable_id = f"malformed-{uuid.uuid4()}", f"undecodable-{uuid.uuid4()}"
+    handler = guard_task_handler(consumer, lambda message: pytest.fail("Celery must not see it"))
+    handler(_received({"task": tasks.ping.name, "id": malformed_id, "lang": "py"}, "just a string"))
+    consumer.create_task_handler = lambda: None
+    consumer.on_decode_error = lambda message, exc: message.ack()
+    guard_consumer(consumer)  # Celery's decode callback, behind safetynet's
+    undecodable = _received({"task": tasks.ping.name, "id": undecodable_id, "lang": "py"}, [[], {}, None])
+    try:
+        raise ValueError("cannot decode")
+    except ValueError as exc:
+        import logging
+
+        from celery.worker.consumer import consumer as celery_consumer
+
+        logging.getLogger("celery.worker.consumer.consumer").critical(
+            celery_consumer.MESSAGE_DECODE_ERROR, exc, "application/json", "utf-8", "{}", "...", exc_info=True)
+        consumer.on_decode_error(undecodable, exc)
+    events = {event["contexts"]["safetynet"]["task_id"]: event["tags"]["reason"] for event in error_events(transport)}
+    assert events == {malformed_id: "malformed", undecodable_id: "undecodable"}

@@ -213,3 +213,20 @@ def test_every_death_is_counted_once_whatever_its_reason(private_spool):
                                                  reason="crash_loop"), log=False) is None
     stats.flush()
     assert rows(60)["tests.fixtures.tasks.ping"].dead_by_reason == {"crash_loop": 1, "retries_exhausted": 1}
+
+
+@pytest.mark.django_db
+def test_names_only_a_message_gave_are_counted_as_one_unregistered_task(private_spool):
+    """Names from the broker (any text: NUL, 10 kB) neither block the flush nor make a row each."""
+    from safetynet import deadletter
+
+    for n, reason in enumerate(["unknown_task", "undecodable", "malformed"] * 20):
+        deadletter.give_up(deadletter.Failure(task_name=f"garbage\x00{n}" + "x" * 10_000, task_id=f"garbage-{n}",
+                                              reason=reason), log=False)
+    deadletter.give_up(deadletter.Failure(task_name=tasks.ping.name, task_id="malformed-ping", reason="malformed"),
+                       log=False)
+    assert stats.flush() == 4  # two names, a minute row and an hour row each
+    minute = rows(60)
+    assert set(minute) == {stats.UNREGISTERED, tasks.ping.name}
+    assert minute[stats.UNREGISTERED].dead_by_reason == {"unknown_task": 20, "undecodable": 20, "malformed": 20}
+    assert minute[tasks.ping.name].dead_by_reason == {"malformed": 1}

@@ -12,7 +12,8 @@ Imported only when ``sentry-sdk`` is installed; does nothing until the project h
                               ``before_send_transaction``/``before_send_log``): drops the
                               duplicates Sentry's own integrations send for a failure safetynet
                               reports (Celery's report of the exception, Celery's error log
-                              lines, the three lines of a hard time limit, the two of a child
+                              lines, the consumer's line for an unknown task, a refused or an
+                              undecodable message, the three lines of a hard time limit, the two of a child
                               that died running a safetynet task), then redacts the event by
                               REDACT_KEYS / REDACT_PATTERNS
 
@@ -362,7 +363,19 @@ def _is_duplicate(event: dict[str, Any], hint: dict[str, Any]) -> bool:
     task_id = _task_id_of(event)
     if task_id is not None and task_id in _reported_tasks and _is_celery_failure(event):
         return True
-    return _is_hard_time_limit_line(event, exception)
+    return _is_message_line(event) or _is_hard_time_limit_line(event, exception)
+
+
+def _is_message_line(event: dict[str, Any]) -> bool:
+    """Celery's worker consumer logs an error for an unknown task, a message it refuses and a body it cannot decode,
+    before safetynet records each of them (``unknown_task``, ``malformed``, ``undecodable``), which is reported
+    once, from the dead letter: the log line is not an event of its own."""
+    if event.get("logger") != "celery.worker.consumer.consumer":
+        return False
+    from celery.worker.consumer import consumer
+
+    message = str((event.get("logentry") or {}).get("message") or "")
+    return message in (consumer.UNKNOWN_TASK_ERROR, consumer.INVALID_TASK_ERROR, consumer.MESSAGE_DECODE_ERROR)
 
 
 # A hard time limit makes the worker's main process log three errors, none of them through the
