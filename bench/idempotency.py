@@ -15,9 +15,16 @@ a start and an end marker):
 - ``retry_plain``, ``retry_safetynet``: fails once, ``self.retry(countdown=0)``, then succeeds. Their slice ends
   once every retry has run (each counts itself in Redis; the end marker is sent after the last).
 
-And, between rounds, in this process: ``floor``, the claim's and the mark's statements timed with psycopg directly
-on the same database (the ``INSERT … ON CONFLICT … RETURNING`` that claims a fresh key, committed without waiting
-for the WAL flush as safetynet's claim is, then the owner-checked ``UPDATE`` committed with it).
+And, before and after each round, in this process: ``floor``, the claim's and the mark's statements timed with
+psycopg directly on the same database and the same claim table (the ``INSERT … ON CONFLICT … RETURNING`` that
+claims a fresh key, committed without waiting for the WAL flush as safetynet's claim is, then the owner-checked
+``UPDATE``, committed).
+
+The workers run without Celery's Django fixup (Django is configured in code, ``DJANGO_SETTINGS_MODULE`` is not
+set), so each keeps its database connection from task to task. A project whose worker has the fixup (the usual
+``celery.py`` sets ``DJANGO_SETTINGS_MODULE``) closes every database connection before and after each task unless
+``CELERY_DB_REUSE_MAX`` is set: every task that touches the database, plain or idempotent, then opens a
+connection of its own (see docs/idempotency.md, "What it costs").
 
 Figures (medians over rounds):
 
@@ -100,27 +107,37 @@ class RetryWorker(overhead.Worker):
 
 
 def floor_us(pairs: int) -> float:
-    """The claim's and the mark's statements, with psycopg on the benchmark's database: microseconds per pair."""
+    """The claim's and the mark's statements, with psycopg on the benchmark's database: microseconds per pair.
+
+    On the claim table the workers use (its columns, its indexes), emptied before each round: a fresh key
+    inserted (``INSERT … ON CONFLICT … DO UPDATE … WHERE`` the takeover's condition ``RETURNING``, committed
+    without waiting for the WAL flush), then the owner-checked ``UPDATE`` to succeeded, committed.
+    """
     import psycopg
 
     from _postgres import DB_HOST, DB_PORT, DB_USER
 
-    table = "bench_floor_claims"
+    table = "safetynet_idempotencyclaim"
+    claim = (
+        f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
+        "result_stored, error, created_at, updated_at) VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, false, "
+        "'', %s, %s) ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, state = 'in_progress', "
+        f"lease_until = excluded.lease_until, deliveries = {table}.deliveries + 1 "
+        f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' AND {table}.lease_until < %s) "
+        "RETURNING deliveries, set_config('synchronous_commit', 'off', true)"
+    )
+    mark = (f"UPDATE {table} SET state = 'succeeded', updated_at = %s, result = NULL, result_stored = true "
+            "WHERE key = %s AND owner = %s AND state = 'in_progress'")
     with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname=bench.DB_NAME, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, task_id text, state text, "
-                     "owner text, lease_until double precision, deliveries integer)")
+        cursor = conn.cursor()
         run = uuid.uuid4().hex[:8]
         began = time.perf_counter()
         for number in range(pairs):
-            key, owner = f"floor-{run}-{number}", f"owner-{number}"
-            conn.execute(
-                f"INSERT INTO {table} (key, task_id, state, owner, lease_until, deliveries) "
-                "VALUES (%s, %s, 'in_progress', %s, %s, 1) ON CONFLICT (key) DO UPDATE SET owner = excluded.owner "
-                f"WHERE {table}.state = 'failed' RETURNING deliveries, set_config('synchronous_commit', 'off', true)",
-                (key, "task", owner, time.time() + 30)).fetchone()
-            conn.execute(f"UPDATE {table} SET state = 'succeeded' WHERE key = %s AND owner = %s", (key, owner))
+            key, owner, now = f"floor-{run}-{number}", f"owner-{run}-{number}", time.time()
+            cursor.execute(claim, (key, "bench.floor", key, owner, now + 30, now, now, now))
+            cursor.fetchone()
+            cursor.execute(mark, (time.time(), key, owner))
         elapsed = time.perf_counter() - began
-        conn.execute(f"DROP TABLE {table}")
     return elapsed / pairs * 1e6
 
 
