@@ -1,7 +1,7 @@
 """What an idempotent task costs: against its floor (the database statements it needs), against the guard users write
 by hand, with a realistic body, and what a retry costs against plain Celery's.
 
-    .venv/bin/python bench/idempotency.py [--quick] [--tasks N] [--rounds R] [--slice S]
+    .venv/bin/python bench/idempotency.py [--quick] [--tasks N] [--rounds R] [--slice S] [--prepared]
 
 Systems, each a fresh solo worker per round on a queue of its own (the machinery of bench/overhead.py: messages
 copied from ones Celery published, slices of each system alternating, the worker's wall and CPU time read between
@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import _postgres as bench_postgres  # noqa: E402
 import overhead  # noqa: E402
 
 overhead.WORKER_APP = "_idempotency_tasks"
@@ -109,7 +110,10 @@ class RetryWorker(overhead.Worker):
 def floor_us(pairs: int) -> float:
     """The claim's and the mark's statements, with psycopg on the benchmark's database: microseconds per pair.
 
-    On the claim table the workers use (its columns, its indexes), emptied before each round: a fresh key
+    Sent as the workers send them: server-side binding, and prepared statements only with ``--prepared`` (the
+    workers' Django connections prepare nothing by default: Django turns psycopg's prepared statements off,
+    for connection poolers). On the claim table the workers use (its columns, its indexes), emptied before
+    each round: a fresh key
     inserted (``INSERT … ON CONFLICT … DO UPDATE … WHERE`` the takeover's condition ``RETURNING``, committed
     without waiting for the WAL flush), then the owner-checked ``UPDATE`` to succeeded, committed.
     """
@@ -118,6 +122,8 @@ def floor_us(pairs: int) -> float:
     from _postgres import DB_HOST, DB_PORT, DB_USER
 
     table = "safetynet_idempotencyclaim"
+    # Sent as the workers' Django connections send them: prepared only when they prepare theirs.
+    prepare_threshold = bench_postgres.PREPARE_THRESHOLD
     claim = (
         f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
         "result_stored, error, created_at, updated_at) VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, false, "
@@ -128,7 +134,8 @@ def floor_us(pairs: int) -> float:
     )
     mark = (f"UPDATE {table} SET state = 'succeeded', updated_at = %s, result = NULL, result_stored = true "
             "WHERE key = %s AND owner = %s AND state = 'in_progress'")
-    with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname=bench.DB_NAME, autocommit=True) as conn:
+    with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname=bench.DB_NAME, autocommit=True,
+                         prepare_threshold=prepare_threshold) as conn:
         cursor = conn.cursor()
         run = uuid.uuid4().hex[:8]
         began = time.perf_counter()
@@ -187,7 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice", type=int, default=200, help="no-op tasks per slice (default 200)")
     parser.add_argument("--warmup", type=int, default=200, help="no-ops each fresh worker runs first (default 200)")
     parser.add_argument("--floor-pairs", type=int, help="claim-and-mark pairs timed for the floor (default 1000; 200 quick)")
+    parser.add_argument("--prepared", action="store_true",
+                        help="Django's connections (the workers') and the floor's prepare statements after 5 runs "
+                             "(psycopg's prepare_threshold=5; Django's default prepares none)")
     args = parser.parse_args(argv)
+    if args.prepared:
+        os.environ["SAFETYNET_BENCH_PREPARE_THRESHOLD"] = "5"  # the workers' environment
+        bench_postgres.PREPARE_THRESHOLD = 5
     args.tasks = args.tasks or (400 if args.quick else 5000)
     args.rounds = args.rounds or (2 if args.quick else 3)
     args.floor_pairs = args.floor_pairs or (200 if args.quick else 1000)
