@@ -1,7 +1,7 @@
 """What an idempotent task costs: against its floor (the database statements it needs), against the guard users write
 by hand, with a realistic body, and what a retry costs against plain Celery's.
 
-    .venv/bin/python bench/idempotency.py [--quick] [--tasks N] [--rounds R] [--slice S]
+    .venv/bin/python bench/idempotency.py [--quick] [--tasks N] [--rounds R] [--slice S] [--prepared]
 
 Systems, each a fresh solo worker per round on a queue of its own (the machinery of bench/overhead.py: messages
 copied from ones Celery published, slices of each system alternating, the worker's wall and CPU time read between
@@ -15,13 +15,21 @@ a start and an end marker):
 - ``retry_plain``, ``retry_safetynet``: fails once, ``self.retry(countdown=0)``, then succeeds. Their slice ends
   once every retry has run (each counts itself in Redis; the end marker is sent after the last).
 
-And, between rounds, in this process: ``floor``, the claim's and the mark's statements timed with psycopg directly
-on the same database (the ``INSERT … ON CONFLICT … RETURNING`` that claims a fresh key, committed without waiting
-for the WAL flush as safetynet's claim is, then the owner-checked ``UPDATE`` committed with it).
+And, in this process, right after each slice of ``idempotent`` and as many: ``floor``, the claim's and the mark's
+statements timed with psycopg directly on the same database and the same claim table (the ``INSERT … ON CONFLICT
+… RETURNING`` that claims a fresh key, committed without waiting for the WAL flush as safetynet's claim is, then
+the owner-checked ``UPDATE``, committed), sent as the workers' Django connections send them (no prepared
+statements unless ``--prepared``).
+
+The workers run without Celery's Django fixup (Django is configured in code, ``DJANGO_SETTINGS_MODULE`` is not
+set), so each keeps its database connection from task to task. A project whose worker has the fixup (the usual
+``celery.py`` sets ``DJANGO_SETTINGS_MODULE``) closes every database connection before and after each task unless
+``CELERY_DB_REUSE_MAX`` is set: every task that touches the database, plain or idempotent, then opens a
+connection of its own (see docs/idempotency.md, "What it costs").
 
 Figures (medians over rounds):
 
-    floor_us             the statements alone, per task
+    floor_us             the statements alone, per task (per round: its floor slices' time / their pairs)
     idempotent_extra_us  per-task wall time of ``idempotent`` minus ``plain``
     extra_vs_floor       idempotent_extra_us / floor_us
     idempotent_vs_diy    idempotent tasks/s / diy tasks/s
@@ -48,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import _postgres as bench_postgres  # noqa: E402
 import overhead  # noqa: E402
 
 overhead.WORKER_APP = "_idempotency_tasks"
@@ -99,29 +108,53 @@ class RetryWorker(overhead.Worker):
         return ended[0] - started[0], ended[1] - started[1]
 
 
-def floor_us(pairs: int) -> float:
-    """The claim's and the mark's statements, with psycopg on the benchmark's database: microseconds per pair."""
-    import psycopg
+class Floor:
+    """The claim's and the mark's statements, with psycopg on the benchmark's database, timed in slices like a system.
 
-    from _postgres import DB_HOST, DB_PORT, DB_USER
+    Sent as the workers send them: server-side binding, and prepared statements only with ``--prepared`` (the
+    workers' Django connections prepare nothing by default: Django turns psycopg's prepared statements off,
+    for connection poolers). On the claim table the workers use (its columns, its indexes), emptied before
+    each round: a fresh key inserted (``INSERT … ON CONFLICT … DO UPDATE … WHERE`` the takeover's condition
+    ``RETURNING``, committed without waiting for the WAL flush), then the owner-checked ``UPDATE`` to
+    succeeded, committed. One connection per round, opened before it and warmed up.
+    """
 
-    table = "bench_floor_claims"
-    with psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname=bench.DB_NAME, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (key text PRIMARY KEY, task_id text, state text, "
-                     "owner text, lease_until double precision, deliveries integer)")
-        run = uuid.uuid4().hex[:8]
+    TABLE = "safetynet_idempotencyclaim"
+    CLAIM = (
+        f"INSERT INTO {TABLE} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
+        "result_stored, error, created_at, updated_at) VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, false, "
+        "'', %s, %s) ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, state = 'in_progress', "
+        f"lease_until = excluded.lease_until, deliveries = {TABLE}.deliveries + 1 "
+        f"WHERE {TABLE}.state = 'failed' OR ({TABLE}.state = 'in_progress' AND {TABLE}.lease_until < %s) "
+        "RETURNING deliveries, set_config('synchronous_commit', 'off', true)"
+    )
+    MARK = (f"UPDATE {TABLE} SET state = 'succeeded', updated_at = %s, result = NULL, result_stored = true "
+            "WHERE key = %s AND owner = %s AND state = 'in_progress'")
+
+    def __init__(self) -> None:
+        import psycopg
+
+        from _postgres import DB_HOST, DB_PORT, DB_USER
+
+        self.connection = psycopg.connect(host=DB_HOST, port=DB_PORT, user=DB_USER, dbname=bench.DB_NAME,
+                                          autocommit=True, prepare_threshold=bench_postgres.PREPARE_THRESHOLD)
+        self.cursor = self.connection.cursor()
+        self.run_id, self.count = uuid.uuid4().hex[:8], 0
+
+    def run(self, pairs: int) -> float:
+        """Claim and mark ``pairs`` fresh keys; the seconds it took."""
+        cursor, claim, mark = self.cursor, self.CLAIM, self.MARK
         began = time.perf_counter()
-        for number in range(pairs):
-            key, owner = f"floor-{run}-{number}", f"owner-{number}"
-            conn.execute(
-                f"INSERT INTO {table} (key, task_id, state, owner, lease_until, deliveries) "
-                "VALUES (%s, %s, 'in_progress', %s, %s, 1) ON CONFLICT (key) DO UPDATE SET owner = excluded.owner "
-                f"WHERE {table}.state = 'failed' RETURNING deliveries, set_config('synchronous_commit', 'off', true)",
-                (key, "task", owner, time.time() + 30)).fetchone()
-            conn.execute(f"UPDATE {table} SET state = 'succeeded' WHERE key = %s AND owner = %s", (key, owner))
-        elapsed = time.perf_counter() - began
-        conn.execute(f"DROP TABLE {table}")
-    return elapsed / pairs * 1e6
+        for _ in range(pairs):
+            self.count += 1
+            key, now = f"floor-{self.run_id}-{self.count}", time.time()
+            cursor.execute(claim, (key, "bench.floor", key, key, now + 30, now, now, now))
+            cursor.fetchone()
+            cursor.execute(mark, (time.time(), key, key))
+        return time.perf_counter() - began
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 def run_round(number: int, messages: dict, args: argparse.Namespace, log_dir: str) -> dict[str, tuple[float, float]]:
@@ -132,12 +165,15 @@ def run_round(number: int, messages: dict, args: argparse.Namespace, log_dir: st
     from django.db import connection
 
     connection.close()  # the workers are what is measured
+    floor = Floor()
+    floor_seconds, floor_pairs = 0.0, 0
     try:
         for system in SYSTEMS:
             kind = RetryWorker if system in RETRYING else overhead.Worker
             workers[system] = kind(messages[system], args, os.path.join(log_dir, f"r{number}.{system}.log"))
         for system in SYSTEMS:
             workers[system].run(max(10, int(args.warmup * SCALE.get(system, 1.0))), overhead.STARTUP_TIMEOUT)
+        floor.run(args.floor_pairs)  # warm-up
         wall = dict.fromkeys(SYSTEMS, 0.0)
         cpu = dict.fromkeys(SYSTEMS, 0.0)
         counts = dict.fromkeys(SYSTEMS, 0)
@@ -150,11 +186,17 @@ def run_round(number: int, messages: dict, args: argparse.Namespace, log_dir: st
                 wall[system] += slice_wall
                 cpu[system] += slice_cpu
                 counts[system] += share
+                if system == "idempotent":  # the floor's slice, right after the idempotent one's
+                    floor_seconds += floor.run(share)
+                    floor_pairs += share
             done += size
     finally:
+        floor.close()
         for worker in workers.values():
             worker.stop()
-    results = {}
+    results = {"floor": (floor_pairs / floor_seconds, 0.0)}
+    print(f"round {number} floor {floor_seconds / floor_pairs * 1e6:.0f} us per claim and mark (psycopg, "
+          f"{floor_pairs} pairs in slices after the idempotent ones)", flush=True)
     for system in SYSTEMS:
         results[system] = counts[system] / wall[system], counts[system] / cpu[system]
         print(f"round {number} {system:<21} {counts[system]:6d} tasks, {results[system][0]:8.1f} tasks/s "
@@ -169,11 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds (default 3; 2 quick)")
     parser.add_argument("--slice", type=int, default=200, help="no-op tasks per slice (default 200)")
     parser.add_argument("--warmup", type=int, default=200, help="no-ops each fresh worker runs first (default 200)")
-    parser.add_argument("--floor-pairs", type=int, help="claim-and-mark pairs timed for the floor (default 1000; 200 quick)")
+    parser.add_argument("--floor-pairs", type=int, help="claim-and-mark pairs the floor warms up with (default 200)")
+    parser.add_argument("--prepared", action="store_true",
+                        help="Django's connections (the workers') and the floor's prepare statements after 5 runs "
+                             "(psycopg's prepare_threshold=5; Django's default prepares none)")
     args = parser.parse_args(argv)
+    if args.prepared:
+        os.environ["SAFETYNET_BENCH_PREPARE_THRESHOLD"] = "5"  # the workers' environment
+        bench_postgres.PREPARE_THRESHOLD = 5
     args.tasks = args.tasks or (400 if args.quick else 5000)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.floor_pairs = args.floor_pairs or (200 if args.quick else 1000)
+    args.floor_pairs = args.floor_pairs or 200
     args.pool, args.prefetch, args.without_prometheus = "solo", 64, False
     args.slice_timeout = 120.0
     began = time.monotonic()
@@ -189,12 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                     for system in SYSTEMS}
         with tempfile.TemporaryDirectory(prefix="safetynet-bench-") as log_dir:
             for number in range(1, args.rounds + 1):
-                floors.append(floor_us(args.floor_pairs))
-                print(f"round {number} floor {floors[-1]:.0f} us per claim and mark (psycopg)", flush=True)
                 for system, figures in run_round(number, messages, args, log_dir).items():
-                    results[system].append(figures)
-                floors.append(floor_us(args.floor_pairs))
-                print(f"round {number} floor {floors[-1]:.0f} us per claim and mark (psycopg)", flush=True)
+                    if system == "floor":
+                        floors.append(1e6 / figures[0])
+                    else:
+                        results[system].append(figures)
     finally:
         overhead._delete_bench_keys(client)
         try:

@@ -150,12 +150,25 @@ class Messages:
         body = base64.b64encode(self.decoded.replace(self.PLACEHOLDER, n).encode()).decode()
         return raw.replace(self.body, body).replace(self.PLACEHOLDER, n)
 
+    def _left_overs(self) -> str:
+        """What an earlier slice left: the markers' lists and the tasks of the messages still queued."""
+        client = self.client
+        names = []
+        for raw in client.lrange(self.queue, 0, 9):
+            try:
+                headers = json.loads(raw)["headers"]
+                names.append(f"{headers.get('task')}[{headers.get('id')}] retries={headers.get('retries')}")
+            except (ValueError, KeyError, TypeError):
+                names.append(repr(raw[:80]))
+        return (f"{client.llen(self.queue)} queued ({', '.join(names) or 'none'}), "
+                f"{client.llen(self.start_key)} start and {client.llen(self.end_key)} end markers")
+
     def load(self, tasks: int) -> None:
         """Put ``[start marker, tasks no-ops, end marker]`` on the queue in one step."""
         client = self.client
         self.lock.renew()
         if client.exists(self.queue, self.start_key, self.end_key):
-            raise RuntimeError(f"{self.queue}: left-overs of an earlier slice")
+            raise RuntimeError(f"{self.queue}: left-overs of an earlier slice: {self._left_overs()}")
         with client.pipeline(transaction=False) as pipe:
             pipe.delete(self.staging)
             pipe.lpush(self.staging, self._copy(self.start))  # kombu's Redis transport: LPUSH, BRPOP

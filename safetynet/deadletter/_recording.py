@@ -18,6 +18,7 @@ can take a record, its whole (redacted) text is logged at ERROR: the log keeps w
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from django.db import close_old_connections, router, transaction
+from django.db import close_old_connections, connections, router, transaction
 from django.db.models import Min
 
 from safetynet import conf, signals
@@ -289,8 +290,10 @@ def store(fields: dict[str, Any]) -> Any:
     nonce = values["audit"][0]["nonce"]
     alias = router.db_for_write(DeadLetter)
     rows = DeadLetter.objects.using(alias)
-    # A savepoint: a refused insert must not break a transaction the caller is in.
-    with transaction.atomic(using=alias):
+    # Inside a caller's transaction, a savepoint: a refused insert must not break it. Outside one (a worker
+    # recording a death), the insert commits on its own: no BEGIN and COMMIT round trips around it.
+    in_transaction = connections[alias].in_atomic_block
+    with transaction.atomic(using=alias) if in_transaction else contextlib.nullcontext():
         if values.get("replay_of_id") is not None and not rows.filter(pk=values["replay_of_id"]).exists():
             values["replay_of_id"] = None  # the row it replayed was purged meanwhile: the link goes, the record stays
         # INSERT … ON CONFLICT DO NOTHING: the task id is unique, so a second record of the same

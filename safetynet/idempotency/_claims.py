@@ -7,14 +7,14 @@ returned); in progress elsewhere; or a crash loop (``max_deliveries`` runs holdi
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ logger = logging.getLogger("safetynet")
 
 WON, SUCCEEDED, IN_PROGRESS, CRASH_LOOP = "won", "succeeded", "in_progress", "crash_loop"
 
+
 @dataclass
 class Claim:
     """The outcome of claiming a key, and what the holder needs to settle it."""
@@ -49,44 +50,117 @@ class Claim:
     lease_until: float = 0.0
 
 
-_tables: dict[tuple[str, str], str] = {}
+def _execute(using: str, sql: str, params: list[Any], *, fetch: bool = False) -> tuple[int, Any]:
+    """Run one claim statement on the claims' connection: (rows changed, the first row returned if ``fetch``).
 
-
-@contextlib.contextmanager
-def _cursor(using: str) -> Iterator[Any]:
-    """A cursor for the claim and the mark, the two statements every idempotent run makes.
-
-    On PostgreSQL with psycopg 3 it is a server-side-binding cursor on Django's connection:
-    the parameters travel apart from the statement instead of being quoted into it in Python,
-    which is most of what a statement costs the worker here. Django's error wrapping is kept
-    (its exceptions, and a broken connection noticed), and the statement joins whatever
-    transaction Django has open on the connection. Elsewhere, Django's own cursor.
+    On PostgreSQL with psycopg 3 the statement goes straight to the driver, on a cursor kept per
+    connection: server-side binding (the parameters travel apart from the statement instead of
+    being quoted into it in Python), none of Django's cursor wrapping, and prepared statements only
+    if the connection's ``prepare_threshold`` asks for them (Django turns them off, for poolers).
+    Django's error wrapping is kept (its exceptions, a broken connection noticed), and the
+    statement joins whatever transaction Django has open on the connection. Elsewhere, Django's
+    own cursor.
     """
     connection = connections[using]
     if connection.vendor == "postgresql" and _psycopg3():
+        if connection.connection is None:
+            connection.ensure_connection()
+        with connection.wrap_database_errors:
+            cursor = _raw_cursor(connection)
+            cursor.execute(sql, params)
+            return cursor.rowcount, cursor.fetchone() if fetch else None
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount, cursor.fetchone() if fetch else None
+
+
+def _raw_cursor(connection: Any) -> Any:
+    """A psycopg 3 cursor on the driver's connection under ``connection`` (made once per driver connection)."""
+    raw = connection.connection
+    kept = connection.__dict__.get("_safetynet_cursor")
+    if kept is None or kept[0] is not raw:
         import psycopg
 
-        connection.ensure_connection()
-        with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-            yield cursor
-        return
-    with connection.cursor() as cursor:
-        yield cursor
+        kept = connection.__dict__["_safetynet_cursor"] = (raw, psycopg.Cursor(raw))
+    return kept[1]
 
 
+@functools.cache
 def _psycopg3() -> bool:
     from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
-    return is_psycopg3
+    return bool(is_psycopg3)
 
 
-def _table(using: str) -> str:
-    """The claim table's quoted name on database ``using`` (every claim and mark needs it)."""
+@dataclass(frozen=True)
+class _Sql:
+    """The claim's and the mark's statements on one database (made once per alias)."""
+
+    claim: str
+    mark: str  # with the result
+    mark_only: str  # the state alone (``safetynet.atomic()``)
+    mark_strict: str  # with the result; fails (division by zero) when this run does not own the claim
+
+
+def _sql(using: str) -> _Sql:
     connection = connections[using]
-    table = _tables.get((using, connection.vendor))
-    if table is None:
-        table = _tables[using, connection.vendor] = connection.ops.quote_name(IdempotencyClaim._meta.db_table)
-    return table
+    statements = _statements.get((using, connection.vendor))
+    if statements is None:
+        statements = _statements[using, connection.vendor] = _make_sql(connection)
+    return statements
+
+
+_statements: dict[tuple[str, str], _Sql] = {}
+
+
+def _make_sql(connection: Any) -> _Sql:
+    table = connection.ops.quote_name(IdempotencyClaim._meta.db_table)
+    postgresql = connection.vendor == "postgresql"
+    # PostgreSQL: the claim commits without waiting for its WAL flush (an fsync per task). It is
+    # visible to other runs at once all the same; only a crash of the database server (or a
+    # failover) in the next fraction of a second can lose it, and that also ends this run's
+    # connection: its body's writes cannot commit, since the mark checks the owner in the
+    # body's transaction (run_atomically), which does wait for its flush, and so for the claim's.
+    no_flush_wait = ", set_config('synchronous_commit', 'off', true)" if postgresql else ""
+    claim = (
+        f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
+        f"result_stored, error, created_at, updated_at) "
+        f"VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, false, '', %s, %s) "
+        f"ON CONFLICT (key) DO UPDATE SET task_name = excluded.task_name, task_id = excluded.task_id, "
+        f"state = 'in_progress', owner = excluded.owner, lease_until = excluded.lease_until, "
+        # A failed key starts afresh; a hand-over is no new delivery; a takeover (the run
+        # holding it died: its lease ran out) counts one more.
+        f"deliveries = CASE WHEN {table}.state = 'failed' THEN 1 "
+        f"WHEN {table}.owner = %s THEN {table}.deliveries ELSE {table}.deliveries + 1 END, "
+        f"result = NULL, result_stored = excluded.result_stored, error = '', "
+        f"updated_at = excluded.updated_at "
+        f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' "
+        f"AND ({table}.lease_until < %s OR {table}.owner = %s)) "
+        f"RETURNING deliveries{no_flush_wait}"
+    )
+    value = "CAST(%s AS jsonb)" if postgresql else "%s"
+    owned = f"WHERE key = %s AND owner = %s AND state IN ('{IN_PROGRESS}', '{SUCCEEDED}')"
+    mark = f"UPDATE {table} SET state = '{SUCCEEDED}', updated_at = %s, result = {value}, result_stored = %s {owned}"
+    return _Sql(
+        claim=claim,
+        mark=mark,
+        mark_only=f"UPDATE {table} SET state = '{SUCCEEDED}', updated_at = %s {owned}",
+        # 1 / 0 when no row was marked: the error aborts the transaction, so a COMMIT sent with it
+        # (in one round trip) commits nothing.
+        mark_strict=f"WITH marked AS ({mark} RETURNING 1) SELECT 1 / count(*) FROM marked" if postgresql else "",
+    )
+
+
+_host: tuple[int, str] = (0, "")
+
+
+def _owner(task_id: str) -> str:
+    """A new owner token for a run of ``task_id``: task id, host, process and a nonce."""
+    global _host
+    pid = os.getpid()
+    if _host[0] != pid:
+        _host = (pid, f"{socket.gethostname()}/{pid}")
+    return f"{task_id}/{_host[1]}/{os.urandom(4).hex()}"[:255]
 
 
 def database_for_claims() -> str:
@@ -102,36 +176,12 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
     """
     handed = handover or "-"  # never an owner
     using = database_for_claims()
-    table = _table(using)
-    owner = f"{task_id}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"[:255]
-    # PostgreSQL: the claim commits without waiting for its WAL flush (an fsync per task). It is
-    # visible to other runs at once all the same; only a crash of the database server (or a
-    # failover) in the next fraction of a second can lose it, and that also ends this run's
-    # connection: its body's writes cannot commit, since mark_succeeded checks the owner in the
-    # body's transaction (run_atomically), which does wait for its flush, and so for the claim's.
-    postgresql = connections[using].vendor == "postgresql"
-    no_flush_wait = ", set_config('synchronous_commit', 'off', true)" if postgresql else ""
+    sql = _sql(using).claim
+    owner = _owner(task_id)
     for _ in range(5):
         now = time.time()
-        with _cursor(using) as cursor:
-            cursor.execute(
-                f"INSERT INTO {table} (key, task_name, task_id, state, owner, lease_until, deliveries, result, "
-                f"result_stored, error, created_at, updated_at) "
-                f"VALUES (%s, %s, %s, 'in_progress', %s, %s, 1, NULL, %s, '', %s, %s) "
-                f"ON CONFLICT (key) DO UPDATE SET task_name = excluded.task_name, task_id = excluded.task_id, "
-                f"state = 'in_progress', owner = excluded.owner, lease_until = excluded.lease_until, "
-                # A failed key starts afresh; a hand-over is no new delivery; a takeover (the run
-                # holding it died: its lease ran out) counts one more.
-                f"deliveries = CASE WHEN {table}.state = 'failed' THEN 1 "
-                f"WHEN {table}.owner = %s THEN {table}.deliveries ELSE {table}.deliveries + 1 END, "
-                f"result = NULL, result_stored = excluded.result_stored, error = '', "
-                f"updated_at = excluded.updated_at "
-                f"WHERE {table}.state = 'failed' OR ({table}.state = 'in_progress' "
-                f"AND ({table}.lease_until < %s OR {table}.owner = %s)) "
-                f"RETURNING deliveries{no_flush_wait}",
-                [key, task_name, task_id, owner, now + lease, False, now, now, handed, now, handed],
-            )
-            row = cursor.fetchone()
+        _, row = _execute(using, sql, [key, task_name, task_id, owner, now + lease, now, now, handed, now, handed],
+                          fetch=True)
         if row is not None:
             deliveries = int(row[0])
             outcome = CRASH_LOOP if deliveries - 1 >= max_deliveries else WON
@@ -164,28 +214,48 @@ def mark_succeeded(held: Claim, result: Any = None, *, has_result: bool = True) 
     One raw ``UPDATE`` (every idempotent run makes it): the result is serialised here, once, with
     ``DjangoJSONEncoder``, and sent as JSON text (cast to ``jsonb`` on PostgreSQL); None is NULL.
     """
-    connection = connections[held.using]
-    table = _table(held.using)
-    assignments, params = f"state = '{SUCCEEDED}', updated_at = %s", [time.time()]
-    if has_result:
-        text = None
-        if result is not None:
-            try:
-                text = json.dumps(result, cls=DjangoJSONEncoder, allow_nan=False)
-            except (TypeError, ValueError):
-                logger.warning("safetynet: the result of the run holding %r is not JSON; a duplicate will get None",
-                               held.key, extra={"idempotency_key": held.key})
-        stored = result is None or text is not None
-        value = "CAST(%s AS jsonb)" if text is not None and connection.vendor == "postgresql" else "%s"
-        assignments += f", result = {value}, result_stored = %s"
-        params += [text, stored]
-    with _cursor(held.using) as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET {assignments} "
-            f"WHERE key = %s AND owner = %s AND state IN ('{IN_PROGRESS}', '{SUCCEEDED}')",
-            [*params, held.key, held.owner],
-        )
-        return cursor.rowcount > 0
+    statements = _sql(held.using)
+    if not has_result:
+        changed, _ = _execute(held.using, statements.mark_only, [time.time(), held.key, held.owner])
+        return changed > 0
+    changed, _ = _execute(held.using, statements.mark, [time.time(), *_result_params(held, result), held.key,
+                                                         held.owner])
+    return changed > 0
+
+
+def _result_params(held: Claim, result: Any) -> list[Any]:
+    """The stored result's parameters: its JSON text (None for None), and whether it is stored."""
+    if result is None:
+        return [None, True]
+    try:
+        return [json.dumps(result, cls=DjangoJSONEncoder, allow_nan=False), True]
+    except (TypeError, ValueError):
+        logger.warning("safetynet: the result of the run holding %r is not JSON; a duplicate will get None",
+                       held.key, extra={"idempotency_key": held.key})
+        return [None, False]
+
+
+def _mark_and_commit(held: Claim, result: Any, connection: Any) -> bool:
+    """Mark the claim and COMMIT the open transaction in one round trip (PostgreSQL, psycopg 3); False, and the
+    transaction aborted (nothing committed), if this run no longer owns the claim.
+
+    The two statements go out together in pipeline mode. The mark fails (division by zero) when it marks no row:
+    the transaction is then aborted, the COMMIT behind it is not run, and the caller's ``atomic`` rolls back.
+    Django's own COMMIT, when its ``atomic`` block ends, finds the transaction committed and sends nothing; its
+    ``on_commit`` callbacks run as after any commit.
+    """
+    import psycopg
+
+    raw = connection.connection
+    params = [time.time(), *_result_params(held, result), held.key, held.owner]
+    with connection.wrap_database_errors:
+        try:
+            with raw.pipeline():
+                _raw_cursor(connection).execute(_sql(held.using).mark_strict, params)
+                raw.commit()
+        except psycopg.errors.DivisionByZero:
+            return False
+    return True
 
 
 def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
@@ -207,6 +277,11 @@ def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
             logger.warning("safetynet: the body holding %r returned with its transaction marked for rollback; "
                            "its writes are not committed", held.key, extra={"idempotency_key": held.key})
         elif not (outermost and _untouched(connection)):
+            if outermost and _pipelines(connection):
+                if not _mark_and_commit(held, result, connection):
+                    raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run; this run's "
+                                    "writes rolled back")
+                return result
             if not mark_succeeded(held, result):
                 raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run; this run's writes "
                                 "rolled back")
@@ -214,6 +289,20 @@ def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
     if not mark_succeeded(held, result):
         raise ClaimLost(f"idempotency key {held.key!r} was taken over by another run (the run wrote nothing)")
     return result
+
+
+def _pipelines(connection: Any) -> bool:
+    """True if the mark and the COMMIT of the open transaction on ``connection`` can go in one round trip."""
+    if connection.vendor != "postgresql" or not _psycopg3():
+        return False
+    return connection.connection is not None and _pipeline_supported()
+
+
+@functools.cache
+def _pipeline_supported() -> bool:
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
 
 
 def _untouched(connection: Any) -> bool:

@@ -55,11 +55,16 @@ def _beat() -> None:
         close_old_connections()  # a broken connection is replaced on the next beat
 
 
+#: The one heartbeat job of the process (``runner.add`` keeps the one it runs already, and starts it again after
+#: a fork or a stop).
+_JOB = Job("heartbeat", _beat, _interval, lane=_LANE, at_start=False)
+
+
 def _hold(held: Claim) -> None:
-    shorter = held.lease / 3 < _interval()
     with _lock:
+        shorter = held.lease / 3 < max(0.05, min((other.lease for other in _held.values()), default=3.0) / 3)
         _held[held.owner] = held
-    runner.add(Job("heartbeat", _beat, _interval, lane=_LANE, at_start=False))
+    runner.add(_JOB)
     if shorter:
         runner.wake(_LANE, now=True, job="heartbeat")  # it may sleep longer than this claim's lease allows
 

@@ -269,6 +269,61 @@ def test_run_atomically_marks_with_or_without_writes_and_a_lost_claim_rolls_back
         cursor.execute("DROP TABLE idem_unit_ledger2")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_mark_and_the_commit_in_one_round_trip_keep_hooks_errors_and_the_session_right(monkeypatch):
+    from django.db import IntegrityError, transaction
+
+    from safetynet.idempotency import _claims
+
+    pipelined = []
+    monkeypatch.setattr(_claims, "_mark_and_commit", lambda *args, real=_claims._mark_and_commit: (
+        pipelined.append(args[0].key), real(*args))[1])
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_parent (id integer PRIMARY KEY)")
+        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_child (parent integer REFERENCES idem_unit_parent "
+                       "DEFERRABLE INITIALLY DEFERRED)")
+        cursor.execute("DELETE FROM idem_unit_child")
+        cursor.execute("DELETE FROM idem_unit_parent")
+
+    def write(statement, params=()):
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+
+    hooks = []
+
+    def parent_and_hook(parent=1):
+        write("INSERT INTO idem_unit_parent VALUES (%s)", [parent])
+        transaction.on_commit(lambda: hooks.append("committed"))
+        return {"parent": parent}
+
+    assert idempotency.run_atomically(_claim("k-pipe-1"), parent_and_hook) == {"parent": 1}
+    assert hooks == ["committed"]  # Django's on_commit callbacks run after the commit sent with the mark
+    assert connection.get_autocommit() and not connection.in_atomic_block
+    stored = IdempotencyClaim.objects.get(key="k-pipe-1")
+    assert (stored.state, stored.result) == (SUCCEEDED, {"parent": 1})
+
+    # A deferred constraint fails at COMMIT: the task sees Django's IntegrityError, the mark is not committed.
+    orphan = _claim("k-pipe-2")
+    with pytest.raises(IntegrityError):
+        idempotency.run_atomically(orphan, lambda: write("INSERT INTO idem_unit_child VALUES (99)"))
+    assert IdempotencyClaim.objects.get(key="k-pipe-2").state == IN_PROGRESS
+
+    # A lost claim: the body's write and the hook are gone, and the session works on.
+    lost = _claim("k-pipe-3")
+    IdempotencyClaim.objects.filter(key="k-pipe-3").update(owner="someone else")
+    with pytest.raises(idempotency.ClaimLost):
+        idempotency.run_atomically(lost, lambda: parent_and_hook(2))
+    assert hooks == ["committed"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM idem_unit_parent")
+        assert cursor.fetchone()[0] == 1
+        cursor.execute("DROP TABLE idem_unit_child")
+        cursor.execute("DROP TABLE idem_unit_parent")
+    assert connection.get_autocommit() and not connection.in_atomic_block
+    assert pipelined == ["k-pipe-1", "k-pipe-2", "k-pipe-3"]
+
+
 # -- eager runs (the body, the stored result) ----------------------------------------------
 
 
