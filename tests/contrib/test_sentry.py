@@ -512,7 +512,12 @@ def real_run(request, tmp_path_factory, worker_database, spool_dir, django_db_bl
         with django_db_blocker.unblock():
             from safetynet.models import DeadLetter
 
-            DeadLetter.objects.filter(task_id__in=ids).delete()
+            from safetynet import deadletter
+
+            doomed = DeadLetter.objects.filter(task_id__in=ids)
+            fingerprints = list(doomed.values_list("fingerprint", flat=True))
+            doomed.delete()
+            deadletter.recount_failure_groups(fingerprints)  # the failures page's summary follows the rows
 
 
 def real_error_events(run):
