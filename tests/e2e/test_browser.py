@@ -168,7 +168,7 @@ def test_no_sideways_scroll_on_a_phone(page, demo_site):
     box = page.locator(".scroll").first
     assert box.evaluate("element => element.scrollWidth > element.clientWidth")
     page.click("details.menu summary")
-    assert page.locator("details.menu nav a", has_text="Breakers").is_visible()
+    assert page.locator("details.menu nav a", has_text="Upstreams").is_visible()
 
 
 def test_dark_mode_follows_the_system_and_the_admins_choice(browser, demo_site):

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from tests.fixtures import recording
-from tests.integration.conftest import BROKERS, Worker, configure_app, wait_until
+from tests.integration.conftest import BROKERS, Worker, configure_app, wait_until, release_app
 
 compat = pytest.importorskip("safetynet.taskrecords._compat")
 if not compat.AVAILABLE:
@@ -42,7 +42,7 @@ def worker(request, tmp_path_factory, worker_database, spool_dir):
     yield running
     app.conf.task_default_queue = default_queue
     running.stop()
-    app.close()
+    release_app(app)
 
 
 def watch(result, timeout=60):

@@ -16,7 +16,7 @@ import pytest
 from django.test import override_settings
 from django.utils import timezone
 
-from tests.integration.conftest import BROKERS, Worker, configure_app
+from tests.integration.conftest import BROKERS, Worker, configure_app, release_app
 
 compat = pytest.importorskip("safetynet.taskrecords._compat")
 if not compat.AVAILABLE:
@@ -63,7 +63,7 @@ def backend_kind(request, tmp_path_factory, worker_database, spool_dir):
     yield {"kind": "celery", "other_queue": other, "worker": worker}
     app.conf.task_default_queue = default_queue
     worker.stop()
-    app.close()
+    release_app(app)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer, Queue
 
 from tests.fixtures import message_tasks, recording
-from tests.integration.conftest import Worker, configure_app
+from tests.integration.conftest import Worker, configure_app, release_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -288,9 +288,7 @@ def test_every_message_ends_once_and_the_worker_keeps_serving(broker_name, batch
         queued = left_in_queue(broker, worker.queue)
     finally:
         worker.stop()
-        # not app.close(): it takes the shared test app out of Celery's active apps (tasks declared later in
-        # this session would not be registered in it)
-        app.pool.force_close_all()
+        release_app(app)  # not app.close(): the shared test app stays among Celery's active apps
     elapsed = time.monotonic() - started
 
     wrong = {index: (batch[index], run_ids[index], runs, [(row.reason, row.detail) for row in rows])
