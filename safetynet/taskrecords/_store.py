@@ -113,8 +113,9 @@ _INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]
 
 def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
     """Write a new row (``READY``). ``in_transaction``: in the caller's transaction (a rollback keeps nothing).
-    Else (PostgreSQL) the row joins this process's batch, written within ``FLUSH_SECONDS`` whatever the caller's
-    transaction does (the message it goes with is sent at once); reads in this process see it at once."""
+    Else (PostgreSQL) the row is written at once on the records' own connection, whatever the caller's transaction
+    does, before its message is sent: batched, a fast worker could end the task before the row existed (the end
+    of the attempt then raced the late insert, and the result stayed READY)."""
     using = database()
     if in_transaction or connections[using].vendor != "postgresql":
         TaskRecord(**fields).save(using=using, force_insert=True)
@@ -123,7 +124,7 @@ def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
     values = (get("id"), get("backend"), get("module_path"), get("queue_name"), get("priority", 0), get("run_after"),
               json.dumps(get("args") or []), json.dumps(get("kwargs") or {}), get("status", "READY"),
               get("enqueued_at"), get("replay_of", ""))
-    _batch.add(using, _INSERT_ROW, values)
+    _execute(using, _INSERT + _INSERT_ROW + " ON CONFLICT (id) DO NOTHING", list(values))
 
 
 def read(result_id: str) -> TaskRecord | None:
