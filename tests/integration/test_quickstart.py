@@ -152,6 +152,9 @@ def test_the_quickstart_as_written_runs_a_task_on_a_worker(tmp_path, warehouse, 
 # -- the test's machine (not part of the quickstart) --
 CELERY_BROKER_URL = {BROKER!r}
 CELERY_RESULT_BACKEND = {BACKEND!r}
+# a queue of its own: other workers of the test run (the demo's, which has a shop.tasks.sync_inventory of its own)
+# may consume the default queue on the same broker
+CELERY_TASK_DEFAULT_QUEUE = {"quickstart-" + uuid.uuid4().hex[:8]!r}
 DATABASES = {{"default": {{"ENGINE": "django.db.backends.postgresql", "NAME": {database!r}, "HOST": {DB_HOST!r},
                           "PORT": {DB_PORT!r}, "USER": {DB_USER!r}}}}}
 SAFETYNET["SPOOL_DIR"] = {str(tmp_path / "spool")!r}
