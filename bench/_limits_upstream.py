@@ -1,6 +1,7 @@
 """The upstream of ``bench/limits.py``: an HTTP server in the benchmark's process that records every call.
 
-``GET /call?n=N&system=S`` answers 200 after ``latency`` seconds. Each request is recorded with
+``GET /call?n=N&system=S`` answers 200 after ``latency`` seconds (``GET /warm`` answers at once, unrecorded: each
+worker process calls it once when it starts). Each request is recorded with
 its start (when its connection was accepted, ``time.time()``: the clock the workers' records use
 too; stamped by the server's loop before the request's thread is started, so that starting a
 thread on a busy machine does not move it), its end
@@ -42,6 +43,11 @@ class Upstream:
             protocol_version = "HTTP/1.0"
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if urlsplit(self.path).path == "/warm":  # a worker process warming its client: not a call
+                    upstream.accepted.pop(id(self.request), None)
+                    self.send_response(204)
+                    self.end_headers()
+                    return
                 query = parse_qs(urlsplit(self.path).query)
                 try:
                     n = int(query.get("n", ["-1"])[0])

@@ -131,6 +131,16 @@ class Limit:
         return interval + (min(max(0.05, 0.02 * interval), 1.0) if self.margin is None else self.margin)
 
     @property
+    def recheck_after(self) -> float | None:
+        """Seconds after its check past which an admitted call is checked again before it starts: half the
+        margin, so that the other half covers the way from the task's body to the upstream (None: no rate, or no
+        margin)."""
+        window, interval = self.window, self.rate_interval
+        if window is None or interval is None or window <= interval:
+            return None
+        return (window - interval) / 2
+
+    @property
     def partitioned(self) -> bool:
         """Whether each partition has a limit of its own."""
         return self.partition_by is not None

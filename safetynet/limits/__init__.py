@@ -37,7 +37,7 @@ from safetynet.exceptions import ConfigurationError, LimitReached
 from safetynet.limits import _leases, _store
 
 __all__ = ["Limit", "LimitReached", "Ticket", "acquire", "acquire_or_skip", "declared", "finish", "limit",
-           "partition_of", "pause", "release", "spec", "state_of"]
+           "partition_of", "pause", "readmit", "release", "spec", "state_of"]
 
 logger = logging.getLogger("safetynet")
 
@@ -70,6 +70,17 @@ class Ticket:
     #: Those of them with a concurrency slot held.
     held: tuple[_store.Keys, ...] = ()
     started: float = field(default_factory=time.perf_counter)
+    #: ``time.perf_counter()`` when the check was sent (the call was admitted at most this long ago).
+    asked: float = 0.0
+    #: What was asked for: (name, partition) pairs.
+    wanted: tuple[tuple[str, str], ...] = ()
+    #: Seconds after ``asked`` past which the call is checked again before it starts (None: never; see
+    #: ``Limit.recheck_after``).
+    recheck_after: float | None = None
+
+    def stale(self) -> bool:
+        """True when the call was admitted so long ago that starting it now could go over a rate (``readmit``)."""
+        return self.recheck_after is not None and time.perf_counter() - self.asked > self.recheck_after
 
 
 # -- partitions ------------------------------------------------------------------------------------
@@ -121,6 +132,7 @@ def acquire(wanted: Sequence[tuple[str, str]], *, task_id: str = "") -> Ticket:
     specs = [(spec(name), _store.keys_for(name, partition)) for name, partition in wanted]
     token = uuid.uuid4().hex
     lease = settings.limit_lease_seconds
+    asked = time.perf_counter()
     client = shared.redis_client()
     result = None
     store = "redis"
@@ -155,8 +167,11 @@ def acquire(wanted: Sequence[tuple[str, str]], *, task_id: str = "") -> Ticket:
         signals.limit_deferred.send_robust(sender=None, name=config.name, partition=limit_keys.partition,
                                            reason=reason, wait=delay)
         raise LimitReached(config.name, delay, reason)
+    rechecks = [config.recheck_after for config, _ in specs if config.recheck_after is not None]
     ticket = Ticket(token=token, store=store, keys=tuple(keys for _, keys in specs),
-                    held=tuple(keys for config, keys in specs if config.concurrency is not None))
+                    held=tuple(keys for config, keys in specs if config.concurrency is not None), asked=asked,
+                    wanted=tuple((name, partition) for name, partition in wanted),
+                    recheck_after=min(rechecks) if rechecks and store == "redis" else None)
     if ticket.held:
         _leases.hold(ticket)
     return ticket
@@ -173,6 +188,32 @@ def acquire_or_skip(wanted: Sequence[tuple[str, str]], *, task_id: str = "") -> 
         logger.warning("safetynet: limits %s not consulted (%r); calling without them",
                        ", ".join(name for name, _ in wanted), error, extra={"limits": [name for name, _ in wanted]})
         return None
+
+
+def readmit(ticket: Ticket, *, task_id: str = "") -> Ticket:
+    """Check a call admitted a while ago (``ticket.stale()``) again, just before it starts: what ``ticket`` took
+    is given back and asked for anew, as one call now. A new Ticket, else LimitReached with the wait until its
+    turn (nothing held then).
+
+    A rate's window has a margin for the time between the check and the call reaching the upstream; a worker
+    that waited longer than half of it (for a CPU, a guard after the limit's, a connection) would start the
+    call later than the limit counted it, and the busiest second could see one call too many."""
+    client = shared.redis_client() if ticket.store == "redis" else None
+    _leases.drop(ticket)
+    if client is not None:
+        keys: list[str] = []
+        for limit_keys in ticket.keys:
+            keys += sorted({limit_keys.leases, limit_keys.all_leases, limit_keys.log, limit_keys.all_log})
+        try:
+            _store.script(client, _store.FORGET)(keys=keys, args=[ticket.token])
+        except shared.redis_errors() as error:  # its entries stay counted until they leave the window
+            logger.warning("safetynet: Redis did not answer (%r) while limits %s were checked again", error,
+                           ", ".join(name for name, _ in ticket.wanted))
+    elif ticket.held:
+        _store.database_release(list(ticket.held), ticket.token, -1.0)
+    logger.debug("safetynet: limits %s checked again, %.1f ms after their check", ", ".join(
+        name for name, _ in ticket.wanted), (time.perf_counter() - ticket.asked) * 1000)
+    return acquire(ticket.wanted, task_id=task_id)
 
 
 def release(ticket: Ticket) -> None:

@@ -26,7 +26,7 @@ from safetynet.core import limits as core
 from safetynet.core.limits import Limit, Usage
 from safetynet.models import LimitState
 
-__all__ = ["ACQUIRE", "PAUSE", "PREFIX", "RELEASE", "RENEW", "Keys", "database_acquire", "database_pause",
+__all__ = ["ACQUIRE", "FORGET", "PAUSE", "PREFIX", "RELEASE", "RENEW", "Keys", "database_acquire", "database_pause",
            "database_release", "database_renew", "keys_for", "script", "text"]
 
 PREFIX = "safetynet:limit:"
@@ -188,6 +188,13 @@ for i = 0, #KEYS / 3 - 1 do
   end
 end
 return tostring(now)
+"""
+
+# KEYS: the sorted sets a call's token is in (its slots, its entries in the rate's log). ARGV: the token.
+# What an admission took, taken back (before it is asked for again: ``limits.readmit``).
+FORGET = """
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
 """
 
 # KEYS: leases sets (each with its token in ARGV, after the lease seconds). A slot whose lease ran out is

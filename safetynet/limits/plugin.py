@@ -65,6 +65,10 @@ class LimitGuard(Plugin):
         # The slots are given back as soon as the body (and the plug-ins inside it) ended: the next call may
         # start while this run's end is still being recorded.
         ticket = attempt.notes.get(self.name)
+        if ticket is not None and ticket.stale():  # admitted too long ago to start now without a second look
+            attempt.notes[self.name] = None
+            ticket = self._readmit(attempt, ticket)
+            attempt.notes[self.name] = ticket
         try:
             result = body()
         except BaseException as error:
@@ -74,6 +78,15 @@ class LimitGuard(Plugin):
         attempt.notes[self.name] = None
         limits.finish(ticket, None)
         return result
+
+    @staticmethod
+    def _readmit(attempt: Attempt, ticket: limits.Ticket) -> limits.Ticket:
+        try:
+            return limits.readmit(ticket, task_id=str(attempt.request.id or ""))
+        except LimitReached as refused:
+            if attempt.eager:
+                raise Transient(f"{refused}; an eager run cannot wait for it") from None
+            raise
 
     def after_run(self, attempt: Attempt, error: BaseException | None) -> None:
         # Only when the body never started (a later guard refused the run): the slots are given back here.

@@ -273,3 +273,68 @@ def test_the_guard_defers_a_worker_run_until_its_turn():
         def wrong():
             pass
     assert Transient  # the eager refusal's type, above
+
+
+def _guarded_attempt(task_id="task-readmit"):
+    class Request:
+        id, headers, is_eager = task_id, {}, False
+
+    class Task:
+        name, limit = "x", ["lim-readmit"]
+
+        def run(self):
+            pass
+
+    from safetynet.typing import Attempt
+
+    return Attempt(Task(), Request(), (), {}, time.time(), time.perf_counter())
+
+
+def test_a_call_admitted_longer_ago_than_half_the_margin_is_checked_again_before_it_starts():
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(*client.keys("safetynet:limit:lim-readmit*") or ["-"])
+    limit = {"concurrency": 2, "rate": "2/s", "margin": 0.2}
+    with override_settings(SAFETYNET={"REDIS_URL": REDIS_URL, "LIMITS": {"lim-readmit": limit}}):
+        assert safetynet.Limit(**limit).recheck_after == pytest.approx(0.1)
+        guard, attempt = LimitGuard(), _guarded_attempt()
+        guard.before_run(attempt)
+        first = attempt.notes["limit"]
+        assert not first.stale()
+        calls = []
+        guard.around_body(attempt, lambda: calls.append("fresh"))  # checked once: no second look
+        assert calls == ["fresh"] and limits.state_of("lim-readmit")["calls"] == 1
+
+        # Admitted, then held up for longer than half the margin: the call is counted again, at its start.
+        attempt = _guarded_attempt("task-late")
+        guard.before_run(attempt)
+        late = attempt.notes["limit"]
+        late.asked -= 0.15
+        assert late.stale()
+        seen = []
+        guard.around_body(attempt, lambda: seen.append(limits.state_of("lim-readmit")))
+        assert seen[0]["calls"] == 2 and seen[0]["in_use"] == 1  # its first entries were taken back
+        assert client.zscore("safetynet:limit:lim-readmit:log", late.token) is None
+
+        # Checked again when the rate is used up: deferred until its turn, nothing held, the body not run.
+        attempt = _guarded_attempt("task-refused")
+        with pytest.raises(LimitReached):
+            guard.before_run(attempt)
+        client.delete("safetynet:limit:lim-readmit:log")
+        guard.before_run(attempt)
+        client.zadd("safetynet:limit:lim-readmit:log", {"a": time.time(), "b": time.time()})
+        attempt.notes["limit"].asked -= 0.15
+        with pytest.raises(LimitReached) as refused:
+            guard.around_body(attempt, lambda: pytest.fail("the body ran over the rate"))
+        assert refused.value.reason == "rate"
+        assert limits.state_of("lim-readmit")["in_use"] == 0 and attempt.notes["limit"] is None
+    client.delete(*client.keys("safetynet:limit:lim-readmit*") or ["-"])
+
+
+def test_no_second_look_without_a_margin_or_on_the_database():
+    assert safetynet.Limit(rate="5/s", margin=0).recheck_after is None
+    assert safetynet.Limit(concurrency=3).recheck_after is None
+    assert safetynet.Limit(rate="100/m").recheck_after == pytest.approx(0.5)  # the margin (at most 1 s), halved
+    with override_settings(SAFETYNET={"REDIS_URL": "", "LIMITS": {"lim-readmit-db": {"rate": "5/s"}}}):
+        ticket = limits.acquire([("lim-readmit-db", "")])
+        ticket.asked -= 10
+        assert ticket.store == "database" and not ticket.stale()
