@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The safetynet demo: the classic failing tasks and a payment on a real Celery worker, then a report.
+"""The safetynet demo: the classic failing tasks, a payment and a shared limit on a real Celery worker, then a report.
 
 Run it with ``make demo`` or ``python demo/run.py`` from anywhere. It needs no server:
 Django's database, the Celery broker and the result backend are SQLite files in demo/var/
@@ -351,6 +351,127 @@ class DjangoTaskCase:
 DJANGO_TASK = DjangoTaskCase()
 
 
+# -- (i) a limit shared by every worker --------------------------------------------------------------
+
+
+class LimitedBatch:
+    """(i): a dozen ``fetch_shipping_quote`` tasks sent at once through the limit "quotes-api" of the demo's
+    settings (2 at once, 5 a second): the quotes API must never see more, and the tasks over the limit are
+    deferred until their turn (snoozed, no attempt used), never failed."""
+
+    title = "Limit: 12 shipping quotes sent at once through 'quotes-api' (2 at once, 5 a second, every worker)"
+    task_name = "shop.tasks.fetch_shipping_quote"
+    limit = "quotes-api"
+    count = 12
+
+    def __init__(self) -> None:
+        self.results: list[Any] = []
+        self.sent_at = 0.0
+        self.listing: list[str] = []
+        self.events: list[Any] = []
+
+    def send(self, app: Any) -> None:
+        self.sent_at = time.time()
+        self.results = [app.tasks[self.task_name].delay(f"PX-{number}") for number in range(1, self.count + 1)]
+
+    def _look(self) -> None:
+        """`safetynet limits list` once, while calls hold the limit's slots and others wait for their turn."""
+        from io import StringIO
+
+        from django.core.management import call_command
+
+        from safetynet import limits
+
+        state = limits.state_of(self.limit)
+        if self.listing or not (state["in_use"] and state["waiting"]):
+            return
+        out = StringIO()
+        call_command("safetynet", "limits", "list", stdout=out)
+        self.listing = out.getvalue().rstrip().splitlines()
+
+    def wait(self, deadline: float) -> None:
+        from celery import states
+
+        from shop.models import TaskEvent
+
+        while not all(result.state in states.READY_STATES for result in self.results):
+            if time.monotonic() > deadline:
+                waiting = sum(result.state not in states.READY_STATES for result in self.results)
+                raise DemoError(f"(i) {waiting} of {self.count} limited tasks did not finish in time. The end of "
+                                f"{WORKER_LOG}:\n{tail(WORKER_LOG)}")
+            self._look()
+            time.sleep(0.05)
+        ids = [result.id for result in self.results]
+        while time.monotonic() < deadline + 10:  # the success events are written just after the results
+            self.events = list(TaskEvent.objects.filter(task_id__in=ids).order_by("recorded_at"))
+            if sum(event.kind == "success" for event in self.events) >= self.count:
+                return
+            time.sleep(0.2)
+
+    def report(self, quotes: Any) -> list[str]:
+        import re
+
+        from safetynet import limits, shared
+        from safetynet.models import DeadLetter
+
+        config = limits.spec(self.limit)
+        deferrals = [event for event in self.events if event.kind == "retrying"]
+        reasons: dict[str, int] = {}
+        for event in deferrals:
+            found = re.search(r"reached \((\w+)\)", event.payload["exception"] or "")
+            reason = found.group(1) if found else "?"
+            reasons[reason] = reasons.get(reason, 0) + 1
+        deferred_tasks = {event.task_id for event in deferrals}
+        successes = [event for event in self.events if event.kind == "success"]
+        states = [result.state for result in self.results]
+        dead = DeadLetter.objects.filter(task_name=self.task_name).count()
+        at_once, busiest = quotes.most_at_once(), quotes.busiest(1.0)
+        client = shared.redis_client()
+        say()
+        say(f"(i) {self.title}")
+        say(f"      fetch_shipping_quote('PX-1') … ('PX-{self.count}'), sent at once   "
+            f"SAFETYNET['LIMITS']['{self.limit}']: {config.describe()}")
+        say("      the limit's shared state lives in " + (
+            "Redis (SAFETYNET_DEMO_REDIS_URL), one Lua script per check" if client is not None else
+            "the database (LimitState rows in demo/var/demo.sqlite3, under a lock): no Redis is configured"))
+        if self.listing:
+            say("      `safetynet limits list` while they ran:")
+            for line in self.listing:
+                say(f"        {line}")
+        say(f"      deferred {len(deferrals)} times (snooze, no attempt used; "
+            + ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+            + f"), {len(deferred_tasks)} of the {self.count} tasks at least once: each deferral published the task "
+            "again for its turn")
+        say(f"      outcome: {states.count('SUCCESS')} SUCCESS, each body run once, on attempt "
+            f"{'/'.join(sorted({str(event.attempt) for event in successes})) or '-'}; {dead} dead letter(s)")
+        if quotes.calls:
+            first = min(started for started, *_ in quotes.calls)
+            last = max(ended for _, ended, *_ in quotes.calls)
+            say(f"      server side: {len(quotes.calls)} calls of {quotes.hold:g}s each, from +{first - self.sent_at:.2f}s "
+                f"to +{last - self.sent_at:.2f}s; at most {at_once} in progress at once (limit "
+                f"{config.concurrency}), at most {busiest} started in any second (limit {config.rate_count})")
+        problems = []
+        if states.count("SUCCESS") != self.count:
+            problems.append(f"(i) expected {self.count} SUCCESS, got {', '.join(sorted(set(states)))}")
+        if len(successes) != self.count or any(event.attempt != 1 for event in successes):
+            problems.append("(i) expected each task to succeed on attempt 1 (a deferral uses no attempt)")
+        if not deferrals or any(event.payload["entry"].get("action") != "snooze" for event in deferrals):
+            problems.append("(i) expected the tasks over the limit to be deferred (snooze), and only deferred")
+        if dead:
+            problems.append(f"(i) expected no dead letter, got {dead}")
+        if len(quotes.calls) != self.count:
+            problems.append(f"(i) expected the quotes API to see {self.count} calls, it saw {len(quotes.calls)}")
+        if at_once > (config.concurrency or 0):
+            problems.append(f"(i) the quotes API saw {at_once} calls at once, over the limit's {config.concurrency}")
+        if busiest > (config.rate_count or 0):
+            problems.append(f"(i) the quotes API saw {busiest} calls start within a second, over the limit's "
+                            f"{config.rate_count}")
+        return problems
+
+
+LIMITED = LimitedBatch()
+
+
 # -- the report -----------------------------------------------------------------------------
 
 
@@ -499,7 +620,7 @@ def check(case: Case, gateway: Any = None) -> list[str]:
     return problems
 
 
-def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, partner: Any,
+def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, partner: Any, quotes: Any,
            timings: dict[str, str]) -> list[str]:
     from celery import __version__ as celery_version
 
@@ -537,6 +658,7 @@ def report(app: Any, smtp: Any, api: Any, inventory: str, gateway: Any, partner:
     else:
         say()
         say("(h) django.tasks: skipped (Django's tasks API is not installed: Django 6, or the django-tasks backport)")
+    problems += LIMITED.report(quotes)
     say()
     say("Times are seconds after the task was sent; attempts, raised exceptions, decisions and delays were recorded")
     say("in the worker by receivers of safetynet.signals.task_retrying / task_dead and celery's task_success.")
@@ -689,20 +811,22 @@ def main() -> int:
     say(f"safetynet demo: broker and results on {'Redis ' + redis_url if redis_url else 'SQLite files in demo/var/'}")
 
     fresh_var_dir()
-    from stubs import PaymentGateway, RateLimitedAPI, SMTPStub
+    from stubs import PaymentGateway, QuotesAPI, RateLimitedAPI, SMTPStub
 
     smtp = SMTPStub(refusals=2).start()
     api = RateLimitedAPI(retry_after=2).start()
     gateway = PaymentGateway(stall_seconds=2).start()
     partner = RateLimitedAPI(retry_after=3600).start()
+    quotes = QuotesAPI(hold=0.1).start()
     inventory = f"127.0.0.1:{unused_port()}"
     os.environ["DEMO_SMTP_PORT"] = str(smtp.port)
     os.environ["DEMO_API_URL"] = api.url
     os.environ["DEMO_INVENTORY_ADDRESS"] = inventory
     os.environ["DEMO_GATEWAY_URL"] = gateway.url
     os.environ["DEMO_PARTNER_URL"] = partner.url
+    os.environ["DEMO_QUOTES_URL"] = quotes.url
     say(f"  SMTP stub on 127.0.0.1:{smtp.port}, API stub on {api.url}, payment gateway on {gateway.url}, "
-        f"inventory service (down) at {inventory}, partner API on {partner.url}")
+        f"inventory service (down) at {inventory}, partner API on {partner.url}, quotes API on {quotes.url}")
 
     set_up_django()
     from django.core import checks
@@ -734,6 +858,11 @@ def main() -> int:
             say(f"  {time.time() - started_wall:5.1f}s  (h) book_courier.enqueue('PX-7')"
                 f"{'':<13} {DJANGO_TASK.result.status} (django.tasks)")
         collect_events(deadline + 10)
+        say(f"  sending {LIMITED.count} shipping quotes at once through the limit {LIMITED.limit!r}…")
+        LIMITED.send(app)
+        LIMITED.wait(deadline)
+        say(f"  {time.time() - started_wall:5.1f}s  (i) {LIMITED.count} x fetch_shipping_quote{'':<16} "
+            + ", ".join(sorted({result.state for result in LIMITED.results})))
         say(f"  sending {len(MIX)} more tasks for the dashboard…")
         mix = send_mix(app, deadline)
         waiting = fill_the_schedule(app, deadline)
@@ -744,7 +873,8 @@ def main() -> int:
         api.stop()
         gateway.stop()
         partner.stop()
-    problems = report(app, smtp, api, inventory, gateway, partner, timings)
+        quotes.stop()
+    problems = report(app, smtp, api, inventory, gateway, partner, quotes, timings)
     make_users()
     states = exercise_breakers()
     made_up = make_up_history()
@@ -760,7 +890,8 @@ def main() -> int:
         for problem in problems:
             say(f"  - {problem}")
         return 1
-    say(f"All {len(CASES) + (DJANGO_TASK.result is not None)} tasks ended as expected in {total:.1f}s.")
+    say(f"All {len(CASES) + (DJANGO_TASK.result is not None) + 1} cases ({len(CASES) + (DJANGO_TASK.result is not None)}"
+        f" tasks and {LIMITED.count} through a limit) ended as expected in {total:.1f}s.")
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Two tiny real servers on 127.0.0.1, each in a thread, that fail the way real ones do.
+"""Tiny real servers on 127.0.0.1, each in a thread, that fail (or count) the way real ones do.
 
 - ``SMTPStub``: speaks enough SMTP for ``smtplib``; answers ``421 try again later`` to the
   first ``refusals`` attempts to mail a recipient (and hangs up), then accepts the message.
 - ``RateLimitedAPI``: an HTTP server that answers ``429`` with ``Retry-After`` to the first
   request for a path, then ``200`` with JSON.
 
-Both keep a log of what they saw, so the report can show the servers' side too.
+- ``PaymentGateway``: dedupes charges by ``Idempotency-Key`` and answers the first one too late.
+- ``QuotesAPI``: answers every request after ``hold`` seconds and records when each call started and
+  ended, so the report can say how many were in progress at once and started in any second.
+
+Each keeps a log of what it saw, so the report can show the servers' side too.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__all__ = ["RateLimitedAPI", "SMTPStub"]
+__all__ = ["PaymentGateway", "QuotesAPI", "RateLimitedAPI", "SMTPStub"]
 
 
 class _SMTPHandler(socketserver.StreamRequestHandler):
@@ -218,6 +222,66 @@ class PaymentGateway:
 
     def start(self) -> PaymentGateway:
         threading.Thread(target=self._server.serve_forever, name="gateway-stub", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _QuotesHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # quiet: the report shows the calls
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        api: QuotesAPI = self.server.api  # type: ignore[attr-defined]
+        started, at_once = api.begin()
+        time.sleep(api.hold)
+        data = json.dumps({"quote": self.path.rstrip("/").rsplit("/", 1)[-1], "cents": 1299}).encode()
+        api.end(self.path, started, at_once)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class QuotesAPI:
+    """A local HTTP API that takes ``hold`` seconds per call and records each call: its start, its end and how
+    many calls were in progress when it started (itself included)."""
+
+    def __init__(self, hold: float = 0.2) -> None:
+        self.hold = hold
+        self.calls: list[tuple[float, float, str, int]] = []  # (started, ended, path, calls in progress)
+        self._in_progress = 0
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _QuotesHandler)
+        self._server.daemon_threads = True
+        self._server.api = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def begin(self) -> tuple[float, int]:
+        with self._lock:
+            self._in_progress += 1
+            return time.time(), self._in_progress
+
+    def end(self, path: str, started: float, at_once: int) -> None:
+        with self._lock:
+            self._in_progress -= 1
+            self.calls.append((started, time.time(), path, at_once))
+
+    def most_at_once(self) -> int:
+        """The most calls that were in progress at the same time."""
+        return max((at_once for *_, at_once in self.calls), default=0)
+
+    def busiest(self, seconds: float = 1.0) -> int:
+        """The most calls started within any ``seconds`` (a sliding window, as the limit counts)."""
+        starts = sorted(started for started, *_ in self.calls)
+        return max((sum(1 for other in starts[index:] if other - start < seconds)
+                    for index, start in enumerate(starts)), default=0)
+
+    def start(self) -> QuotesAPI:
+        threading.Thread(target=self._server.serve_forever, name="quotes-stub", daemon=True).start()
         return self
 
     def stop(self) -> None:

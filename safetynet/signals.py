@@ -28,7 +28,8 @@ outside the process that ran it), the dead-letter signals with ``sender`` the ``
 ``breaker_refused``: a breaker refused a call (sender None). kwargs: name, state
 ``limit_deferred``: a limit refused a call, which waits for its turn (sender None). kwargs: name, partition
     ("" when not partitioned), reason ("concurrency", "rate", "paused"), wait (seconds)
-``limit_paused``: a 429 paused a limit (sender None). kwargs: name, partition, seconds
+``limit_paused``: a 429, or staff, paused a limit (sender None). kwargs: name, partition, seconds, by_hand
+    (``safetynet limits pause``)
 
 Receivers run where the event happens (mostly the worker); one that raises is logged and
 does not change the outcome.

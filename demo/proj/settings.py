@@ -85,6 +85,13 @@ SAFETYNET: dict = {
         "partner-api": {"min_calls": 4, "failure_rate": 0.5, "open_seconds": 1800},
         "payment-gateway": {"min_calls": 10, "failure_rate": 0.5, "open_seconds": 60},
     },
+    # A limit shared by every worker: the shipping-quotes API allows 2 calls at once and 5 a second (case (i)).
+    # The margin widens the rate's window from the default 50 ms to 200 ms: room, on a busy laptop, for the
+    # time between the limiter's check and the call reaching the API. Without Redis (SAFETYNET_DEMO_REDIS_URL)
+    # the limit lives in the database (LimitState rows in demo/var/demo.sqlite3); with it, in that Redis.
+    "LIMITS": {
+        "quotes-api": {"concurrency": 2, "rate": "5/s", "margin": 0.2},
+    },
 }
 
 # -- Celery (read by proj/celery.py with namespace="CELERY") ------------------------------
@@ -110,6 +117,7 @@ DEMO_API_URL = os.environ.get("DEMO_API_URL", "http://127.0.0.1:8025")
 DEMO_INVENTORY_ADDRESS = os.environ.get("DEMO_INVENTORY_ADDRESS", "127.0.0.1:9")
 DEMO_GATEWAY_URL = os.environ.get("DEMO_GATEWAY_URL", "http://127.0.0.1:8026")
 DEMO_PARTNER_URL = os.environ.get("DEMO_PARTNER_URL", "http://127.0.0.1:8027")
+DEMO_QUOTES_URL = os.environ.get("DEMO_QUOTES_URL", "http://127.0.0.1:8028")
 DEMO_WORKER_READY_FILE = VAR_DIR / "worker.ready"
 
 LOGGING = {

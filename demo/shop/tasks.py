@@ -99,6 +99,15 @@ def export_report(report_id):
         return json.load(response)
 
 
+# (i) A limit shared by every worker (SAFETYNET["LIMITS"]["quotes-api"]: 2 at once, 5 a second). A task over it
+# is deferred until its turn (a snooze: no attempt used, the worker slot free at once), never failed.
+@safetynet.task(limit="quotes-api")
+def fetch_shipping_quote(parcel):
+    """GET a shipping quote for ``parcel`` from the quotes API."""
+    with urllib.request.urlopen(f"{settings.DEMO_QUOTES_URL}/quotes/{parcel}", timeout=5) as response:
+        return json.load(response)
+
+
 # -- The user-facing reports (the progress widget on /reports/) --------------------------------
 
 @safetynet.task(bind=True, progress_result=True)

@@ -276,9 +276,11 @@ def on_limit_deferred(sender: Any = None, name: str = "", reason: str = "", wait
         LIMIT_WAIT.labels(name).observe(wait)
 
 
-def on_limit_paused(sender: Any = None, name: str = "", **_: Any) -> None:
-    """``limit_paused``: count the pause."""
-    LIMIT_PAUSES.labels(name).inc()
+def on_limit_paused(sender: Any = None, name: str = "", by_hand: bool = False, **_: Any) -> None:
+    """``limit_paused``: count a pause a 429 asked for (not one by hand: the counter says how the upstream
+    answers)."""
+    if not by_hand:
+        LIMIT_PAUSES.labels(name).inc()
 
 
 # -- exposition ------------------------------------------------------------------------

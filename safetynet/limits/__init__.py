@@ -239,9 +239,9 @@ def release(ticket: Ticket) -> None:
     _store.database_release(list(ticket.held), ticket.token, seconds)
 
 
-def pause(name: str, partition: str = "", seconds: float = 1.0) -> float:
+def pause(name: str, partition: str = "", seconds: float = 1.0, *, by_hand: bool = False) -> float:
     """Let no call through limit ``name`` (its ``partition``) for ``seconds`` (a longer pause stays); return
-    until when (seconds since the epoch)."""
+    until when (seconds since the epoch). ``by_hand``: staff asked for it (the log says so), not a 429."""
     spec(name)
     keys = _store.keys_for(name, partition)
     client = shared.redis_client()
@@ -253,10 +253,12 @@ def pause(name: str, partition: str = "", seconds: float = 1.0) -> float:
             logger.warning("safetynet: Redis did not answer (%r); limit %r paused in the database", error, name)
     if until is None:
         until = _store.database_pause(keys, seconds)
-    logger.warning("safetynet: limit %r%s paused for %.1fs (the upstream answered 429)", name,
+    logger.warning("safetynet: limit %r%s paused for %.1fs (%s)", name,
                    f" [{keys.partition}]" if keys.partition else "", seconds,
+                   "by hand" if by_hand else "the upstream answered 429",
                    extra={"limit": name, "partition": keys.partition, "seconds": seconds})
-    signals.limit_paused.send_robust(sender=None, name=name, partition=keys.partition, seconds=seconds)
+    signals.limit_paused.send_robust(sender=None, name=name, partition=keys.partition, seconds=seconds,
+                                    by_hand=by_hand)
     return until
 
 
@@ -339,8 +341,9 @@ def state_of(name: str) -> dict[str, Any]:
     config = spec(name)
     keys = _store.keys_for(name, "")
     interval = config.rate_interval
-    found: dict[str, Any] = {"name": name, "in_use": 0, "calls": 0, "waiting": None, "line_in": 0.0,
-                             "paused_in": 0.0, "hold": None, "partitioned": config.partitioned}
+    # Not partitioned: 0 waiting until a row says otherwise (the database has no row before the first call).
+    found: dict[str, Any] = {"name": name, "in_use": 0, "calls": 0, "waiting": None if config.partitioned else 0,
+                             "line_in": 0.0, "paused_in": 0.0, "hold": None, "partitioned": config.partitioned}
     client = shared.redis_client()
     if client is not None:
         try:

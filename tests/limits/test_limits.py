@@ -160,7 +160,8 @@ def test_a_429_pauses_a_limit_that_opted_in(declare):
             raise TooMany(retry_after="20")
     finally:
         signals.limit_paused.disconnect(receiver)
-    assert paused == [{"signal": signals.limit_paused, "name": name, "partition": "", "seconds": 20.0}]
+    assert paused == [{"signal": signals.limit_paused, "name": name, "partition": "", "seconds": 20.0,
+                      "by_hand": False}]
     with pytest.raises(LimitReached) as refused:
         limits.acquire([(name, "")])
     assert refused.value.reason == "paused" and 19 < refused.value.delay <= 20

@@ -72,3 +72,16 @@ def test_prometheus_counts_deferrals_and_reads_the_slots_in_use(declared):
     assert f'safetynet_limit_deferrals_total{{limit="{declared}",reason="concurrency"}} 1.0' in text
     assert f'safetynet_limit_wait_seconds_count{{limit="{declared}"}} 1.0' in text
 
+
+
+def test_prometheus_counts_the_pauses_a_429_asked_for_not_those_by_hand(declared):
+    from prometheus_client.exposition import generate_latest
+
+    from safetynet.contrib import prometheus
+
+    prometheus.install()
+    metric = f'safetynet_limit_pauses_total{{limit="{declared}"}}'
+    limits.pause(declared, seconds=5, by_hand=True)  # staff: `safetynet limits pause`
+    assert metric not in generate_latest(prometheus.collector_registry()).decode()
+    limits.pause(declared, seconds=5)  # what a 429 does (tighten_on_429)
+    assert f"{metric} 1.0" in generate_latest(prometheus.collector_registry()).decode()

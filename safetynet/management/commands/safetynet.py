@@ -19,6 +19,9 @@ Commands:
     breakers list                every declared breaker: state, calls and failures in its window,
                                  when it may half-open (--json)
     breakers open|close <name>   force a breaker open (--for SECONDS) or closed
+    limits list                  every declared limit: concurrency and rate, slots in use, calls in the
+                                 rate's window, tasks waiting, when the line ends, a pause (--json)
+    limits pause <name>          let no call through a limit for --for SECONDS (--partition P)
     progress purge               delete old progress rows (--older-than, --dry-run)
     results purge                delete the results of finished django.tasks tasks (--older-than, --dry-run)
 """
@@ -36,6 +39,7 @@ from safetynet.management.nouns.breakers import Breakers
 from safetynet.management.nouns.dead import DeadLetters
 from safetynet.management.nouns.explain import Explain
 from safetynet.management.nouns.keys import Keys
+from safetynet.management.nouns.limits import Limits
 from safetynet.management.nouns.progress import Progress
 from safetynet.management.nouns.results import Results
 from safetynet.management.nouns.schedule import Schedule
@@ -43,7 +47,7 @@ from safetynet.management.nouns.schedule import Schedule
 #: The nouns, in the order ``--help`` lists them, and the commands each answers.
 NOUNS: tuple[tuple[type[Noun], tuple[str, ...]], ...] = (
     (Explain, ("explain",)), (DeadLetters, ("dead",)), (Keys, ("keys",)), (Schedule, ("relay", "schedule")),
-    (Breakers, ("breakers",)), (Progress, ("progress",)), (Results, ("results",)),
+    (Breakers, ("breakers",)), (Limits, ("limits",)), (Progress, ("progress",)), (Results, ("results",)),
 )
 
 
@@ -52,7 +56,8 @@ class Command(BaseCommand):
             "handle dead letters: `safetynet dead list|show|replay|discard|purge|flush`; "
             "idempotency claims: `safetynet keys show|purge`; durable schedule and outbox: "
             "`safetynet relay`, `safetynet schedule list|due-now`; breakers: `safetynet breakers list|open|close`; "
-            "progress: `safetynet progress purge`; django.tasks results: `safetynet results purge`.")
+            "limits: `safetynet limits list|pause`; progress: `safetynet progress purge`; "
+            "django.tasks results: `safetynet results purge`.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         commands = parser.add_subparsers(dest="command", metavar="command", required=True)

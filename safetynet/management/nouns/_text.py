@@ -9,6 +9,7 @@ import math
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
@@ -18,8 +19,8 @@ from django.utils import timezone
 
 from safetynet.models import DeadLetter
 
-__all__ = ["FILTERS", "Noun", "add_filters", "columns", "json_for_terminal", "local", "moment", "one_line", "os_user",
-           "positive", "printable", "seconds", "span", "when"]
+__all__ = ["FILTERS", "Noun", "add_age_purge", "add_filters", "columns", "json_for_terminal", "local", "moment",
+           "one_line", "os_user", "positive", "printable", "purge_by_age", "seconds", "span", "when"]
 
 def seconds(value: float) -> str:
     if math.isinf(value):
@@ -193,3 +194,25 @@ class Noun:
     def write_json(self, value: Any) -> None:
         """``value`` as indented JSON (safe to print: see ``json_for_terminal``)."""
         self._raw_stdout.write(json_for_terminal(json.dumps(value, indent=2, ensure_ascii=False, default=str)))
+
+
+# -- purges of rows older than an age --------------------------------------------------------------
+
+
+def add_age_purge(actions: Any, *, help: str, description: str) -> None:
+    """A ``purge`` action with ``--older-than AGE`` and ``--dry-run`` (for rows not changed for an age)."""
+    purge = actions.add_parser("purge", help=help, description=description)
+    purge.add_argument("--older-than", type=moment, metavar="AGE",
+                       help="an age (30d, 12h, 2w) or an ISO 8601 date or datetime")
+    purge.add_argument("--dry-run", action="store_true", help="print how many would be deleted; delete nothing")
+
+
+def purge_by_age(noun: Noun, options: dict[str, Any], *, keep_seconds: float, rows: str,
+                 count: Callable[[datetime], int], delete: Callable[[datetime], int]) -> None:
+    """Delete the ``rows`` last changed before --older-than (default: ``keep_seconds`` ago) with ``delete``, or
+    with --dry-run only say how many ``count`` finds; either way, say how many and before when."""
+    before = options["older_than"] or timezone.now() - timedelta(seconds=keep_seconds)
+    if options["dry_run"]:
+        noun.stdout.write(f"Dry run: would delete {count(before)} {rows} last changed before {local(before)}.")
+        return
+    noun.stdout.write(f"Deleted {delete(before)} {rows} last changed before {local(before)}.")
