@@ -49,14 +49,16 @@ def current(task: Any) -> Attempt | None:
     return None
 
 
-def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run ``body`` (the user's function with its arguments) as one attempt of ``task``."""
+def run(task: Any, function: Callable[..., Any], call_args: tuple[Any, ...], args: tuple[Any, ...],
+        kwargs: dict[str, Any]) -> Any:
+    """Run ``function(*call_args, **kwargs)`` (the user's function; ``call_args`` are ``args``, after ``self`` for
+    a bound task) as one attempt of ``task``."""
     request = task.request
     if request.called_directly:
-        return body()
+        return function(*call_args, **kwargs)
     outer = _active.get()
     if outer is not None and outer.active and outer.request.id == request.id and outer.task.name == task.name:
-        return _reentrant(outer, body)
+        return _reentrant(outer, functools.partial(function, *call_args, **kwargs))
     pipeline: Pipeline | None = task.__dict__.get("_safetynet_pipeline")
     if pipeline is None or pipeline.version != conf.version():
         pipeline = pipeline_of(task)
@@ -74,10 +76,10 @@ def run(task: Any, body: Callable[[], Any], args: tuple[Any, ...], kwargs: dict[
                     plugin.before_run(attempt)
         around = pipeline.around_body
         if around:
-            result = _through(around, attempt, body)
+            result = _through(around, attempt, functools.partial(function, *call_args, **kwargs))
         else:
             attempt.ran = True
-            result = body()
+            result = function(*call_args, **kwargs)
         if attempt.notes:  # the plug-ins that noted something of this run hear how it ended
             for plugin in pipeline.after_success:
                 if plugin.name in attempt.notes:

@@ -123,6 +123,10 @@ class RedactingBackend:
             raise AttributeError(name)
         return getattr(self.wrapped, name)
 
+    def process_cleanup(self) -> Any:
+        """The real backend's (Celery's tracer calls it after every task: spelled out, it skips ``__getattr__``)."""
+        return self.wrapped.process_cleanup()
+
     def __repr__(self) -> str:
         return f"<RedactingBackend for {getattr(self.task, 'name', self.task)!r}: {self.wrapped!r}>"
 

@@ -40,7 +40,7 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
         body = run.__func__
 
         def guarded(self: SafetyTask, *args: Any, **kwargs: Any) -> Any:
-            return pipeline.run(self, functools.partial(body, *args, **kwargs), args, kwargs)
+            return pipeline.run(self, body, args, args, kwargs)
 
         signature = inspect.signature(body)
         self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
@@ -51,7 +51,7 @@ def _wrap_run(run: Any) -> Callable[..., Any]:
         body = run
 
         def guarded(self: SafetyTask, *args: Any, **kwargs: Any) -> Any:
-            return pipeline.run(self, functools.partial(body, self, *args, **kwargs), args, kwargs)
+            return pipeline.run(self, body, (self, *args), args, kwargs)
 
     functools.update_wrapper(guarded, body)
     guarded._safetynet_body = run  # type: ignore[attr-defined]

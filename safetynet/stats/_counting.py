@@ -114,19 +114,29 @@ def count(task_name: str, counter: str, runtime: float | None, reason: str | Non
 
 def count_successes(batch: list[tuple[str, float | None, float]]) -> None:
     """Count a batch of successes, each ``(task_name, runtime, at)`` (handed over by ``signals``)."""
-    buckets = RUNTIME_BUCKETS
+    # Grouped by minute and task first (a batch is a second or so of one worker's successes: a few groups), so
+    # the lock is taken once and each success costs an append and a bisect.
+    grouped: dict[tuple[int, str], list[float | None]] = {}
+    for task_name, runtime, at in batch:
+        key = (int(at // 60 * 60), task_name)
+        runtimes = grouped.get(key)
+        if runtimes is None:
+            runtimes = grouped[key] = []
+        runtimes.append(runtime)
+    buckets, find = RUNTIME_BUCKETS, bisect.bisect_left
     with _lock:
         pending = _pending
-        for task_name, runtime, at in batch:
-            key = (int(at // 60 * 60), task_name)
+        for key, runtimes in grouped.items():
             counts = pending.get(key)
             if counts is None:
                 counts = pending[key] = _Counts()
-            counts.successes += 1
-            counts.runs += 1
-            if runtime is not None:
-                counts.runtime_sum += runtime
-                counts.runtime_buckets[bisect.bisect_left(buckets, runtime if runtime > 0.0 else 0.0)] += 1
+            counts.successes += len(runtimes)
+            counts.runs += len(runtimes)
+            tally = counts.runtime_buckets
+            for runtime in runtimes:
+                if runtime is not None:
+                    counts.runtime_sum += runtime
+                    tally[find(buckets, runtime if runtime > 0.0 else 0.0)] += 1
     if not _flushing_job:
         _add_flushing_job()
 
