@@ -142,27 +142,25 @@ FLUSH_ROWS = 500
 
 
 class _Batch:
-    """New rows (enqueue) and first-attempt successes (the worker), written in one statement each per turn.
+    """First-attempt successes (the worker), written in one statement per turn.
 
-    Only writes whose order does not matter are batched: a new row is inserted ``ON CONFLICT DO NOTHING`` (the
-    worker's end-of-attempt write makes the whole row if it comes first), and a success is the task's last word.
-    A failed attempt, a retry, a death are written at once. A process that exits (or a worker that stops) writes
-    its batch first; a process killed outright loses at most ``FLUSH_SECONDS`` of it: the enqueued task's row is
-    then made by the worker, a success leaves the row READY/RUNNING (documented)."""
+    A success is the task's last word, so its write may come a few milliseconds late; a new row (enqueue), a failed
+    attempt, a retry and a death are written at once. A process that exits (or a worker that stops) writes its batch
+    first; a process killed outright loses at most ``FLUSH_SECONDS`` of it: those rows stay READY/RUNNING
+    (documented)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.inserts: list[tuple[str, tuple[Any, ...]]] = []
         self.successes: list[tuple[str, tuple[Any, ...]]] = []
         self.pid = os.getpid()
         self.started = False
 
-    def add(self, using: str, row: str, values: tuple[Any, ...], *, success: bool = False) -> None:
+    def add(self, using: str, values: tuple[Any, ...]) -> None:
         with self.lock:
             if self.pid != os.getpid():  # a forked child: the parent writes its own batch
-                self.pid, self.inserts, self.successes, self.started = os.getpid(), [], [], False
-            (self.successes if success else self.inserts).append((using, values))
-            full = len(self.inserts) + len(self.successes) >= FLUSH_ROWS
+                self.pid, self.successes, self.started = os.getpid(), [], False
+            self.successes.append((using, values))
+            full = len(self.successes) >= FLUSH_ROWS
             if not self.started:
                 self.started = True
                 runner.add(Job("django.tasks records", self.turn, FLUSH_SECONDS, lane="taskrecords",
@@ -175,23 +173,17 @@ class _Batch:
 
     def flush(self) -> None:
         """Write what is batched (a failed write keeps the rows for the next turn, and raises)."""
-        if not self.inserts and not self.successes:
+        if not self.successes:
             return
         with self.lock:
-            inserts, self.inserts = self.inserts, []
             successes, self.successes = self.successes, []
         try:
-            for using in {using for using, _ in inserts}:
-                rows = [values for alias, values in inserts if alias == using]
-                _execute(using, _INSERT + ", ".join([_INSERT_ROW] * len(rows)) + " ON CONFLICT (id) DO NOTHING",
-                         [value for values in rows for value in values])
             for using in {using for using, _ in successes}:
                 rows = [values for alias, values in successes if alias == using]
                 _execute(using, _ENDED + ", ".join([_ENDED_ROW] * len(rows)) + _ENDED_CONFLICT,
                          [value for values in rows for value in values])
         except Exception:
             with self.lock:  # kept for the next turn (a bounded number: the oldest go first)
-                self.inserts = (inserts + self.inserts)[-100_000:]
                 self.successes = (successes + self.successes)[-100_000:]
             raise
 
@@ -255,7 +247,7 @@ def _ended_postgres(using: str, result_id: str, fields: Mapping[str, Any], attem
               worker_id, errors, json.dumps(return_value), fields.get("replay_of") or "")
     if status == TaskRecord.Status.SUCCESSFUL and attempt == 1:
         # The happy path: a first attempt's success is the only write of the run; nothing can come after it.
-        _batch.add(using, _ENDED_ROW, values, success=True)
+        _batch.add(using, values)
         return
     _execute(using, _ENDED + _ENDED_ROW + _ENDED_CONFLICT, list(values))
 
