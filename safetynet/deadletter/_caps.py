@@ -43,6 +43,9 @@ TRUNCATED = "__safetynet_truncated__"
 #: How much of a cut value's JSON its marker keeps.
 HEAD_CHARS = 256
 _MARKER_KEYS = frozenset({TRUNCATED, "bytes", "sha256", "head"})
+#: Fewer bytes than any marker's JSON (its keys and a sha256 alone take more): a value this small is never
+#: replaced by one.
+_MARKER_LEAST = 100
 
 
 def _encoded(text: str) -> bytes:
@@ -120,17 +123,23 @@ def cap_traceback(text: str, limit: int) -> str:
 
 
 def _fit(values: dict[Any, Any], sizes: dict[Any, int], budget: int, secrets: list[str]) -> bool:
-    """Replace the largest values by markers until ``sizes`` add up to at most ``budget``; whether they do."""
+    """Replace the largest values by markers until ``sizes`` add up to at most ``budget``; whether they do.
+
+    The total is kept as it goes (a message with 100,000 small arguments is one pass, not 100,000 sums)."""
+    total = sum(sizes.values())
     for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
-        if sum(sizes.values()) <= budget:
+        if total <= budget:
             return True
         if is_truncated(values[key]):
             continue
+        if sizes[key] <= _MARKER_LEAST:  # no marker is smaller than this: neither is any value after it
+            break
         marker = _marker(_as_json(values[key])[1], secrets)
         marker_size = _size(marker)
         if marker_size < sizes[key]:  # else a marker saves nothing here
+            total -= sizes[key] - marker_size
             values[key], sizes[key] = marker, marker_size
-    return sum(sizes.values()) <= budget
+    return total <= budget
 
 
 def cap_arguments(args: Any, kwargs: Any, settings: conf.Settings | None = None, secrets: Iterable[str] = ()
