@@ -368,11 +368,11 @@ class CeleryBackend(_compat.BaseTaskBackend):
             raise TypeError(f"task {task.module_path}: its arguments must be JSON (str, int, float, bool, None, "
                             f"lists and dicts of them): {error}") from error
         mode = "outbox" if task.run_after is not None else self.settings.enqueue
-        taskrecords.insert({
+        record = {
             "id": result.id, "backend": self.alias, "module_path": task.module_path, "queue_name": task.queue_name,
             "priority": task.priority, "run_after": task.run_after, "args": result.args, "kwargs": result.kwargs,
             "status": _compat.TaskResultStatus.READY, "enqueued_at": now,
-        }, in_transaction=mode != "now")
+        }
         celery_task = celery_task_for(task, self.settings, self.alias)
         app = celery_task._get_app()
         options: dict[str, Any] = {
@@ -386,7 +386,11 @@ class CeleryBackend(_compat.BaseTaskBackend):
             options["priority"] = broker_priority(task.priority, str(app.conf.broker_url or ""))
         if task.run_after is not None:
             options["eta"] = task.run_after  # waits in the durable schedule (an outbox row), not in the broker
-        celery_task.apply_async(result.args, result.kwargs, **options)
+        if mode == "now":  # the record is written as the message is published (overlapped), before this returns
+            taskrecords.insert_then(record, lambda: celery_task.apply_async(result.args, result.kwargs, **options))
+        else:  # in the caller's transaction, with the outbox row or the on-commit hook that sends it
+            taskrecords.insert(record, in_transaction=True)
+            celery_task.apply_async(result.args, result.kwargs, **options)
         _compat.signals.task_enqueued.send(type(self), task_result=result)
         return result
 

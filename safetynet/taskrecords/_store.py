@@ -12,15 +12,16 @@ tenth of a second): a task that ends sooner goes from ``READY`` to its outcome i
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import InterfaceError, OperationalError, connections, router, transaction
 
@@ -28,7 +29,7 @@ from safetynet.background import Job, runner
 from safetynet.models import TaskRecord
 
 __all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "flush", "insert",
-           "moment", "purge", "read", "replayed"]
+           "insert_then", "moment", "purge", "read", "replayed"]
 
 logger = logging.getLogger("safetynet")
 
@@ -57,6 +58,7 @@ class _Writer(threading.local):
 _writer = _Writer()
 #: Every thread's connection of this process (to close them all: ``close_connections``).
 _writers: weakref.WeakSet[Any] = weakref.WeakSet()
+_T = TypeVar("_T")
 
 
 def close_connections() -> None:
@@ -111,6 +113,16 @@ _INSERT = ("INSERT INTO {table} (id, backend, module_path, queue_name, priority,
 _INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]', '[]', now())"
 
 
+def _new_row(fields: Mapping[str, Any]) -> list[Any]:
+    get = fields.get
+    return [get("id"), get("backend"), get("module_path"), get("queue_name"), get("priority", 0), get("run_after"),
+            json.dumps(get("args") or []), json.dumps(get("kwargs") or {}), get("status", "READY"),
+            get("enqueued_at"), get("replay_of", "")]
+
+
+_INSERT_NEW = _INSERT + _INSERT_ROW + " ON CONFLICT (id) DO NOTHING"
+
+
 def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
     """Write a new row (``READY``). ``in_transaction``: in the caller's transaction (a rollback keeps nothing).
     Else (PostgreSQL) the row is written at once on the records' own connection, whatever the caller's transaction
@@ -120,11 +132,67 @@ def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
     if in_transaction or connections[using].vendor != "postgresql":
         TaskRecord(**fields).save(using=using, force_insert=True)
         return
-    get = fields.get
-    values = (get("id"), get("backend"), get("module_path"), get("queue_name"), get("priority", 0), get("run_after"),
-              json.dumps(get("args") or []), json.dumps(get("kwargs") or {}), get("status", "READY"),
-              get("enqueued_at"), get("replay_of", ""))
-    _execute(using, _INSERT + _INSERT_ROW + " ON CONFLICT (id) DO NOTHING", list(values))
+    _execute(using, _INSERT_NEW, _new_row(fields))
+
+
+_UNSENT = object()
+
+
+def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
+    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 the two overlap: the
+    INSERT goes out on the records' connection (pipeline mode), the message is published while the database works
+    on it, and the INSERT's answer is read after. The row is committed before this returns, as with ``insert``;
+    a worker's write of the same row that comes first waits for it (the same id) and finds it.
+
+    A broken connection before the INSERT went out: ``insert`` (a fresh connection), then ``send``. After the
+    message went out: the row is written again on a fresh connection (``ON CONFLICT DO NOTHING``); if that fails
+    too, the error is logged, not raised (the task was sent: the worker writes its row when the attempt ends)."""
+    using = database()
+    if connections[using].vendor != "postgresql" or not _psycopg3():
+        insert(fields)
+        return send()
+    values = _new_row(fields)
+    connection = _connection(using)
+    outcome: Any = _UNSENT
+    failure: BaseException | None = None
+    try:
+        with connection.wrap_database_errors, connection.connection.pipeline():
+            _raw_cursor(connection).execute(_INSERT_NEW.replace("{table}", _table(connection)), values)
+            try:
+                outcome = send()
+            except BaseException as error:  # raised once the INSERT's answer is in
+                failure = error
+    except (OperationalError, InterfaceError):
+        connection.close()
+        if outcome is _UNSENT and failure is None:  # nothing went out
+            insert(fields)
+            return send()
+        try:
+            insert(fields)
+        except Exception:
+            logger.exception("safetynet: the django.tasks record of %s could not be written; its task was sent "
+                             "(the worker writes the record when the attempt ends)", fields.get("id"))
+    if failure is not None:
+        raise failure
+    return outcome  # type: ignore[no-any-return]
+
+
+def _raw_cursor(connection: Any) -> Any:
+    """A psycopg 3 cursor on the records' connection's driver connection (one per driver connection)."""
+    raw = connection.connection
+    kept = connection.__dict__.get("_safetynet_cursor")
+    if kept is None or kept[0] is not raw:
+        import psycopg
+
+        kept = connection.__dict__["_safetynet_cursor"] = (raw, psycopg.Cursor(raw))
+    return kept[1]
+
+
+@functools.cache
+def _psycopg3() -> bool:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+
+    return bool(is_psycopg3)
 
 
 def read(result_id: str) -> TaskRecord | None:

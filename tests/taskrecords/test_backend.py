@@ -201,3 +201,55 @@ def test_a_new_record_is_seen_by_other_connections_as_soon_as_enqueue_returns():
                     connection.default_channel.queue_delete(queue)
     finally:
         other.close()
+
+
+def _new_record_fields():
+    import uuid
+
+    from django.utils import timezone
+
+    return {"id": str(uuid.uuid4()), "backend": "default", "module_path": "tests.fixtures.x", "queue_name": "default",
+            "priority": 0, "run_after": None, "args": [1], "kwargs": {}, "status": "READY",
+            "enqueued_at": timezone.now()}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_record_and_the_message_overlap_and_each_happens_once_even_when_the_connection_broke(monkeypatch):
+    from safetynet.taskrecords import _store
+
+    plain_inserts = []
+    insert = _store.insert
+    monkeypatch.setattr(_store, "insert", lambda fields, **kw: plain_inserts.append(fields["id"]) or insert(fields))
+
+    sent = []
+    fields = _new_record_fields()
+    assert _store.insert_then(fields, lambda: sent.append(fields["id"]) or "sent") == "sent"
+    assert sent == [fields["id"]] and _store.read(fields["id"]).status == "READY"
+    assert plain_inserts == []  # overlapped: the pipeline wrote it
+
+    # The records' connection broke while idle (a database restart): the row is written on a fresh one, the
+    # message sent once.
+    writer = _store._connection(_store.database())
+    writer.connection.close()
+    fields = _new_record_fields()
+    assert _store.insert_then(fields, lambda: sent.append(fields["id"]) or "sent") == "sent"
+    assert sent.count(fields["id"]) == 1 and _store.read(fields["id"]).status == "READY"
+    assert plain_inserts == [fields["id"]]  # the fallback: written alone, on a fresh connection, then sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_send_that_fails_raises_after_the_records_answer_is_in():
+    from safetynet.taskrecords import _store
+
+    fields = _new_record_fields()
+
+    def send():
+        raise RuntimeError("the broker is away")
+
+    with pytest.raises(RuntimeError, match="the broker is away"):
+        _store.insert_then(fields, send)
+    # As before the overlap: the row was written first (a message that did not go stays READY; documented).
+    assert _store.read(fields["id"]).status == "READY"
+    # The connection is usable afterwards (its pipeline ended).
+    again = _new_record_fields()
+    assert _store.insert_then(again, lambda: "sent") == "sent" and _store.read(again["id"]) is not None
