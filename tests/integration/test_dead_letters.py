@@ -4,7 +4,6 @@ Real worker processes on the real Redis (broker, results) and PostgreSQL (the st
 """
 
 import json
-import subprocess
 import time
 import uuid
 from collections import Counter
@@ -15,6 +14,7 @@ from django.db import connections
 from kombu import Connection, Exchange, Producer
 
 from tests.fixtures import dead_letter_tasks, late_deployed_tasks, recording
+from tests.fixtures.tcp_proxy import TcpProxy
 from tests.integration.conftest import BROKERS, Worker, configure_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
@@ -186,35 +186,31 @@ def test_a_garbage_body_is_recorded_and_replay_refuses_it(app, tmp_path, worker_
     assert row.status == "dead" and row.replay_count == 0
 
 
-def _postgres(action):
-    version = sorted(Path("/etc/postgresql").iterdir())[0].name
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action, *(
-        ["-m", "fast"] if action == "stop" else [])], check=True, timeout=60)
-
-
 def test_no_dead_letter_is_lost_while_postgresql_is_down(app, fault, tmp_path, worker_database, spool_dir):
+    """The worker reaches PostgreSQL through a proxy the test cuts: for the worker the server is gone (its
+    connections dropped, new ones refused), while the shared server keeps serving everything else."""
     from safetynet.models import DeadLetter
 
-    worker = start_worker(tmp_path, worker_database, spool_dir, app, "pgdown")
-    connections.close_all()
-    _postgres("stop")
+    database = connections["default"].settings_dict
+    proxy = TcpProxy(database["HOST"] or "127.0.0.1", int(database["PORT"] or 5432)).start()
+    worker = start_worker(tmp_path, worker_database, spool_dir, app, "pgdown", SAFETYNET_TEST_DB_PORT=str(proxy.port))
     try:
+        proxy.cut()
         results = [dead_letter_tasks.permanent.apply_async((n,), queue=worker.queue) for n in range(20)]
         for result in results:
             result.get(timeout=60, propagate=False)
             assert result.state == "FAILURE"
-        spooled = wait_until(lambda: list(Path(spool_dir).glob("*.json")) or None, 30, "spooled records")
-        assert {path.stem for path in spooled} >= {result.id for result in results}
-    finally:
-        _postgres("start")
-        connections.close_all()
-    try:
         ids = [result.id for result in results]
+        wait_until(lambda: {path.stem for path in Path(spool_dir).glob("*.json")} >= set(ids) or None, 30,
+                   "every record spooled")
+        assert not DeadLetter.objects.filter(task_id__in=ids).exists()
+        proxy.restore()
         # the worker's flusher moves them in once the database answers again
         wait_until(lambda: DeadLetter.objects.filter(task_id__in=ids).count() == 20, 60, "the spool to be flushed")
         assert not [path for path in Path(spool_dir).glob("*.json") if path.stem in ids]
     finally:
         worker.stop()
+        proxy.stop()
     rows = DeadLetter.objects.filter(task_id__in=ids)
     assert rows.count() == 20 and {row.reason for row in rows} == {"permanent_error"}
 
