@@ -1,5 +1,6 @@
 """Real Celery worker processes against the real Redis, RabbitMQ and PostgreSQL of the machine."""
 
+import atexit
 import os
 import signal
 import subprocess
@@ -58,6 +59,7 @@ class Worker:
             self.command, env=self.env, cwd=ROOT, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        _running.add(self.process)
         from tests.fixtures import tasks
 
         result = tasks.ping.apply_async(queue=self.queue)
@@ -76,6 +78,30 @@ class Worker:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+        _running.discard(self.process)
+
+
+#: Workers started and not stopped yet: killed (their whole process group) when the test run exits, however it
+#: ends, so that none outlives it holding the test database open (pytest then cannot drop it).
+_running: set[subprocess.Popen] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_worker_outlives_the_run(django_db_setup):
+    """Before the test database is dropped (this fixture ends before ``django_db_setup``): kill what a failed test
+    left running."""
+    yield
+    _kill_leftover_workers()
+
+
+@atexit.register
+def _kill_leftover_workers():
+    for process in list(_running):
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def configure_app(broker, backend):
