@@ -7,7 +7,6 @@ returned); in progress elsewhere; or a crash loop (``max_deliveries`` runs holdi
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, router, transaction
 
 from safetynet.exceptions import ClaimLost, SafetynetError
+from safetynet.driver import is_psycopg3, pipelines, raw_cursor
 from safetynet.models import IdempotencyClaim
 from safetynet.redaction import redact_text
 
@@ -62,11 +62,11 @@ def _execute(using: str, sql: str, params: list[Any], *, fetch: bool = False) ->
     own cursor.
     """
     connection = connections[using]
-    if connection.vendor == "postgresql" and _psycopg3():
+    if connection.vendor == "postgresql" and is_psycopg3():
         if connection.connection is None:
             connection.ensure_connection()
         with connection.wrap_database_errors:
-            cursor = _raw_cursor(connection)
+            cursor = raw_cursor(connection)
             cursor.execute(sql, params)
             return cursor.rowcount, cursor.fetchone() if fetch else None
     with connection.cursor() as cursor:
@@ -74,22 +74,8 @@ def _execute(using: str, sql: str, params: list[Any], *, fetch: bool = False) ->
         return cursor.rowcount, cursor.fetchone() if fetch else None
 
 
-def _raw_cursor(connection: Any) -> Any:
-    """A psycopg 3 cursor on the driver's connection under ``connection`` (made once per driver connection)."""
-    raw = connection.connection
-    kept = connection.__dict__.get("_safetynet_cursor")
-    if kept is None or kept[0] is not raw:
-        import psycopg
-
-        kept = connection.__dict__["_safetynet_cursor"] = (raw, psycopg.Cursor(raw))
-    return kept[1]
 
 
-@functools.cache
-def _psycopg3() -> bool:
-    from django.db.backends.postgresql.psycopg_any import is_psycopg3
-
-    return bool(is_psycopg3)
 
 
 @dataclass(frozen=True)
@@ -251,7 +237,7 @@ def _mark_and_commit(held: Claim, result: Any, connection: Any) -> bool:
     with connection.wrap_database_errors:
         try:
             with raw.pipeline():
-                _raw_cursor(connection).execute(_sql(held.using).mark_strict, params)
+                raw_cursor(connection).execute(_sql(held.using).mark_strict, params)
                 raw.commit()
         except psycopg.errors.DivisionByZero:
             return False
@@ -293,16 +279,7 @@ def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
 
 def _pipelines(connection: Any) -> bool:
     """True if the mark and the COMMIT of the open transaction on ``connection`` can go in one round trip."""
-    if connection.vendor != "postgresql" or not _psycopg3():
-        return False
-    return connection.connection is not None and _pipeline_supported()
-
-
-@functools.cache
-def _pipeline_supported() -> bool:
-    import psycopg
-
-    return bool(psycopg.Pipeline.is_supported())
+    return connection.vendor == "postgresql" and pipelines() and connection.connection is not None
 
 
 def _untouched(connection: Any) -> bool:

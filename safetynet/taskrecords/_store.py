@@ -12,7 +12,6 @@ tenth of a second): a task that ends sooner goes from ``READY`` to its outcome i
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any, TypeVar
 from django.db import InterfaceError, OperationalError, connections, router, transaction
 
 from safetynet.background import Job, runner
+from safetynet.driver import pipelines, raw_cursor
 from safetynet.models import TaskRecord
 
 __all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "flush", "insert",
@@ -139,7 +139,7 @@ _UNSENT = object()
 
 
 def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
-    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 the two overlap: the
+    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 (libpq 14 or newer) the two overlap: the
     INSERT goes out on the records' connection (pipeline mode), the message is published while the database works
     on it, and the INSERT's answer is read after. The row is committed before this returns, as with ``insert``;
     a worker's write of the same row that comes first waits for it (the same id) and finds it.
@@ -148,7 +148,7 @@ def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
     message went out: the row is written again on a fresh connection (``ON CONFLICT DO NOTHING``); if that fails
     too, the error is logged, not raised (the task was sent: the worker writes its row when the attempt ends)."""
     using = database()
-    if connections[using].vendor != "postgresql" or not _psycopg3():
+    if connections[using].vendor != "postgresql" or not pipelines():
         insert(fields)
         return send()
     values = _new_row(fields)
@@ -157,7 +157,7 @@ def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
     failure: BaseException | None = None
     try:
         with connection.wrap_database_errors, connection.connection.pipeline():
-            _raw_cursor(connection).execute(_INSERT_NEW.replace("{table}", _table(connection)), values)
+            raw_cursor(connection).execute(_INSERT_NEW.replace("{table}", _table(connection)), values)
             try:
                 outcome = send()
             except BaseException as error:  # raised once the INSERT's answer is in
@@ -177,22 +177,8 @@ def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
     return outcome  # type: ignore[no-any-return]
 
 
-def _raw_cursor(connection: Any) -> Any:
-    """A psycopg 3 cursor on the records' connection's driver connection (one per driver connection)."""
-    raw = connection.connection
-    kept = connection.__dict__.get("_safetynet_cursor")
-    if kept is None or kept[0] is not raw:
-        import psycopg
-
-        kept = connection.__dict__["_safetynet_cursor"] = (raw, psycopg.Cursor(raw))
-    return kept[1]
 
 
-@functools.cache
-def _psycopg3() -> bool:
-    from django.db.backends.postgresql.psycopg_any import is_psycopg3
-
-    return bool(is_psycopg3)
 
 
 def read(result_id: str) -> TaskRecord | None:
