@@ -61,6 +61,16 @@ def disable_prometheus() -> bool:
 if os.environ.get("SAFETYNET_BENCH_NO_PROMETHEUS"):
     disable_prometheus()
 
+if os.environ.get("SAFETYNET_BENCH_PLAIN_CELERY"):
+    # The worker of a plain Celery system is a plain Celery worker: without safetynet's message guard (the consumer
+    # step that checks every message before Celery reads it) and without its main process's background jobs (the
+    # relay, the spool flush, the orphan sweep, housekeeping), both started by these two receivers. A project with
+    # safetynet installed has them in every worker, for plain tasks too: they are part of what safetynet costs.
+    from celery import signals as celery_signals
+
+    celery_signals.worker_init.disconnect(dispatch_uid="safetynet.worker_init")
+    celery_signals.worker_ready.disconnect(dispatch_uid="safetynet.worker_ready")
+
 BROKER_URL = os.environ.get("SAFETYNET_BENCH_REDIS", "redis://127.0.0.1:6379/9")
 
 app = Celery("safetynet_bench")

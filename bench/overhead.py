@@ -1,9 +1,11 @@
 """Throughput of a no-op safetynet task, plain and idempotent, against a plain Celery task, through real workers.
 
     .venv/bin/python bench/overhead.py [--quick] [--tasks N] [--rounds R] [--slice S] [--budget SECONDS]
-                                           [--pool solo|prefork] [--without-prometheus]
+                                           [--pool solo|prefork] [--without-prometheus] [--plain-guard]
 
-Three systems are compared: a plain ``@shared_task`` no-op, the same no-op as ``@safetynet.task``,
+Three systems are compared: a plain ``@shared_task`` no-op (in a plain Celery worker: safetynet's message guard and
+background jobs, which every worker of a project with safetynet has, are not started in it; ``--plain-guard``
+starts them), the same no-op as ``@safetynet.task``,
 and the same no-op as an idempotent ``@safetynet.task(idempotency_key="noop-{n}")`` whose every
 message has an ``n`` of its own, so every run claims a fresh key in PostgreSQL (a database of the
 benchmark's own, created and migrated when missing, its claim table emptied before each round).
@@ -56,6 +58,11 @@ SYSTEMS = ("plain", "safetynet", "idempotent")
 KEYED = {"idempotent"}
 #: The module ``celery -A`` starts the workers from (bench/idempotency.py adds tasks in its own).
 WORKER_APP = "_overhead_tasks"
+#: Systems whose tasks are plain Celery tasks: their workers run without safetynet's message guard and background
+#: jobs (a plain Celery worker; ``--plain-guard`` keeps both, as a project with safetynet installed has them for
+#: plain tasks too).
+#: bench/idempotency.py's plain systems are here too.
+PLAIN_CELERY = {"plain", "diy", "realistic_plain", "retry_plain"}
 IN_PROCESS = ("plain", "safetynet")  # the systems _in_process_costs times (no database)
 STARTUP_TIMEOUT = 60.0  # seconds for a fresh worker to get through its warm-up
 BATCH = 1000  # messages per LPUSH
@@ -121,6 +128,7 @@ class Messages:
         self.staging = f"bench:{run_id}:{system}:staging"
         self.start_key, self.end_key = f"bench:{run_id}:{system}:start", f"bench:{run_id}:{system}:end"
         self.client, self.lock = client, lock
+        self.system = system
         self.keyed = system in KEYED
         self.run_id, self.counter = run_id, 0
         self.noop = self._template(bench.NOOPS[system], (self.PLACEHOLDER,) if self.keyed else ())
@@ -206,6 +214,8 @@ class Worker:
         env["SAFETYNET_BENCH_SPOOL"] = os.path.join(os.path.dirname(log_path), "spool")
         if args.without_prometheus:
             env["SAFETYNET_BENCH_NO_PROMETHEUS"] = "1"
+        if messages.system in PLAIN_CELERY and not args.plain_guard:
+            env["SAFETYNET_BENCH_PLAIN_CELERY"] = "1"
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, env=env, cwd=str(HERE), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -385,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without-prometheus", action="store_true",
                         help="disconnect safetynet's Prometheus receivers (connected whenever prometheus_client"
                              " is installed), to see what they cost")
+    parser.add_argument("--plain-guard", action="store_true",
+                        help="run the plain system's worker with safetynet's message guard and background jobs, as"
+                             " a project with safetynet installed runs plain Celery tasks (default: a plain Celery"
+                             " worker)")
     args = parser.parse_args(argv)
     began = time.monotonic()
     if args.tasks is None:
@@ -411,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(f"task_prerun/task_postrun receivers in the workers: {_task_hooks()}", flush=True)
+    print("plain: " + ("a worker with safetynet's message guard and background jobs (--plain-guard)"
+                       if args.plain_guard else "a plain Celery worker (no safetynet message guard or background jobs)"),
+          flush=True)
     client = _redis()
     run_id = uuid.uuid4().hex[:8]
     lock = Lock(client, run_id)
