@@ -141,6 +141,20 @@ def _seconds(key: str, value: Any, low: float, high: float) -> float:
 _BREAKER_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
+def _check_entry(setting: str, what: str, name: Any, item: Any, fields: list[str]) -> None:
+    """A named entry of ``BREAKERS`` or ``LIMITS``: its name, and (given as a dict) its fields, with a "did you
+    mean" for an unknown one."""
+    if not isinstance(name, str) or not _BREAKER_NAME.match(name):
+        raise ConfigurationError(f"SAFETYNET[{setting!r}]: a {what}'s name is 1 to 100 letters, digits or "
+                                 f"_ . : -, got {name!r}")
+    if isinstance(item, dict):
+        unknown = sorted(set(item) - set(fields))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Fields: {', '.join(fields)}."
+            raise ConfigurationError(f"SAFETYNET[{setting!r}][{name!r}]: unknown field {unknown[0]!r}.{hint}")
+
+
 def _breakers(value: Any) -> dict[str, Any]:
     """``BREAKERS``: each a ``Breaker`` or a dict of its fields, under a name."""
     if not isinstance(value, dict):
@@ -150,15 +164,8 @@ def _breakers(value: Any) -> dict[str, Any]:
     breakers = {}
     fields = [item.name for item in dataclasses.fields(Breaker) if item.name != "name"]
     for name, item in value.items():
-        if not isinstance(name, str) or not _BREAKER_NAME.match(name):
-            raise ConfigurationError(f"SAFETYNET['BREAKERS']: a breaker's name is 1 to 100 letters, digits or "
-                                     f"_ . : -, got {name!r}")
+        _check_entry("BREAKERS", "breaker", name, item, fields)
         if isinstance(item, dict):
-            unknown = sorted(set(item) - set(fields))
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else f" Fields: {', '.join(fields)}."
-                raise ConfigurationError(f"SAFETYNET['BREAKERS'][{name!r}]: unknown field {unknown[0]!r}.{hint}")
             item = Breaker(**item, name=name)
         elif isinstance(item, Breaker):
             item = dataclasses.replace(item, name=name)
@@ -179,16 +186,9 @@ def _limits(value: Any) -> dict[str, Limit]:
     limits = {}
     fields = [item.name for item in dataclasses.fields(Limit) if item.name != "name"]
     for name, item in value.items():
-        if not isinstance(name, str) or not _BREAKER_NAME.match(name):
-            raise ConfigurationError(f"SAFETYNET['LIMITS']: a limit's name is 1 to 100 letters, digits or "
-                                     f"_ . : -, got {name!r}")
+        _check_entry("LIMITS", "limit", name, item, fields)
         where = f"SAFETYNET['LIMITS'][{name!r}]"
         if isinstance(item, dict):
-            unknown = sorted(set(item) - set(fields))
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], fields, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else f" Fields: {', '.join(fields)}."
-                raise ConfigurationError(f"{where}: unknown field {unknown[0]!r}.{hint}")
             item = dict(item)
         elif isinstance(item, Limit):
             item = {field.name: getattr(item, field.name) for field in dataclasses.fields(Limit) if field.name != "name"}
