@@ -197,20 +197,21 @@ def readmit(ticket: Ticket, *, task_id: str = "") -> Ticket:
 
     A rate's window has a margin for the time between the check and the call reaching the upstream; a worker
     that waited longer than half of it (for a CPU, a guard after the limit's, a connection) would start the
-    call later than the limit counted it, and the busiest second could see one call too many."""
+    call later than the limit counted it, and the busiest second could see one call too many. A ticket held in the
+    database is returned as it is: its rate's log keeps no tokens to give back (``Ticket.stale`` is never true
+    there)."""
     client = shared.redis_client() if ticket.store == "redis" else None
+    if client is None:  # held in the database (whose log keeps no tokens to give back): checked once
+        return ticket
     _leases.drop(ticket)
-    if client is not None:
-        keys: list[str] = []
-        for limit_keys in ticket.keys:
-            keys += sorted({limit_keys.leases, limit_keys.all_leases, limit_keys.log, limit_keys.all_log})
-        try:
-            _store.script(client, _store.FORGET)(keys=keys, args=[ticket.token])
-        except shared.redis_errors() as error:  # its entries stay counted until they leave the window
-            logger.warning("safetynet: Redis did not answer (%r) while limits %s were checked again", error,
-                           ", ".join(name for name, _ in ticket.wanted))
-    elif ticket.held:
-        _store.database_release(list(ticket.held), ticket.token, -1.0)
+    keys: list[str] = []
+    for limit_keys in ticket.keys:
+        keys += sorted({limit_keys.leases, limit_keys.all_leases, limit_keys.log, limit_keys.all_log})
+    try:
+        _store.script(client, _store.FORGET)(keys=keys, args=[ticket.token])
+    except shared.redis_errors() as error:  # its entries stay counted until they leave the window
+        logger.warning("safetynet: Redis did not answer (%r) while limits %s were checked again", error,
+                       ", ".join(name for name, _ in ticket.wanted))
     logger.debug("safetynet: limits %s checked again, %.1f ms after their check", ", ".join(
         name for name, _ in ticket.wanted), (time.perf_counter() - ticket.asked) * 1000)
     return acquire(ticket.wanted, task_id=task_id)

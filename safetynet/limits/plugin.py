@@ -3,14 +3,17 @@ waits for its turn deferred (a snooze, no attempt used), not in a worker slot.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from safetynet import limits
 from safetynet.exceptions import ConfigurationError, LimitReached, Transient
 from safetynet.protocol.attempt import Attempt, Plugin
 
 __all__ = ["LimitGuard", "limit_names"]
+
+_T = TypeVar("_T")
 
 
 def limit_names(value: Any) -> tuple[str, ...]:
@@ -52,12 +55,7 @@ class LimitGuard(Plugin):
                       for name in limit_names(task.limit)]
         except ConfigurationError as error:
             raise ConfigurationError(f"task {task.name}: {error}") from None
-        try:
-            ticket = limits.acquire_or_skip(wanted, task_id=str(attempt.request.id or ""))
-        except LimitReached as refused:
-            if attempt.eager:  # an eager run cannot wait (its retry would run at once, again and again)
-                raise Transient(f"{refused}; an eager run cannot wait for it") from None
-            raise  # a Snooze: deferred until its turn, no attempt used
+        ticket = _asked(attempt, lambda task_id: limits.acquire_or_skip(wanted, task_id=task_id))
         if ticket is not None:
             attempt.notes[self.name] = ticket
 
@@ -67,7 +65,7 @@ class LimitGuard(Plugin):
         ticket = attempt.notes.get(self.name)
         if ticket is not None and ticket.stale():  # admitted too long ago to start now without a second look
             attempt.notes[self.name] = None
-            ticket = self._readmit(attempt, ticket)
+            ticket = _asked(attempt, functools.partial(limits.readmit, ticket))
             attempt.notes[self.name] = ticket
         try:
             result = body()
@@ -79,15 +77,17 @@ class LimitGuard(Plugin):
         limits.finish(ticket, None)
         return result
 
-    @staticmethod
-    def _readmit(attempt: Attempt, ticket: limits.Ticket) -> limits.Ticket:
-        try:
-            return limits.readmit(ticket, task_id=str(attempt.request.id or ""))
-        except LimitReached as refused:
-            if attempt.eager:
-                raise Transient(f"{refused}; an eager run cannot wait for it") from None
-            raise
-
     def after_run(self, attempt: Attempt, error: BaseException | None) -> None:
         # Only when the body never started (a later guard refused the run): the slots are given back here.
         limits.finish(attempt.notes.get(self.name), error)
+
+
+def _asked(attempt: Attempt, ask: Callable[..., _T]) -> _T:
+    """``ask(task_id=…)`` the limits for this run; refused, a worker run is deferred until its turn (a Snooze, no
+    attempt used), an eager run fails (it cannot wait: its retry would run at once, again and again)."""
+    try:
+        return ask(task_id=str(attempt.request.id or ""))
+    except LimitReached as refused:
+        if attempt.eager:
+            raise Transient(f"{refused}; an eager run cannot wait for it") from None
+        raise

@@ -339,3 +339,5 @@ def test_no_second_look_without_a_margin_or_on_the_database():
         ticket = limits.acquire([("lim-readmit-db", "")])
         ticket.asked -= 10
         assert ticket.store == "database" and not ticket.stale()
+        assert limits.readmit(ticket) is ticket  # its log keeps no tokens: asking again would count it twice
+        limits.release(ticket)
