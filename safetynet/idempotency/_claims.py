@@ -74,10 +74,6 @@ def _execute(using: str, sql: str, params: list[Any], *, fetch: bool = False) ->
         return cursor.rowcount, cursor.fetchone() if fetch else None
 
 
-
-
-
-
 @dataclass(frozen=True)
 class _Sql:
     """The claim's and the mark's statements on one database (made once per alias)."""
@@ -294,7 +290,6 @@ def _untouched(connection: Any) -> bool:
     if connection.vendor == "sqlite":
         return not raw.in_transaction
     return False
-
 
 
 HANDOVER_PREFIX = "handover/"

@@ -139,9 +139,9 @@ _UNSENT = object()
 
 
 def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
-    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 (libpq 14 or newer) the two overlap: the
-    INSERT goes out on the records' connection (pipeline mode), the message is published while the database works
-    on it, and the INSERT's answer is read after. The row is committed before this returns, as with ``insert``;
+    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 (libpq 14 or newer)
+    the two overlap: the INSERT goes out on the records' connection (pipeline mode), the message is published while
+    the database works on it, and the INSERT's answer is read after. The row is committed before this returns, as with ``insert``;
     a worker's write of the same row that comes first waits for it (the same id) and finds it.
 
     A broken connection before the INSERT went out: ``insert`` (a fresh connection), then ``send``. After the
@@ -175,10 +175,6 @@ def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
     if failure is not None:
         raise failure
     return outcome  # type: ignore[no-any-return]
-
-
-
-
 
 
 def read(result_id: str) -> TaskRecord | None:
