@@ -71,14 +71,20 @@ class Worker:
         return self
 
     def stop(self):
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process_group(self.process, 20)
         _running.discard(self.process)
+
+
+def stop_process_group(process, grace):
+    """Stop a worker started in a session of its own: a warm shutdown, killed (with its children) after ``grace``
+    seconds."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
 
 
 #: Workers started and not stopped yet: killed (their whole process group) when the test run exits, however it

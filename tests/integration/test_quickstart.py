@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import psycopg
 import pytest
 
 from tests.fixtures.quickstart import blocks
+from tests.integration.conftest import stop_process_group
 
 pytestmark = pytest.mark.integration
 
@@ -115,13 +115,7 @@ class Project:
         return f"\nworker log:\n{self.worker_log.read_text()[-4000:]}" if self.worker_log.exists() else ""
 
     def stop_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            os.killpg(self.worker.pid, signal.SIGTERM)
-            try:
-                self.worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, signal.SIGKILL)
-                self.worker.wait(timeout=10)
+        stop_process_group(self.worker, 30)
 
     def apply(self, block) -> None:
         path = self.root / block.target
