@@ -1,13 +1,20 @@
 """The database driver under Django's connections, for the few statements on the hot path that skip Django's cursor
-wrapping (an idempotency claim and its mark, a ``django.tasks`` record): whether it is psycopg 3, and a psycopg 3
-cursor kept per driver connection."""
+wrapping (an idempotency claim and its mark, a ``django.tasks`` record): whether it is psycopg 3, a psycopg 3
+cursor kept per driver connection, and one statement sent through libpq's asynchronous calls (its answer read
+later, so that other work overlaps its round trip)."""
 
 from __future__ import annotations
 
 import functools
+import logging
+import re
+import select
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["is_psycopg3", "pipelines", "raw_cursor"]
+__all__ = ["forgot_prepared", "is_psycopg3", "pipelines", "prepares", "raw_cursor", "read_answer", "send_statement"]
+
+logger = logging.getLogger("safetynet")
 
 
 @functools.cache
@@ -38,3 +45,127 @@ def raw_cursor(connection: Any) -> Any:
 
         kept = connection.__dict__["_safetynet_cursor"] = (raw, psycopg.Cursor(raw))
     return kept[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _numbered(sql: str) -> bytes:
+    """``%s`` placeholders as libpq's ``$1, $2, …`` (the statements given here hold no other ``%``)."""
+    count = iter(range(1, 100_000))
+    return re.sub("%s", lambda _: f"${next(count)}", sql).encode()
+
+
+def _text(value: Any) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+def send_statement(connection: Any, sql: str, params: Sequence[Any], *, name: str = "") -> None:
+    """Send one statement with its parameters (as text: ``str()`` of each, None as NULL; the server casts them to
+    the columns' types) on the psycopg 3 connection under Django's ``connection``, in its own implicit transaction
+    (the connection is in autocommit), without waiting for the answer: ``read_answer`` reads it.
+
+    ``name``: the statement is prepared on the connection once (the server then skips parsing and planning it,
+    about a third of a small INSERT's cost there) and executed by name, unless ``prepares`` says not to.
+
+    psycopg's own pipeline mode does the same with several times the Python work; psycopg is not told (its
+    connection stays idle from its point of view, and the answer is read before anything else uses it)."""
+    raw = connection.connection
+    pgconn = raw.pgconn
+    values = [_text(value) for value in params]
+    if name and prepares(connection):
+        prepared = connection.__dict__.get("_safetynet_prepared")
+        if prepared is None or prepared[0] is not raw:  # (a new driver connection: nothing prepared on it yet)
+            prepared = connection.__dict__["_safetynet_prepared"] = (raw, set())
+        if name not in prepared[1] and _prepare(connection, name, sql):
+            prepared[1].add(name)
+    if name and name in connection.__dict__.get("_safetynet_prepared", (None, ()))[1]:
+        pgconn.send_query_prepared(name.encode(), values)
+    else:
+        pgconn.send_query_params(_numbered(sql), values)
+    while pgconn.flush():  # (a non-blocking connection: what did not fit in the socket's buffer)
+        _wait(pgconn.socket, select.POLLOUT)
+
+
+#: Aliases whose server forgot a prepared statement twice (a pooler in transaction mode): never prepared again.
+_unprepared: set[str] = set()
+
+
+def prepares(connection: Any) -> bool:
+    """Whether statements are prepared on ``connection``: not behind PgBouncer in transaction mode (which Django's
+    ``DISABLE_SERVER_SIDE_CURSORS`` setting says), nor once its server forgot one twice."""
+    if connection.alias in _unprepared:
+        return False
+    return not connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS")
+
+
+def forgot_prepared(connection: Any, error: BaseException) -> bool:
+    """Whether ``error`` says the server does not know a statement prepared on ``connection`` (a pooler handed the
+    next statement to another server connection, or ran DISCARD ALL). The first time, the statements are prepared
+    again; the second, this alias sends them unprepared from then on."""
+    cause = error if getattr(error, "sqlstate", None) else error.__cause__
+    if getattr(cause, "sqlstate", None) != "26000":  # invalid_sql_statement_name
+        return False
+    connection.__dict__.pop("_safetynet_prepared", None)
+    if connection.__dict__.pop("_safetynet_forgot", False):
+        _unprepared.add(connection.alias)
+        logger.warning("safetynet: the server of database %r forgets prepared statements (a pooler in transaction "
+                       "mode?); they are no longer prepared there. Set DISABLE_SERVER_SIDE_CURSORS for it.",
+                       connection.alias)
+    else:
+        connection.__dict__["_safetynet_forgot"] = True
+    return True
+
+
+def _prepare(connection: Any, name: str, sql: str) -> bool:
+    """Prepare ``sql`` as ``name`` on the connection; False (and never again on this alias) if the server refused
+    it for another reason than a broken connection (which raises)."""
+    import psycopg
+
+    raw = connection.connection
+    try:
+        _check(raw, raw.pgconn.prepare(name.encode(), _numbered(sql)))
+    except psycopg.Error as error:
+        if error.sqlstate == "42P05":  # duplicate_prepared_statement: a pooler's server connection has it already
+            return True
+        if not error.sqlstate or error.sqlstate.startswith("08"):  # no answer, or the connection broke
+            raise
+        _unprepared.add(connection.alias)
+        logger.warning("safetynet: could not prepare a statement on database %r (%s); statements are sent "
+                       "unprepared there", connection.alias, error)
+        return False
+    return True
+
+
+def _check(raw: Any, result: Any) -> None:
+    import psycopg
+    from psycopg import pq
+
+    if result is None:
+        raise psycopg.OperationalError("the server sent no answer")
+    if result.status == pq.ExecStatus.FATAL_ERROR:
+        raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+
+
+def _wait(fd: int, events: int) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll()
+
+
+def read_answer(connection: Any) -> int:
+    """The answer to the statement ``send_statement`` sent: the number of rows it changed; its error raised as
+    psycopg's exception for its SQLSTATE (Django's ``wrap_database_errors`` turns it into Django's)."""
+    pgconn = connection.connection.pgconn
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+        _wait(pgconn.socket, select.POLLIN)
+    result, extra = pgconn.get_result(), pgconn.get_result()
+    while extra is not None:  # (one statement: one result, then None)
+        extra = pgconn.get_result()
+    _check(connection.connection, result)
+    status = result.command_status or b""
+    count = status.rsplit(b" ", 1)[-1]
+    return int(count) if count.isdigit() else 0

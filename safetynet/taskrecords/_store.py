@@ -22,10 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from django.db import InterfaceError, OperationalError, connections, router, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, router, transaction
 
 from safetynet.background import Job, runner
-from safetynet.driver import pipelines, raw_cursor
+from safetynet.driver import forgot_prepared, is_psycopg3, read_answer, send_statement
 from safetynet.models import TaskRecord
 
 __all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "flush", "insert",
@@ -115,9 +115,24 @@ _INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]
 
 def _new_row(fields: Mapping[str, Any]) -> list[Any]:
     get = fields.get
+    args, kwargs = json.dumps(get("args") or []), json.dumps(get("kwargs") or {})
+    if ("\\u0000" in args or "\\u0000" in kwargs) and _holds_nul([get("args"), get("kwargs")]):
+        raise ValueError(f"task {get('module_path')}: its arguments hold a NUL character (\\x00), which PostgreSQL "
+                         f"cannot store in a JSON column")
     return [get("id"), get("backend"), get("module_path"), get("queue_name"), get("priority", 0), get("run_after"),
-            json.dumps(get("args") or []), json.dumps(get("kwargs") or {}), get("status", "READY"),
-            get("enqueued_at"), get("replay_of", "")]
+            args, kwargs, get("status", "READY"), get("enqueued_at"), get("replay_of", "")]
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a JSON value holds the NUL character in a string (its text shows ``\\u0000`` also for a string that
+    holds a backslash before ``u0000``)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, Mapping):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 _INSERT_NEW = _INSERT + _INSERT_ROW + " ON CONFLICT (id) DO NOTHING"
@@ -135,46 +150,66 @@ def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
     _execute(using, _INSERT_NEW, _new_row(fields))
 
 
-_UNSENT = object()
-
-
 def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
-    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 (libpq 14 or newer)
-    the two overlap: the INSERT goes out on the records' connection (pipeline mode), the message is published while
-    the database works on it, and the INSERT's answer is read after. The row is committed before this returns, as with ``insert``;
-    a worker's write of the same row that comes first waits for it (the same id) and finds it.
+    """``insert(fields)``, then ``send()`` (the task's message); on PostgreSQL with psycopg 3 the two overlap: the
+    INSERT goes out on the records' connection, the message is published while the database works on it, and the
+    INSERT's answer is read after. The row is committed before this returns, as with ``insert``; a worker's write of
+    the same row that comes first waits for it (the same id) and finds it.
 
     A broken connection before the INSERT went out: ``insert`` (a fresh connection), then ``send``. After the
     message went out: the row is written again on a fresh connection (``ON CONFLICT DO NOTHING``); if that fails
     too, the error is logged, not raised (the task was sent: the worker writes its row when the attempt ends)."""
     using = database()
-    if connections[using].vendor != "postgresql" or not pipelines():
+    if connections[using].vendor != "postgresql" or not is_psycopg3():
         insert(fields)
         return send()
     values = _new_row(fields)
     connection = _connection(using)
-    outcome: Any = _UNSENT
-    failure: BaseException | None = None
     try:
-        with connection.wrap_database_errors, connection.connection.pipeline():
-            raw_cursor(connection).execute(_INSERT_NEW.replace("{table}", _table(connection)), values)
-            try:
-                outcome = send()
-            except BaseException as error:  # raised once the INSERT's answer is in
-                failure = error
-    except (OperationalError, InterfaceError):
+        with connection.wrap_database_errors:
+            send_statement(connection, _INSERT_NEW.replace("{table}", _table(connection)), values,
+                           name="safetynet_record_new")
+    except (OperationalError, InterfaceError):  # nothing went out
         connection.close()
-        if outcome is _UNSENT and failure is None:  # nothing went out
-            insert(fields)
-            return send()
+        insert(fields)
+        return send()
+    try:
+        outcome = send()
+    except BaseException:
+        _answer(connection, fields, sent=False)
+        raise
+    _answer(connection, fields, sent=True)
+    return outcome
+
+
+def _answer(connection: Any, fields: Mapping[str, Any], *, sent: bool) -> None:
+    """Read the answer to ``insert_then``'s INSERT (the connection is then ready for its next statement). Its message
+    was not sent: the row goes again (a READY row with no message would wait for ever). It was, and the connection
+    broke: the row is written again on a fresh one."""
+    try:
+        with connection.wrap_database_errors:
+            read_answer(connection)
+    except DatabaseError as error:
+        broken = isinstance(error, (OperationalError, InterfaceError))
+        if broken:
+            connection.close()
+        elif not forgot_prepared(connection, error):
+            raise
+        if not sent:
+            return
         try:
             insert(fields)
         except Exception:
-            logger.exception("safetynet: the django.tasks record of %s could not be written; its task was sent "
-                             "(the worker writes the record when the attempt ends)", fields.get("id"))
-    if failure is not None:
-        raise failure
-    return outcome  # type: ignore[no-any-return]
+            logger.exception("safetynet: the django.tasks record of %s could not be written; its task was sent (the "
+                             "worker writes the record when the attempt ends)", fields.get("id"))
+        return
+    if not sent:
+        try:
+            _execute(database(), "DELETE FROM {table} WHERE id = %s AND attempts = 0 AND status = %s",
+                     [fields.get("id"), TaskRecord.Status.READY])
+        except Exception:
+            logger.exception("safetynet: the django.tasks record of %s was written but its task could not be sent; "
+                             "the record could not be taken back", fields.get("id"))
 
 
 def read(result_id: str) -> TaskRecord | None:
@@ -201,15 +236,15 @@ class _Batch:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.successes: list[tuple[str, tuple[Any, ...]]] = []
+        self.successes: list[tuple[str, list[Any]]] = []
         self.pid = os.getpid()
         self.started = False
 
-    def add(self, using: str, values: tuple[Any, ...]) -> None:
+    def add(self, using: str, row: list[Any]) -> None:
         with self.lock:
             if self.pid != os.getpid():  # a forked child: the parent writes its own batch
                 self.pid, self.successes, self.started = os.getpid(), [], False
-            self.successes.append((using, values))
+            self.successes.append((using, row))
             full = len(self.successes) >= FLUSH_ROWS
             if not self.started:
                 self.started = True
@@ -229,13 +264,33 @@ class _Batch:
             successes, self.successes = self.successes, []
         try:
             for using in {using for using, _ in successes}:
-                rows = [values for alias, values in successes if alias == using]
-                _execute(using, _ENDED + ", ".join([_ENDED_ROW] * len(rows)) + _ENDED_CONFLICT,
-                         [value for values in rows for value in values])
+                _write_successes(using, [row for alias, row in successes if alias == using])
         except Exception:
             with self.lock:  # kept for the next turn (a bounded number: the oldest go first)
                 self.successes = (successes + self.successes)[-100_000:]
             raise
+
+
+def _write_successes(using: str, rows: list[list[Any]]) -> None:
+    """One statement for a batch of successes: the rows go as one JSON array (a parameter each would cost psycopg
+    several microseconds apiece). A row the database refuses (bad data) does not hold back the others: the batch is
+    then written row by row and the refused ones are logged and dropped; a broken connection raises (kept)."""
+    latest = {row[0]: row for row in rows}  # (a message run twice here: one row may be written once)
+    try:
+        _write_rows(using, list(latest.values()))
+        return
+    except (OperationalError, InterfaceError):
+        raise
+    except DatabaseError:
+        logger.warning("safetynet: a batch of django.tasks records was refused; writing them one by one",
+                       exc_info=True)
+    for row in latest.values():
+        try:
+            _write_rows(using, [row])
+        except (OperationalError, InterfaceError):
+            raise
+        except DatabaseError:
+            logger.exception("safetynet: the django.tasks record of %s could not be written (dropped)", row[0])
 
 
 _batch = _Batch()
@@ -273,8 +328,6 @@ def attempt_ended(result_id: str, fields: Mapping[str, Any], *, attempt: int, st
 _ENDED = ("INSERT INTO {table} AS r (id, backend, module_path, queue_name, priority, run_after, args, kwargs, "
           "status, enqueued_at, started_at, last_attempted_at, finished_at, attempts, worker_ids, errors, "
           "return_value, replay_of, updated_at) VALUES ")
-_ENDED_ROW = ("(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, %s, %s, %s, jsonb_build_array(%s::text), "
-              "%s::jsonb, %s::jsonb, %s, now())")
 _ENDED_CONFLICT = (
     " ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
     "started_at = coalesce(r.started_at, excluded.started_at), "
@@ -286,20 +339,40 @@ _ENDED_CONFLICT = (
     "updated_at = now() "
     "WHERE r.status NOT IN ('SUCCESSFUL', 'FAILED') OR r.attempts < excluded.attempts")
 
+#: The end of an attempt, for one row or a batch: the rows as one JSON array of ``_ended_row``'s lists.
+_ENDED_ROWS = (_ENDED.replace(" VALUES ", " ") + "SELECT e->>0, e->>1, e->>2, e->>3, (e->>4)::smallint, "
+               "to_timestamp((e->>5)::float8), e->6, e->7, e->>8, to_timestamp((e->>9)::float8), "
+               "to_timestamp((e->>10)::float8), to_timestamp((e->>10)::float8), to_timestamp((e->>11)::float8), "
+               "(e->>12)::integer, jsonb_build_array(e->>13), e->14, e->15, e->>16, now() "
+               "FROM jsonb_array_elements(%s::jsonb) AS e" + _ENDED_CONFLICT)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _ended_row(result_id: str, fields: Mapping[str, Any], attempt: int, started: float, worker_id: str, status: str,
+               error: Mapping[str, str] | None, finished: float | None, return_value: Any) -> list[Any]:
+    """One row of ``_ENDED_ROWS`` (JSON values as they are, times as seconds since the epoch)."""
+    return [result_id, fields["backend"], fields["module_path"], fields["queue_name"], fields["priority"],
+            _epoch(fields.get("run_after")), fields.get("args") or [], fields.get("kwargs") or {}, status,
+            _epoch(fields.get("enqueued_at")), started, finished, attempt, worker_id, [dict(error)] if error else [],
+            return_value, fields.get("replay_of") or ""]
+
+
+def _write_rows(using: str, rows: Sequence[list[Any]]) -> None:
+    _execute(using, _ENDED_ROWS, [json.dumps(rows, default=str)])
+
 
 def _ended_postgres(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
                     worker_id: str, status: str, error: Mapping[str, str] | None, finished: float | None,
                     return_value: Any) -> None:
-    errors = json.dumps([dict(error)] if error else [])
-    values = (result_id, fields["backend"], fields["module_path"], fields["queue_name"], fields["priority"],
-              fields.get("run_after"), json.dumps(fields.get("args") or []), json.dumps(fields.get("kwargs") or {}),
-              status, fields.get("enqueued_at"), moment(started), moment(started), moment(finished), attempt,
-              worker_id, errors, json.dumps(return_value), fields.get("replay_of") or "")
+    row = _ended_row(result_id, fields, attempt, started, worker_id, status, error, finished, return_value)
     if status == TaskRecord.Status.SUCCESSFUL and attempt == 1:
         # The happy path: a first attempt's success is the only write of the run; nothing can come after it.
-        _batch.add(using, values)
+        _batch.add(using, row)
         return
-    _execute(using, _ENDED + _ENDED_ROW + _ENDED_CONFLICT, list(values))
+    _write_rows(using, [row])
 
 
 def _ended_generic(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,

@@ -248,8 +248,100 @@ def test_a_send_that_fails_raises_after_the_records_answer_is_in():
 
     with pytest.raises(RuntimeError, match="the broker is away"):
         _store.insert_then(fields, send)
-    # As before the overlap: the row was written first (a message that did not go stays READY; documented).
-    assert _store.read(fields["id"]).status == "READY"
-    # The connection is usable afterwards (its pipeline ended).
+    # The row went out before the message failed; it is taken back (a READY row with no message would wait for ever).
+    assert _store.read(fields["id"]) is None
+    # The connection is usable afterwards (the INSERT's answer was read).
     again = _new_record_fields()
-    assert _store.insert_then(again, lambda: "sent") == "sent" and _store.read(again["id"]) is not None
+    assert _store.insert_then(again, lambda: "sent") == "sent" and _store.read(again["id"]).status == "READY"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_arguments_with_a_nul_character_are_refused_before_anything_is_written_or_sent():
+    from safetynet.taskrecords import _store
+
+    fields = {**_new_record_fields(), "args": ["a\x00b"]}
+    sent = []
+    with pytest.raises(ValueError, match="NUL character"):
+        _store.insert_then(fields, lambda: sent.append(1))
+    assert sent == [] and _store.read(fields["id"]) is None
+    # A backslash before "u0000" is no NUL: written and sent.
+    fields = {**_new_record_fields(), "kwargs": {"path": "C:\\u0000"}}
+    assert _store.insert_then(fields, lambda: "sent") == "sent"
+    assert _store.read(fields["id"]).kwargs == {"path": "C:\\u0000"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_with_a_row_the_database_refuses_writes_the_others(caplog):
+    from safetynet.taskrecords import _store
+
+    good = [_new_record_fields() for _ in range(3)]
+    bad = {**_new_record_fields(), "args": ["a\x00b"]}  # (a message sent by other means: jsonb refuses it)
+    for fields in [good[0], bad, good[1], good[2]]:
+        _store.attempt_ended(fields["id"], fields, attempt=1, started=1.0, worker_id="w1", status="SUCCESSFUL",
+                             finished=2.0, return_value={"ok": fields["id"]})
+    # The same message run twice in this process: one row, written once (not an error for the whole batch).
+    _store.attempt_ended(good[0]["id"], good[0], attempt=1, started=1.0, worker_id="w1", status="SUCCESSFUL",
+                         finished=3.0, return_value={"ok": "again"})
+    _store.flush()
+    rows = {row.id: row for row in _store.TaskRecord.objects.filter(pk__in=[f["id"] for f in [*good, bad]])}
+    assert set(rows) == {fields["id"] for fields in good}
+    assert all(row.status == "SUCCESSFUL" and row.attempts == 1 and row.worker_ids == ["w1"] for row in rows.values())
+    assert rows[good[1]["id"]].return_value == {"ok": good[1]["id"]} and rows[good[0]["id"]].return_value == {"ok": "again"}
+    assert any("could not be written (dropped)" in record.getMessage() for record in caplog.records)
+    assert _store._batch.successes == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_records_insert_is_prepared_once_and_survives_a_server_that_forgets_it(monkeypatch, caplog):
+    from safetynet import driver
+    from safetynet.taskrecords import _store
+
+    monkeypatch.setattr(driver, "_unprepared", set())
+    connection = _store._connection(_store.database())
+
+    def server_has_it():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = 'safetynet_record_new'")
+            return cursor.fetchone()[0] == 1
+
+    sent = []
+    for _ in range(3):
+        fields = _new_record_fields()
+        assert _store.insert_then(fields, lambda: sent.append(1) or "sent") == "sent"
+        assert _store.read(fields["id"]).status == "READY"
+    assert server_has_it() and len(sent) == 3
+
+    # A pooler in transaction mode hands the next statement to a server connection that never saw it (here: the
+    # server forgets it): the row is written anyway, the message sent once, and the statement prepared again.
+    for forgotten in range(2):
+        with connection.cursor() as cursor:
+            cursor.execute("DEALLOCATE safetynet_record_new")
+        fields = _new_record_fields()
+        assert _store.insert_then(fields, lambda: sent.append(1) or "sent") == "sent"
+        assert _store.read(fields["id"]).status == "READY" and len(sent) == 4 + forgotten
+        if forgotten == 0:
+            fields = _new_record_fields()
+            assert _store.insert_then(fields, lambda: "sent") == "sent" and server_has_it()
+    # Forgotten twice: this database is no longer sent prepared statements, and the log says why.
+    assert driver._unprepared == {connection.alias} and not driver.prepares(connection)
+    assert any("forgets prepared statements" in record.getMessage() for record in caplog.records)
+    fields = _new_record_fields()
+    assert _store.insert_then(fields, lambda: "sent") == "sent" and _store.read(fields["id"]) is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_prepared_statement_where_django_is_told_of_a_transaction_pooler(monkeypatch):
+    from safetynet import driver
+    from safetynet.taskrecords import _store
+
+    connection = _store._connection(_store.database())
+    monkeypatch.setitem(connection.settings_dict, "DISABLE_SERVER_SIDE_CURSORS", True)
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    connection.__dict__.pop("_safetynet_prepared", None)
+    assert not driver.prepares(connection)
+    fields = _new_record_fields()
+    assert _store.insert_then(fields, lambda: "sent") == "sent" and _store.read(fields["id"]).status == "READY"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'safetynet%%'")
+        assert cursor.fetchone()[0] == 0
