@@ -156,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="500 tasks a slice, 3 rounds")
     parser.add_argument("--tasks", type=int, default=None, help="no-ops per slice (default 5000, --quick 500)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, --quick 3)")
     parser.add_argument("--pool", choices=("solo", "prefork"), default="solo")
     parser.add_argument("--concurrency", type=int, default=1)
     options = parser.parse_args(argv)
     n = options.tasks or (500 if options.quick else 5000)
-    rounds = options.rounds or 3
+    rounds = options.rounds or (3 if options.quick else 5)
     if n < 1 or rounds < 1:
         parser.error("--tasks and --rounds must be at least 1")
 
