@@ -114,8 +114,17 @@ _INSERT_ROW = "(%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s, %s, %s, 0, '[]
 
 
 def _new_row(fields: Mapping[str, Any]) -> list[Any]:
+    """The values of ``_INSERT_ROW``; arguments PostgreSQL's ``jsonb`` would refuse raise ``ValueError`` here, before
+    anything is written or sent (refused by the INSERT, they would fail ``enqueue()`` after the message went)."""
     get = fields.get
-    args, kwargs = json.dumps(get("args") or []), json.dumps(get("kwargs") or {})
+    try:
+        args = json.dumps(get("args") or [], ensure_ascii=False, allow_nan=False)
+        kwargs = json.dumps(get("kwargs") or {}, ensure_ascii=False, allow_nan=False)
+        args.encode(), kwargs.encode()  # (a lone surrogate: no UTF-8 for it)
+    except ValueError as error:  # NaN or an infinity; UnicodeEncodeError is one too
+        what = "a lone surrogate" if isinstance(error, UnicodeEncodeError) else "NaN or an infinite float"
+        raise ValueError(f"task {get('module_path')}: its arguments hold {what}, which PostgreSQL cannot store in a "
+                         f"JSON column") from None
     if ("\\u0000" in args or "\\u0000" in kwargs) and _holds_nul([get("args"), get("kwargs")]):
         raise ValueError(f"task {get('module_path')}: its arguments hold a NUL character (\\x00), which PostgreSQL "
                          f"cannot store in a JSON column")

@@ -256,7 +256,7 @@ def test_a_send_that_fails_raises_after_the_records_answer_is_in():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_arguments_with_a_nul_character_are_refused_before_anything_is_written_or_sent():
+def test_arguments_postgresql_cannot_store_are_refused_before_anything_is_written_or_sent():
     from safetynet.taskrecords import _store
 
     fields = {**_new_record_fields(), "args": ["a\x00b"]}
@@ -264,6 +264,14 @@ def test_arguments_with_a_nul_character_are_refused_before_anything_is_written_o
     with pytest.raises(ValueError, match="NUL character"):
         _store.insert_then(fields, lambda: sent.append(1))
     assert sent == [] and _store.read(fields["id"]) is None
+    for bad, what in ((["\ud800"], "a lone surrogate"), ([float("nan")], "NaN"), ({"x": float("inf")}, "infinite")):
+        fields = {**_new_record_fields(), "args" if isinstance(bad, list) else "kwargs": bad}
+        with pytest.raises(ValueError, match=what):
+            _store.insert_then(fields, lambda: sent.append(1))
+        assert sent == [] and _store.read(fields["id"]) is None
+    # Characters outside ASCII are stored as they are.
+    fields = {**_new_record_fields(), "args": ["café ☕ 𝄞"]}
+    assert _store.insert_then(fields, lambda: "sent") == "sent" and _store.read(fields["id"]).args == ["café ☕ 𝄞"]
     # A backslash before "u0000" is no NUL: written and sent.
     fields = {**_new_record_fields(), "kwargs": {"path": "C:\\u0000"}}
     assert _store.insert_then(fields, lambda: "sent") == "sent"
