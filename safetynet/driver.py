@@ -144,6 +144,9 @@ def _check(raw: Any, result: Any) -> None:
     if result is None:
         raise psycopg.OperationalError("the server sent no answer")
     if result.status == pq.ExecStatus.FATAL_ERROR:
+        if raw.pgconn.status == pq.ConnStatus.BAD:  # (libpq's own error, no SQLSTATE: the connection is gone)
+            message = (result.error_message or b"the connection broke").decode(errors="replace").strip()
+            raise psycopg.OperationalError(message)
         raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
 
 

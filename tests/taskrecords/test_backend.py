@@ -353,3 +353,29 @@ def test_no_prepared_statement_where_django_is_told_of_a_transaction_pooler(monk
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'safetynet%%'")
         assert cursor.fetchone()[0] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_records_connection_the_server_ended_is_replaced_prepared_or_not(monkeypatch):
+    from django.db import connections
+
+    from safetynet import driver
+    from safetynet.taskrecords import _store
+
+    monkeypatch.setattr(driver, "_unprepared", set())
+    sent = []
+    for fresh in (False, True):  # the statement prepared on the dead connection already, or not yet
+        connection = _store._connection(_store.database())
+        if fresh:
+            connection.__dict__.pop("_safetynet_prepared", None)
+        else:
+            assert _store.insert_then(_new_record_fields(), lambda: "sent") == "sent"
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        with connections["default"].cursor() as cursor:  # the server ends it (a restart, an idle timeout)
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        fields = _new_record_fields()
+        assert _store.insert_then(fields, lambda fields=fields: sent.append(fields["id"]) or "sent") == "sent"
+        assert sent.count(fields["id"]) == 1 and _store.read(fields["id"]).status == "READY"
+    assert driver._unprepared == set()  # a dead connection is no reason to stop preparing
