@@ -379,3 +379,23 @@ def test_a_records_connection_the_server_ended_is_replaced_prepared_or_not(monke
         assert _store.insert_then(fields, lambda fields=fields: sent.append(fields["id"]) or "sent") == "sent"
         assert sent.count(fields["id"]) == 1 and _store.read(fields["id"]).status == "READY"
     assert driver._unprepared == set()  # a dead connection is no reason to stop preparing
+
+
+@pytest.mark.django_db
+def test_the_hot_tables_keep_their_keys_unique_but_lose_the_like_indexes():
+    """Migration 0010: on PostgreSQL the ``varchar_pattern_ops`` twin of each hot table's key is gone (nothing uses
+    ``LIKE`` on them); the unique index that makes ``ON CONFLICT`` work stays, and other tables keep theirs."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the _like indexes exist on PostgreSQL only")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT tablename, indexdef FROM pg_indexes WHERE tablename LIKE 'safetynet%%'")
+        indexes = cursor.fetchall()
+    hot = {"safetynet_taskrecord": "id", "safetynet_idempotencyclaim": "key", "safetynet_scheduledmessage": "key",
+           "safetynet_sharedkey": "key"}
+    for table, column in hot.items():
+        found = [definition for name, definition in indexes if name == table]
+        assert not [d for d in found if "varchar_pattern_ops" in d], table
+        assert [d for d in found if "UNIQUE" in d and f"({column})" in d], table
+    assert [d for name, d in indexes if name == "safetynet_deadletter" and "varchar_pattern_ops" in d]
