@@ -5,7 +5,9 @@ plain Celery task sent with ``apply_async``, and (when it is installed) through 
 
 Needs Django's tasks API: Django 6 (or the django-tasks backport on 5.2).
 
-One worker subprocess (solo pool by default) consumes the benchmark's queue and runs every system's tasks. A
+One worker subprocess (solo pool by default) consumes the benchmark's queue and runs every system's tasks (so
+the plain Celery no-op runs in a worker that has safetynet's message guard, ~5 µs a message, about 1 % of a
+no-op: ``bench/overhead.py`` compares a plain Celery worker with a safetynet one). A
 round runs, for each system in turn (the order rotates from round to round, so none always goes first), a slice
 of N no-ops (5,000; 500 with ``--quick``):
 
