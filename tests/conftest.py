@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def django_db_setup(django_db_setup):
+def django_db_setup(django_db_setup, django_db_blocker):
     """pytest-django's, and the django.tasks records' own connections closed before the test database is dropped."""
     yield
     try:
@@ -21,3 +21,21 @@ def django_db_setup(django_db_setup):
         return
     _store.flush()
     _store.close_connections()
+    with django_db_blocker.unblock():
+        _end_other_sessions()
+
+
+def _end_other_sessions():
+    """The background jobs of this test process (stats, records, heartbeats) hold connections of their own threads,
+    which this thread cannot close: their runner stops, and the server ends the sessions left on the test database,
+    so that pytest-django can drop it ("being accessed by other users" otherwise)."""
+    from django.db import connection
+
+    from safetynet.background import runner
+
+    runner.stop()
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
