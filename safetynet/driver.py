@@ -70,16 +70,9 @@ def send_statement(connection: Any, sql: str, params: Sequence[Any], *, name: st
 
     psycopg's own pipeline mode does the same with several times the Python work; psycopg is not told (its
     connection stays idle from its point of view, and the answer is read before anything else uses it)."""
-    raw = connection.connection
-    pgconn = raw.pgconn
+    pgconn = connection.connection.pgconn
     values = [_text(value) for value in params]
-    if name and prepares(connection):
-        prepared = connection.__dict__.get("_safetynet_prepared")
-        if prepared is None or prepared[0] is not raw:  # (a new driver connection: nothing prepared on it yet)
-            prepared = connection.__dict__["_safetynet_prepared"] = (raw, set())
-        if name not in prepared[1] and _prepare(connection, name, sql):
-            prepared[1].add(name)
-    if name and name in connection.__dict__.get("_safetynet_prepared", (None, ()))[1]:
+    if name and prepares(connection) and _prepared(connection, name, sql):
         pgconn.send_query_prepared(name.encode(), values)
     else:
         pgconn.send_query_params(_numbered(sql), values)
@@ -114,6 +107,20 @@ def forgot_prepared(connection: Any, error: BaseException) -> bool:
                        connection.alias)
     else:
         connection.__dict__["_safetynet_forgot"] = True
+    return True
+
+
+def _prepared(connection: Any, name: str, sql: str) -> bool:
+    """Whether ``name`` is prepared on the driver connection under ``connection`` (prepared now if it was not: the
+    names are kept per driver connection, like ``raw_cursor``'s cursor)."""
+    raw = connection.connection
+    kept = connection.__dict__.get("_safetynet_prepared")
+    if kept is None or kept[0] is not raw:  # (a new driver connection: nothing prepared on it yet)
+        kept = connection.__dict__["_safetynet_prepared"] = (raw, set())
+    if name not in kept[1]:
+        if not _prepare(connection, name, sql):
+            return False
+        kept[1].add(name)
     return True
 
 
@@ -156,9 +163,9 @@ def _wait(fd: int, events: int) -> None:
     poller.poll()
 
 
-def read_answer(connection: Any) -> int:
-    """The answer to the statement ``send_statement`` sent: the number of rows it changed; its error raised as
-    psycopg's exception for its SQLSTATE (Django's ``wrap_database_errors`` turns it into Django's)."""
+def read_answer(connection: Any) -> None:
+    """Read the answer to the statement ``send_statement`` sent; its error raised as psycopg's exception for its
+    SQLSTATE (Django's ``wrap_database_errors`` turns it into Django's)."""
     pgconn = connection.connection.pgconn
     while True:
         pgconn.consume_input()
@@ -169,6 +176,3 @@ def read_answer(connection: Any) -> int:
     while extra is not None:  # (one statement: one result, then None)
         extra = pgconn.get_result()
     _check(connection.connection, result)
-    status = result.command_status or b""
-    count = status.rsplit(b" ", 1)[-1]
-    return int(count) if count.isdigit() else 0

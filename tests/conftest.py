@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def django_db_setup(django_db_setup, django_db_blocker):
-    """pytest-django's, and the django.tasks records' own connections closed before the test database is dropped."""
+    """pytest-django's; before the test database is dropped, the django.tasks records' own connections are closed
+    and the sessions other threads left on it ended."""
     yield
     try:
         from safetynet.taskrecords import _store
