@@ -12,7 +12,8 @@ import select
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["forgot_prepared", "is_psycopg3", "pipelines", "prepares", "raw_cursor", "read_answer", "send_statement"]
+__all__ = ["forgot_prepared", "is_psycopg3", "pipelines", "prepares", "raw_cursor", "read_answer", "run_together",
+           "send_statement"]
 
 logger = logging.getLogger("safetynet")
 
@@ -176,3 +177,53 @@ def read_answer(connection: Any) -> None:
     while extra is not None:  # (one statement: one result, then None)
         extra = pgconn.get_result()
     _check(connection.connection, result)
+
+
+def run_together(connection: Any, statements: Sequence[tuple[str, Sequence[Any]]]) -> Any:
+    """Run ``statements`` (SQL with ``%s`` placeholders, parameters as ``send_statement`` takes them) in one round
+    trip, on the psycopg 3 connection under Django's ``connection``, through libpq's pipeline mode (``pipelines()``
+    must be true); the first row of the first statement's answer (None if it returned none).
+
+    Each statement is followed by a sync, so each ends as it would alone: in autocommit it commits in its own
+    implicit transaction; ``BEGIN`` opens a transaction the next ones join (and psycopg, which reads the status from
+    libpq, sends no ``BEGIN`` of its own then); a statement that fails aborts only itself, or the open transaction
+    (a ``COMMIT`` behind it then rolls it back). Every answer is read; the first error is raised after that, as
+    psycopg's exception for its SQLSTATE."""
+    from psycopg import pq
+
+    raw = connection.connection
+    pgconn = raw.pgconn
+    pgconn.enter_pipeline_mode()
+    try:
+        for sql, params in statements:
+            pgconn.send_query_params(_numbered(sql), [_text(value) for value in params])
+            pgconn.pipeline_sync()
+        while pgconn.flush():
+            _wait(pgconn.socket, select.POLLOUT)
+        results, syncs = [], 0
+        while syncs < len(statements):
+            pgconn.consume_input()
+            if pgconn.is_busy():
+                _wait(pgconn.socket, select.POLLIN)
+                continue
+            result = pgconn.get_result()
+            if result is None:  # (the end of one statement's answers)
+                if pgconn.status == pq.ConnStatus.BAD:
+                    _check(raw, None)
+                continue
+            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+                syncs += 1
+            else:
+                results.append(result)
+    finally:
+        if pgconn.status == pq.ConnStatus.OK and pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            try:
+                pgconn.exit_pipeline_mode()
+            except Exception:  # (answers left unread: an error is on its way already)
+                pass
+    for result in results:
+        _check(raw, result)
+    first = results[0] if results else None
+    if first is None or first.status != pq.ExecStatus.TUPLES_OK or first.ntuples == 0:
+        return None
+    return tuple(first.get_value(0, column) for column in range(first.nfields))

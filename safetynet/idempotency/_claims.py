@@ -7,6 +7,7 @@ returned); in progress elsewhere; or a crash loop (``max_deliveries`` runs holdi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,13 +22,13 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, router, transaction
 
 from safetynet.exceptions import ClaimLost, SafetynetError
-from safetynet.driver import is_psycopg3, pipelines, raw_cursor
+from safetynet.driver import is_psycopg3, pipelines, raw_cursor, run_together
 from safetynet.models import IdempotencyClaim
 from safetynet.redaction import redact_text
 
-__all__ = ["CRASH_LOOP", "HANDOVER_PREFIX", "IN_PROGRESS", "SUCCEEDED", "WON", "Claim", "claim", "database_for_claims",
-           "expire_task", "hand_over", "mark_succeeded", "new_handover_token", "purge", "release", "release_task",
-           "run_atomically"]
+__all__ = ["CRASH_LOOP", "HANDOVER_PREFIX", "IN_PROGRESS", "SUCCEEDED", "WON", "Claim", "claim", "claim_and_begin",
+           "database_for_claims", "expire_task", "hand_over", "mark_succeeded", "new_handover_token", "purge", "release",
+           "release_task", "run_atomically"]
 
 logger = logging.getLogger("safetynet")
 
@@ -156,24 +157,79 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
     ``handover`` is the token an earlier attempt of the same task handed the claim over with
     when it scheduled this retry: the retry takes the claim at once, uncounted.
     """
-    handed = handover or "-"  # never an owner
     using = database_for_claims()
     sql = _sql(using).claim
     owner = _owner(task_id)
     for _ in range(5):
-        now = time.time()
-        _, row = _execute(using, sql, [key, task_name, task_id, owner, now + lease, now, now, handed, now, handed],
-                          fetch=True)
+        _, row = _execute(using, sql, _claim_params(key, task_name, task_id, owner, lease, handover), fetch=True)
         if row is not None:
-            deliveries = int(row[0])
-            outcome = CRASH_LOOP if deliveries - 1 >= max_deliveries else WON
-            return Claim(key, outcome, owner=owner, using=using, lease=lease, deliveries=deliveries)
+            return _won(key, row, owner, using, lease, max_deliveries)
         existing = _read(key, using)
         if existing is None or existing.outcome == "failed":
             continue  # settled or purged between the two statements: claim again
         existing.lease = lease
         return existing
     raise SafetynetError(f"could not claim idempotency key {key!r}: it changed state five times in a row")
+
+
+def _claim_params(key: str, task_name: str, task_id: str, owner: str, lease: float, handover: str) -> list[Any]:
+    handed = handover or "-"  # never an owner
+    now = time.time()
+    return [key, task_name, task_id, owner, now + lease, now, now, handed, now, handed]
+
+
+def _won(key: str, row: Any, owner: str, using: str, lease: float, max_deliveries: int) -> Claim:
+    deliveries = int(row[0])
+    outcome = CRASH_LOOP if deliveries - 1 >= max_deliveries else WON
+    return Claim(key, outcome, owner=owner, using=using, lease=lease, deliveries=deliveries)
+
+
+def claim_and_begin(key: str, *, task_name: str, task_id: str, lease: float, max_deliveries: int,
+                    handover: str = "") -> tuple[Claim, Any]:
+    """Claim ``key`` (as ``claim``) and, when it is won, open the body's transaction: ``(claim, block)``, ``block``
+    an outermost ``atomic`` block entered here, which the caller hands to ``run_atomically(claim, body,
+    begun=block)`` (which ends it); ``(claim, None)`` otherwise.
+
+    On PostgreSQL (psycopg 3 with pipeline mode, not behind a pooler, no transaction open) the claim and the
+    transaction's ``BEGIN`` go in one round trip: the claim still commits alone before the body starts (a crash
+    of the body must leave it counted, and a duplicate must see the key taken, not wait on a row lock), and
+    psycopg does not send a ``BEGIN`` of its own before the body's first statement. A key not won rolls that empty
+    transaction back and is read the usual way. Elsewhere it is ``claim``, and ``run_atomically`` opens the block.
+    """
+    using = database_for_claims()
+    connection = connections[using]
+    if not _begins_with_claim(connection):
+        return claim(key, task_name=task_name, task_id=task_id, lease=lease, max_deliveries=max_deliveries,
+                     handover=handover), None
+    owner = _owner(task_id)
+    block = transaction.atomic(using=using)
+    block.__enter__()
+    try:
+        with connection.wrap_database_errors:
+            row = run_together(connection, [
+                (_sql(using).claim, _claim_params(key, task_name, task_id, owner, lease, handover)), ("BEGIN", ())])
+    except BaseException as error:
+        block.__exit__(type(error), error, error.__traceback__)
+        raise
+    held = None if row is None else _won(key, row, owner, using, lease, max_deliveries)
+    if held is not None and held.outcome == WON:
+        return held, block
+    transaction.set_rollback(True, using=using)  # the empty transaction (the claim committed on its own)
+    block.__exit__(None, None, None)
+    if held is None:  # not won: in progress elsewhere, succeeded, or settled between the statements
+        held = claim(key, task_name=task_name, task_id=task_id, lease=lease, max_deliveries=max_deliveries,
+                     handover=handover)
+    return held, None
+
+
+def _begins_with_claim(connection: Any) -> bool:
+    """Whether the claim and the body's ``BEGIN`` can go in one round trip on ``connection``."""
+    if connection.vendor != "postgresql" or not pipelines() or connection.in_atomic_block:
+        return False
+    if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):  # a pooler in transaction mode: one at a time
+        return False
+    connection.ensure_connection()
+    return bool(connection.get_autocommit())
 
 
 def _read(key: str, using: str) -> Claim | None:
@@ -221,37 +277,38 @@ def _mark_and_commit(held: Claim, result: Any, connection: Any) -> bool:
     """Mark the claim and COMMIT the open transaction in one round trip (PostgreSQL, psycopg 3); False, and the
     transaction aborted (nothing committed), if this run no longer owns the claim.
 
-    The two statements go out together in pipeline mode. The mark fails (division by zero) when it marks no row:
-    the transaction is then aborted, the COMMIT behind it is not run, and the caller's ``atomic`` rolls back.
+    The two statements go out together in libpq's pipeline mode. The mark fails (division by zero) when it marks no
+    row: the transaction is then aborted and the COMMIT behind it rolls it back; the caller's ``atomic`` ends it.
     Django's own COMMIT, when its ``atomic`` block ends, finds the transaction committed and sends nothing; its
     ``on_commit`` callbacks run as after any commit.
     """
     import psycopg
 
-    raw = connection.connection
     params = [time.time(), *_result_params(held, result), held.key, held.owner]
     with connection.wrap_database_errors:
         try:
-            with raw.pipeline():
-                raw_cursor(connection).execute(_sql(held.using).mark_strict, params)
-                raw.commit()
+            run_together(connection, [(_sql(held.using).mark_strict, params), ("COMMIT", ())])
         except psycopg.errors.DivisionByZero:
             return False
     return True
 
 
-def run_atomically(held: Claim, call: Callable[[], Any]) -> Any:
+def run_atomically(held: Claim, call: Callable[[], Any], *, begun: Any = None) -> Any:
     """Run the body and mark the claim succeeded in one transaction: both commit, or neither does.
 
-    ClaimLost (after the rollback) when another run took the claim over meanwhile. When the body
-    sent no statement on the claims' connection and left no ``on_commit`` callback, its
-    transaction is empty and commits nothing; the mark then runs alone, as one statement in
-    autocommit (no BEGIN and COMMIT round trips). That is the same outcome: the body wrote
-    nothing to commit with it.
+    ``begun``: the outermost ``atomic`` block ``claim_and_begin`` entered (ended here). ClaimLost (after the
+    rollback) when another run took the claim over meanwhile. When the body sent no statement on the claims'
+    connection and left no ``on_commit`` callback, its transaction is empty and commits nothing; the mark then runs
+    alone, as one statement in autocommit (no BEGIN and COMMIT round trips). That is the same outcome: the body
+    wrote nothing to commit with it.
     """
     connection = connections[held.using]
-    outermost = not connection.in_atomic_block
-    with transaction.atomic(using=held.using):
+    outermost = begun is not None or not connection.in_atomic_block
+    with contextlib.ExitStack() as block:
+        if begun is not None:
+            block.push(begun)
+        else:
+            block.enter_context(transaction.atomic(using=held.using))
         result = call()
         if connection.needs_rollback:
             # The body returned but asked for its transaction to be rolled back (set_rollback, or a

@@ -64,9 +64,12 @@ def _hold(held: Claim) -> None:
     with _lock:
         shorter = held.lease / 3 < max(0.05, min((other.lease for other in _held.values()), default=3.0) / 3)
         _held[held.owner] = held
-    runner.add(_JOB)
-    if shorter:
-        runner.wake(_LANE, now=True, job="heartbeat")  # it may sleep longer than this claim's lease allows
+    try:  # (never raises: the body's transaction may be open already, and must reach the body's run to end)
+        runner.add(_JOB)
+        if shorter:
+            runner.wake(_LANE, now=True, job="heartbeat")  # it may sleep longer than this claim's lease allows
+    except Exception:
+        logger.exception("safetynet: could not start the heartbeat; the lease of %r is not renewed", held.key)
 
 
 def _drop(held: Claim) -> None:

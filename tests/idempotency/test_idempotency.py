@@ -324,6 +324,81 @@ def test_the_mark_and_the_commit_in_one_round_trip_keep_hooks_errors_and_the_ses
     assert pipelined == ["k-pipe-1", "k-pipe-2", "k-pipe-3"]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_and_the_bodys_begin_go_together_and_every_way_out_leaves_the_session_clean():
+    import psycopg
+    from django.db import DataError, transaction
+    from psycopg.pq import TransactionStatus
+
+    from safetynet.idempotency import _claims
+
+    def claim_and_begin(key, max_deliveries=3):
+        return _claims.claim_and_begin(key, task_name="t", task_id=uuid.uuid4().hex, lease=30.0,
+                                       max_deliveries=max_deliveries)
+
+    def clean():
+        return (connection.get_autocommit() and not connection.in_atomic_block
+                and connection.connection.info.transaction_status == TransactionStatus.IDLE)
+
+    settings = connection.settings_dict
+    other = psycopg.connect(host=settings["HOST"] or None, port=settings["PORT"] or None, user=settings["USER"],
+                            dbname=settings["NAME"], autocommit=True)
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_ledger3 (order_id integer)")
+        cursor.execute("DELETE FROM idem_unit_ledger3")
+
+    def write(order_id):
+        with connection.cursor() as cursor:
+            cursor.execute("INSERT INTO idem_unit_ledger3 VALUES (%s)", [order_id])
+        return order_id
+
+    def committed(key):
+        row = other.execute("SELECT state, deliveries FROM safetynet_idempotencyclaim WHERE key = %s", [key]).fetchone()
+        return row and (row[0], row[1])
+
+    try:
+        # Won: the claim is committed (another session sees it) and the body's transaction is open already.
+        held, begun = claim_and_begin("k-begin-1")
+        assert held.outcome == WON and begun is not None
+        assert committed("k-begin-1") == (IN_PROGRESS, 1)
+        assert connection.in_atomic_block and connection.connection.info.transaction_status == TransactionStatus.INTRANS
+        assert idempotency.run_atomically(held, lambda: write(1), begun=begun) == 1
+        assert clean() and committed("k-begin-1") == (SUCCEEDED, 1)
+
+        # The body fails: its write rolls back with the transaction, the claim stays held (the caller releases it).
+        held, begun = claim_and_begin("k-begin-2")
+        with pytest.raises(ZeroDivisionError):
+            idempotency.run_atomically(held, lambda: write(2) / 0, begun=begun)
+        assert clean() and committed("k-begin-2") == (IN_PROGRESS, 1)
+
+        # Not won: in progress elsewhere, or a crash loop; the empty transaction is gone, the deliveries counted.
+        taken, begun = claim_and_begin("k-begin-2")
+        assert (taken.outcome, begun) == (IN_PROGRESS, None) and clean()
+        IdempotencyClaim.objects.filter(key="k-begin-2").update(lease_until=0.0)
+        looping, begun = claim_and_begin("k-begin-2", max_deliveries=1)
+        assert (looping.outcome, begun) == (CRASH_LOOP, None) and clean()
+        assert committed("k-begin-2") == (IN_PROGRESS, 2)
+        done, begun = claim_and_begin("k-begin-1")
+        assert (done.outcome, done.result, begun) == (SUCCEEDED, 1, None) and clean()
+
+        # A claim the database refuses (a key longer than the column): Django's error, nothing left open.
+        with pytest.raises(DataError):
+            claim_and_begin("k" * 300)
+        assert clean()
+
+        # Inside the caller's own transaction: the usual claim, and run_atomically nests in that transaction.
+        with transaction.atomic():
+            held, begun = claim_and_begin("k-begin-3")
+            assert held.outcome == WON and begun is None
+            assert idempotency.run_atomically(held, lambda: write(3)) == 3
+        assert clean() and committed("k-begin-3") == (SUCCEEDED, 1)
+        assert [row[0] for row in other.execute("SELECT order_id FROM idem_unit_ledger3 ORDER BY 1")] == [1, 3]
+    finally:
+        other.close()
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE idem_unit_ledger3")
+
+
 # -- eager runs (the body, the stored result) ----------------------------------------------
 
 

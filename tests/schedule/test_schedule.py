@@ -6,6 +6,7 @@ side (relay threads, kills, Redis stopped) is in tests/integration/test_schedule
 
 import base64
 import json
+import os
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -27,7 +28,7 @@ from tests.celery_app import app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-BROKER = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+BROKER = redis.Redis.from_url(os.environ.get("SAFETYNET_TEST_BROKER", "redis://127.0.0.1:6379/15"))
 
 
 @safetynet.task(name="tests.test_scheduler.add", retry_policy=RetryPolicy(max_attempts=3, backoff=3600))
