@@ -11,101 +11,32 @@ tenth of a second): a task that ends sooner goes from ``READY`` to its outcome i
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import os
-import threading
 import time
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connections, router, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connections, transaction
 
 from safetynet.background import Job, runner
 from safetynet.driver import forgot_prepared, is_psycopg3, read_answer, send_statement
 from safetynet.models import TaskRecord
+from safetynet.taskrecords._connection import close_connections, database, execute, moment, records_connection, table
+from safetynet.taskrecords._ended import FLUSH_SECONDS, batch, ended_row, flush, write_rows
 
-__all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "database", "dead", "flush", "insert",
-           "insert_then", "moment", "purge", "read", "replayed"]
+__all__ = ["FLUSH_SECONDS", "RUNNING_AFTER", "attempt_ended", "attempt_started", "close_connections", "database", "dead",
+           "flush", "insert", "insert_then", "moment", "purge", "read", "replayed"]
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger("safetynet")
 
 #: Seconds a run goes on before its row says ``RUNNING``.
 RUNNING_AFTER = 0.2
 _WATCH_SECONDS = 0.1
-
-
-def database() -> str:
-    """The database alias the rows are written to (Django's routers decide)."""
-    return router.db_for_write(TaskRecord) or "default"
-
-
-def moment(value: float | None) -> datetime | None:
-    """Seconds since the epoch as an aware datetime (None stays None)."""
-    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
-
-
-class _Writer(threading.local):
-    """A connection of this thread's own for the rows (PostgreSQL), made again after a fork."""
-
-    connection: Any = None
-    pid: int = 0
-
-
-_writer = _Writer()
-#: Every thread's connection of this process (to close them all: ``close_connections``).
-_writers: weakref.WeakSet[Any] = weakref.WeakSet()
-_T = TypeVar("_T")
-
-
-def close_connections() -> None:
-    """Close the rows' own connections of every thread of this process (tests, before their database goes)."""
-    for connection in list(_writers):
-        raw = connection.connection  # (Django's close() refuses a connection made in another thread)
-        if raw is not None:
-            try:
-                raw.close()
-            except Exception:  # already broken: closed enough
-                logger.debug("safetynet: closing a records connection failed", exc_info=True)
-
-
-def _connection(using: str) -> Any:
-    """Where a row is written outside the caller's transaction: a connection of our own on PostgreSQL (with
-    ``synchronous_commit`` off), Django's own elsewhere (SQLite has one writer at a time anyway)."""
-    if connections[using].vendor != "postgresql":
-        return connections[using]
-    writer = _writer
-    if writer.connection is None or writer.pid != os.getpid() or writer.connection.alias != using:
-        writer.connection = connections.create_connection(using)
-        writer.pid = os.getpid()
-        _writers.add(writer.connection)
-    connection = writer.connection
-    if connection.connection is None:
-        connection.ensure_connection()
-        with connection.cursor() as cursor:
-            cursor.execute("SET synchronous_commit = off")
-    return connection
-
-
-def _execute(using: str, sql: str, params: Sequence[Any]) -> None:
-    """Run one statement on the rows' connection; once more on a fresh one if the old one was broken."""
-    for last in (False, True):
-        connection = _connection(using)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(sql.replace("{table}", _table(connection)), params)
-            return
-        except (OperationalError, InterfaceError):
-            connection.close()
-            if last:
-                raise
-
-
-def _table(connection: Any) -> str:
-    return connection.ops.quote_name(TaskRecord._meta.db_table)
 
 
 _INSERT = ("INSERT INTO {table} (id, backend, module_path, queue_name, priority, run_after, args, kwargs, status, "
@@ -156,7 +87,7 @@ def insert(fields: Mapping[str, Any], *, in_transaction: bool = False) -> None:
     if in_transaction or connections[using].vendor != "postgresql":
         TaskRecord(**fields).save(using=using, force_insert=True)
         return
-    _execute(using, _INSERT_NEW, _new_row(fields))
+    execute(using, _INSERT_NEW, _new_row(fields))
 
 
 def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
@@ -173,10 +104,10 @@ def insert_then(fields: Mapping[str, Any], send: Callable[[], _T]) -> _T:
         insert(fields)
         return send()
     values = _new_row(fields)
-    connection = _connection(using)
+    connection = records_connection(using)
     try:
         with connection.wrap_database_errors:
-            send_statement(connection, _INSERT_NEW.replace("{table}", _table(connection)), values,
+            send_statement(connection, _INSERT_NEW.replace("{table}", table(connection)), values,
                            name="safetynet_record_new")
     except (OperationalError, InterfaceError):  # nothing went out
         connection.close()
@@ -214,7 +145,7 @@ def _answer(connection: Any, fields: Mapping[str, Any], *, sent: bool) -> None:
         return
     if not sent:
         try:
-            _execute(database(), "DELETE FROM {table} WHERE id = %s AND attempts = 0 AND status = %s",
+            execute(database(), "DELETE FROM {table} WHERE id = %s AND attempts = 0 AND status = %s",
                      [fields.get("id"), TaskRecord.Status.READY])
         except Exception:
             logger.exception("safetynet: the django.tasks record of %s was written but its task could not be sent; "
@@ -223,97 +154,8 @@ def _answer(connection: Any, fields: Mapping[str, Any], *, sent: bool) -> None:
 
 def read(result_id: str) -> TaskRecord | None:
     """The row of ``result_id``, or None (what this process has batched is written first)."""
-    _batch.flush()
+    batch.flush()
     return TaskRecord.objects.using(database()).filter(pk=str(result_id)[:64]).first()
-
-
-# -- the batch: rows written together, a few milliseconds later -------------------------------------
-
-#: At most this long between a row joining the batch and its write (a read in the same process writes at once).
-FLUSH_SECONDS = 0.05
-#: A batch this large is written at once, by the caller that filled it.
-FLUSH_ROWS = 500
-
-
-class _Batch:
-    """First-attempt successes (the worker), written in one statement per turn.
-
-    A success is the task's last word, so its write may come a few milliseconds late; a new row (enqueue), a failed
-    attempt, a retry and a death are written at once. A process that exits (or a worker that stops) writes its batch
-    first; a process killed outright loses at most ``FLUSH_SECONDS`` of it: those rows stay READY/RUNNING
-    (documented)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.successes: list[tuple[str, list[Any]]] = []
-        self.pid = os.getpid()
-        self.started = False
-
-    def add(self, using: str, row: list[Any]) -> None:
-        with self.lock:
-            if self.pid != os.getpid():  # a forked child: the parent writes its own batch
-                self.pid, self.successes, self.started = os.getpid(), [], False
-            self.successes.append((using, row))
-            full = len(self.successes) >= FLUSH_ROWS
-            if not self.started:
-                self.started = True
-                runner.add(Job("django.tasks records", self.turn, FLUSH_SECONDS, lane="taskrecords",
-                               at_start=False))
-        if full:
-            self.flush()
-
-    def turn(self) -> None:
-        self.flush()
-
-    def flush(self) -> None:
-        """Write what is batched (a failed write keeps the rows for the next turn, and raises)."""
-        if not self.successes:
-            return
-        with self.lock:
-            successes, self.successes = self.successes, []
-        try:
-            for using in {using for using, _ in successes}:
-                _write_successes(using, [row for alias, row in successes if alias == using])
-        except Exception:
-            with self.lock:  # kept for the next turn (a bounded number: the oldest go first)
-                self.successes = (successes + self.successes)[-100_000:]
-            raise
-
-
-def _write_successes(using: str, rows: list[list[Any]]) -> None:
-    """One statement for a batch of successes: the rows go as one JSON array (a parameter each would cost psycopg
-    several microseconds apiece). A row the database refuses (bad data) does not hold back the others: the batch is
-    then written row by row and the refused ones are logged and dropped; a broken connection raises (kept)."""
-    latest = {row[0]: row for row in rows}  # (a message run twice here: one row may be written once)
-    try:
-        _write_rows(using, list(latest.values()))
-        return
-    except (OperationalError, InterfaceError):
-        raise
-    except DatabaseError:
-        logger.warning("safetynet: a batch of django.tasks records was refused; writing them one by one",
-                       exc_info=True)
-    for row in latest.values():
-        try:
-            _write_rows(using, [row])
-        except (OperationalError, InterfaceError):
-            raise
-        except DatabaseError:
-            logger.exception("safetynet: the django.tasks record of %s could not be written (dropped)", row[0])
-
-
-_batch = _Batch()
-
-
-def flush() -> None:
-    """Write this process's batched rows now (at exit, at the end of a request, when a worker stops)."""
-    try:
-        _batch.flush()
-    except Exception:
-        logger.exception("safetynet: could not write the batched django.tasks records")
-
-
-atexit.register(flush)
 
 
 # -- the worker's writes --------------------------------------------------------------------------
@@ -334,54 +176,15 @@ def attempt_ended(result_id: str, fields: Mapping[str, Any], *, attempt: int, st
         _ended_generic(using, result_id, fields, attempt, started, worker_id, status, error, finished, return_value)
 
 
-_ENDED = ("INSERT INTO {table} AS r (id, backend, module_path, queue_name, priority, run_after, args, kwargs, "
-          "status, enqueued_at, started_at, last_attempted_at, finished_at, attempts, worker_ids, errors, "
-          "return_value, replay_of, updated_at) VALUES ")
-_ENDED_CONFLICT = (
-    " ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-    "started_at = coalesce(r.started_at, excluded.started_at), "
-    "last_attempted_at = excluded.last_attempted_at, finished_at = excluded.finished_at, "
-    "worker_ids = CASE WHEN r.attempts < excluded.attempts THEN r.worker_ids || excluded.worker_ids "
-    "ELSE r.worker_ids END, "
-    "errors = CASE WHEN r.attempts < excluded.attempts THEN r.errors || excluded.errors ELSE r.errors END, "
-    "attempts = greatest(r.attempts, excluded.attempts), return_value = excluded.return_value, "
-    "updated_at = now() "
-    "WHERE r.status NOT IN ('SUCCESSFUL', 'FAILED') OR r.attempts < excluded.attempts")
-
-#: The end of an attempt, for one row or a batch: the rows as one JSON array of ``_ended_row``'s lists.
-_ENDED_ROWS = (_ENDED.replace(" VALUES ", " ") + "SELECT e->>0, e->>1, e->>2, e->>3, (e->>4)::smallint, "
-               "to_timestamp((e->>5)::float8), e->6, e->7, e->>8, to_timestamp((e->>9)::float8), "
-               "to_timestamp((e->>10)::float8), to_timestamp((e->>10)::float8), to_timestamp((e->>11)::float8), "
-               "(e->>12)::integer, jsonb_build_array(e->>13), e->14, e->15, e->>16, now() "
-               "FROM jsonb_array_elements(%s::jsonb) AS e" + _ENDED_CONFLICT)
-
-
-def _epoch(value: datetime | None) -> float | None:
-    return None if value is None else value.timestamp()
-
-
-def _ended_row(result_id: str, fields: Mapping[str, Any], attempt: int, started: float, worker_id: str, status: str,
-               error: Mapping[str, str] | None, finished: float | None, return_value: Any) -> list[Any]:
-    """One row of ``_ENDED_ROWS`` (JSON values as they are, times as seconds since the epoch)."""
-    return [result_id, fields["backend"], fields["module_path"], fields["queue_name"], fields["priority"],
-            _epoch(fields.get("run_after")), fields.get("args") or [], fields.get("kwargs") or {}, status,
-            _epoch(fields.get("enqueued_at")), started, finished, attempt, worker_id, [dict(error)] if error else [],
-            return_value, fields.get("replay_of") or ""]
-
-
-def _write_rows(using: str, rows: Sequence[list[Any]]) -> None:
-    _execute(using, _ENDED_ROWS, [json.dumps(rows, default=str)])
-
-
 def _ended_postgres(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
                     worker_id: str, status: str, error: Mapping[str, str] | None, finished: float | None,
                     return_value: Any) -> None:
-    row = _ended_row(result_id, fields, attempt, started, worker_id, status, error, finished, return_value)
+    row = ended_row(result_id, fields, attempt, started, worker_id, status, error, finished, return_value)
     if status == TaskRecord.Status.SUCCESSFUL and attempt == 1:
         # The happy path: a first attempt's success is the only write of the run; nothing can come after it.
-        _batch.add(using, row)
+        batch.add(using, row)
         return
-    _write_rows(using, [row])
+    write_rows(using, [row])
 
 
 def _ended_generic(using: str, result_id: str, fields: Mapping[str, Any], attempt: int, started: float,
@@ -487,7 +290,7 @@ def _mark_running() -> None:
         if _watched.pop(result_id, None) is None:
             continue  # it ended meanwhile: its own write says how
         # Only a row still waiting for this attempt: never over an outcome written meanwhile.
-        _execute(using,
+        execute(using,
                  "UPDATE {table} SET status = %s, started_at = coalesce(started_at, %s), last_attempted_at = %s, "
                  "updated_at = %s WHERE id = %s AND status = %s AND attempts = %s",
                  [TaskRecord.Status.RUNNING, moment(started), moment(started), moment(now), result_id,

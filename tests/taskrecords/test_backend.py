@@ -229,7 +229,7 @@ def test_the_record_and_the_message_overlap_and_each_happens_once_even_when_the_
 
     # The records' connection broke while idle (a database restart): the row is written on a fresh one, the
     # message sent once.
-    writer = _store._connection(_store.database())
+    writer = _store.records_connection(_store.database())
     writer.connection.close()
     fields = _new_record_fields()
     assert _store.insert_then(fields, lambda: sent.append(fields["id"]) or "sent") == "sent"
@@ -296,7 +296,7 @@ def test_a_batch_with_a_row_the_database_refuses_writes_the_others(caplog):
     assert all(row.status == "SUCCESSFUL" and row.attempts == 1 and row.worker_ids == ["w1"] for row in rows.values())
     assert rows[good[1]["id"]].return_value == {"ok": good[1]["id"]} and rows[good[0]["id"]].return_value == {"ok": "again"}
     assert any("could not be written (dropped)" in record.getMessage() for record in caplog.records)
-    assert _store._batch.successes == []
+    assert _store.batch.successes == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -305,7 +305,7 @@ def test_the_records_insert_is_prepared_once_and_survives_a_server_that_forgets_
     from safetynet.taskrecords import _store
 
     monkeypatch.setattr(driver, "_unprepared", set())
-    connection = _store._connection(_store.database())
+    connection = _store.records_connection(_store.database())
 
     def server_has_it():
         with connection.cursor() as cursor:
@@ -342,7 +342,7 @@ def test_no_prepared_statement_where_django_is_told_of_a_transaction_pooler(monk
     from safetynet import driver
     from safetynet.taskrecords import _store
 
-    connection = _store._connection(_store.database())
+    connection = _store.records_connection(_store.database())
     monkeypatch.setitem(connection.settings_dict, "DISABLE_SERVER_SIDE_CURSORS", True)
     with connection.cursor() as cursor:
         cursor.execute("DEALLOCATE ALL")
@@ -365,7 +365,7 @@ def test_a_records_connection_the_server_ended_is_replaced_prepared_or_not(monke
     monkeypatch.setattr(driver, "_unprepared", set())
     sent = []
     for fresh in (False, True):  # the statement prepared on the dead connection already, or not yet
-        connection = _store._connection(_store.database())
+        connection = _store.records_connection(_store.database())
         if fresh:
             connection.__dict__.pop("_safetynet_prepared", None)
         else:
