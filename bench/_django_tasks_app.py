@@ -103,6 +103,23 @@ def marker(key: str) -> None:
     redis.Redis.from_url(REDIS_URL).set(key, f"{time.time()!r} {time.process_time()!r}", ex=3600)
 
 
+def without_records() -> None:
+    """An experiment, not a configuration: the backend without its durable ``TaskRecord`` rows (no INSERT at
+    enqueue, no write when a run starts or ends; ``get_result()`` then finds nothing). ``bench/django_tasks.py
+    --without-records`` calls it in the benchmark and, through ``SAFETYNET_BENCH_DJTASKS_NO_RECORDS``, in the worker:
+    what is left of the gap to plain Celery is the rest of the backend's path and Django's own."""
+    from safetynet import taskrecords
+    from safetynet.taskrecords import _store
+
+    taskrecords.insert_then = lambda fields, send: send()
+    taskrecords.attempt_started = lambda *args, **kwargs: None
+    _store.attempt_ended = lambda *args, **kwargs: None
+
+
+if os.environ.get("SAFETYNET_BENCH_DJTASKS_NO_RECORDS"):
+    without_records()
+
+
 @task
 def django_noop() -> None:
     """The ``django.tasks`` no-op, through safetynet's CeleryBackend."""

@@ -161,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, --quick 3)")
     parser.add_argument("--pool", choices=("solo", "prefork"), default="solo")
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--without-records", action="store_true",
+                        help="an experiment: the backend writes no TaskRecord rows (get_result() finds nothing); "
+                             "what the durable records cost here")
     options = parser.parse_args(argv)
+    if options.without_records:
+        os.environ["SAFETYNET_BENCH_DJTASKS_NO_RECORDS"] = "1"  # the worker's (its environment is this one's)
+        bench.without_records()
     n = options.tasks or (500 if options.quick else 5000)
     rounds = options.rounds or (3 if options.quick else 5)
     if n < 1 or rounds < 1:
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     senders = _senders()
     systems = list(senders)
     print(f"django.tasks bench: {n} no-ops a slice, {rounds} rounds, systems {', '.join(systems)}, "
+          + ("WITHOUT the backend's TaskRecord rows (an experiment), " if options.without_records else "") +
           f"worker pool {options.pool} x{options.concurrency}, Redis {bench.REDIS_URL}, database {bench.DB_NAME}",
           flush=True)
     if bench.FENNEL_MISSING:
