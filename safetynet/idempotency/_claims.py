@@ -229,7 +229,8 @@ def _begins_with_claim(connection: Any) -> bool:
     if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):  # a pooler in transaction mode: one at a time
         return False
     connection.ensure_connection()
-    return bool(connection.get_autocommit())
+    # (and nothing left open on the driver connection behind Django's back: a BEGIN sent by hand, say)
+    return bool(connection.get_autocommit()) and connection.connection.info.transaction_status == 0  # IDLE
 
 
 def _read(key: str, using: str) -> Claim | None:

@@ -386,6 +386,13 @@ def test_the_claim_and_the_bodys_begin_go_together_and_every_way_out_leaves_the_
             claim_and_begin("k" * 300)
         assert clean()
 
+        # A transaction opened on the driver connection behind Django's back: not joined by a BEGIN of ours.
+        connection.connection.execute("BEGIN")
+        held, begun = claim_and_begin("k-begin-4")
+        assert held.outcome == WON and begun is None
+        connection.connection.execute("ROLLBACK")
+        assert clean() and committed("k-begin-4") is None
+
         # Inside the caller's own transaction: the usual claim, and run_atomically nests in that transaction.
         with transaction.atomic():
             held, begun = claim_and_begin("k-begin-3")
