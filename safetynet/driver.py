@@ -193,15 +193,19 @@ def run_together(connection: Any, statements: Sequence[tuple[str, Sequence[Any]]
 
     raw = connection.connection
     pgconn = raw.pgconn
+    encoded = [(_numbered(sql), [_text(value) for value in params]) for sql, params in statements]  # (before: a
+    # value that cannot be encoded must fail here, not halfway through the pipeline)
+    results: list[Any] = []
+    broken = False
     pgconn.enter_pipeline_mode()
     try:
-        for sql, params in statements:
-            pgconn.send_query_params(_numbered(sql), [_text(value) for value in params])
+        for sql_bytes, values in encoded:
+            pgconn.send_query_params(sql_bytes, values)
             pgconn.pipeline_sync()
         while pgconn.flush():
             _wait(pgconn.socket, select.POLLOUT)
-        results, syncs = [], 0
-        while syncs < len(statements):
+        syncs = 0
+        while syncs < len(encoded):
             pgconn.consume_input()
             if pgconn.is_busy():
                 _wait(pgconn.socket, select.POLLIN)
@@ -209,7 +213,8 @@ def run_together(connection: Any, statements: Sequence[tuple[str, Sequence[Any]]
             result = pgconn.get_result()
             if result is None:  # (the end of one statement's answers)
                 if pgconn.status == pq.ConnStatus.BAD:
-                    _check(raw, None)
+                    broken = True
+                    break
                 continue
             if result.status == pq.ExecStatus.PIPELINE_SYNC:
                 syncs += 1
@@ -219,10 +224,12 @@ def run_together(connection: Any, statements: Sequence[tuple[str, Sequence[Any]]
         if pgconn.status == pq.ConnStatus.OK and pgconn.pipeline_status != pq.PipelineStatus.OFF:
             try:
                 pgconn.exit_pipeline_mode()
-            except Exception:  # (answers left unread: an error is on its way already)
-                pass
+            except Exception:  # answers left unread (an error on its way already): a connection stuck in pipeline
+                raw.close()    # mode serves nobody; Django opens a new one
     for result in results:
         _check(raw, result)
+    if broken:
+        _check(raw, None)
     first = results[0] if results else None
     if first is None or first.status != pq.ExecStatus.TUPLES_OK or first.ntuples == 0:
         return None

@@ -26,7 +26,7 @@ from safetynet.driver import is_psycopg3, pipelines, raw_cursor, run_together
 from safetynet.models import IdempotencyClaim
 from safetynet.redaction import redact_text
 
-__all__ = ["CRASH_LOOP", "HANDOVER_PREFIX", "IN_PROGRESS", "SUCCEEDED", "WON", "Claim", "claim", "claim_and_begin",
+__all__ = ["CRASH_LOOP", "HANDOVER_PREFIX", "IN_PROGRESS", "SUCCEEDED", "WON", "Begun", "Claim", "claim", "claim_and_begin",
            "database_for_claims", "expire_task", "hand_over", "mark_succeeded", "new_handover_token", "purge", "release",
            "release_task", "run_atomically"]
 
@@ -184,17 +184,42 @@ def _won(key: str, row: Any, owner: str, using: str, lease: float, max_deliverie
     return Claim(key, outcome, owner=owner, using=using, lease=lease, deliveries=deliveries)
 
 
-def claim_and_begin(key: str, *, task_name: str, task_id: str, lease: float, max_deliveries: int,
-                    handover: str = "") -> tuple[Claim, Any]:
-    """Claim ``key`` (as ``claim``) and, when it is won, open the body's transaction: ``(claim, block)``, ``block``
-    an outermost ``atomic`` block entered here, which the caller hands to ``run_atomically(claim, body,
-    begun=block)`` (which ends it); ``(claim, None)`` otherwise.
+class Begun:
+    """The outermost ``atomic`` block ``claim_and_begin`` entered for the body: ended exactly once, by
+    ``run_atomically`` (which takes it over) or by ``abandon`` (whatever stopped the run before that)."""
 
-    On PostgreSQL (psycopg 3 with pipeline mode, not behind a pooler, no transaction open) the claim and the
-    transaction's ``BEGIN`` go in one round trip: the claim still commits alone before the body starts (a crash
-    of the body must leave it counted, and a duplicate must see the key taken, not wait on a row lock), and
-    psycopg does not send a ``BEGIN`` of its own before the body's first statement. A key not won rolls that empty
-    transaction back and is read the usual way. Elsewhere it is ``claim``, and ``run_atomically`` opens the block.
+    def __init__(self, block: Any) -> None:
+        self.block, self.ended = block, False
+
+    def __exit__(self, *raised: Any) -> None:
+        if not self.ended:
+            self.ended = True
+            self.block.__exit__(*raised)
+
+    def abandon(self, error: BaseException | None = None) -> None:
+        """End the block (rolled back, with ``error``) unless it has ended already."""
+        if self.ended:
+            return
+        if error is None:
+            transaction.set_rollback(True, using=self.block.using)
+            self.__exit__(None, None, None)
+        else:
+            self.__exit__(type(error), error, error.__traceback__)
+
+
+def claim_and_begin(key: str, *, task_name: str, task_id: str, lease: float, max_deliveries: int,
+                    handover: str = "") -> tuple[Claim, Begun | None]:
+    """Claim ``key`` (as ``claim``) and, when it is won, open the body's transaction: ``(claim, begun)``, ``begun`` an
+    outermost ``atomic`` block entered here, which the caller hands to ``run_atomically(claim, body, begun=begun)``
+    (and ``abandon()``s if the run stops before that); ``(claim, None)`` otherwise.
+
+    On PostgreSQL (psycopg 3 with pipeline mode, not behind a pooler, no transaction open, and no server timeout on
+    idle transactions) the claim and the transaction's ``BEGIN`` go in one round trip: the claim still commits alone
+    before the body starts (a crash of the body must leave it counted, and a duplicate must see the key taken, not
+    wait on a row lock), and psycopg does not send a ``BEGIN`` of its own before the body's first statement (the
+    one sent is the one it would send: the connection's isolation level, read-only and deferrable settings). A key
+    not won rolls that empty transaction back and is read as ``claim`` reads it. Elsewhere it is ``claim``, and
+    ``run_atomically`` opens the block.
     """
     using = database_for_claims()
     connection = connections[using]
@@ -202,24 +227,41 @@ def claim_and_begin(key: str, *, task_name: str, task_id: str, lease: float, max
         return claim(key, task_name=task_name, task_id=task_id, lease=lease, max_deliveries=max_deliveries,
                      handover=handover), None
     owner = _owner(task_id)
-    block = transaction.atomic(using=using)
-    block.__enter__()
+    begun = Begun(transaction.atomic(using=using))
+    begun.block.__enter__()
     try:
         with connection.wrap_database_errors:
             row = run_together(connection, [
-                (_sql(using).claim, _claim_params(key, task_name, task_id, owner, lease, handover)), ("BEGIN", ())])
+                (_sql(using).claim, _claim_params(key, task_name, task_id, owner, lease, handover)),
+                (_begin_statement(connection.connection), ())])
+        held = None if row is None else _won(key, row, owner, using, lease, max_deliveries)
+        if held is not None and held.outcome == WON:
+            return held, begun
+        begun.abandon()  # the empty transaction (the claim committed on its own)
     except BaseException as error:
-        block.__exit__(type(error), error, error.__traceback__)
+        begun.abandon(error)
         raise
-    held = None if row is None else _won(key, row, owner, using, lease, max_deliveries)
-    if held is not None and held.outcome == WON:
-        return held, block
-    transaction.set_rollback(True, using=using)  # the empty transaction (the claim committed on its own)
-    block.__exit__(None, None, None)
     if held is None:  # not won: in progress elsewhere, succeeded, or settled between the statements
+        existing = _read(key, using)
+        if existing is not None and existing.outcome != "failed":
+            existing.lease = lease
+            return existing, None
         held = claim(key, task_name=task_name, task_id=task_id, lease=lease, max_deliveries=max_deliveries,
                      handover=handover)
     return held, None
+
+
+def _begin_statement(raw: Any) -> str:
+    """The ``BEGIN`` psycopg would send on ``raw`` (its isolation level, read-only and deferrable settings, which
+    Django's ``OPTIONS`` may have set)."""
+    parts = ["BEGIN"]
+    if raw.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " "))
+    if raw.read_only is not None:
+        parts.append("READ ONLY" if raw.read_only else "READ WRITE")
+    if raw.deferrable is not None:
+        parts.append("DEFERRABLE" if raw.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
 
 
 def _begins_with_claim(connection: Any) -> bool:
@@ -229,8 +271,29 @@ def _begins_with_claim(connection: Any) -> bool:
     if connection.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):  # a pooler in transaction mode: one at a time
         return False
     connection.ensure_connection()
-    # (and nothing left open on the driver connection behind Django's back: a BEGIN sent by hand, say)
-    return bool(connection.get_autocommit()) and connection.connection.info.transaction_status == 0  # IDLE
+    raw = connection.connection
+    # (nothing left open on the driver connection behind Django's back: a BEGIN sent by hand, say)
+    if not connection.get_autocommit() or raw.info.transaction_status != 0:  # IDLE
+        return False
+    return not _times_out_idle_transactions(connection, raw)
+
+
+def _times_out_idle_transactions(connection: Any, raw: Any) -> bool:
+    """Whether the server ends transactions left idle (``idle_in_transaction_session_timeout``, or PostgreSQL 17's
+    ``transaction_timeout``): a body that waits away from the database would then lose the transaction the claim
+    opened for it, so its ``BEGIN`` waits for its first statement, as psycopg sends it. Asked once per database alias
+    and process (the server's, role's or database's setting; a session that changes it later is not followed)."""
+    found = _idle_timeouts.get(connection.alias)
+    if found is None:
+        with connection.wrap_database_errors:
+            row = raw.execute("SELECT current_setting('idle_in_transaction_session_timeout'), "
+                              "current_setting('transaction_timeout', true)").fetchone()
+        found = _idle_timeouts[connection.alias] = any(value not in (None, "", "0") for value in row)
+    return found
+
+
+#: Database alias -> whether its server ends idle transactions (``_times_out_idle_transactions``).
+_idle_timeouts: dict[str, bool] = {}
 
 
 def _read(key: str, using: str) -> Claim | None:
@@ -294,10 +357,10 @@ def _mark_and_commit(held: Claim, result: Any, connection: Any) -> bool:
     return True
 
 
-def run_atomically(held: Claim, call: Callable[[], Any], *, begun: Any = None) -> Any:
+def run_atomically(held: Claim, call: Callable[[], Any], *, begun: Begun | None = None) -> Any:
     """Run the body and mark the claim succeeded in one transaction: both commit, or neither does.
 
-    ``begun``: the outermost ``atomic`` block ``claim_and_begin`` entered (ended here). ClaimLost (after the
+    ``begun``: the outermost ``atomic`` block ``claim_and_begin`` entered (taken over and ended here). ClaimLost (after the
     rollback) when another run took the claim over meanwhile. When the body sent no statement on the claims'
     connection and left no ``on_commit`` callback, its transaction is empty and commits nothing; the mark then runs
     alone, as one statement in autocommit (no BEGIN and COMMIT round trips). That is the same outcome: the body

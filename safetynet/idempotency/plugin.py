@@ -128,21 +128,26 @@ class Idempotency(Plugin):
             )
             _claims.release(held, error)
             raise error
-        attempt.claim = held
-        attempt.notes[_NOTE] = _HELD
-        with holding(held):
-            if not task.idempotency_atomic:
-                result = body()
-                if not _claims.mark_succeeded(held, result):
-                    logger.warning("%s[%s]: idempotency key %r was taken over while this run worked",
-                                   task.name, request.id, key)
-                return result
-            attempt.in_body_transaction = True
-            try:
-                return _claims.run_atomically(held, body, begun=begun)
-            finally:
-                attempt.in_body_transaction = False
-                _after_transaction(attempt)
+        try:
+            attempt.claim = held
+            attempt.notes[_NOTE] = _HELD
+            with holding(held):
+                if not task.idempotency_atomic:
+                    result = body()
+                    if not _claims.mark_succeeded(held, result):
+                        logger.warning("%s[%s]: idempotency key %r was taken over while this run worked",
+                                       task.name, request.id, key)
+                    return result
+                attempt.in_body_transaction = True
+                try:
+                    return _claims.run_atomically(held, body, begun=begun)
+                finally:
+                    attempt.in_body_transaction = False
+                    _after_transaction(attempt)
+        except BaseException as error:
+            if begun is not None:  # the run stopped before run_atomically took the body's transaction over
+                begun.abandon(error)
+            raise
 
     def on_retry(self, attempt: Attempt, retry: Retry, message: Outgoing) -> None:
         """Decided while the claim is held: the retry keeps it (handed over), so duplicates stay deferred."""

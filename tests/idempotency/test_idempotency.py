@@ -393,6 +393,33 @@ def test_the_claim_and_the_bodys_begin_go_together_and_every_way_out_leaves_the_
         connection.connection.execute("ROLLBACK")
         assert clean() and committed("k-begin-4") is None
 
+        # The BEGIN is the one psycopg would send: the isolation level Django's OPTIONS may set is kept.
+        raw = connection.connection
+        raw.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        try:
+            held, begun = claim_and_begin("k-begin-5")
+            assert begun is not None
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW transaction_isolation")
+                assert cursor.fetchone()[0] == "serializable"
+            begun.abandon()
+            begun.abandon()  # (ended once)
+        finally:
+            raw.isolation_level = None
+        assert clean() and committed("k-begin-5") == (IN_PROGRESS, 1)
+
+        # A server that ends idle transactions: the BEGIN waits for the body's first statement, as psycopg sends it.
+        with connection.cursor() as cursor:
+            cursor.execute("SET idle_in_transaction_session_timeout = '10min'")
+        _claims._idle_timeouts.pop("default", None)  # (asked once per alias)
+        try:
+            held, begun = claim_and_begin("k-begin-6")
+            assert held.outcome == WON and begun is None and clean()
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET idle_in_transaction_session_timeout")
+            _claims._idle_timeouts.pop("default", None)
+
         # Inside the caller's own transaction: the usual claim, and run_atomically nests in that transaction.
         with transaction.atomic():
             held, begun = claim_and_begin("k-begin-3")
