@@ -164,16 +164,21 @@ def _wait(fd: int, events: int) -> None:
     poller.poll()
 
 
+def _next_result(pgconn: Any) -> Any:
+    """libpq's next result on ``pgconn``, waiting for the server until it has come (None: the end of a statement's
+    results)."""
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            return pgconn.get_result()
+        _wait(pgconn.socket, select.POLLIN)
+
+
 def read_answer(connection: Any) -> None:
     """Read the answer to the statement ``send_statement`` sent; its error raised as psycopg's exception for its
     SQLSTATE (Django's ``wrap_database_errors`` turns it into Django's)."""
     pgconn = connection.connection.pgconn
-    while True:
-        pgconn.consume_input()
-        if not pgconn.is_busy():
-            break
-        _wait(pgconn.socket, select.POLLIN)
-    result, extra = pgconn.get_result(), pgconn.get_result()
+    result, extra = _next_result(pgconn), pgconn.get_result()
     while extra is not None:  # (one statement: one result, then None)
         extra = pgconn.get_result()
     _check(connection.connection, result)
@@ -206,11 +211,7 @@ def run_together(connection: Any, statements: Sequence[tuple[str, Sequence[Any]]
             _wait(pgconn.socket, select.POLLOUT)
         syncs = 0
         while syncs < len(encoded):
-            pgconn.consume_input()
-            if pgconn.is_busy():
-                _wait(pgconn.socket, select.POLLIN)
-                continue
-            result = pgconn.get_result()
+            result = _next_result(pgconn)
             if result is None:  # (the end of one statement's answers)
                 if pgconn.status == pq.ConnStatus.BAD:
                     broken = True

@@ -164,12 +164,21 @@ def claim(key: str, *, task_name: str, task_id: str, lease: float, max_deliverie
         _, row = _execute(using, sql, _claim_params(key, task_name, task_id, owner, lease, handover), fetch=True)
         if row is not None:
             return _won(key, row, owner, using, lease, max_deliveries)
-        existing = _read(key, using)
-        if existing is None or existing.outcome == "failed":
-            continue  # settled or purged between the two statements: claim again
-        existing.lease = lease
-        return existing
+        existing = _held_elsewhere(key, using, lease)
+        if existing is not None:
+            return existing
+        # (settled or purged between the two statements: claim again)
     raise SafetynetError(f"could not claim idempotency key {key!r}: it changed state five times in a row")
+
+
+def _held_elsewhere(key: str, using: str, lease: float) -> Claim | None:
+    """The claim on ``key`` that a claim did not win (in progress or succeeded), or None if it has been settled as
+    failed or purged since (claim again)."""
+    existing = _read(key, using)
+    if existing is None or existing.outcome == "failed":
+        return None
+    existing.lease = lease
+    return existing
 
 
 def _claim_params(key: str, task_name: str, task_id: str, owner: str, lease: float, handover: str) -> list[Any]:
@@ -242,9 +251,8 @@ def claim_and_begin(key: str, *, task_name: str, task_id: str, lease: float, max
         begun.abandon(error)
         raise
     if held is None:  # not won: in progress elsewhere, succeeded, or settled between the statements
-        existing = _read(key, using)
-        if existing is not None and existing.outcome != "failed":
-            existing.lease = lease
+        existing = _held_elsewhere(key, using, lease)
+        if existing is not None:
             return existing, None
         held = claim(key, task_name=task_name, task_id=task_id, lease=lease, max_deliveries=max_deliveries,
                      handover=handover)

@@ -117,6 +117,21 @@ def _claim(key, lease=30.0, max_deliveries=3, task_id=None):
                              max_deliveries=max_deliveries)
 
 
+def _scratch_ledger(table):
+    """A table of order ids (created if missing, emptied) for bodies to write to; its ``write(order_id)``, which
+    returns the id. The test drops it."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {table} (order_id integer)")
+        cursor.execute(f"DELETE FROM {table}")
+
+    def write(order_id):
+        with connection.cursor() as cursor:
+            cursor.execute(f"INSERT INTO {table} VALUES (%s)", [order_id])
+        return order_id
+
+    return write
+
+
 @pytest.mark.django_db
 def test_a_claim_is_won_once_and_a_second_run_sees_it_in_progress():
     first = _claim("k-1")
@@ -189,22 +204,18 @@ def test_the_heartbeat_keeps_a_long_run_from_being_taken_over():
 
 @pytest.mark.django_db(transaction=True)
 def test_atomic_commits_the_writes_with_the_mark_or_neither():
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_ledger (order_id integer)")
-        cursor.execute("DELETE FROM idem_unit_ledger")
+    write = _scratch_ledger("idem_unit_ledger")
     held = _claim("k-8")
     with idempotency.holding(held):
         with idempotency.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute("INSERT INTO idem_unit_ledger VALUES (1)")
+            write(1)
     assert IdempotencyClaim.objects.get(key="k-8").state == "succeeded"
 
     lost = _claim("k-9")
     IdempotencyClaim.objects.filter(key="k-9").update(owner="someone else")
     with idempotency.holding(lost), pytest.raises(idempotency.ClaimLost):
         with idempotency.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute("INSERT INTO idem_unit_ledger VALUES (2)")
+            write(2)
     with connection.cursor() as cursor:
         cursor.execute("SELECT order_id FROM idem_unit_ledger ORDER BY order_id")
         assert cursor.fetchall() == [(1,)]
@@ -242,14 +253,7 @@ def test_the_claim_does_not_change_the_sessions_commit_setting():
 def test_run_atomically_marks_with_or_without_writes_and_a_lost_claim_rolls_back_or_runs_no_hook():
     from django.db import transaction
 
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_ledger2 (order_id integer)")
-        cursor.execute("DELETE FROM idem_unit_ledger2")
-
-    def write(order_id):
-        with connection.cursor() as cursor:
-            cursor.execute("INSERT INTO idem_unit_ledger2 VALUES (%s)", [order_id])
-        return order_id
+    write = _scratch_ledger("idem_unit_ledger2")
 
     hooks = []
     assert idempotency.run_atomically(_claim("k-14"), lambda: write(1)) == 1
@@ -343,14 +347,7 @@ def test_the_claim_and_the_bodys_begin_go_together_and_every_way_out_leaves_the_
     settings = connection.settings_dict
     other = psycopg.connect(host=settings["HOST"] or None, port=settings["PORT"] or None, user=settings["USER"],
                             dbname=settings["NAME"], autocommit=True)
-    with connection.cursor() as cursor:
-        cursor.execute("CREATE TABLE IF NOT EXISTS idem_unit_ledger3 (order_id integer)")
-        cursor.execute("DELETE FROM idem_unit_ledger3")
-
-    def write(order_id):
-        with connection.cursor() as cursor:
-            cursor.execute("INSERT INTO idem_unit_ledger3 VALUES (%s)", [order_id])
-        return order_id
+    write = _scratch_ledger("idem_unit_ledger3")
 
     def committed(key):
         row = other.execute("SELECT state, deliveries FROM safetynet_idempotencyclaim WHERE key = %s", [key]).fetchone()
